@@ -1,0 +1,1 @@
+"""Flax NNX models: the DFlash draft and the frozen target (Llama / Qwen2 / Qwen3)."""
