@@ -1,0 +1,201 @@
+"""Device mesh, the one logical-axis rules table, and pytree placement helpers.
+
+Every parameter in ``dflash_jax`` carries logical axis names (see ``models/layers.py``); this module is the only
+place that maps them onto the ``("data", "fsdp", "tensor")`` mesh. The same table shards the draft parameters,
+their optimizer state and the frozen target parameters; the batch is sharded over ``("data", "fsdp")``.
+
+A logical dimension whose size is not divisible by its mesh axes (or whose mesh axis is already used by an
+earlier dimension of the same array) is replicated instead, so tiny test shapes work on any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+BATCH_AXES: tuple[str, str] = ("data", "fsdp")
+
+# The ONE logical -> mesh rules table (MaxText-style). ``None`` = replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("fused", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("head_dim", None),
+)
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _env_wants_multihost(env: Mapping[str, str]) -> bool:
+    """True when the environment describes more than one process (explicit JAX vars, SLURM, OpenMPI, TPU pod)."""
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    for key in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if env.get(key, "").strip().isdigit() and int(env[key]) > 1:
+            return True
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+    """Call ``jax.distributed.initialize`` once when multi-host environment variables are present.
+
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` are passed explicitly when set;
+    otherwise JAX auto-detects the cluster (SLURM, OpenMPI, Cloud TPU pods). Returns True if initialised here.
+    Must run before anything touches ``jax.devices()``.
+    """
+    env = os.environ if env is None else env
+    if not _env_wants_multihost(env):
+        return False
+    if jax.distributed.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """An Auto-axis mesh ``("data", "fsdp", "tensor")`` of ``shape``; one entry may be -1 (fill the rest).
+
+    ``devices`` defaults to all devices (of all processes); the product of ``shape`` must equal their count.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+    devices = list(jax.devices() if devices is None else devices)
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
+        shape = tuple(len(devices) // known if s == -1 else s for s in shape)
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, but {len(devices)} are given")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> P:
+    """Map logical axis names of an array of ``shape`` to a mesh ``PartitionSpec`` through ``rules``.
+
+    Unknown logical names raise ValueError. A dimension is replicated when its size is not divisible by the
+    product of its mesh axes, or when one of those mesh axes was already used by an earlier dimension.
+    """
+    if not logical:
+        return P()
+    if len(logical) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical)} do not match array rank {len(shape)} (shape {tuple(shape)})")
+    table = dict(rules)
+    used: set[str] = set()
+    out: list[Any] = []
+    for name, size in zip(logical, shape):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule in the sharding table {sorted(table)}")
+        axes = table[name]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        n = math.prod(mesh.shape[a] for a in axes)
+        if not axes or size % n or used.intersection(axes):
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _array_shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for an ``nnx.State`` (concrete or abstract), same tree structure as ``state``.
+
+    Variables are mapped through :data:`LOGICAL_AXIS_RULES` using their ``out_sharding`` logical names; plain
+    array leaves (no metadata) are replicated.
+    """
+
+    def leaf(x):
+        if isinstance(x, nnx.Variable):
+            logical = x.get_metadata().get("out_sharding")
+            return x.replace(NamedSharding(mesh, logical_to_mesh_spec(logical, _array_shape(x[...]), mesh)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over ``("data", "fsdp")``, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    """:func:`batch_sharding` for every array of a batch dict."""
+    return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a batch dict of host arrays on ``mesh`` with the leading dim over ``("data", "fsdp")``.
+
+    Each process passes its *own* rows (``global_B / process_count`` of them, see :func:`process_rows`); on a
+    single process that is the whole batch. The global batch size must be divisible by ``data*fsdp``.
+    """
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        global_b = v.shape[0] * jax.process_count()
+        if global_b % n_batch:
+            raise ValueError(f"batch[{k!r}]: global batch size {global_b} is not divisible by data*fsdp = {n_batch}")
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+def process_rows(global_batch_size: int) -> slice:
+    """The rows of a global batch this process loads (contiguous, equal-sized split across processes)."""
+    n = jax.process_count()
+    if global_batch_size % n:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by process_count {n}")
+    per = global_batch_size // n
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put`` a pytree onto matching shardings (a sharding tree or one sharding for all leaves)."""
+    return jax.device_put(tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """Gather a (possibly sharded) pytree to host numpy arrays (single-process)."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

@@ -1,0 +1,290 @@
+"""One compiled, sharded DFlash training step: ``train_step(state, batch, key) -> (state, metrics)``.
+
+Functional MaxText style: the draft is ``nnx.split`` into a graphdef and an fp32 master ``nnx.State`` of
+``nnx.Param``; one pure function runs, inside a single ``jax.jit`` with explicit ``NamedSharding``s and the state
+donated:
+
+1. target features: (online) the frozen target's forward -> taps ``[B,S,T*H]`` + final hidden ``[B,S,H]``;
+   (offline) the batch's ``target_hidden`` and optional ``teacher_hidden``;
+2. anchors ``sample_anchors(fold_in(key, step))`` -> labels / mask ``block_targets`` (reference §2.3, §2.9);
+3. noise ids: the anchor token at slot 0 of kept blocks, ``mask_token_id`` elsewhere (§2.5), embedded with the
+   target's table;
+4. draft forward in the draft module's compute dtype (fp32 master params cast once; gradients flow back to fp32);
+5. chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises the
+   ``[B, N*bs, V]`` fp32 logits); KD teacher = final hidden at ``teacher_positions`` (§2.10);
+6. gradients; if the loss or the gradient norm is non-finite the update is skipped (params and optimizer state
+   untouched, ``skipped_updates`` += 1), otherwise optax (clip + AdamW) updates the params.
+
+The target's parameters are a separate, non-donated argument sharded by the same rules table and never
+differentiated (the target stops gradients itself and is outside ``jax.value_and_grad``'s argument).
+
+Offline mode passes the whole target state too (only the embedding table and ``lm_head`` are read; XLA prunes
+the rest from the computation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dflash_jax import blocks, losses
+from dflash_jax.train import optim, sharding
+
+MODES = ("online", "offline")
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``step`` int32 ``[]`` (batches consumed), ``params`` fp32 master draft ``nnx.State``, ``opt_state`` (optax),
+    ``skipped_updates`` int32 ``[]`` (non-finite steps whose update was skipped)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    skipped_updates: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static hyper-parameters of the step.
+
+    ``kd``: soft CE against the target's distribution (reference ``dflash_self_logit_distillation``) instead of
+    hard CE. ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch).
+    ``chunk_blocks``: blocks per vocabulary-loss chunk.
+    """
+
+    block_size: int
+    num_anchors: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+    objective: str = "dpace"
+    alpha: float = 0.5
+    gamma: float = 0.0
+    kd: bool = False
+    mode: str = "online"
+    chunk_blocks: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        for name in ("block_size", "num_anchors", "chunk_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"StepConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"StepConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.objective not in losses.OBJECTIVES:
+            raise ValueError(f"StepConfig.objective must be one of {losses.OBJECTIVES}, got {self.objective!r}")
+        if not self.target_layer_ids:
+            raise ValueError("StepConfig.target_layer_ids must not be empty")
+        try:
+            losses.check_alpha(self.alpha)
+        except ValueError as err:
+            raise ValueError(f"StepConfig.alpha: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def noise_ids(input_ids: jax.Array, anchors: jax.Array, keep: jax.Array, block_size: int,
+              mask_token_id: int) -> jax.Array:
+    """Draft input ids ``[B, N*bs]`` int32: ``input_ids[a_n]`` at slot 0 of kept blocks, the mask id elsewhere (§2.5)."""
+    b, s = input_ids.shape
+    n = anchors.shape[1]
+    anchor_tok = jnp.take_along_axis(input_ids.astype(jnp.int32), jnp.clip(anchors, 0, s - 1), axis=1)
+    first = jnp.where(keep, anchor_tok, mask_token_id)
+    ids = jnp.full((b, n, block_size), mask_token_id, jnp.int32).at[:, :, 0].set(first)
+    return ids.reshape(b, n * block_size)
+
+
+def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x [B,S,H]`` at ``idx [B,N,bs]`` -> ``[B,N,bs,H]``."""
+    b, n, bs = idx.shape
+    return jnp.take_along_axis(x, idx.reshape(b, n * bs, 1), axis=1).reshape(b, n, bs, x.shape[-1])
+
+
+def _where_tree(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
+               draft_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The pure step (un-jitted; :class:`TrainStep` compiles it). Batch: ``input_ids [B,S]`` int32, ``loss_mask
+    [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
+    ``teacher_hidden [B,S,H]``. ``key``: the run's base PRNG key (folded with ``state.step``)."""
+    target = nnx.merge(target_graphdef, target_state)
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    segment_ids, positions = batch["segment_ids"], batch["positions"]
+    b, s = input_ids.shape
+    bs, n = cfg.block_size, cfg.num_anchors
+    if cfg.mode == "online":
+        taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
+                             layer_ids=cfg.target_layer_ids)
+    else:
+        taps, final = batch["target_hidden"], batch.get("teacher_hidden")
+
+    anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), loss_mask, bs, n)
+    labels, mask = blocks.block_targets(input_ids, loss_mask, anchors, keep, bs, segment_ids)
+    noise_emb = target.embed(noise_ids(input_ids, anchors, keep, bs, cfg.mask_token_id))
+    lm_head = target.lm_head_weight()
+    teacher = None
+    if cfg.kd:
+        teacher = jax.lax.stop_gradient(_gather_positions(final, blocks.teacher_positions(anchors, bs, s)))
+
+    compute = nnx.merge(draft_graphdef, state.params).dtype  # static: the draft module's compute dtype
+
+    def loss_fn(params):
+        draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute), params))
+        hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids)
+        hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
+        return losses.block_loss_from_hidden(
+            hidden, lm_head, labels, mask, objective=cfg.objective, alpha=cfg.alpha, gamma=cfg.gamma,
+            teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    applied = state.step - state.skipped_updates  # optimizer updates so far = the schedule's count
+    skipped = state.skipped_updates + (~finite).astype(jnp.int32)
+    new_state = TrainState(step=state.step + 1, params=_where_tree(finite, new_params, state.params),
+                           opt_state=_where_tree(finite, new_opt, state.opt_state), skipped_updates=skipped)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=jnp.asarray(schedule(applied), jnp.float32),
+                   skipped_updates=skipped, update_skipped=~finite)
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State construction and the compiled step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def split_draft(draft: nnx.Module) -> tuple[nnx.GraphDef, Any]:
+    """``nnx.split(draft, nnx.Param)``; the draft must hold nothing but parameters."""
+    graphdef, params = nnx.split(draft, nnx.Param)
+    return graphdef, params
+
+
+def init_train_state(draft: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
+                     ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Split ``draft`` (built with fp32 ``param_dtype``), place its params by the rules table and initialise the
+    optimizer state on matching shardings. Returns ``(draft_graphdef, state, state_shardings)``."""
+    graphdef, params = split_draft(draft)
+    bad = [jnp.dtype(x.dtype).name for x in jax.tree.leaves(params) if x.dtype != jnp.float32]
+    if bad:
+        raise ValueError(f"draft params must be float32 master weights (param_dtype=float32), got {sorted(set(bad))}")
+    shardings = train_state_shardings(tx, params, mesh)
+    params = sharding.place(params, shardings.params)
+    opt_state = optim.init_opt_state(tx, params, shardings.opt_state)
+    rep = sharding.replicated(mesh)
+    state = TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state,
+                       skipped_updates=jax.device_put(jnp.int32(0), rep))
+    return graphdef, state, shardings
+
+
+def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> TrainState:
+    """A :class:`TrainState` of ``NamedSharding``s: params by the rules table, moments alike, scalars replicated."""
+    p_sh = sharding.state_shardings(params, mesh)
+    rep = sharding.replicated(mesh)
+    return TrainState(step=rep, params=p_sh, opt_state=optim.opt_state_shardings(tx, params, p_sh, mesh),
+                      skipped_updates=rep)
+
+
+def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainState:
+    """``jax.ShapeDtypeStruct``s of a state carrying ``shardings`` (the restore target on the current mesh)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        state_or_shapes, shardings)
+
+
+def check_batch(batch: Mapping[str, Any], cfg: StepConfig, hidden_size: int, mesh: Mesh) -> None:
+    """Shape checks before compiling: clear ValueErrors naming the field (never a silent broadcast)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if cfg.mode == "offline" and "target_hidden" not in batch:
+        missing.append("target_hidden")
+    if cfg.mode == "offline" and cfg.kd and "teacher_hidden" not in batch:
+        missing.append("teacher_hidden")
+    if missing:
+        raise ValueError(f"batch is missing {missing} (mode={cfg.mode}, kd={cfg.kd})")
+    b, s = np.shape(batch["input_ids"])
+    for k in BATCH_KEYS:
+        if tuple(np.shape(batch[k])) != (b, s):
+            raise ValueError(f"batch[{k!r}] must have shape {(b, s)} like input_ids, got {tuple(np.shape(batch[k]))}")
+    if s % cfg.block_size:
+        raise ValueError(f"seq_len {s} must be a multiple of block_size {cfg.block_size}")
+    if cfg.mode == "offline":
+        th = (b, s, len(cfg.target_layer_ids) * hidden_size)
+        if tuple(np.shape(batch["target_hidden"])) != th:
+            raise ValueError(f"batch['target_hidden'] must be [B,S,T*H] = {th} (T = len(target_layer_ids)), "
+                             f"got {tuple(np.shape(batch['target_hidden']))}")
+        if cfg.kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
+            raise ValueError(f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
+                             f"got {tuple(np.shape(batch['teacher_hidden']))}")
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b * jax.process_count() % n_batch:
+        raise ValueError(f"global batch size {b * jax.process_count()} is not divisible by data*fsdp = {n_batch}")
+
+
+class TrainStep:
+    """``step(state, batch, key) -> (state, metrics)``: the jitted :func:`train_step` bound to a mesh and a frozen
+    target (placed once, by the rules table; never donated, never differentiated).
+
+    ``batch`` may hold host (numpy) arrays of this process's rows (placed over ``("data", "fsdp")`` here) or
+    already-sharded ``jax.Array``s. ``state`` is donated: do not reuse the argument after the call.
+    """
+
+    def __init__(self, *, draft: nnx.Module, state_shardings: TrainState, target: nnx.Module,
+                 tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig, mesh: Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.hidden_size = target.config.hidden_size
+        _check_compatible(cfg, draft.cfg, target.config)
+        draft_graphdef, _ = split_draft(draft)
+        target_graphdef, target_state = nnx.split(target, nnx.Param)
+        self.target_shardings = sharding.state_shardings(target_state, mesh)
+        self.target_state = sharding.place(target_state, self.target_shardings)
+        self.state_shardings = state_shardings
+        rep = sharding.replicated(mesh)
+        fn = functools.partial(train_step, draft_graphdef=draft_graphdef, target_graphdef=target_graphdef, tx=tx,
+                               schedule=schedule, cfg=cfg)
+        self.jitted = jax.jit(fn, in_shardings=(state_shardings, self.target_shardings,
+                                                NamedSharding(mesh, P(sharding.BATCH_AXES)), rep),
+                              out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+    def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Validate a batch and put its host arrays on the mesh (already-placed arrays pass through)."""
+        check_batch(batch, self.cfg, self.hidden_size, self.mesh)
+        host = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
+        return {**dict(batch), **sharding.shard_batch(host, self.mesh)}
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self.jitted(state, self.target_state, self.place_batch(batch), key)
+
+
+def _check_compatible(cfg: StepConfig, draft_cfg: Any, target_cfg: Any) -> None:
+    """Step / draft / target configs agree (hidden size, vocab, layer ids, block size, mask id)."""
+    pairs = [("hidden_size", draft_cfg.hidden_size, target_cfg.hidden_size),
+             ("vocab_size", draft_cfg.vocab_size, target_cfg.vocab_size),
+             ("target_layer_ids", tuple(draft_cfg.target_layer_ids), cfg.target_layer_ids),
+             ("block_size", draft_cfg.block_size, cfg.block_size),
+             ("mask_token_id", draft_cfg.mask_token_id, cfg.mask_token_id)]
+    for name, a, b in pairs:
+        if a != b:
+            raise ValueError(f"{name} differs: draft config has {a!r}, target/step config has {b!r}")
+    bad = [i for i in cfg.target_layer_ids if not 0 <= i < target_cfg.num_layers]
+    if bad:
+        raise ValueError(f"target_layer_ids {list(cfg.target_layer_ids)} has ids {bad} outside the target's "
+                         f"{target_cfg.num_layers} layers")

@@ -1,0 +1,61 @@
+"""Tiny target / draft / batch builders shared by the train-step, checkpoint and feature tests (no torch)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash_jax.models import layers
+from dflash_jax.models.draft import DFlashDraft, DraftConfig
+from dflash_jax.models.target import TargetConfig, make_target_model
+from dflash_jax.train import optim, sharding
+from dflash_jax.train import step as st
+
+V, H, LT, BS, S = 64, 32, 4, 4, 16
+LAYER_IDS = (1, 2)
+
+TARGET_CFG = TargetConfig(arch="qwen3", vocab_size=V, hidden_size=H, intermediate_size=64, num_layers=LT,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True)
+DRAFT_CFG = DraftConfig(hidden_size=H, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        intermediate_size=64, vocab_size=V, num_target_layers=LT, target_layer_ids=LAYER_IDS,
+                        block_size=BS, mask_token_id=0, rope_theta=10000.0)
+
+
+def target_model(seed: int = 0):
+    return make_target_model(TARGET_CFG, seed=seed)
+
+
+def draft_model(seed: int = 1, dtype=jnp.float32) -> DFlashDraft:
+    with layers.unsharded_init():
+        return DFlashDraft(DRAFT_CFG, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=dtype)
+
+
+def step_config(**kw) -> st.StepConfig:
+    base = dict(block_size=BS, num_anchors=3, mask_token_id=0, target_layer_ids=LAYER_IDS)
+    return st.StepConfig(**{**base, **kw})
+
+
+def mesh_of(shape) -> jax.sharding.Mesh:
+    return sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+
+
+def build(mesh_shape=(1, 1, 1), *, target=None, lr=1e-3, steps=10, warmup_steps=2, **cfg_kw):
+    """``(train_step, state, tx)`` for the tiny models on a mesh of ``mesh_shape``."""
+    mesh = mesh_of(mesh_shape)
+    draft = draft_model()
+    tx, sched = optim.make_optimizer(lr=lr, steps=steps, warmup_steps=warmup_steps)
+    _, state, shardings = st.init_train_state(draft, tx, mesh)
+    ts = st.TrainStep(draft=draft, state_shardings=shardings, target=target if target is not None else target_model(),
+                      tx=tx, schedule=sched, cfg=step_config(**cfg_kw), mesh=mesh)
+    return ts, state, tx
+
+
+def batch(b: int = 8, s: int = S, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random padding-mode batch: ids in [1, V), loss on every token but the first 3 of row 0."""
+    rng = np.random.default_rng(seed)
+    loss_mask = np.ones((b, s), np.float32)
+    loss_mask[0, :3] = 0
+    return dict(input_ids=rng.integers(1, V, (b, s)).astype(np.int32), loss_mask=loss_mask,
+                segment_ids=np.ones((b, s), np.int32), positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)))
