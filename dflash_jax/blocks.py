@@ -18,6 +18,8 @@ KD teacher for slot ``k`` is the target's output at position ``a_n + k - 1``. Ev
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,12 @@ def sample_anchors(
     _check_positive("num_anchors", num_anchors)
     if loss_mask.ndim != 2:
         raise ValueError(f"loss_mask must be [B, S], got shape {loss_mask.shape}")
+    return _sample_anchors(key, loss_mask, block_size=int(block_size), num_anchors=int(num_anchors))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "num_anchors"))
+def _sample_anchors(key, loss_mask, *, block_size, num_anchors):
+    """Jitted body of :func:`sample_anchors`."""
     b, s = loss_mask.shape
     candidates = max(s - block_size, 0) + 1
     valid = loss_mask[:, :candidates] > 0.5
@@ -105,6 +113,15 @@ def block_targets(
     b, s = input_ids.shape
     _check_rows("loss_mask", loss_mask, (b, s))
     _check_rows("anchors", anchors, (b, None))
+    if segment_ids is not None:
+        _check_rows("segment_ids", segment_ids, (b, s))
+    return _block_targets(input_ids, loss_mask, anchors, keep, segment_ids, block_size=int(block_size))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def _block_targets(input_ids, loss_mask, anchors, keep, segment_ids, *, block_size):
+    """Jitted body of :func:`block_targets`."""
+    s = input_ids.shape[1]
     pos = block_slot_positions(anchors, block_size)
     safe = jnp.minimum(pos, s - 1)
     labels = _gather_rows(input_ids.astype(jnp.int32), safe)
@@ -115,7 +132,6 @@ def block_targets(
         * _gather_rows(loss_mask.astype(jnp.float32), safe)
     )
     if segment_ids is not None:
-        _check_rows("segment_ids", segment_ids, (b, s))
         seg = _gather_rows(segment_ids, safe)
         mask = mask * (seg == seg[..., :1])
     return labels, mask

@@ -19,6 +19,7 @@ so implementations that divide by the token count (or by the number of blocks) d
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import chex
@@ -241,6 +242,12 @@ def block_loss(
     _check_objective(objective)
     if teacher_logits is not None:
         _chex("teacher_logits", chex.assert_shape, teacher_logits, logits.shape)
+    return _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, objective=objective)
+
+
+@functools.partial(jax.jit, static_argnames=("objective",))
+def _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, *, objective):
+    """Jitted body of :func:`block_loss` (one compile per shape when called eagerly; inlined under a caller's jit)."""
     return reduce_partials(_block_partials(logits, labels, _zero_slot0(mask), teacher_logits, objective, alpha, gamma))
 
 
@@ -279,6 +286,14 @@ def block_loss_from_hidden(
         _chex("teacher_hidden", chex.assert_shape, teacher_hidden, hidden.shape)
     if not isinstance(chunk_blocks, (int, np.integer)) or chunk_blocks < 1:
         raise ValueError(f"chunk_blocks must be a positive int, got {chunk_blocks!r}")
+    return _block_loss_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha, gamma, objective=objective,
+                                   chunk_blocks=int(chunk_blocks), compute_dtype=compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "chunk_blocks", "compute_dtype"))
+def _block_loss_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha, gamma, *, objective, chunk_blocks,
+                            compute_dtype):
+    """Jitted body of :func:`block_loss_from_hidden`."""
     dtype = compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype)
     w = lm_head.astype(dtype)
 
@@ -291,7 +306,7 @@ def block_loss_from_hidden(
         return _block_partials(project(h), y, m, teacher, objective, alpha, gamma)
 
     n = hidden.shape[1]
-    c = max(1, min(int(chunk_blocks), n))
+    c = max(1, min(chunk_blocks, n))
     pad = -n % c
     operands = (hidden, labels, _zero_slot0(mask)) + (() if teacher_hidden is None else (teacher_hidden,))
 
