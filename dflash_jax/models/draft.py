@@ -1,0 +1,369 @@
+"""The DFlash draft model (Flax NNX): feature fusion, KV-injection decoder layers, block-sparse attention.
+
+Numerics follow the reference ``DFlashModule`` (nvidia-modelopt 0.47.0; ``docs`` reference §1.5-§1.10):
+
+* fusion ``C = hidden_norm(fc(target_hidden))`` ``[B, S, T*H] -> [B, S, H]``, computed once, shared by all layers;
+* per layer: ``q`` from the block only, ``k``/``v`` from ``[C ; block]`` through the same ``k_proj``/``v_proj``,
+  per-head ``q_norm``/``k_norm`` before non-interleaved RoPE, GQA in HF ``repeat_kv`` order;
+* final ``norm``; logits are the caller's ``hidden @ lm_head.T`` (embedding and ``lm_head`` are borrowed from
+  the frozen target, never draft parameters).
+
+Training attention never builds the reference's dense ``[B, 1, N*bs, S+N*bs]`` mask: a query of block ``n`` sees
+(a) context keys by the per-block prefix rule and (b) the keys of its own block, so the scores are a ``[Q, S]``
+part plus a block-diagonal ``[N, bs, bs]`` part, normalised by one shared softmax (:func:`block_sparse_attention`).
+Fully masked rows (dropped blocks) give an exactly zero attention output and zero gradient, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from dflash_jax import blocks
+from dflash_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """Every dimension of the draft, explicit (the reference's silent Qwen3Config defaults are a trap, §1.3).
+
+    ``hidden_size``/``vocab_size`` must equal the target's; ``target_layer_ids`` index the target's decoder layers
+    (feature ``lid`` is HF ``hidden_states[lid + 1]``) and their count ``T`` sets ``fc``'s input width ``T*H``.
+    ``sliding_window`` ``W`` (>= ``block_size``) limits context keys to ``a + j - W < t < a``; ``causal`` makes
+    attention inside a block causal (0.47.0 ``dflash_draft_attention="causal"``).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]
+    block_size: int = 16
+    mask_token_id: int = 0
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    sliding_window: int | None = None
+    causal: bool = False
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field."""
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "vocab_size", "num_target_layers", "block_size",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DraftConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"DraftConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"DraftConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.target_layer_ids:
+            raise ValueError("DraftConfig.target_layer_ids must not be empty")
+        bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad:
+            raise ValueError(f"DraftConfig.target_layer_ids {list(self.target_layer_ids)} has ids {bad} outside "
+                             f"[0, num_target_layers={self.num_target_layers})")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
+                             f"{self.vocab_size})")
+        if self.sliding_window is not None and self.sliding_window < self.block_size:
+            raise ValueError(f"DraftConfig.sliding_window {self.sliding_window} must be >= block_size "
+                             f"{self.block_size}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"DraftConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"DraftConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
+
+    @property
+    def num_features(self) -> int:
+        """``T``: number of fused target layers."""
+        return len(self.target_layer_ids)
+
+    @classmethod
+    def from_target(cls, target_hidden: int, vocab: int, num_target_layers: int, **dims: Any) -> "DraftConfig":
+        """A config whose forced fields (hidden size, vocab, target depth) come from the target.
+
+        ``target_layer_ids`` defaults to the reference's ``build_target_layer_ids(num_target_layers, num_layers)``.
+        """
+        num_layers = dims.setdefault("num_layers", 5)
+        if "target_layer_ids" not in dims:
+            dims["target_layer_ids"] = blocks.build_target_layer_ids(num_target_layers, num_layers)
+        return cls(hidden_size=target_hidden, vocab_size=vocab, num_target_layers=num_target_layers, **dims)
+
+
+@struct.dataclass
+class DraftCache:
+    """Fused-context K/V per draft layer for inference.
+
+    ``k``/``v`` ``[Ld, B, max_len, KVH, HD]`` (keys already ``k_norm``-ed and RoPE'd at their absolute positions);
+    ``length [B]`` int32: rows ``>= length`` are ignored.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array,
+                           ctx_mask: jax.Array, blk_mask: jax.Array) -> jax.Array:
+    """Attention of ``N`` query blocks over shared context keys plus each block's own keys.
+
+    Shapes: ``q [B, N*bs, NH, HD]``, ``k_blk/v_blk [B, N*bs, KVH, HD]``, ``k_ctx/v_ctx [B, S, KVH, HD]``,
+    ``ctx_mask [B, N*bs, S]`` and ``blk_mask [B, N, bs, bs]`` booleans (True = attend). Returns
+    ``[B, N*bs, NH, HD]`` in ``v``'s dtype.
+
+    Equals ``softmax(q k^T / sqrt(HD) + M) v`` over keys ``[ctx ; all blocks]`` with the reference's dense mask ``M``
+    (§1.8), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal ``[N, bs, bs]`` score parts
+    share one max and one normaliser (fp32). A row with no visible key yields 0 with zero gradient.
+    """
+    b, q_len, nh, hd = q.shape
+    n, bs = blk_mask.shape[1], blk_mask.shape[2]
+    kvh = k_ctx.shape[2]
+    chex.assert_shape(blk_mask, (b, n, bs, bs))
+    chex.assert_shape(ctx_mask, (b, n * bs, k_ctx.shape[1]))
+    chex.assert_shape([k_blk, v_blk], (b, q_len, kvh, hd))
+    chex.assert_equal_shape([k_ctx, v_ctx])
+
+    s_ctx = layers.attention_scores(q, k_ctx)  # [B, KVH, G, Q, S]
+    s_blk = layers.attention_scores(q.reshape(b * n, bs, nh, hd), k_blk.reshape(b * n, bs, kvh, hd))
+    s_blk = s_blk.reshape(b, n, kvh, nh // kvh, bs, bs)  # [B, N, KVH, G, bs, bs]
+    m_ctx = ctx_mask[:, None, None]
+    m_blk = blk_mask[:, :, None, None]
+    s_ctx = jnp.where(m_ctx, s_ctx, layers.MASK_VALUE)
+    s_blk = jnp.where(m_blk, s_blk, layers.MASK_VALUE)
+    row_max = jnp.maximum(s_ctx.max(-1).reshape(b, kvh, nh // kvh, n, bs),
+                          jnp.moveaxis(s_blk.max(-1), 1, 3))  # [B, KVH, G, N, bs]
+    row_max = jax.lax.stop_gradient(row_max)
+    p_ctx = jnp.where(m_ctx, jnp.exp(s_ctx - row_max.reshape(b, kvh, nh // kvh, q_len)[..., None]), 0.0)
+    p_blk = jnp.where(m_blk, jnp.exp(s_blk - jnp.moveaxis(row_max, 3, 1)[..., None]), 0.0)
+    denom = p_ctx.sum(-1).reshape(b, kvh, nh // kvh, n, bs) + jnp.moveaxis(p_blk.sum(-1), 1, 3)
+    inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
+    p_ctx = p_ctx * inv.reshape(b, kvh, nh // kvh, q_len)[..., None]
+    p_blk = (p_blk * jnp.moveaxis(inv, 3, 1)[..., None]).reshape(b * n, kvh, nh // kvh, bs, bs)
+    out_blk = layers.attention_values(p_blk, v_blk.reshape(b * n, bs, kvh, hd)).reshape(b, q_len, nh, hd)
+    return layers.attention_values(p_ctx, v_ctx) + out_blk
+
+
+def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, block_size: int,
+                   sliding_window: int | None, causal: bool) -> tuple[jax.Array, jax.Array]:
+    """Visibility for the training forward (reference §1.8, generalised to packed segments).
+
+    ``anchors/keep [B, N]``, ``segment_ids [B, S]`` -> ``ctx_mask [B, N*bs, S]``: context ``t`` is visible to slot
+    ``j`` of block ``n`` iff ``keep[n]``, ``t < a_n``, ``segment_ids[t] == segment_ids[a_n]`` and (with a window
+    ``W``) ``a_n + j - W < t``; ``blk_mask [B, N, bs, bs]``: ``keep[n]`` (and key slot <= query slot if ``causal``).
+    """
+    b, n = anchors.shape
+    s = segment_ids.shape[1]
+    t = jnp.arange(s)[None, None, None, :]
+    a = anchors[:, :, None, None]
+    j = jnp.arange(block_size)[None, None, :, None]
+    seg_a = jnp.take_along_axis(segment_ids, jnp.clip(anchors, 0, s - 1), axis=1)
+    visible = (t < a) & (segment_ids[:, None, None, :] == seg_a[:, :, None, None]) & keep[:, :, None, None]
+    if sliding_window is not None:
+        visible = visible & (t > a + j - sliding_window)
+    ctx_mask = jnp.broadcast_to(visible, (b, n, block_size, s)).reshape(b, n * block_size, s)
+    blk_mask = jnp.broadcast_to(keep[:, :, None, None], (b, n, block_size, block_size))
+    if causal:
+        blk_mask = blk_mask & jnp.tril(jnp.ones((block_size, block_size), bool))
+    return ctx_mask, blk_mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DraftAttention(nnx.Module):
+    """KV-injection attention: ``q`` from the block, ``k/v`` from ``[context ; block]`` (reference §1.6)."""
+
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+        kw = dict(rngs=rngs, use_bias=cfg.attention_bias, std=cfg.initializer_range, param_dtype=param_dtype,
+                  dtype=dtype)
+        h, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, kvh, hd
+        self.q_proj = layers.dense(h, nh * hd, ("embed", "q_heads"), **kw)
+        self.k_proj = layers.dense(h, kvh * hd, ("embed", "kv_heads"), **kw)
+        self.v_proj = layers.dense(h, kvh * hd, ("embed", "kv_heads"), **kw)
+        self.o_proj = layers.dense(nh * hd, h, ("q_heads", "embed"), **kw)
+        self.q_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def key_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, L, H]`` -> RoPE'd normed keys and values ``[B, L, KVH, HD]`` (used for context and block)."""
+        b, length, _ = x.shape
+        k = self.k_norm(self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        return layers.apply_rope(k, cos, sin), v
+
+    def __call__(self, x, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask):
+        """``x [B, Q, H]`` (normed block stream), context K/V ``[B, S, KVH, HD]``, block cos/sin ``[B, Q, HD]``."""
+        b, q_len, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, q_len, self.num_heads, self.head_dim))
+        q = layers.apply_rope(q, cos, sin)
+        k_blk, v_blk = self.key_values(x, cos, sin)
+        out = block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_mask, blk_mask)
+        return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim))
+
+
+class DraftLayer(nnx.Module):
+    """Pre-norm decoder layer: ``h += attn(input_layernorm(h))``; ``h += mlp(post_attention_layernorm(h))``."""
+
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = DraftAttention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, std=cfg.initializer_range,
+                                 param_dtype=param_dtype, dtype=dtype)
+
+    def __call__(self, h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask):
+        h = h + self.self_attn(self.input_layernorm(h), k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DFlashDraft(nnx.Module):
+    """The DFlash drafter. Parameters: ``fc``, ``hidden_norm``, ``layers[i]``, ``norm`` (export names, §1.2).
+
+    ``param_dtype`` is the storage dtype of parameters; ``dtype`` the compute dtype (e.g. bf16 with fp32 params).
+    Build inside :func:`dflash_jax.models.layers.unsharded_init` to get logically-annotated, unplaced parameters.
+    """
+
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.fc = layers.dense(cfg.num_features * cfg.hidden_size, cfg.hidden_size, ("fused", "embed"), rngs=rngs,
+                               std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
+        self.hidden_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.layers = nnx.List([DraftLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+                                for _ in range(cfg.num_layers)])
+        self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def _cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
+        return layers.rope_cos_sin(positions, inv_freq, self.dtype)
+
+    def fuse(self, target_hidden: jax.Array) -> jax.Array:
+        """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (§1.5)."""
+        chex.assert_rank(target_hidden, 3)
+        if target_hidden.shape[-1] != self.cfg.num_features * self.cfg.hidden_size:
+            raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "
+                             f"{self.cfg.num_features}*{self.cfg.hidden_size}")
+        return self.hidden_norm(self.fc(target_hidden.astype(self.dtype)))
+
+    def _decode(self, h, kv_of_layer, cos, sin, ctx_mask, blk_mask):
+        h = h.astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            k_ctx, v_ctx = kv_of_layer(i, layer)
+            h = layer(h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
+        return self.norm(h)
+
+    def __call__(self, noise_emb: jax.Array, target_hidden: jax.Array, anchors: jax.Array, keep: jax.Array, *,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Training forward -> post-``norm`` hidden ``[B, N*bs, H]`` (logits: ``hidden @ lm_head.T``).
+
+        ``noise_emb [B, N*bs, H]`` (target-embedded anchor token at slot 0 of kept blocks, mask token elsewhere),
+        ``target_hidden [B, S, T*H]``, ``anchors [B, N]`` int32, ``keep [B, N]`` bool. ``positions [B, S]``
+        (default ``arange(S)``) restart per packed segment; ``segment_ids [B, S]`` (default all 1) gate the
+        context. Block ``n`` slot ``j`` sits at position ``positions[a_n] + j``.
+        """
+        cfg = self.cfg
+        bs = cfg.block_size
+        b, s, _ = target_hidden.shape
+        n = anchors.shape[1]
+        chex.assert_shape(noise_emb, (b, n * bs, cfg.hidden_size))
+        chex.assert_shape([anchors, keep], (b, n))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        chex.assert_shape(segment_ids, (b, s))
+        keep = keep.astype(bool)
+        ctx = self.fuse(target_hidden)
+        cos, sin = self._cos_sin(blocks.draft_position_ids(s, anchors, bs, positions))  # [B, S + N*bs, HD]
+        cos_c, sin_c, cos_b, sin_b = cos[:, :s], sin[:, :s], cos[:, s:], sin[:, s:]
+        ctx_mask, blk_mask = training_masks(anchors, keep, segment_ids, bs, cfg.sliding_window, cfg.causal)
+        return self._decode(noise_emb, lambda i, layer: layer.self_attn.key_values(ctx, cos_c, sin_c),
+                            cos_b, sin_b, ctx_mask, blk_mask)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Inference (speculative decoding): context K/V cache + one block at a time
+    # ----------------------------------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> DraftCache:
+        """Empty cache: ``k, v [Ld, B, max_len, KVH, HD]`` zeros, ``length [B] = 0``."""
+        shape = (self.cfg.num_layers, batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        dtype = dtype or self.dtype
+        return DraftCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
+
+    def extend_cache(self, cache: DraftCache, target_hidden_new: jax.Array, positions_new: jax.Array,
+                     num_valid: jax.Array | None = None) -> DraftCache:
+        """Append fused-context K/V for ``target_hidden_new [B, n, T*H]`` at ``positions_new [B, n]``.
+
+        Row ``i`` goes to cache index ``length + i``; ``length += num_valid`` (default ``n``), so a static chunk can
+        carry fewer real rows. Rows past ``max_len`` are dropped: keep ``length + num_valid <= max_len``.
+        """
+        b, n, _ = target_hidden_new.shape
+        chex.assert_shape(positions_new, (b, n))
+        ctx = self.fuse(target_hidden_new)
+        cos, sin = self._cos_sin(positions_new)
+        idx = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]  # [B, n]
+        rows = jnp.arange(b)[:, None]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.key_values(ctx, cos, sin)
+            ks.append(cache.k[i].at[rows, idx].set(k.astype(cache.k.dtype), mode="drop"))
+            vs.append(cache.v[i].at[rows, idx].set(v.astype(cache.v.dtype), mode="drop"))
+        num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
+        chex.assert_shape(num_valid, (b,))
+        return DraftCache(k=jnp.stack(ks), v=jnp.stack(vs), length=cache.length + num_valid)
+
+    @staticmethod
+    def crop_cache(cache: DraftCache, length: jax.Array | int) -> DraftCache:
+        """Roll back to ``length`` (scalar or ``[B]``): rows ``>= length`` are ignored from then on."""
+        return cache.replace(length=jnp.minimum(cache.length, jnp.asarray(length, jnp.int32)))
+
+    def propose(self, cache: DraftCache, noise_emb: jax.Array, block_start: jax.Array) -> jax.Array:
+        """One block ``noise_emb [B, bs, H]`` at positions ``block_start + 0..bs-1`` -> post-norm hidden ``[B, bs, H]``.
+
+        Sees every cached context row ``t < cache.length`` (with a window ``W``: ``t > block_start + j - W``) and
+        its own block (bidirectional, or causal if ``cfg.causal``). ``block_start [B]`` is normally ``cache.length``.
+        """
+        cfg = self.cfg
+        bs = cfg.block_size
+        b, max_len = cache.k.shape[1], cache.k.shape[2]
+        chex.assert_shape(noise_emb, (b, bs, cfg.hidden_size))
+        block_start = jnp.asarray(block_start, jnp.int32)
+        chex.assert_shape(block_start, (b,))
+        j = jnp.arange(bs, dtype=jnp.int32)
+        cos, sin = self._cos_sin(block_start[:, None] + j[None])
+        t = jnp.arange(max_len)[None, None, :]
+        ctx_mask = jnp.broadcast_to(t < cache.length[:, None, None], (b, bs, max_len))
+        if cfg.sliding_window is not None:
+            ctx_mask = ctx_mask & (t > block_start[:, None, None] + j[None, :, None] - cfg.sliding_window)
+        blk_mask = jnp.ones((b, 1, bs, bs), bool)
+        if cfg.causal:
+            blk_mask = blk_mask & jnp.tril(jnp.ones((bs, bs), bool))
+        return self._decode(noise_emb, lambda i, layer: (cache.k[i], cache.v[i]), cos, sin, ctx_mask, blk_mask)
+
