@@ -15,3 +15,6 @@ from dflash_jax.losses import dpace_weights as dpace_weights
 from dflash_jax.losses import position_weights as position_weights
 from dflash_jax.losses import reduce_partials as reduce_partials
 from dflash_jax.losses import token_terms as token_terms
+from dflash_jax.models.target import TargetConfig as TargetConfig
+from dflash_jax.models.target import TargetModel as TargetModel
+from dflash_jax.models.target import load_target as load_target

