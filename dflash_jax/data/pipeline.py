@@ -1,0 +1,260 @@
+"""Tokenised chat dataset, packing/padding batcher and a resumable, deterministic iterator.
+
+Why not grain: grain is not installed, and what training needs is small. The whole (capped) dataset is rendered
+and tokenised once into memory; the iterator is plain numpy whose complete position is two integers
+``(epoch, index)`` plus the seed, so ``state()`` is a JSON dict saved next to the Orbax checkpoint and
+``restore(state)`` continues bit-exactly.
+
+Stream: epoch ``e`` visits the training examples in the order ``default_rng([seed, e]).permutation(n)``; the
+stream runs on across epoch boundaries (no partial batches, nothing dropped).
+
+Batch (all numpy, ``S = seq_len``): ``input_ids [B,S] int32``, ``loss_mask [B,S] float32`` (0 on pad),
+``segment_ids [B,S] int32``, ``positions [B,S] int32``.
+
+* packing: examples are appended greedily to a row while they fit; the next example that does not fit starts a
+  new row. ``segment_ids`` = 1..k per row, 0 on pad; ``positions`` restart at 0 in every segment (the pad tail
+  continues the last segment's count; it is masked everywhere).
+* padding (``packing=False``): one example per row, right-padded; ``segment_ids`` = 1 on real tokens and 0 on
+  pad, ``positions = arange(S)``, i.e. exactly the reference's collated rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from dflash_jax.data.chat import ChatRenderer, RenderError
+from dflash_jax.data.readers import Conversation, Skip, read_indexed
+
+log = logging.getLogger(__name__)
+MAX_REASONS = 5  # how many skip reasons are kept and logged
+
+Example = tuple[np.ndarray, np.ndarray]  # (input_ids int32 [L], loss_mask float32 [L]), 1 <= L <= seq_len
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """Training examples (already truncated to ``seq_len``), held-out conversations and the skip report."""
+
+    examples: tuple[Example, ...]
+    heldout: tuple[Conversation, ...]
+    seq_len: int
+    skipped: int = 0
+    skip_reasons: tuple[str, ...] = ()
+    truncated: int = 0
+
+    def heldout_prompts(self, n: int) -> list[Conversation]:
+        """The first ``n`` held-out conversations cut before their first assistant turn (never trained on)."""
+        if not 0 <= n <= len(self.heldout):
+            raise ValueError(f"heldout_prompts(n={n}): only {len(self.heldout)} held-out conversations (data.heldout)")
+        return [conv[: next(i for i, (r, _) in enumerate(conv) if r == "assistant")] for conv in self.heldout[:n]]
+
+
+def _has_prompt(conv: Conversation) -> bool:
+    first = next(i for i, (r, _) in enumerate(conv) if r == "assistant")
+    return any(r == "user" for r, _ in conv[:first])
+
+
+def build_dataset(
+    path: str,
+    renderer: ChatRenderer,
+    *,
+    seq_len: int,
+    fmt: str = "auto",
+    max_conversations: int | None = None,
+    heldout: int = 0,
+) -> TokenizedDataset:
+    """Read, render and batch-tokenise ``path`` once.
+
+    The first ``heldout`` usable conversations that have a user turn before their first assistant turn are held
+    out; the next ``max_conversations`` (None = all) usable ones are training examples, truncated to
+    ``seq_len`` tokens. Unusable records (see :func:`read_conversations`), conversations the template rejects
+    and examples with no assistant token inside ``seq_len`` are counted skips; the first few reasons are logged.
+    """
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    if heldout < 0 or (max_conversations is not None and max_conversations < 1):
+        raise ValueError(f"data.heldout must be >= 0 and data.max_conversations >= 1 or null")
+    reasons: list[str] = []
+    skipped = 0
+
+    def skip(item: Skip) -> None:
+        nonlocal skipped
+        skipped += 1
+        if len(reasons) < MAX_REASONS:
+            reasons.append(str(item))
+            log.warning("skipping %s", item)
+
+    held: list[Conversation] = []
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]]] = []
+    records: list[int] = []
+    for record, item in read_indexed(path, fmt):
+        if max_conversations is not None and len(texts) >= max_conversations and len(held) >= heldout:
+            break
+        if isinstance(item, Skip):
+            skip(item)
+            continue
+        try:
+            text, sp = renderer.render_text(item)
+        except RenderError as e:
+            skip(Skip(record, str(e)))
+            continue
+        if len(held) < heldout and _has_prompt(item):
+            held.append(item)
+        elif max_conversations is None or len(texts) < max_conversations:
+            texts.append(text)
+            spans.append(sp)
+            records.append(record)
+    examples, truncated = [], 0
+    encoded = renderer.encode(texts, spans, max_tokens=seq_len + 1)  # one extra token tells "was truncated"
+    for record, (ids, mask) in zip(records, encoded):
+        if not mask[:seq_len].any():
+            skip(Skip(record, f"no assistant token within the first seq_len={seq_len} tokens"))
+            continue
+        truncated += len(ids) > seq_len
+        examples.append((ids[:seq_len], mask[:seq_len]))
+    if len(held) < heldout:
+        raise ValueError(f"data.heldout={heldout} but only {len(held)} conversations with a prompt were found")
+    if not examples:
+        raise ValueError(f"data.path {path!r} gave no usable training conversation (skipped {skipped}: {reasons})")
+    log.info(
+        "data: %d training conversations (%d truncated to %d tokens), %d held out, %d skipped",
+        len(examples), truncated, seq_len, len(held), skipped,
+    )
+    return TokenizedDataset(tuple(examples), tuple(held), seq_len, skipped, tuple(reasons), truncated)
+
+
+def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Lay out ``rows`` (each a list of examples, total length <= ``seq_len``) as one right-padded batch.
+
+    Returns ``input_ids/segment_ids/positions [B,S] int32`` and ``loss_mask [B,S] float32``; segment ``k`` of a
+    row gets id ``k`` (1-based) and positions ``0..len-1``; pad has segment 0, loss 0, id ``pad_id``.
+    """
+    b = len(rows)
+    batch = {
+        "input_ids": np.full((b, seq_len), pad_id, np.int32),
+        "loss_mask": np.zeros((b, seq_len), np.float32),
+        "segment_ids": np.zeros((b, seq_len), np.int32),
+        "positions": np.zeros((b, seq_len), np.int32),
+    }
+    for r, row in enumerate(rows):
+        start = 0
+        for seg, (ids, mask) in enumerate(row, start=1):
+            end = start + len(ids)
+            if end > seq_len:
+                raise ValueError(f"row {r} holds {end} tokens, more than seq_len={seq_len}")
+            batch["input_ids"][r, start:end] = ids
+            batch["loss_mask"][r, start:end] = mask
+            batch["segment_ids"][r, start:end] = seg
+            batch["positions"][r, start:end] = np.arange(len(ids))
+            start = end
+        batch["positions"][r, start:] = np.arange(start, seq_len) - (start - len(row[-1][0]) if row else 0)
+    return batch
+
+
+@dataclass
+class DataIterator:
+    """Deterministic, resumable batch stream over a :class:`TokenizedDataset`.
+
+    ``next() -> (batch, stats)``; ``stats``: ``real_token_fraction`` (non-pad / B·S), ``loss_token_fraction``,
+    ``conversations`` (segments in the batch), ``epoch``, ``skipped``, ``skip_reasons``, ``truncated``.
+    ``state()`` is a JSON dict ``{epoch, index, seed, num_examples, batch_size, packing}``.
+    """
+
+    dataset: TokenizedDataset
+    batch_size: int
+    packing: bool = True
+    seed: int = 0
+    pad_id: int = 0
+    epoch: int = 0
+    index: int = 0
+    _order: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+    def _perm(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset.examples))
+        return self._order
+
+    def _peek(self) -> Example:
+        return self.dataset.examples[self._perm()[self.index]]
+
+    def _advance(self) -> None:
+        self.index += 1
+        if self.index == len(self.dataset.examples):
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+
+    def next(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The next batch (see module docstring) and its stats."""
+        s = self.dataset.seq_len
+        rows: list[list[Example]] = []
+        used = 0
+        while True:
+            ex = self._peek()
+            if rows and self.packing and used + len(ex[0]) <= s:
+                rows[-1].append(ex)
+            elif len(rows) < self.batch_size:
+                rows.append([ex])
+                used = 0
+            else:
+                break
+            used += len(ex[0])
+            self._advance()
+            if not self.packing and len(rows) == self.batch_size:
+                break
+        batch = make_batch(rows, s, self.pad_id)
+        stats = {
+            "real_token_fraction": float((batch["segment_ids"] > 0).mean()),
+            "loss_token_fraction": float(batch["loss_mask"].mean()),
+            "conversations": sum(len(r) for r in rows),
+            "epoch": self.epoch,
+            "skipped": self.dataset.skipped,
+            "skip_reasons": list(self.dataset.skip_reasons),
+            "truncated": self.dataset.truncated,
+        }
+        return batch, stats
+
+    __next__ = next
+
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        return self
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able position: restoring it into an iterator over the same dataset continues exactly."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "num_examples": len(self.dataset.examples),
+            "batch_size": self.batch_size,
+            "packing": self.packing,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()``; ValueError if it was taken over a different dataset or batching."""
+        for key, mine in (("seed", self.seed), ("num_examples", len(self.dataset.examples)),
+                          ("batch_size", self.batch_size), ("packing", self.packing)):
+            if state.get(key) != mine:
+                raise ValueError(f"data iterator state has {key}={state.get(key)!r}, this run has {mine!r}")
+        if not (0 <= state["index"] < len(self.dataset.examples) and state["epoch"] >= 0):
+            raise ValueError(f"data iterator state is out of range: {state}")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+    @classmethod
+    def from_state(cls, dataset: TokenizedDataset, state: dict[str, Any], pad_id: int = 0) -> "DataIterator":
+        """A new iterator positioned at ``state`` (as returned by :meth:`state`)."""
+        it = cls(dataset, int(state["batch_size"]), packing=bool(state["packing"]), seed=int(state["seed"]),
+                 pad_id=pad_id)
+        it.restore(state)
+        return it
+
+    def heldout_prompts(self, n: int) -> list[Conversation]:
+        """See :meth:`TokenizedDataset.heldout_prompts`."""
+        return self.dataset.heldout_prompts(n)
