@@ -229,3 +229,83 @@ def ref_export(model, out_dir) -> None:
     """The reference exporter (``DFlashExporter``) writing ``out_dir`` in float32."""
     torch = _torch()
     model.get_exporter().export(out_dir, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speculative-decoding oracle (reference §4.1-§4.2): pseudo_speculative_generate, AcceptanceRateValidation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ref_save_target(model, out_dir) -> None:
+    """``save_pretrained`` of the converted model: an HF checkpoint whose base weights our ``load_target`` reads."""
+    model.save_pretrained(out_dir)
+
+
+def _ref_verify(model, ids, base, drafts) -> int:
+    """Accepted drafts of one block: the reference's greedy posterior check (``validate_online`` step 3)."""
+    torch = _torch()
+    cand = torch.cat([ids, base, drafts], dim=-1)
+    with torch.no_grad():
+        posterior = model._base_model_lm_head(model._base_model(cand).last_hidden_state).argmax(-1)
+    pos = ids.shape[1]  # index of the base token in the candidate
+    match = (posterior[0, pos:pos + drafts.shape[1]] == drafts[0]).long()
+    return int(torch.cumprod(match, 0).sum())
+
+
+def ref_zlab_generate(model, prompt, max_new_tokens) -> tuple[list[int], list[int]]:
+    """z-lab loop built on ``pseudo_speculative_generate`` (no KV cache): per step the base token is the last
+    committed token, the drafts are verified by a full target forward and ``accepted + 1`` tokens are committed
+    (the bonus is the next call's base token). Returns ``(generated tokens, accepted per step)``."""
+    torch = _torch()
+    model.eval()
+    ids = _t(np.asarray(prompt)[None], torch.long)
+    steps = model.dflash_block_size - 1
+    with torch.no_grad():
+        base, drafts = model.pseudo_speculative_generate(ids, steps=steps)
+        out, accepted = [int(base)], []
+        while len(out) < max_new_tokens:
+            a = _ref_verify(model, ids, base, drafts)
+            accepted.append(a)
+            out += [int(t) for t in drafts[0, :a]]
+            ids = torch.cat([ids, base, drafts[:, :a]], dim=-1)
+            base, drafts = model.pseudo_speculative_generate(ids, steps=steps)
+            out.append(int(base))
+    return out[:max_new_tokens], accepted
+
+
+def ref_validate_online(model, prompt, osl) -> tuple[list[np.ndarray], list[int], float]:
+    """``AcceptanceRateValidation.validate_online`` (steps = bs - 1) with the states it visits recorded.
+
+    Returns ``(states, accepted, ar)``: ``states[k]`` the token ids ``pseudo_speculative_generate`` saw at
+    iteration ``k``; ``accepted[k]`` its accepted drafts, read off the next state (drafts are appended while they
+    match, then the differing correction), for every iteration but the last (which ``isl + osl`` may cut).
+    """
+    torch = _torch()
+    hf_dflash()
+    from modelopt.torch.speculative.utils import AcceptanceRateValidation
+
+    states, proposals = [], []
+    original = model.pseudo_speculative_generate
+
+    def recording(input_ids, steps=1):
+        base, drafts = original(input_ids, steps=steps)
+        states.append(input_ids[0].numpy().copy())
+        proposals.append(drafts[0].numpy().copy())
+        return base, drafts
+
+    tokenizer = SimpleNamespace(chat_template="", eos_token="</s>", convert_tokens_to_ids=lambda tok: -1)
+    model.pseudo_speculative_generate = recording
+    try:
+        validator = AcceptanceRateValidation(model, tokenizer)
+        _, ar = validator.validate_online(osl, input_ids=_t(np.asarray(prompt)[None], torch.long),
+                                          steps=model.dflash_block_size - 1)
+    finally:
+        del model.pseudo_speculative_generate
+    accepted = []
+    for k, (state, drafts) in enumerate(zip(states[:-1], proposals)):  # the last one may be cut by isl + osl
+        tail = states[k + 1][len(state) + 1:]
+        a = 0
+        while a < len(drafts) and a < len(tail) and tail[a] == drafts[a]:
+            a += 1
+        accepted.append(a)
+    return states, accepted, float(ar)

@@ -72,16 +72,16 @@ def test_greedy_lossless_random_drafter(target, draft_cfg, prompts):
         assert res["tokens"] == target.greedy_generate(p, MAX_NEW)
 
 
-def _train_drafter(target, cfg, prompts, steps=200):
+def train_drafter(target, cfg, prompts, steps=200):
     """Teach a fresh drafter the target's greedy continuations of ``prompts`` (CE on slots 1..bs-1, all anchors)."""
-    seq_len = 32
+    seq_len, bs = 32, cfg.block_size
     seqs = np.stack([np.concatenate([p, target.greedy_generate(p, seq_len - p.size)]) for p in prompts])
-    n_anchor = seq_len - BS + 1
+    n_anchor = seq_len - bs + 1
     anchors = np.broadcast_to(np.arange(n_anchor, dtype=np.int32), (len(prompts), n_anchor))
-    noise = np.full((len(prompts), n_anchor, BS), cfg.mask_token_id, np.int32)
+    noise = np.full((len(prompts), n_anchor, bs), cfg.mask_token_id, np.int32)
     noise[:, :, 0] = np.take_along_axis(seqs, anchors, 1)
-    labels = np.take_along_axis(seqs, (anchors[:, :, None] + np.arange(BS)).reshape(len(prompts), -1), 1)
-    weight = jnp.asarray(np.tile(np.arange(BS) > 0, n_anchor), jnp.float32)
+    labels = np.take_along_axis(seqs, (anchors[:, :, None] + np.arange(bs)).reshape(len(prompts), -1), 1)
+    weight = jnp.asarray(np.tile(np.arange(bs) > 0, n_anchor), jnp.float32)
     taps = target.taps(seqs, cfg.target_layer_ids)
     emb = target.model.embed(jnp.asarray(noise.reshape(len(prompts), -1)))
     head = target.model.lm_head_weight()
@@ -106,7 +106,7 @@ def _train_drafter(target, cfg, prompts, steps=200):
 def test_greedy_lossless_trained_drafter(target, draft_cfg, prompts):
     """A drafter trained on the target's greedy outputs gets accepted often; output stays token-identical."""
     train_prompts = prompts[:2]
-    draft = _train_drafter(target, draft_cfg, train_prompts)
+    draft = train_drafter(target, draft_cfg, train_prompts)
     r = report.evaluate(target, draft, draft_cfg, prompts, max_new_tokens=MAX_NEW, check_lossless=True)
     assert r["lossless"] is True
     _check_metrics(r, prompts)
