@@ -437,3 +437,24 @@ def test_real_smollm2_tokenizer_on_sharegpt():
         cut_ids, cut_mask = r.encode([text], [spans], max_tokens=256)[0]
         np.testing.assert_array_equal(cut_ids, ids[:256])
         np.testing.assert_array_equal(cut_mask, mask[:256])
+
+
+def test_build_iterator_from_config(tmp_path, byte_renderer):
+    from dflash_jax.config import from_dict
+    from dflash_jax.data.pipeline import build_iterator
+
+    path = write_jsonl(tmp_path / "d.jsonl", synthetic_convs(20))
+    cfg = from_dict({"data": {"path": path, "seq_len": 128, "batch_size": 2, "heldout": 2, "packing": False,
+                              "shuffle_seed": 4}, "eval": {"num_prompts": 2}})
+    it = build_iterator(cfg.data, byte_renderer, pad_id=7)
+    batch, _ = it.next()
+    assert batch["input_ids"].shape == (2, 128) and (batch["input_ids"][batch["segment_ids"] == 0] == 7).all()
+    assert it.state()["seed"] == 4 and len(it.heldout_prompts(2)) == 2
+
+
+def test_template_runtime_error_is_a_render_error():
+    template = ("{% for m in messages %}{{ m['content'] + (1 if m['role'] == 'system' else '') }}"
+                "{% endfor %}")
+    r = ChatRenderer(byte_chat_tokenizer(), template)
+    with pytest.raises(RenderError, match="TypeError"):
+        r.render((("system", "s"), ("assistant", "a")))

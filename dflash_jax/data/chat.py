@@ -184,8 +184,8 @@ class ChatRenderer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except jinja2.exceptions.TemplateError as e:
-            raise RenderError(f"chat template rejected the conversation: {e}") from e
+        except Exception as e:  # TemplateError (raise_exception, undefined, sandbox) or a template-side bug
+            raise RenderError(f"chat template rejected the conversation: {type(e).__name__}: {e}") from e
 
     def render_text(self, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the ``[start, end)`` character span of every assistant message in it."""

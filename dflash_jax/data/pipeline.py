@@ -128,6 +128,14 @@ def build_dataset(
     return TokenizedDataset(tuple(examples), tuple(held), seq_len, skipped, tuple(reasons), truncated)
 
 
+def build_iterator(data: Any, renderer: ChatRenderer, pad_id: int = 0) -> DataIterator:
+    """The training stream for a ``config.DataSection``: :func:`build_dataset` + :class:`DataIterator`
+    (seed ``data.shuffle_seed``)."""
+    dataset = build_dataset(data.path, renderer, seq_len=data.seq_len, fmt=data.format,
+                            max_conversations=data.max_conversations, heldout=data.heldout)
+    return DataIterator(dataset, data.batch_size, packing=data.packing, seed=data.shuffle_seed, pad_id=pad_id)
+
+
 def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Lay out ``rows`` (each a list of examples, total length <= ``seq_len``) as one right-padded batch.
 
@@ -172,7 +180,7 @@ class DataIterator:
     pad_id: int = 0
     epoch: int = 0
     index: int = 0
-    _order: np.ndarray | None = field(default=None, repr=False)
+    _order: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.batch_size < 1:
