@@ -41,7 +41,7 @@ def mesh_of(shape) -> jax.sharding.Mesh:
     return sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
 
 
-def build(mesh_shape=(1, 1, 1), *, target=None, lr=1e-3, steps=10, warmup_steps=2, **cfg_kw):
+def build(mesh_shape=(1, 1, 1), *, target=None, lr=1e-3, steps=10, warmup_steps=0, **cfg_kw):
     """``(train_step, state, tx)`` for the tiny models on a mesh of ``mesh_shape``."""
     mesh = mesh_of(mesh_shape)
     draft = draft_model()

@@ -155,7 +155,7 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
             teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
