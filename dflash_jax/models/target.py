@@ -392,7 +392,12 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
         abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
     graphdef, abs_state = nnx.split(abs_model)
     if shardings is None and mesh is not None:
-        shardings = nnx.get_named_sharding(abs_state, mesh)
+        try:
+            shardings = nnx.get_named_sharding(abs_state, mesh)
+        except ValueError as e:
+            raise ValueError(f"mesh: cannot map the target's logical axes onto {mesh.axis_names} ({e}); call "
+                             "load_target inside nnx.logical_axis_rules(dflash_jax.train.sharding.LOGICAL_AXIS_RULES) "
+                             "or pass shardings=") from e
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
     leaves = {}
