@@ -92,7 +92,8 @@ def dpace_weights(confidences: jax.Array, alpha: float, valid_mask: jax.Array | 
     """D-PACE weights ``w [..., L]`` from confidences ``q [..., L]`` (any leading dims), detached.
 
     Eq. 7 ``q~_i = alpha + (1 - alpha) q_i`` in float32 (invalid slots: ``q~ = 1``, a multiplicative no-op);
-    Eq. 8 ``C_j = (prod_{i<=j} q~_i) * valid_j`` and ``w_j = sum_{l>=j} C_l`` (suffix sum); Eq. 9 stop-gradient.
+    Eq. 8 ``C_j = (prod_{i<=j} q~_i) * valid_j`` and ``w_j = sum_{l>=j} C_l`` (suffix sum, as total - inclusive
+    prefix + C_j like the reference); Eq. 9 stop-gradient.
     ``valid_mask`` (same shape, nonzero = valid) defaults to all valid. Returned in ``confidences.dtype``.
     Raises ``ValueError`` (message names ``alpha``) unless ``0 < alpha <= 1``.
     """
@@ -100,15 +101,23 @@ def dpace_weights(confidences: jax.Array, alpha: float, valid_mask: jax.Array | 
     _chex("confidences", chex.assert_type, confidences, float)
     if confidences.ndim < 1:
         raise ValueError(f"confidences must have at least 1 dimension, got shape {confidences.shape}")
-    smoothed = alpha + (1.0 - alpha) * confidences.astype(jnp.float32)
     if valid_mask is not None:
         _chex("valid_mask", chex.assert_shape, valid_mask, confidences.shape)
+    return _dpace_weights(confidences, alpha, valid_mask)
+
+
+@jax.jit
+def _dpace_weights(confidences, alpha, valid_mask):
+    """Jitted body of :func:`dpace_weights`."""
+    smoothed = alpha + (1.0 - alpha) * confidences.astype(jnp.float32)
+    if valid_mask is not None:
         keep = valid_mask != 0
         smoothed = jnp.where(keep, smoothed, 1.0)
     cum_conf = jnp.cumprod(smoothed, axis=-1)
     if valid_mask is not None:
         cum_conf = cum_conf * keep.astype(jnp.float32)
-    weights = jax.lax.cumsum(cum_conf, axis=cum_conf.ndim - 1, reverse=True)
+    inclusive = jnp.cumsum(cum_conf, axis=-1)
+    weights = inclusive[..., -1:] - inclusive + cum_conf  # suffix sum in the reference's evaluation order
     return jax.lax.stop_gradient(weights).astype(confidences.dtype)
 
 
@@ -149,19 +158,20 @@ def token_terms(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token ``(loss_tok, ce, correct)`` over the last (vocab) axis, all computed in float32.
 
-    ``ce = logsumexp(x) - x[y]`` is the hard CE against ``labels``; ``loss_tok`` is ``ce`` (CE mode) or the soft CE
+    ``ce = logsumexp(x) - x[y]`` (evaluated on ``x - max(x)``, like torch's log_softmax) is the hard CE against ``labels``; ``loss_tok`` is ``ce`` (CE mode) or the soft CE
     ``-sum_v softmax(teacher)_v * log_softmax(x)_v`` (KD mode, teacher detached), sharing the same log-sum-exp.
     ``correct = argmax(x) == y`` (first maximum on ties). ``logits [..., V]``, ``labels [...]`` int.
     """
     x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    x_label = jnp.take_along_axis(x, labels[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0]
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))  # lse - x_y without cancellation
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    x_label = jnp.take_along_axis(shifted, labels[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0]
     ce = lse - x_label
     if teacher_logits is None:
         loss_tok = ce
     else:
         p_teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
-        loss_tok = jnp.sum(p_teacher * (lse[..., None] - x), axis=-1)
+        loss_tok = jnp.sum(p_teacher * (lse[..., None] - shifted), axis=-1)
     correct = jnp.argmax(x, axis=-1) == labels
     return loss_tok, ce, correct
 

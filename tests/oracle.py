@@ -72,7 +72,7 @@ def ref_compute_loss(
     """
     _, loss, acc = _compute_loss_torch(logits, input_ids, anchors, keep, loss_mask, base_logits,
                                        block_size=block_size, objective=objective, alpha=alpha, gamma=gamma)
-    return float(loss), acc
+    return float(loss.detach()), acc
 
 
 def ref_compute_loss_grad(
