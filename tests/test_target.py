@@ -352,6 +352,15 @@ def test_gguf_llama_unpermutes_and_rebuilds_tokenizer(tmp_path):
     assert got.tokenizer.decode(enc.ids, skip_special_tokens=False) == text
     assert got.bos_token == "<|im_start|>" and got.eos_token == "<|im_end|>" and got.eos_token_ids == (257,)
     assert "<|im_start|>" in got.chat_template
+    # the same tokenizer saved HF-style next to a checkpoint comes back with template and bos/eos strings
+    hf = tmp_path / "hf"
+    _save_hf(src.model, LLAMA, hf)
+    got.tokenizer.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": got.chat_template, "bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"}))
+    back = load_target(hf)
+    assert back.tokenizer.encode(text).ids == enc.ids and back.chat_template == got.chat_template
+    assert (back.bos_token, back.eos_token) == ("<|im_start|>", "<|im_end|>")
 
 
 def test_gguf_quantized_and_bad_input(tmp_path):
