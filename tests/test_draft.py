@@ -270,8 +270,15 @@ def test_forward_rejects_bad_shapes():
     noise, th = _inputs(cfg, 1, 8, 1)
     with pytest.raises(ValueError, match="target_hidden"):
         model(noise, th[..., :32], jnp.array([[2]]), jnp.array([[True]]))
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="noise_emb"):
         model(noise[:, :3], th, jnp.array([[2]]), jnp.array([[True]]))
+    with pytest.raises(ValueError, match="keep"):
+        model(noise, th, jnp.array([[2]]), jnp.array([[True, False]]))
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(noise, th, jnp.array([[2]]), jnp.array([[True]]), segment_ids=jnp.ones((1, 9), jnp.int32))
+    cache = model.init_cache(1, 8)
+    with pytest.raises(ValueError, match="block_start"):
+        model.propose(cache, noise, jnp.array([0, 0]))
 
 
 def test_config_is_hashable_and_frozen():

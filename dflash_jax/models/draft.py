@@ -268,7 +268,7 @@ class DFlashDraft(nnx.Module):
 
     def fuse(self, target_hidden: jax.Array) -> jax.Array:
         """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (§1.5)."""
-        chex.assert_rank(target_hidden, 3)
+        blocks._check_rows("target_hidden", target_hidden, (None, None, None))
         if target_hidden.shape[-1] != self.cfg.num_features * self.cfg.hidden_size:
             raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "
                              f"{self.cfg.num_features}*{self.cfg.hidden_size}")
@@ -294,11 +294,11 @@ class DFlashDraft(nnx.Module):
         bs = cfg.block_size
         b, s, _ = target_hidden.shape
         n = anchors.shape[1]
-        chex.assert_shape(noise_emb, (b, n * bs, cfg.hidden_size))
-        chex.assert_shape([anchors, keep], (b, n))
+        blocks._check_rows("noise_emb", noise_emb, (b, n * bs, cfg.hidden_size))
+        blocks._check_rows("keep", keep, (b, n))
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
-        chex.assert_shape(segment_ids, (b, s))
+        blocks._check_rows("segment_ids", segment_ids, (b, s))
         keep = keep.astype(bool)
         ctx = self.fuse(target_hidden)
         cos, sin = self._cos_sin(blocks.draft_position_ids(s, anchors, bs, positions))  # [B, S + N*bs, HD]
@@ -325,7 +325,7 @@ class DFlashDraft(nnx.Module):
         carry fewer real rows. Rows past ``max_len`` are dropped: keep ``length + num_valid <= max_len``.
         """
         b, n, _ = target_hidden_new.shape
-        chex.assert_shape(positions_new, (b, n))
+        blocks._check_rows("positions_new", positions_new, (b, n))
         ctx = self.fuse(target_hidden_new)
         cos, sin = self._cos_sin(positions_new)
         idx = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]  # [B, n]
@@ -336,7 +336,7 @@ class DFlashDraft(nnx.Module):
             ks.append(cache.k[i].at[rows, idx].set(k.astype(cache.k.dtype), mode="drop"))
             vs.append(cache.v[i].at[rows, idx].set(v.astype(cache.v.dtype), mode="drop"))
         num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
-        chex.assert_shape(num_valid, (b,))
+        blocks._check_rows("num_valid", num_valid, (b,))
         return DraftCache(k=jnp.stack(ks), v=jnp.stack(vs), length=cache.length + num_valid)
 
     @staticmethod
@@ -353,9 +353,9 @@ class DFlashDraft(nnx.Module):
         cfg = self.cfg
         bs = cfg.block_size
         b, max_len = cache.k.shape[1], cache.k.shape[2]
-        chex.assert_shape(noise_emb, (b, bs, cfg.hidden_size))
+        blocks._check_rows("noise_emb", noise_emb, (b, bs, cfg.hidden_size))
         block_start = jnp.asarray(block_start, jnp.int32)
-        chex.assert_shape(block_start, (b,))
+        blocks._check_rows("block_start", block_start, (b,))
         j = jnp.arange(bs, dtype=jnp.int32)
         cos, sin = self._cos_sin(block_start[:, None] + j[None])
         t = jnp.arange(max_len)[None, None, :]
