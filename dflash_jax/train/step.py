@@ -124,7 +124,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
                schedule: optax.Schedule, cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step (un-jitted; :class:`TrainStep` compiles it). Batch: ``input_ids [B,S]`` int32, ``loss_mask
     [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
-    ``teacher_hidden [B,S,H]``. ``key``: the run's base PRNG key (folded with ``state.step``)."""
+    ``teacher_hidden [B,S,H]``; optionally injected ``anchors [B,num_anchors]`` int32 + ``keep`` bool instead of
+    sampling. ``key``: the run's base PRNG key (folded with ``state.step``)."""
     target = nnx.merge(target_graphdef, target_state)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     segment_ids, positions = batch["segment_ids"], batch["positions"]
@@ -136,7 +137,10 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     else:
         taps, final = batch["target_hidden"], batch.get("teacher_hidden")
 
-    anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), loss_mask, bs, n)
+    if "anchors" in batch:  # injected (parity tests, replaying a run): [B, num_anchors] int32 + keep bool
+        anchors, keep = batch["anchors"].astype(jnp.int32), batch["keep"].astype(bool)
+    else:
+        anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), loss_mask, bs, n)
     labels, mask = blocks.block_targets(input_ids, loss_mask, anchors, keep, bs, segment_ids)
     noise_emb = target.embed(noise_ids(input_ids, anchors, keep, bs, cfg.mask_token_id))
     lm_head = target.lm_head_weight()
@@ -217,9 +221,15 @@ def check_batch(batch: Mapping[str, Any], cfg: StepConfig, hidden_size: int, mes
         missing.append("target_hidden")
     if cfg.mode == "offline" and cfg.kd and "teacher_hidden" not in batch:
         missing.append("teacher_hidden")
+    if ("anchors" in batch) != ("keep" in batch):
+        missing.append("keep" if "anchors" in batch else "anchors")
     if missing:
         raise ValueError(f"batch is missing {missing} (mode={cfg.mode}, kd={cfg.kd})")
     b, s = np.shape(batch["input_ids"])
+    for k in ("anchors", "keep"):
+        if k in batch and tuple(np.shape(batch[k])) != (b, cfg.num_anchors):
+            raise ValueError(f"batch[{k!r}] must be [B, num_anchors] = {(b, cfg.num_anchors)}, "
+                             f"got {tuple(np.shape(batch[k]))}")
     for k in BATCH_KEYS:
         if tuple(np.shape(batch[k])) != (b, s):
             raise ValueError(f"batch[{k!r}] must have shape {(b, s)} like input_ids, got {tuple(np.shape(batch[k]))}")
