@@ -44,14 +44,18 @@ def _chex(name: str, check: Callable[..., None], *args: Any, **kwargs: Any) -> N
         raise ValueError(f"{name}: {err}") from None
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a numpy array, or ``None`` when it is traced (its values are unknown until run time)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def check_alpha(alpha: Any) -> None:
     """Raise ``ValueError`` unless ``0 < alpha <= 1`` (checked whenever ``alpha`` is concrete)."""
-    if _is_concrete(alpha):
-        a = np.asarray(alpha)
+    a = _concrete(alpha)
+    if a is not None:
         if a.ndim != 0 or not (0.0 < float(a) <= 1.0):
             raise ValueError(f"alpha must be a scalar in (0, 1], got {alpha!r}")
 
@@ -72,13 +76,14 @@ def _check_block_inputs(logits_or_hidden: jax.Array, name: str, labels: jax.Arra
     _chex("labels", chex.assert_shape, labels, lead)
     _chex("mask", chex.assert_shape, mask, lead)
     _chex("mask", chex.assert_type, mask, float)
-    if _is_concrete(mask) and np.any(np.asarray(mask)[..., 0] != 0):
+    values = _concrete(mask)
+    if values is not None and np.any(values[..., 0] != 0):
         raise ValueError("mask: slot 0 (the given anchor token) must be 0 in every block")
 
 
 def _check_label_range(labels: jax.Array, vocab: int) -> None:
-    if _is_concrete(labels):
-        lab = np.asarray(labels)
+    lab = _concrete(labels)
+    if lab is not None:
         if lab.size and (lab.min() < 0 or lab.max() >= vocab):
             raise ValueError(f"labels must lie in [0, {vocab}), got range [{lab.min()}, {lab.max()}]")
 
