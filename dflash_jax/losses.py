@@ -163,8 +163,9 @@ def token_terms(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token ``(loss_tok, ce, correct)`` over the last (vocab) axis, all computed in float32.
 
-    ``ce = logsumexp(x) - x[y]`` (evaluated on ``x - max(x)``, like torch's log_softmax) is the hard CE against ``labels``; ``loss_tok`` is ``ce`` (CE mode) or the soft CE
-    ``-sum_v softmax(teacher)_v * log_softmax(x)_v`` (KD mode, teacher detached), sharing the same log-sum-exp.
+    ``ce = logsumexp(x) - x[y]`` (evaluated on ``x - max(x)`` like torch's log_softmax: no cancellation) is the hard
+    CE against ``labels``; ``loss_tok`` is ``ce`` (CE mode) or the soft CE ``-sum_v softmax(teacher)_v *
+    log_softmax(x)_v`` (KD mode, teacher detached), sharing the same log-sum-exp.
     ``correct = argmax(x) == y`` (first maximum on ties). ``logits [..., V]``, ``labels [...]`` int.
     """
     x = logits.astype(jnp.float32)

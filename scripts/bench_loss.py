@@ -131,7 +131,8 @@ def main() -> None:
         import torch
         import modelopt
 
-        ref_versions = f", torch {torch.__version__} ({torch.get_num_threads()} threads), modelopt {modelopt.__version__}"
+        ref_versions = (f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                        f"modelopt {modelopt.__version__}")
     else:
         ref_versions = ", reference: not available"
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
