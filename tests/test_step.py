@@ -168,3 +168,12 @@ def test_bad_input_is_rejected():
     b["target_hidden"] = np.zeros((8, tf.S, 3 * tf.H), np.float32)
     with pytest.raises(ValueError, match="target_hidden"):
         off(state, b, KEY)
+
+
+def test_step_config_from_yaml_config():
+    from dflash_jax import config
+
+    c = config.Config()
+    sc = st.step_config_from(c, tf.DRAFT_CFG)
+    assert sc.chunk_blocks == sc.num_anchors == c.draft.num_anchors  # null = one chunk of all blocks
+    assert (sc.block_size, sc.target_layer_ids, sc.kd, sc.mode) == (tf.BS, tf.LAYER_IDS, c.loss.kd, c.train.mode)

@@ -61,7 +61,7 @@ class StepConfig:
 
     ``kd``: soft CE against the target's distribution (reference ``dflash_self_logit_distillation``) instead of
     hard CE. ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch).
-    ``chunk_blocks``: blocks per vocabulary-loss chunk.
+    ``chunk_blocks``: blocks per vocabulary-loss chunk (None: all ``num_anchors`` blocks in one chunk).
     """
 
     block_size: int
@@ -73,10 +73,12 @@ class StepConfig:
     gamma: float = 0.0
     kd: bool = False
     mode: str = "online"
-    chunk_blocks: int = 64
+    chunk_blocks: int | None = 64
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        if self.chunk_blocks is None:
+            object.__setattr__(self, "chunk_blocks", self.num_anchors)
         for name in ("block_size", "num_anchors", "chunk_blocks"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -121,11 +123,13 @@ def _where_tree(pred: jax.Array, new: Any, old: Any) -> Any:
 
 def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
                draft_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, cfg: StepConfig, compute_dtype: Any
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step (un-jitted; :class:`TrainStep` compiles it). Batch: ``input_ids [B,S]`` int32, ``loss_mask
     [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
     ``teacher_hidden [B,S,H]``; optionally injected ``anchors [B,num_anchors]`` int32 + ``keep`` bool instead of
-    sampling. ``key``: the run's base PRNG key (folded with ``state.step``)."""
+    sampling. ``key``: the run's base PRNG key (folded with ``state.step``). ``compute_dtype``: the draft
+    module's compute dtype (fp32 master params are cast to it for the forward; gradients come back in fp32)."""
     target = nnx.merge(target_graphdef, target_state)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     segment_ids, positions = batch["segment_ids"], batch["positions"]
@@ -148,15 +152,13 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     if cfg.kd:
         teacher = jax.lax.stop_gradient(_gather_positions(final, blocks.teacher_positions(anchors, bs, s)))
 
-    compute = nnx.merge(draft_graphdef, state.params).dtype  # static: the draft module's compute dtype
-
     def loss_fn(params):
-        draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute), params))
+        draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
         hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids)
         hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
         return losses.block_loss_from_hidden(
             hidden, lm_head, labels, mask, objective=cfg.objective, alpha=cfg.alpha, gamma=cfg.gamma,
-            teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute)
+            teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -268,7 +270,7 @@ class TrainStep:
         self.state_shardings = state_shardings
         rep = sharding.replicated(mesh)
         fn = functools.partial(train_step, draft_graphdef=draft_graphdef, target_graphdef=target_graphdef, tx=tx,
-                               schedule=schedule, cfg=cfg)
+                               schedule=schedule, cfg=cfg, compute_dtype=draft.dtype)
         self.jitted = jax.jit(fn, in_shardings=(state_shardings, self.target_shardings,
                                                 NamedSharding(mesh, P(sharding.BATCH_AXES)), rep),
                               out_shardings=(state_shardings, rep), donate_argnums=(0,))
@@ -282,6 +284,15 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
         return self.jitted(state, self.target_state, self.place_batch(batch), key)
+
+
+def step_config_from(config: Any, draft_cfg: Any) -> StepConfig:
+    """:class:`StepConfig` from the YAML ``Config`` (``draft``/``loss``/``train`` sections) and the resolved
+    ``DraftConfig`` (which fixes block size, mask id and target layer ids)."""
+    return StepConfig(block_size=draft_cfg.block_size, num_anchors=config.draft.num_anchors,
+                      mask_token_id=draft_cfg.mask_token_id, target_layer_ids=draft_cfg.target_layer_ids,
+                      objective=config.loss.objective, alpha=config.loss.alpha, gamma=config.loss.gamma,
+                      kd=config.loss.kd, mode=config.train.mode, chunk_blocks=config.loss.chunk_blocks)
 
 
 def _check_compatible(cfg: StepConfig, draft_cfg: Any, target_cfg: Any) -> None:
