@@ -245,6 +245,11 @@ class DraftLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def _apply_layer(layer, *args):
+    """``layer(*args)``: the unit :func:`nnx.remat` recomputes in the backward pass when ``remat`` is on."""
+    return layer(*args)
+
+
 class DFlashDraft(nnx.Module):
     """The DFlash drafter. Parameters: ``fc``, ``hidden_norm``, ``layers[i]``, ``norm`` (export names, §1.2).
 
@@ -252,9 +257,11 @@ class DFlashDraft(nnx.Module):
     Build inside :func:`dflash_jax.models.layers.unsharded_init` to get logically-annotated, unplaced parameters.
     """
 
-    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+                 remat: bool = False):
         self.cfg = cfg
         self.dtype = dtype
+        self.remat = bool(remat)  # recompute each layer in the backward pass (activation memory ~ one layer)
         self.fc = layers.dense(cfg.num_features * cfg.hidden_size, cfg.hidden_size, ("fused", "embed"), rngs=rngs,
                                std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
         self.hidden_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -276,9 +283,10 @@ class DFlashDraft(nnx.Module):
 
     def _decode(self, h, kv_of_layer, cos, sin, ctx_mask, blk_mask):
         h = h.astype(self.dtype)
+        apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for i, layer in enumerate(self.layers):
             k_ctx, v_ctx = kv_of_layer(i, layer)
-            h = layer(h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
+            h = apply(layer, h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
         return self.norm(h)
 
     def __call__(self, noise_emb: jax.Array, target_hidden: jax.Array, anchors: jax.Array, keep: jax.Array, *,
