@@ -2,17 +2,20 @@
 
     python scripts/bench_train_step.py                         # CPU shape (default), float32
     python scripts/bench_train_step.py --compare-reference     # + the reference (modelopt 0.47.0, torch) same shapes
-    python scripts/bench_train_step.py --shape gpu --dtype bfloat16 --mesh 1,1,1   # the performance issue's shapes
+    python scripts/bench_train_step.py --shape qwen3-8b --dtype bfloat16 --kd   # one performance-issue shape
 
 Prints steps/s, draft tokens/s (B*N*bs per second), MFU and peak memory; with ``--compare-reference`` it then times
 the reference's training forward/backward + clip + torch AdamW step (HFDFlashModel, same shapes, same target and
 draft weights, same injected anchors; fp32 on CPU) and prints ``ratio_vs_reference=<ref_time/our_time>`` last.
+The timed steps (:func:`time_ours`, :func:`time_reference`) are also the ones ``scripts/gpu_bench.py`` runs.
 
 FLOPs per step (multiply-add = 2; "model FLOPs": rematerialisation not counted; Q = N*bs, T = #taps):
     target  = 2*B*S*P_tgt + 4*B*S^2*NH_t*HD_t*L_t                      (online only; bench_target.prefill_flops)
-    draft   = 2*B*S*T*H*H + L_d*(2*B*S*H*2*KVH*HD + 2*B*Q*H*(2*NH*HD + 2*KVH*HD) + 2*B*Q*3*H*I + 4*B*Q*(S+bs)*NH*HD)
+    draft   = 2*B*S*T*H*H + L_d*(2*B*S*H*2*KVH*HD + 2*B*Q*H*(2*NH*HD + 2*KVH*HD) + 2*B*Q*3*H*I + 4*B*Q*K*NH*HD)
+              with K = S + bs keys per query (block-sparse; the reference's dense mask computes K = S + Q)
     lm_head = 2*B*Q*H*V
-    F = target + 3*draft + 2*lm_head (+ lm_head for the KD teacher)     (backward = 2x forward; lm_head is frozen)
+    F = target + 3*draft + 2*lm_head + teacher                          (backward = 2x forward; lm_head is frozen)
+    teacher = lm_head with KD (Q teacher rows), 0 without; the reference's HF forward computes 2*B*S*H*V always
 MFU = F / time / peak (nominal bf16 peak for H100/H200, else a measured matmul; see bench_target.py).
 """
 
@@ -46,22 +49,33 @@ SHAPES = {
     # CPU: a small Qwen3-like target (6 layers) and 2-layer draft; seconds per step on 2 cores.
     "cpu": dict(batch=2, seq=256, block=8, anchors=16, vocab=4096, hidden=256, heads=4, kv_heads=2, head_dim=64,
                 intermediate=768, target_layers=6, draft_layers=2),
-    # GPU (performance issue): Qwen3-8B-like target, 5-layer draft, recipe seq/anchors.
-    "gpu": dict(batch=1, seq=4096, block=16, anchors=512, vocab=151936, hidden=4096, heads=32, kv_heads=8,
-                head_dim=128, intermediate=12288, target_layers=36, draft_layers=5),
+    # CI-sized smoke shape of scripts/gpu_bench.py --dry-run (same code path as the GPU shapes, milliseconds).
+    "tiny": dict(batch=1, seq=128, block=8, anchors=8, vocab=1024, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                 intermediate=128, target_layers=4, draft_layers=2),
+    # Performance issue (GPU): Qwen3-8B-like / Qwen3-1.7B-like targets, 5-layer draft with the target's dims.
+    "qwen3-8b": dict(batch=1, seq=3072, block=16, anchors=512, vocab=151936, hidden=4096, heads=32, kv_heads=8,
+                     head_dim=128, intermediate=12288, target_layers=36, draft_layers=5),
+    "qwen3-1.7b": dict(batch=1, seq=3072, block=16, anchors=512, vocab=151936, hidden=2048, heads=16, kv_heads=8,
+                       head_dim=128, intermediate=6144, target_layers=28, draft_layers=5),
 }
+DECAY_GAMMA = 7.0  # the decay objective's gamma in overhead comparisons (paper/ModelOpt advice for bs 16)
 
 
-def train_flops(tc: TargetConfig, dc: DraftConfig, b: int, s: int, n: int, kd: bool) -> float:
-    """The module docstring's formula."""
+def train_flops(tc: TargetConfig, dc: DraftConfig, b: int, s: int, n: int, kd: bool, *, dense_attention: bool = False,
+                full_teacher: bool = False) -> float:
+    """The module docstring's formula. ``dense_attention``: draft attention over all ``S + N*bs`` keys (the
+    reference's dense mask) instead of ``S + bs``; ``full_teacher``: the target's logits at all ``S`` positions (the
+    reference's HF forward) instead of the ``N*bs`` teacher rows of KD."""
     bs, h, q = dc.block_size, dc.hidden_size, n * dc.block_size
     target = prefill_flops(tc, b, s) - 2 * b * tc.hidden_size * tc.vocab_size  # no logits in the step
     nh, kvh, hd, i = dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim, dc.intermediate_size
+    keys = s + (q if dense_attention else bs)
     per_layer = (2 * b * s * h * 2 * kvh * hd + 2 * b * q * h * (2 * nh * hd + 2 * kvh * hd) + 2 * b * q * 3 * h * i
-                 + 4 * b * q * (s + bs) * nh * hd)
+                 + 4 * b * q * keys * nh * hd)
     draft = 2 * b * s * dc.num_features * h * h + dc.num_layers * per_layer
     lm_head = 2 * b * q * h * dc.vocab_size
-    return target + 3 * draft + (3 if kd else 2) * lm_head
+    teacher = 2 * b * s * h * dc.vocab_size if full_teacher else (lm_head if kd else 0)
+    return target + 3 * draft + 2 * lm_head + teacher
 
 
 def make_configs(shape: dict) -> tuple[TargetConfig, DraftConfig]:
@@ -89,46 +103,69 @@ def make_batch(shape: dict, seed: int = 0) -> dict[str, np.ndarray]:
                 keep=np.ones((b, n), bool))
 
 
-def peak_memory() -> str:
+def peak_memory() -> tuple[str, float]:
+    """``("device", GiB)`` from the first JAX device's allocator stats, else ``("host_rss", GiB)``."""
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-        return f"peak_device_memory_gib={stats['peak_bytes_in_use'] / 2**30:.3f}"
-    return f"peak_host_rss_gib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f}"
+        return "device", stats["peak_bytes_in_use"] / 2**30
+    return "host_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_ours(args, shape, target_model, draft_params):
+def _timed(fn, steps: int, warmup: int, sync) -> list[float]:
+    """``warmup`` untimed calls, then ``steps`` wall times of ``fn()`` each ended by ``sync(result)``."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = "1,1,1", steps: int = 10,
+              warmup: int = 1, kd: bool = False, chunk_blocks: int | None = 64, objective: str = "dpace",
+              remat: bool = False, draft_params=None) -> dict:
+    """Compile and time the dflash_jax train step (``jax.block_until_ready`` on the whole output) at ``shape``.
+
+    ``dtype``: draft compute dtype (fp32 master params); ``draft_params``: an ``nnx.State`` to start from.
+    Returns ``compile_s`` (first call), ``step_s`` (median), ``times``, ``loss`` (first step) and ``flops``.
+    """
     tc, dc = make_configs(shape)
-    dtype = resolve_dtype(args.dtype)
-    mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+    mesh_shape = tuple(int(x) for x in mesh.split(","))
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
     with layers.unsharded_init():
-        draft = DFlashDraft(dc, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=dtype)
+        draft = DFlashDraft(dc, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=resolve_dtype(dtype), remat=remat)
     if draft_params is not None:
         nnx.update(draft, draft_params)
     tx, sched = optim.make_optimizer(lr=6e-4, steps=1000, schedule="constant", clip_norm=1.0)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
     cfg = st.StepConfig(block_size=dc.block_size, num_anchors=shape["anchors"], mask_token_id=0,
-                        target_layer_ids=dc.target_layer_ids, kd=args.kd, chunk_blocks=args.chunk_blocks)
+                        target_layer_ids=dc.target_layer_ids, kd=kd, chunk_blocks=chunk_blocks, objective=objective,
+                        gamma=DECAY_GAMMA if objective == "decay" else 0.0)
     step = st.TrainStep(draft=draft, state_shardings=shardings, target=target_model, tx=tx, schedule=sched, cfg=cfg,
                         mesh=mesh)
     batch = step.place_batch(make_batch(shape))
     key = jax.random.key(0)
+    box = {"state": state}
+
+    def one():
+        box["state"], m = step(box["state"], batch, key)
+        return box["state"], m
+
     t0 = time.perf_counter()
-    state, m = step(state, batch, key)
-    first_loss = float(m["loss"])
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = step(state, batch, key)
-        m["loss"].block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times), first_loss, train_flops(tc, dc, shape["batch"], shape["seq"],
-                                                                         shape["anchors"], args.kd)
+    _, m = jax.block_until_ready(one())
+    compile_s, loss = time.perf_counter() - t0, float(m["loss"])
+    times = _timed(one, steps, warmup, jax.block_until_ready)
+    return dict(compile_s=compile_s, step_s=statistics.median(times), times=times, loss=loss,
+                flops=train_flops(tc, dc, shape["batch"], shape["seq"], shape["anchors"], kd))
 
 
-def build_reference(shape, workdir):
-    """HFDFlashModel on a tiny-config Qwen3 target (fp32), plus our target loaded from its checkpoint and the
-    reference draft's weights in our layout, so both sides train the same weights."""
+def build_reference(shape: dict, *, dtype: str = "float32", device: str = "cpu", workdir: str | None = None):
+    """HFDFlashModel (modelopt 0.47.0) on a random Qwen3 target of ``shape`` built directly on ``device`` in
+    ``dtype`` (sdpa attention, draft dims explicit, train mode). With ``workdir`` (float32 only) the target is also
+    saved there and loaded as our target, and the reference draft's weights converted to our layout, so both sides
+    train the same weights. Returns ``(model, our_target_or_None, our_draft_params_or_None)``."""
     import torch
     import transformers
     import modelopt.torch.speculative as mtsp
@@ -142,8 +179,10 @@ def build_reference(shape, workdir):
         hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=tc.num_layers,
         num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
         head_dim=tc.head_dim, vocab_size=tc.vocab_size, max_position_embeddings=max(4096, shape["seq"]),
-        rope_theta=tc.rope_theta)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).float()
+        rope_theta=tc.rope_theta, tie_word_embeddings=False)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, dtype),
+                                                              attn_implementation="sdpa")
     arch = dict(num_hidden_layers=dc.num_layers, num_attention_heads=dc.num_attention_heads,
                 num_key_value_heads=dc.num_key_value_heads, head_dim=dc.head_dim,
                 intermediate_size=dc.intermediate_size, rope_theta=dc.rope_theta)
@@ -151,39 +190,70 @@ def build_reference(shape, workdir):
                                      "dflash_mask_token_id": 0, "dflash_architecture_config": arch,
                                      "dflash_num_anchors": shape["anchors"]})])
     model.train()
+    if workdir is None:
+        return model, None, None
+    if dtype != "float32":
+        raise ValueError(f"build_reference: shared weights (workdir) need dtype float32, got {dtype!r}")
     model.save_pretrained(workdir)
     ours_target = load_target(workdir, dtype="float32").model
-    tensors = {k: v.detach().float().numpy() for k, v in model.dflash_module.state_dict().items()
+    tensors = {k: v.detach().float().cpu().numpy() for k, v in model.dflash_module.state_dict().items()
                if "rotary_emb" not in k}
     return model, ours_target, from_torch_tensors(dc, tensors)
 
 
-def time_reference(model, shape, steps):
+def time_reference(model, shape: dict, *, steps: int = 10, warmup: int = 1, kd: bool = False,
+                   objectives: tuple[str, ...] = ("dpace",)) -> dict:
+    """Time the reference's training step: forward (frozen target + draft + loss) + ``backward`` +
+    ``clip_grad_norm_(1.0)`` + torch AdamW (fused), the injected anchors of :func:`make_batch`, device-synchronised.
+
+    Steps of the ``objectives`` interleave round-robin (load drift hits all alike). Returns per objective
+    ``{objective: {"step_s": median, "times": [...]}}`` plus ``loss`` (first step of the first objective).
+    """
     import torch
 
+    device = next(model.parameters()).device
     batch = make_batch(shape)
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-    anchors, keep = torch.as_tensor(batch["anchors"], dtype=torch.long), torch.as_tensor(batch["keep"])
-    model._sample_anchor_positions = lambda seq_len, loss_mask, device: (anchors, keep)
-    model.dflash_self_logit_distillation = False
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
+    anchors = torch.as_tensor(batch["anchors"], dtype=torch.long, device=device)
+    keep = torch.as_tensor(batch["keep"], device=device)
+    model._sample_anchor_positions = lambda seq_len, loss_mask, dev: (anchors, keep)
+    model.dflash_self_logit_distillation = kd
     params = [p for p in model.dflash_module.parameters()]
-    opt = torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def one():
+    def one(objective):
+        model.dflash_loss_objective = objective
+        model.dflash_loss_decay_factor = DECAY_GAMMA if objective == "decay" else 0.0
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return out.loss.detach()
 
-    first_loss = one()
-    times = []
+    loss = float(one(objectives[0]))
+    for _ in range(warmup):
+        for obj in objectives:
+            one(obj)
+    sync()
+    times: dict = {obj: [] for obj in objectives}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), first_loss
+        for obj in objectives:
+            t0 = time.perf_counter()
+            one(obj)
+            sync()
+            times[obj].append(time.perf_counter() - t0)
+    return dict(loss=loss, **{obj: dict(step_s=statistics.median(ts), times=ts) for obj, ts in times.items()})
+
+
+def nominal_or_measured_peak(dtype: str) -> tuple[float, str]:
+    """The device's nominal dense TFLOP/s for ``dtype`` if known, else a measured matmul's."""
+    dev = jax.devices()[0]
+    peak = next((v for (k, d), v in NOMINAL_PEAK_TFLOPS.items() if k in dev.device_kind and d == dtype), None)
+    if peak is not None:
+        return peak, "nominal"
+    return measured_matmul_tflops(resolve_dtype(dtype), 2048 if dev.platform == "cpu" else 8192), "measured matmul"
 
 
 def main(argv=None):
@@ -196,8 +266,8 @@ def main(argv=None):
     p.add_argument("--kd", action="store_true", help="KD objective (teacher logits from the target)")
     p.add_argument("--compare-reference", action="store_true")
     args = p.parse_args(argv)
-    if args.compare_reference and args.kd:
-        p.error("--compare-reference times the CE objective; drop --kd")
+    if args.compare_reference and args.dtype != "float32":
+        p.error("--compare-reference compares float32 on both sides (same weights); see scripts/gpu_bench.py")
     shape = SHAPES[args.shape]
     tc, dc = make_configs(shape)
     dev = jax.devices()[0]
@@ -209,29 +279,28 @@ def main(argv=None):
     ref_model, draft_params = None, None
     with tempfile.TemporaryDirectory() as workdir:
         if args.compare_reference:
-            ref_model, target_model, draft_params = build_reference(shape, workdir)
-            if args.dtype != "float32":
-                p.error("--compare-reference compares float32 on both sides")
+            ref_model, target_model, draft_params = build_reference(shape, workdir=workdir)
         else:
             target_model = make_target_model(tc, seed=0, dtype=args.dtype)
-        compile_s, step_s, loss, flops = time_ours(args, shape, target_model, draft_params)
+        ours = time_ours(shape, target_model, dtype=args.dtype, mesh=args.mesh, steps=args.steps, kd=args.kd,
+                         chunk_blocks=args.chunk_blocks, draft_params=draft_params)
+    step_s, flops = ours["step_s"], ours["flops"]
     tokens = shape["batch"] * shape["anchors"] * shape["block"]
-    kind = getattr(dev, "device_kind", "")
-    peak = next((v for (k, d), v in NOMINAL_PEAK_TFLOPS.items() if k in kind and d == args.dtype), None)
-    peak_src = "nominal"
-    if peak is None:
-        peak, peak_src = measured_matmul_tflops(resolve_dtype(args.dtype), 2048 if dev.platform == "cpu" else 8192), \
-            "measured matmul"
-    print(f"ours: compile+first_s={compile_s:.2f} step_s={step_s:.4f} steps_per_s={1 / step_s:.3f} "
-          f"draft_tokens_per_s={tokens / step_s:.1f} loss={loss:.6f}")
+    peak, peak_src = nominal_or_measured_peak(args.dtype)
+    mem_kind, mem_gib = peak_memory()
+    print(f"ours: compile+first_s={ours['compile_s']:.2f} step_s={step_s:.4f} steps_per_s={1 / step_s:.3f} "
+          f"draft_tokens_per_s={tokens / step_s:.1f} loss={ours['loss']:.6f}")
     print(f"flops_per_step={flops / 1e12:.4f}T achieved_tflops={flops / step_s / 1e12:.3f} "
-          f"mfu={100 * flops / step_s / 1e12 / peak:.1f}% of {peak:.2f} TFLOP/s ({peak_src}) {peak_memory()}")
+          f"mfu={100 * flops / step_s / 1e12 / peak:.1f}% of {peak:.2f} TFLOP/s ({peak_src}) "
+          f"peak_{mem_kind}_gib={mem_gib:.3f}")
     if ref_model is not None:
-        ref_s, ref_loss = time_reference(ref_model, shape, args.steps)
+        import torch
+
+        ref = time_reference(ref_model, shape, steps=args.steps, kd=args.kd)
+        ref_s = ref["dpace"]["step_s"]
         print(f"reference: step_s={ref_s:.4f} steps_per_s={1 / ref_s:.3f} draft_tokens_per_s={tokens / ref_s:.1f} "
-              f"loss={ref_loss:.6f} (torch {__import__('torch').__version__}, threads "
-              f"{__import__('torch').get_num_threads()})")
-        print(f"loss_abs_diff={abs(ref_loss - loss):.2e}")
+              f"loss={ref['loss']:.6f} (torch {torch.__version__}, threads {torch.get_num_threads()})")
+        print(f"loss_abs_diff={abs(ref['loss'] - ours['loss']):.2e}")
         print(f"ratio_vs_reference={ref_s / step_s:.3f}")
 
 
