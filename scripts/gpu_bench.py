@@ -159,7 +159,8 @@ def run(system: str, config: str, out: str | None, *, steps: int = 10, warmup: i
     rec.update(steps=steps, warmup=warmup, shape=bts.SHAPES[config], dtype=DTYPE, kd=KD,
                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     print(f"{system} {config}: step_ms={1e3 * rec['step_s']:.2f} loss={rec['loss']:.4f} "
-          f"peak_{rec['peak_mem_kind']}_gib={rec['peak_mem_gib']:.3f} dpace_overhead_pct={rec['dpace_overhead_pct']:.2f}",
+          f"peak_{rec['peak_mem_kind']}_gib={rec['peak_mem_gib']:.3f} "
+          f"dpace_overhead_pct={rec['dpace_overhead_pct']:.2f}",
           flush=True)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
