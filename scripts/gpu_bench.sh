@@ -21,8 +21,8 @@ if [ "${1:-}" = "--dry-run" ]; then
   export JAX_PLATFORMS=cpu
 fi
 OUT=${GPU_BENCH_OUT:-runs/gpu_bench}
-T_JAX=${GPU_BENCH_TIMEOUT_JAX:-170}   # seconds per jax process (compile + 13 steps + loss programs)
-T_REF=${GPU_BENCH_TIMEOUT_REF:-110}   # seconds per reference process
+T_JAX=${GPU_BENCH_TIMEOUT_JAX:-150}   # seconds per jax process (compile + 13 steps + loss programs)
+T_REF=${GPU_BENCH_TIMEOUT_REF:-100}   # seconds per reference process
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
