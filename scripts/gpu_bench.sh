@@ -23,7 +23,7 @@ fi
 OUT=${GPU_BENCH_OUT:-runs/gpu_bench}
 T_JAX=${GPU_BENCH_TIMEOUT_JAX:-150}   # seconds per jax process (compile + 13 steps + loss programs)
 T_REF=${GPU_BENCH_TIMEOUT_REF:-100}   # seconds per reference process
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/*.json
 
 # Our package from the work tree (no install needed); the reference's wheels into a private folder (--no-deps).
@@ -33,10 +33,12 @@ if ! "$PY" -c "import modelopt.torch.speculative" >/dev/null 2>&1; then
     echo "error: nvidia-modelopt is not importable and wheels/ is empty: run scripts/prepare_gpu_wheels.sh" >&2
     exit 1
   fi
-  "$PY" -m pip install -q --no-deps --no-index --target "$OUT/site" wheels/*.whl || exit 1
-  export PYTHONPATH="$PYTHONPATH:$ROOT/$OUT/site"
+  "$PY" -m pip install -q --upgrade --no-deps --no-index --target "$OUT/site" wheels/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:$OUT/site"
 fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # jax takes memory on demand; torch runs after it exits anyway
+export JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"   # a --remat retry or a rerun on a warm machine reuses it
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 export TOKENIZERS_PARALLELISM=false
 
 echo "# gpu_bench $(date -u '+%Y-%m-%d %H:%M UTC') host=$(hostname) configs=[$CONFIGS]"
