@@ -9,7 +9,9 @@ from dflash_jax.data.chat import load_chat_template as load_chat_template
 from dflash_jax.data.pipeline import DataIterator as DataIterator
 from dflash_jax.data.pipeline import TokenizedDataset as TokenizedDataset
 from dflash_jax.data.pipeline import build_dataset as build_dataset
+from dflash_jax.data.pipeline import build_iterator as build_iterator
 from dflash_jax.data.pipeline import make_batch as make_batch
+from dflash_jax.data.pipeline import prompt_of as prompt_of
 from dflash_jax.data.readers import Conversation as Conversation
 from dflash_jax.data.readers import Skip as Skip
 from dflash_jax.data.readers import read_conversations as read_conversations

@@ -50,12 +50,19 @@ class TokenizedDataset:
         """The first ``n`` held-out conversations cut before their first assistant turn (never trained on)."""
         if not 0 <= n <= len(self.heldout):
             raise ValueError(f"heldout_prompts(n={n}): only {len(self.heldout)} held-out conversations (data.heldout)")
-        return [conv[: next(i for i, (r, _) in enumerate(conv) if r == "assistant")] for conv in self.heldout[:n]]
+        return [prompt_of(conv) for conv in self.heldout[:n]]
+
+
+def prompt_of(conv: Conversation) -> Conversation | None:
+    """``conv`` cut before its first assistant turn, or None if no user turn precedes that turn (or none exists)."""
+    first = next((i for i, (r, _) in enumerate(conv) if r == "assistant"), None)
+    if first is None or not any(r == "user" for r, _ in conv[:first]):
+        return None
+    return conv[:first]
 
 
 def _has_prompt(conv: Conversation) -> bool:
-    first = next(i for i, (r, _) in enumerate(conv) if r == "assistant")
-    return any(r == "user" for r, _ in conv[:first])
+    return prompt_of(conv) is not None
 
 
 def build_dataset(

