@@ -1,0 +1,148 @@
+"""``dflash-jax`` CLI: --help for every option, train/export/import/eval/dump-features/offline train on the tiny
+config, bad input (exit 2 naming the key), Ctrl-C in a real subprocess, and the README's Python example."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dflash_jax import cli
+from dflash_jax import export as export_lib
+from dflash_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "tiny", "--set", "mesh.shape=[2,2,2]", "--set", "data.max_conversations=32"]
+
+
+def _last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_help_explains_every_option(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"train", "eval", "export", "import", "dump-features", "bench"}
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help and len(action.help) > 10, f"{name} {action.option_strings or action.dest}"
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: dflash-jax " + name in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_naming_the_key(tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--run-dir", str(tmp_path / "a"), "--set", "train.bogus=1"]) == 2
+    assert "train.bogus" in capsys.readouterr().err
+    assert cli.main(["train", *TINY, "--run-dir", str(tmp_path / "b"), "--set", "loss.alpha=1.5"]) == 2
+    assert "loss.alpha" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "tiny", "--run-dir", str(tmp_path / "c")]) == 2  # 1x1x1 mesh, 8 devices
+    assert "mesh.shape" in capsys.readouterr().err
+    assert cli.main(["train", "--run-dir", str(tmp_path / "d")]) == 2
+    assert "--config is required" in capsys.readouterr().err
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "x").write_text("")
+    assert cli.main(["train", *TINY, "--run-dir", str(tmp_path / "e")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["eval", "--draft", str(tmp_path / "e")]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
+    blind = tmp_path / "blind.jinja"  # drops message contents: assistant spans cannot be found
+    blind.write_text("{% for m in messages %}<{{ m['role'] }}>{% endfor %}")
+    assert cli.main(["train", *TINY, "--run-dir", str(tmp_path / "f"), "--set", f"data.chat_template={blind}"]) == 2
+    assert "set data.chat_template" in capsys.readouterr().err
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("cli") / "run")
+    assert cli.main(["train", *TINY, "--run-dir", run, "--set", "train.steps=4", "--set", "train.log_every=2",
+                     "--no-progress"]) == 0
+    return run
+
+
+def test_train_export_import_eval(tiny_run, tmp_path, capsys):
+    records = loop.read_metrics(tiny_run)
+    assert [r["step"] for r in records] == [2, 4]
+    out = str(tmp_path / "exp")
+    assert cli.main(["export", "--run-dir", tiny_run, "--out", out, "--dtype", "float32"]) == 0
+    summary = _last_json(capsys)
+    assert summary["step"] == 4 and summary["config"]["architectures"] == ["DFlashDraftModel"]
+    ckpt_params = loop.restore_params(tiny_run)[2]
+    _, exp_params = export_lib.import_draft(out)
+    for a, b in zip(jax.tree.leaves(ckpt_params), jax.tree.leaves(exp_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # float32 export is exact
+
+    copy = str(tmp_path / "copy")
+    assert cli.main(["import", out, "--out", copy]) == 0
+    summary = _last_json(capsys)
+    assert summary["num_params"] > 0 and os.path.isfile(os.path.join(copy, "model.safetensors"))
+
+    assert cli.main(["eval", "--draft", tiny_run, "--max-new-tokens", "5", "--num-prompts", "2",
+                     "--check-lossless"]) == 0
+    result = _last_json(capsys)
+    assert result["num_prompts"] == 2 and 1.0 <= result["tau"] <= 4 and result["speedup"] > 0
+    assert result["lossless"] is True and os.path.isfile(os.path.join(tiny_run, "eval", "eval.json"))
+
+
+def test_dump_features_then_offline_train(tmp_path, capsys):
+    feats = str(tmp_path / "feats")
+    common = [*TINY, "--set", "train.steps=3"]
+    assert cli.main(["dump-features", *common, "--out", feats, "--dtype", "float32", "--shard-size", "5"]) == 0
+    index = _last_json(capsys)
+    assert index["num_rows"] == 12 and index["complete"] and index["with_teacher_hidden"]
+    run = str(tmp_path / "offline")
+    assert cli.main(["train", *common, "--run-dir", run, "--set", "train.mode=offline", "--set",
+                     f"train.features_dir={feats}", "--set", "train.log_every=1", "--no-progress"]) == 0
+    records = loop.read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_ctrl_c_in_a_subprocess_saves_a_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dflash_jax.cli", "train", "--config", "tiny", "--run-dir", run,
+         "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "data.max_conversations=32",
+         "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run, loop.METRICS_FILE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] is True and summary["step"] >= 2
+    steps = [int(s) for s in os.listdir(os.path.join(run, loop.CHECKPOINT_DIR)) if s.isdigit()]
+    assert max(steps) == summary["step"]
+
+
+def test_bench_lists_the_scripts(capsys):
+    assert cli.main(["bench"]) == 0
+    names = capsys.readouterr().out
+    for name in ("draft", "loss", "target", "train_step"):
+        assert name in names
+
+
+def test_readme_python_example_runs():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Public Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert np.isfinite(float(namespace["loss"]))
