@@ -11,6 +11,7 @@ YAML note: PyYAML reads ``6e-4`` (no dot) as a string; float keys accept such nu
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -287,7 +288,8 @@ def validate(config: Config) -> Config:
     _check(tr.mode != "offline" or bool(tr.features_dir),
            "train.features_dir must be set when train.mode is offline")
 
-    _check(all(s >= 1 for s in m.shape), f"mesh.shape entries must be >= 1, got {list(m.shape)}")
+    _check(all(s >= 1 or s == -1 for s in m.shape) and list(m.shape).count(-1) <= 1,
+           f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(m.shape)}")
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
     _check(ev.prompt_len >= 1, f"eval.prompt_len must be >= 1, got {ev.prompt_len}")
@@ -302,6 +304,24 @@ def validate(config: Config) -> Config:
     return config
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """``mesh.shape`` with its (at most one) ``-1`` entry replaced by the remaining devices; the product must equal
+    ``num_devices``. Raises ``ValueError`` naming ``mesh.shape``."""
+    shape = tuple(int(s) for s in shape)
+    _check(len(shape) == 3, f"mesh.shape must have 3 entries [data, fsdp, tensor], got {list(shape)}")
+    _check(all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
+           f"mesh.shape entries must be >= 1, with at most one -1, got {list(shape)}")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        _check(num_devices % known == 0,
+               f"mesh.shape {list(shape)}: {num_devices} devices are not divisible by {known}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    _check(math.prod(shape) == num_devices,
+           f"mesh.shape {list(shape)} has {math.prod(shape)} devices, but this machine has {num_devices} "
+           f"(jax.device_count())")
+    return shape
+
+
 def validate_runtime(
     config: Config,
     num_devices: int | None,
@@ -310,11 +330,9 @@ def validate_runtime(
 ) -> Config:
     """Checks against the machine and the loaded target: mesh size == ``num_devices`` (``jax.device_count()``),
     the batch divides over ``data*fsdp``, ``mask_token_id < vocab_size``, layer ids ``< num_target_layers``."""
-    d, shape = config.draft, config.mesh.shape
+    d = config.draft
     if num_devices is not None:
-        size = shape[0] * shape[1] * shape[2]
-        _check(size == num_devices,
-               f"mesh.shape {list(shape)} has {size} devices, but this machine has {num_devices} (jax.device_count())")
+        shape = resolve_mesh_shape(config.mesh.shape, num_devices)
         _check(config.data.batch_size % (shape[0] * shape[1]) == 0,
                f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
                f"({shape[0] * shape[1]})")

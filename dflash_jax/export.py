@@ -199,6 +199,9 @@ def export_draft(config: DraftConfig, params: nnx.State, out_dir: str | os.PathL
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(config, dtype), indent=2) + "\n")
+        for f in (WEIGHTS_FILE, CONFIG_FILE):  # mkdtemp makes a private 0700 dir; an export is for sharing
+            os.chmod(tmp / f, 0o644)
+        os.chmod(tmp, 0o755)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / out.name)

@@ -9,6 +9,7 @@ from dflash_jax.config import (
     from_dict,
     load_config,
     parse_override,
+    resolve_mesh_shape,
     save_resolved,
     to_dict,
     validate_runtime,
@@ -98,6 +99,13 @@ def test_runtime_validation():
     with pytest.raises(ValueError, match="draft.mask_token_id"):
         validate_runtime(c, num_devices=8, vocab_size=49152)
     validate_runtime(c, num_devices=8, vocab_size=49153)
+    c_fill = from_dict({"mesh": {"shape": [1, -1, 1]}, "data": {"batch_size": 8}})
+    assert resolve_mesh_shape(c_fill.mesh.shape, 8) == (1, 8, 1)
+    validate_runtime(c_fill, num_devices=8)
+    with pytest.raises(ValueError, match=r"mesh.shape \[1, -1, 3\]: 8 devices are not divisible by 3"):
+        resolve_mesh_shape((1, -1, 3), 8)
+    with pytest.raises(ValueError, match="at most one -1"):
+        from_dict({"mesh": {"shape": [-1, -1, 1]}})
     c2 = from_dict({"mesh": {"shape": [4, 1, 2]}, "data": {"batch_size": 6}})
     with pytest.raises(ValueError, match=r"data.batch_size \(6\) must be a multiple of mesh data\*fsdp \(4\)"):
         validate_runtime(c2, num_devices=8)

@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dflash_jax.config import resolve_mesh_shape
+
 log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
@@ -79,21 +81,10 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """An Auto-axis mesh ``("data", "fsdp", "tensor")`` of ``shape``; one entry may be -1 (fill the rest).
 
-    ``devices`` defaults to all devices (of all processes); the product of ``shape`` must equal their count.
+    ``devices`` defaults to all devices (of all processes); see :func:`dflash_jax.config.resolve_mesh_shape`.
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     devices = list(jax.devices() if devices is None else devices)
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
-        shape = tuple(len(devices) // known if s == -1 else s for s in shape)
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, but {len(devices)} are given")
+    shape = resolve_mesh_shape(shape, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
