@@ -64,17 +64,9 @@ class DraftConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "intermediate_size", "vocab_size", "num_target_layers", "block_size",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DraftConfig.{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"DraftConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"DraftConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        layers.check_model_dims(self, ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+                                       "head_dim", "intermediate_size", "vocab_size", "num_target_layers",
+                                       "block_size", "max_position_embeddings"))
         if not self.target_layer_ids:
             raise ValueError("DraftConfig.target_layer_ids must not be empty")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]

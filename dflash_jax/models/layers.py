@@ -34,6 +34,22 @@ def unsharded_init():
         yield
 
 
+def check_model_dims(cfg: Any, int_fields: tuple[str, ...]) -> None:
+    """Shared architecture checks of a model config dataclass: every ``int_fields`` entry is a positive int,
+    ``num_attention_heads % num_key_value_heads == 0`` and ``head_dim`` is even (RoPE). ``ValueError`` names
+    the field as ``<ConfigClass>.<field>``."""
+    name = type(cfg).__name__
+    for f in int_fields:
+        v = getattr(cfg, f)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}.{f} must be a positive integer, got {v!r}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(f"{name}.num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+                         f"num_key_value_heads ({cfg.num_key_value_heads})")
+    if cfg.head_dim % 2:
+        raise ValueError(f"{name}.head_dim must be even for RoPE, got {cfg.head_dim}")
+
+
 def dense(
     in_features: int,
     out_features: int,

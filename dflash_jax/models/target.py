@@ -81,16 +81,9 @@ class TargetConfig:
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"TargetConfig.arch={self.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"TargetConfig.{f} must be a positive int, got {v!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"TargetConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"TargetConfig.head_dim={self.head_dim} must be even (RoPE)")
+        layers.check_model_dims(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                       "num_attention_heads", "num_key_value_heads", "head_dim",
+                                       "max_position_embeddings"))
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError(f"TargetConfig.rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) "
                              "must be positive")
