@@ -22,7 +22,6 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from dflash_jax import blocks
