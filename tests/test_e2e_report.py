@@ -1,0 +1,68 @@
+"""scripts/e2e_report.py on a synthetic run directory: gain arithmetic, table, figures, loud failures."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "e2e_report", os.path.join(os.path.dirname(__file__), "..", "scripts", "e2e_report.py"))
+report = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(report)
+
+
+def _eval(taus, speedup):
+    per = [{"tau": t} for t in taus]
+    return {"tau": sum(taus) / len(taus), "speedup": speedup, "num_prompts": len(taus), "max_new_tokens": 8,
+            "tokens_per_s_plain": 30.0, "per_position_acceptance": [0.5, 0.2, 0.1], "per_prompt": per}
+
+
+def _metrics(sim_tau):
+    return [{"step": s, "loss": 5.0 / s, "accuracy": 0.1, "simulated_tau": sim_tau, "epoch": s // 4,
+             "position_accuracy": [0.0, 0.3, 0.2, 0.1], "position_weight_mean": [0.0, 1.0, 0.5 + s / 100, 0.25]}
+            for s in range(2, 12, 2)]
+
+
+def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1)):
+    os.makedirs(root / "features")
+    (root / "features" / "index.json").write_text(json.dumps({"num_rows": 12}))
+    (root / "timings.jsonl").write_text("\n".join(json.dumps({"phase": p, "wall_s": 60.0}) for p in (
+        "dump", "train_dpace", "train_decay", "eval_dpace_T0")) + "\n")
+    for obj, taus, sim in (("dpace", dpace_taus, 1.2), ("decay", decay_taus, 1.1)):
+        (root / obj).mkdir()
+        (root / obj / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in _metrics(sim)) + "\n")
+        for t in (0, 1):
+            (root / obj / f"eval_T{t}").mkdir()
+            (root / obj / f"eval_T{t}" / "eval.json").write_text(json.dumps(_eval(list(taus), 0.5)))
+    return root
+
+
+def test_paired_gain():
+    gain, diff, se = report.paired_gain(_eval([1.4, 1.2, 1.3], 1.0), _eval([1.2, 1.2, 1.1], 1.0))
+    assert gain == pytest.approx(1.3 / (3.5 / 3) - 1)
+    assert diff == pytest.approx(0.4 / 3)
+    assert se == pytest.approx(0.11547005 / 3 ** 0.5)
+    with pytest.raises(ValueError, match="same prompts"):
+        report.paired_gain(_eval([1.4, 1.2], 1.0), _eval([1.2, 1.2, 1.1], 1.0))
+
+
+def test_report_writes_table_and_figures(tmp_path):
+    run = _run_dir(tmp_path / "run")
+    out = tmp_path / "docs" / "results.md"
+    report.main(["--run", str(run), "--out", str(out), "--budget", "cpu"])
+    text = out.read_text()
+    assert "**greedy: +11.4 %**" in text
+    assert "simulated τ on the last training batches: +9.1 %" in text
+    assert "| D-PACE (α 0.5) | 10 | 1.0 min |" in text
+    assert "first 12 packed rows" in text
+    for name in ("loss_tau", "position_acceptance", "dpace_weights"):
+        png = tmp_path / "docs" / "results" / f"{name}.png"
+        assert f"(results/{name}.png)" in text
+        assert 0 < png.stat().st_size < 300_000
+
+
+def test_report_missing_run_is_an_error(tmp_path):
+    run = _run_dir(tmp_path / "run")
+    os.remove(run / "decay" / "metrics.jsonl")
+    with pytest.raises(ValueError, match="decay"):
+        report.main(["--run", str(run), "--out", str(tmp_path / "r.md")])
