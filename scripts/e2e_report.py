@@ -147,7 +147,33 @@ def pct(x: float) -> str:
     return f"{100 * x:+.1f} %"
 
 
-def render(data: dict, run: str, budget: str, command: str, fig_rel: str) -> str:
+def gains_row(name: str, data: dict) -> str:
+    """One markdown row: real τ of both drafters and the relative gains (greedy, T=1, simulated)."""
+    d, c = data["dpace"], data["decay"]
+    sim = tail_mean(d["metrics"], "simulated_tau") / tail_mean(c["metrics"], "simulated_tau") - 1.0
+    cells = [f"{d['eval'][t]['tau']:.3f} / {c['eval'][t]['tau']:.3f} | "
+             f"{pct(paired_gain(d['eval'][t], c['eval'][t])[0])}" for t in TEMPERATURES]
+    return f"| {name} | {' | '.join(cells)} | {pct(sim)} |"
+
+
+def render_replicates(data: dict, replicates: dict) -> str:
+    """Markdown section comparing the main run with replicate runs (other seeds); empty without replicates."""
+    if not replicates:
+        return ""
+    rows = [gains_row("main (seed 0)", data)] + [gains_row(f"`{name}`", rep) for name, rep in replicates.items()]
+    return f"""
+## Replicates (seed noise)
+
+Same budget, another `train.seed` / `data.shuffle_seed` (so another initialisation, dumped subset and data order),
+same held-out prompts:
+
+| run | real τ greedy D-PACE / decay | gain greedy | real τ T=1 D-PACE / decay | gain T=1 | gain simulated τ |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def render(data: dict, run: str, budget: str, command: str, fig_rel: str, replicates: dict | None = None) -> str:
     """The markdown of docs/results.md."""
     tm, cfg = data["timings"], data["dpace"]["metrics"][-1]
     rows = []
@@ -193,7 +219,7 @@ This is a {cfg['step']}-step, 1-layer drafter trained for minutes on a 2-core CP
 it holds at the paper's scale. Per-prompt spread of τ (standard deviation over prompts): D-PACE
 {spread['dpace'][0]:.3f} greedy / {spread['dpace'][1]:.3f} T=1, decay {spread['decay'][0]:.3f} greedy /
 {spread['decay'][1]:.3f} T=1.
-
+{render_replicates(data, replicates or {})}
 ## Table
 
 | objective | steps | train wall | final loss | final acc | simulated τ | real τ greedy | real τ T=1 | speedup greedy | speedup T=1 |
@@ -263,14 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="cpu", help="budget name shown in the report")
     ap.add_argument("--command", default="bash scripts/run_e2e.sh", help="the command shown in the report")
     ap.add_argument("--out", default="docs/results.md", help="markdown file to write")
+    ap.add_argument("--replicate", action="append", default=[],
+                    help="another run directory of the same budget (other seed); repeatable")
     args = ap.parse_args(argv)
     data = load_run(args.run)
+    replicates = {rep: load_run(rep) for rep in args.replicate}
     fig_dir = os.path.join(os.path.dirname(args.out) or ".", "results")
     os.makedirs(fig_dir, exist_ok=True)
     plot_curves(data, os.path.join(fig_dir, "loss_tau.png"))
     plot_acceptance(data, os.path.join(fig_dir, "position_acceptance.png"))
     plot_weights(data, os.path.join(fig_dir, "dpace_weights.png"))
-    text = render(data, args.run, args.budget, args.command, os.path.relpath(fig_dir, os.path.dirname(args.out) or "."))
+    fig_rel = os.path.relpath(fig_dir, os.path.dirname(args.out) or ".")
+    text = render(data, args.run, args.budget, args.command, fig_rel, replicates)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out} and {fig_dir}/*.png", file=sys.stderr)

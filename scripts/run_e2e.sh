@@ -5,7 +5,10 @@
 #
 #   bash scripts/run_e2e.sh                 # CPU budget: about 35 minutes on a 2-core CPU
 #   bash scripts/run_e2e.sh --budget gpu    # larger budget (needs a jax with a GPU/TPU backend in .venv)
-#   bash scripts/run_e2e.sh --out DIR       # run directory (default runs/e2e-<budget>)
+#   bash scripts/run_e2e.sh --out DIR       # run directory (default runs/e2e-<budget>, runs/e2e-<budget>-seed<N>)
+#   bash scripts/run_e2e.sh --seed 1 --report-with runs/e2e-cpu
+#                                           # a replicate (other init, data subset and order): the report is
+#                                           # rewritten from runs/e2e-cpu with this run as a replicate
 #
 # Every choice below is documented in docs/results.md. The shipped config configs/smollm2-135m.yaml is used
 # unchanged except for the --set overrides listed here (the same for both objectives except loss.objective).
@@ -13,12 +16,17 @@ set -euo pipefail
 
 BUDGET=cpu
 OUT=""
+SEED=0
+MAIN=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --budget) BUDGET="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
-    *) echo "run_e2e.sh: unknown argument '$1' (expected --budget cpu|gpu, --out DIR)" >&2; exit 2 ;;
+    --seed) SEED="$2"; shift 2 ;;
+    --report-with) MAIN="$2"; shift 2 ;;
+    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    *) echo "run_e2e.sh: unknown argument '$1' (expected --budget cpu|gpu, --out DIR, --seed N, --report-with DIR)" >&2
+       exit 2 ;;
   esac
 done
 
@@ -33,15 +41,15 @@ esac
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 BIN="${DFLASH_JAX_BIN:-.venv/bin}"
-OUT="${OUT:-runs/e2e-$BUDGET}"
+if [[ "$SEED" == 0 ]]; then OUT="${OUT:-runs/e2e-$BUDGET}"; else OUT="${OUT:-runs/e2e-$BUDGET-seed$SEED}"; fi
 mkdir -p "$OUT"
 FEATS="$OUT/features"
 TIMES="$OUT/timings.jsonl"
 : > "$TIMES"
 
 COMMON=(--config smollm2-135m
-        --set draft.block_size=8 --set data.batch_size=4 --set data.seq_len=256 --set data.shuffle_seed=0
-        --set train.seed=0 --set "train.steps=$STEPS" --set "train.warmup_steps=$WARMUP"
+        --set draft.block_size=8 --set data.batch_size=4 --set data.seq_len=256 --set "data.shuffle_seed=$SEED"
+        --set "train.seed=$SEED" --set "train.steps=$STEPS" --set "train.warmup_steps=$WARMUP"
         --set "train.log_every=$LOG_EVERY" --set "train.checkpoint_every=$CKPT_EVERY" --set train.eval_every=0)
 
 timed() {  # timed NAME CMD...: run CMD, append {"phase": NAME, "wall_s": ...} to $TIMES
@@ -69,4 +77,9 @@ for OBJ in dpace decay; do
   done
 done
 
-"$BIN/python" scripts/e2e_report.py --run "$OUT" --budget "$BUDGET" --command "bash scripts/run_e2e.sh --budget $BUDGET"
+if [[ -n "$MAIN" ]]; then
+  "$BIN/python" scripts/e2e_report.py --run "$MAIN" --replicate "$OUT" --budget "$BUDGET" \
+    --command "bash scripts/run_e2e.sh --budget $BUDGET && bash scripts/run_e2e.sh --budget $BUDGET --seed $SEED --report-with $MAIN"
+else
+  "$BIN/python" scripts/e2e_report.py --run "$OUT" --budget "$BUDGET" --command "bash scripts/run_e2e.sh --budget $BUDGET"
+fi

@@ -66,3 +66,13 @@ def test_report_missing_run_is_an_error(tmp_path):
     os.remove(run / "decay" / "metrics.jsonl")
     with pytest.raises(ValueError, match="decay"):
         report.main(["--run", str(run), "--out", str(tmp_path / "r.md")])
+
+
+def test_report_replicates(tmp_path):
+    run = _run_dir(tmp_path / "run")
+    rep = _run_dir(tmp_path / "rep", dpace_taus=(1.1, 1.1, 1.1), decay_taus=(1.1, 1.3, 1.2))
+    out = tmp_path / "results.md"
+    report.main(["--run", str(run), "--replicate", str(rep), "--out", str(out)])
+    text = out.read_text()
+    assert "## Replicates" in text
+    assert f"| `{rep}` | 1.100 / 1.200 | -8.3 % |" in text
