@@ -68,6 +68,16 @@ def paired_gain(a: dict, b: dict) -> tuple[float, float, float]:
     return a["tau"] / b["tau"] - 1.0, float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
 
 
+def _save(fig, axes, path: str, **legend_kw) -> None:
+    """Grid and legend on every axis, then write ``path`` (80 dpi PNG) and free the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(**legend_kw)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def plot_curves(data: dict, path: str) -> None:
     """Loss, simulated τ and accuracy vs step for both runs on one figure."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -80,12 +90,7 @@ def plot_curves(data: dict, path: str) -> None:
     axes[0].set(title="training loss (each objective's own weighting)", xlabel="step", yscale="log")
     axes[1].set(title="simulated τ (training batches)", xlabel="step")
     axes[2].set(title="draft-token accuracy", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def plot_acceptance(data: dict, path: str) -> None:
@@ -100,12 +105,7 @@ def plot_acceptance(data: dict, path: str) -> None:
     axes[0].set(title="real acceptance, greedy (P(k accepted | reached))", xlabel="draft position k")
     axes[1].set(title="real acceptance, T = 1", xlabel="draft position k")
     axes[2].set(title=f"training accuracy per slot (last {TAIL} logs)", xlabel="draft position k")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def plot_weights(data: dict, path: str) -> None:
@@ -120,11 +120,7 @@ def plot_weights(data: dict, path: str) -> None:
         ax.axhline(static[k], color=line.get_color(), ls="--", lw=0.8)
     ax.set(title="D-PACE mean weight per slot (dashed: static decay γ 4)", xlabel="step", ylabel="weight",
            yscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, [ax], path, ncol=2, fontsize=8)
 
 
 def versions() -> str:

@@ -84,6 +84,15 @@ def _kept_rows(keep):
     return np.repeat(keep, BS, axis=1)
 
 
+def _assert_kept_logits_match(model, ref, ids):
+    """Our draft's logits on the reference's own features equal its captured draft logits on kept blocks."""
+    logits = np.asarray(_draft_logits(model, _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
+                                      jnp.asarray(ref["target_hidden"]), jnp.asarray(ANCHORS, jnp.int32),
+                                      jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
+    kept = _kept_rows(KEEP)
+    np.testing.assert_allclose(logits[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [None, SWA], ids=["full", "swa"])
 @pytest.mark.parametrize("objective,kd", [("dpace", True), ("dpace", False), ("decay", True), ("decay", False)],
                          ids=["dpace-kd", "dpace-ce", "decay-kd", "decay-ce"])
@@ -123,11 +132,7 @@ def test_causal_in_block_logits(ref_model, data):
         ref_model.dflash_draft_attention = "bidirectional"
     cfg = _config(ref["target_layer_ids"], causal=True)
     model = draft_from_params(cfg, from_torch_tensors(cfg, oracle.ref_draft_state(ref_model)))
-    logits = np.asarray(_draft_logits(model, _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
-                                      jnp.asarray(ref["target_hidden"]), jnp.asarray(ANCHORS, jnp.int32),
-                                      jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
-    kept = _kept_rows(KEEP)
-    np.testing.assert_allclose(logits[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
+    _assert_kept_logits_match(model, ref, ids)
 
 
 def test_reference_loads_our_export(ref_model, data, tmp_path):
@@ -150,11 +155,7 @@ def test_reference_loads_our_export(ref_model, data, tmp_path):
         ref = oracle.ref_dflash_forward(ref_model, ids, labels, ANCHORS, KEEP)
     finally:
         oracle.ref_load_draft(ref_model, saved)
-    logits = np.asarray(_draft_logits(model, _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
-                                      jnp.asarray(ref["target_hidden"]), jnp.asarray(ANCHORS, jnp.int32),
-                                      jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
-    kept = _kept_rows(KEEP)
-    np.testing.assert_allclose(logits[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
+    _assert_kept_logits_match(model, ref, ids)
 
 
 def test_import_of_reference_export(ref_model, data, tmp_path):
@@ -169,8 +170,4 @@ def test_import_of_reference_export(ref_model, data, tmp_path):
     cfg, params = import_draft(tmp_path / "ref")
     assert cfg == _config(tuple(ref["target_layer_ids"]), SWA)
     model = draft_from_params(cfg, params)
-    logits = np.asarray(_draft_logits(model, _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
-                                      jnp.asarray(ref["target_hidden"]), jnp.asarray(ANCHORS, jnp.int32),
-                                      jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
-    kept = _kept_rows(KEEP)
-    np.testing.assert_allclose(logits[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
+    _assert_kept_logits_match(model, ref, ids)
