@@ -424,12 +424,6 @@ def _logits_jit(model, input_ids):
     return model.logits(model(input_ids)[1])
 
 
-@nnx.jit
-def _greedy_step_jit(model, input_ids, cache):
-    _, h, cache = model.decode(input_ids, cache)
-    return jnp.argmax(model.logits(h[:, -1]), axis=-1).astype(jnp.int32), cache
-
-
 class Target:
     """A loaded frozen target: model + tokenizer + chat template (what :func:`load_target` returns)."""
 
@@ -443,6 +437,7 @@ class Target:
         self.bos_token_id = config.bos_token_id
         self.eos_token_ids = config.eos_token_ids
         self.source = source
+        self._generator = None  # generate.Generator, built on the first greedy_generate
 
     def __repr__(self):
         c = self.config
@@ -458,19 +453,18 @@ class Target:
         return _taps_jit(self.model, jnp.asarray(input_ids), tuple(int(i) for i in layer_ids))
 
     def greedy_generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, stop_ids=None) -> list[int]:
-        """Greedy continuation of one prompt with the KV cache (prefill, then one token per step); stops after a
-        token in ``stop_ids`` (default ``eos_token_ids``), which is included in the result."""
+        """Greedy continuation of one prompt with the KV cache; stops after a token in ``stop_ids`` (default
+        ``eos_token_ids``), which is included in the result. Runs the batched loop of :mod:`dflash_jax.generate`
+        (one executable per power-of-two bucket of the prompt length and of ``max_new_tokens``)."""
+        from dflash_jax import generate
+
         prompt = np.asarray(prompt_ids, np.int32)
         if prompt.ndim != 1 or prompt.size == 0 or max_new_tokens <= 0:
             raise ValueError("greedy_generate: prompt_ids must be a non-empty 1-D sequence and max_new_tokens > 0")
-        stop = set(self.eos_token_ids if stop_ids is None else stop_ids)
-        cache = self.model.init_cache(1, prompt.size + max_new_tokens)
-        tok, cache = _greedy_step_jit(self.model, jnp.asarray(prompt[None]), cache)
-        out = [int(tok[0])]
-        while len(out) < max_new_tokens and out[-1] not in stop:
-            tok, cache = _greedy_step_jit(self.model, tok[:, None], cache)
-            out.append(int(tok[0]))
-        return out
+        if self._generator is None:
+            self._generator = generate.Generator(self.model)
+        stop = self.eos_token_ids if stop_ids is None else stop_ids
+        return self._generator([prompt], int(max_new_tokens), eos_token_ids=stop).tokens[0].tolist()
 
 
 def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shardings=None) -> Target:
