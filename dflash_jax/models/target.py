@@ -200,20 +200,22 @@ class DecoderLayer(nnx.Module):
         self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype,
                                  dtype=dtype)
 
-    def __call__(self, h, cos, sin, mask, past=None, write_pos=None):
-        """``h [B,S,H]``, ``mask [B,S,Lk]`` bool. Without ``past`` the keys are the S new tokens; with
-        ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]`` (out-of-range
-        writes dropped) and attention runs over the whole cache. Returns ``(h, (k, v))``."""
+    def __call__(self, h, cos, sin, mask, past=None, write_pos=None, index: int = 0):
+        """``h [B,S,H]``, ``mask [B,S,Lk]`` bool. Without ``past`` the keys are the S new tokens and the result
+        is ``(h, (k, v))``; with the whole cache ``past = (k, v) [L,B,max_len,KVH,HD]`` the new k/v are scattered
+        into layer ``index`` at ``write_pos [B,S]`` (out-of-range writes dropped; updated in place, no copy of
+        the cache per step), attention runs over that layer's cache, and the result is ``(h, past)``."""
         x = self.input_layernorm(h)
         q, k, v = self.self_attn.qkv(x, cos, sin)
         if past is not None:
             rows = jnp.arange(h.shape[0])[:, None]
-            k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
-            v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
+            past = tuple(c.at[index, rows, write_pos].set(new.astype(c.dtype), mode="drop")
+                         for c, new in zip(past, (k, v)))
+            k, v = past[0][index], past[1][index]
         a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         h = h + self.self_attn.o_proj(a.reshape(*h.shape[:2], -1))
         h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, (k, v)
+        return h, (k, v) if past is None else past
 
 
 def _as_int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -268,18 +270,15 @@ class TargetModel(nnx.Module):
         ids = self._check_layer_ids(layer_ids)
         cos, sin = layers.rope_cos_sin(positions, self.config.inv_freq(), self.dtype)
         h = self.embed(input_ids)
-        outs, ks, vs = {}, [], []
+        outs, kv = {}, None if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
-            past = None if cache is None else (cache.k[i], cache.v[i])
-            h, (k, v) = layer(h, cos, sin, mask, past, positions)
-            ks.append(k)
-            vs.append(v)
+            h, new_kv = layer(h, cos, sin, mask, kv, positions, i)
+            kv = None if cache is None else new_kv
             if i in ids:
                 outs[i] = h
         final = self.norm(h)
         outs[self.config.num_layers - 1] = final  # HF quirk: hidden_states[Lt] is post final norm
         taps = jnp.concatenate([outs[i] for i in ids], axis=-1) if ids else h[..., :0]
-        kv = None if cache is None else (jnp.stack(ks), jnp.stack(vs))
         return jax.lax.stop_gradient(taps), jax.lax.stop_gradient(final), kv
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = ()):
