@@ -120,6 +120,7 @@ class TrainSection:
     mode: Literal["online", "offline"] = "online"
     features_dir: str | None = None  # offline features (train.mode: offline)
     remat: bool = False
+    max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ def validate(config: Config) -> Config:
            f"data.max_conversations must be >= 1 or null, got {da.max_conversations}")
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
 
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")

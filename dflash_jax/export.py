@@ -16,14 +16,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from dflash_jax import paths
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 
@@ -182,14 +184,18 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
     )
 
 
-def export_draft(config: DraftConfig, params: nnx.State, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
+def export_draft(config: DraftConfig, params: nnx.State, out_dir: str | os.PathLike, dtype: str = "bfloat16",
+                 protect: Sequence[str] = ()) -> Path:
     """Write ``model.safetensors`` + ``config.json`` to ``out_dir`` atomically (temp dir beside it, then rename).
 
-    ``dtype`` in ``{"float32", "bfloat16", "float16"}``; an existing ``out_dir`` is replaced only once the new
-    one is complete. Returns the output path.
+    ``dtype`` in ``{"float32", "bfloat16", "float16"}``. ``out_dir`` must be absent, empty or a previous export
+    (nothing but those two files), and neither one of ``protect`` nor a directory containing one
+    (:func:`dflash_jax.paths.check_output_dir`; ValueError otherwise, nothing touched); a previous export is
+    replaced only once the new one is complete. Returns the output path.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    paths.check_output_dir(str(out_dir), (WEIGHTS_FILE, CONFIG_FILE), protect)
     tensors = to_torch_tensors(params)
     from_torch_tensors(config, tensors)  # validates keys and shapes against the config before writing anything
     tensors = {k: v.astype(_DTYPES[dtype]) for k, v in tensors.items()}
@@ -221,5 +227,13 @@ def import_draft(in_dir: str | os.PathLike, *, param_dtype: Any = jnp.float32) -
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (d / f).is_file():
             raise ValueError(f"in_dir {str(d)!r} has no {f}")
-    config = config_from_json(json.loads((d / CONFIG_FILE).read_text()))
-    return config, from_torch_tensors(config, load_file(str(d / WEIGHTS_FILE)), param_dtype)
+    try:
+        raw = json.loads((d / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from None
+    config = config_from_json(raw)
+    try:
+        tensors = load_file(str(d / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+    return config, from_torch_tensors(config, tensors, param_dtype)
