@@ -259,9 +259,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dflash_jax import paths
     from dflash_jax.train import loop
 
-    _, draft_cfg, params, step = loop.restore_params(args.run_dir, args.step)
     into_run = paths.is_within(args.out, args.run_dir)
     with paths.DirLock(args.run_dir) if into_run else contextlib.nullcontext():  # one writer per run directory
+        _, draft_cfg, params, step = loop.restore_params(args.run_dir, args.step)
         out = export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype, protect=[args.run_dir])
     _print_json({"export": str(out), "step": step, "dtype": args.dtype,
                  "config": export_lib.config_to_json(draft_cfg, args.dtype)})
