@@ -17,10 +17,12 @@ committed checkpoint lags the newest save started by at most one ``save_every`` 
 
 Integrity. Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when done; the manifest is
 written into that directory after every item is written and before the rename, so a committed step always
-carries it. :meth:`Checkpointer.restore` verifies it; a step whose files do not match, or that Orbax cannot read,
-is reported in a warning naming the step and the file, set aside as ``<step>.corrupt`` (``.corrupt.1``, ... if
-taken; never deleted) and the newest good step is restored instead. A step without a manifest (written before
-manifests existed) is restored unverified, with a warning.
+carries it (hashing runs in Orbax's background commit thread and reads every byte once: 0.4 GB/s measured on a
+shared 2-core CPU machine, 2026-11-29). :meth:`Checkpointer.restore` verifies it; a step whose files do not
+match, or that Orbax cannot read, is reported in a warning naming the step and the file, set aside as
+``<step>.corrupt`` (``.corrupt.1``, ... if taken; never deleted) and the newest good step is restored instead. A
+step without a manifest (written before manifests existed) is restored unverified, with a warning. Every process
+verifies the shared files itself and reaches the same decision.
 
 Completeness. A step directory counts only if its name is an integer and it holds ``_CHECKPOINT_METADATA`` and all
 three items. A writer (not ``read_only``) deletes, on start-up, what a killed process leaves behind: unfinished
@@ -283,13 +285,19 @@ class Checkpointer:
             return None
 
     def _set_aside(self, step: int) -> None:
-        """Rename a damaged step to a free ``<step>.corrupt`` name so that the step can be saved again."""
-        if not self._writer:
+        """Rename a damaged step to a free ``<step>.corrupt`` name (process 0) so that the step can be saved again;
+        every process then re-reads the step list."""
+        if self.read_only:
             return
-        path = os.path.join(self.directory, str(step))
-        dest = _free_name(path + ".corrupt")
-        os.rename(path, dest)
-        log.warning("checkpoint step %d set aside as %s", step, dest)
+        if self._writer:
+            path = os.path.join(self.directory, str(step))
+            dest = _free_name(path + ".corrupt")
+            os.rename(path, dest)
+            log.warning("checkpoint step %d set aside as %s", step, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dflash_jax checkpoint step {step} set aside")
         self._mngr.reload()
 
     def restore(self, abstract_state: TrainState, step: int | None = None

@@ -7,14 +7,17 @@ Run directory layout (``RUN``)::
     RUN/draft_config.json    the resolved drafter config (export ``config.json`` format)
     RUN/heldout.jsonl        held-out conversations (never trained on; ``dflash-jax eval`` prompts)
     RUN/metrics.jsonl        one JSON object per logged step (see :data:`METRIC_KEYS`) and per eval
-    RUN/checkpoints/<step>/  Orbax checkpoints (params, optimizer, data position, PRNG key)
+    RUN/checkpoints/<step>/  Orbax checkpoints (params, optimizer, data position, PRNG key, SHA-256 manifest)
     RUN/export/              the final drafter (``config.json`` + ``model.safetensors``, z-lab / vLLM / SGLang)
     RUN/plots/*.png          loss and simulated tau vs step, per-position acceptance, D-PACE weights per position
     RUN/tb/                  TensorBoard events (only when a SummaryWriter is importable)
+    RUN/.lock.<process>      the run-directory lock of each writing process (dflash_jax.paths.DirLock)
 
 Logged values are means over the steps since the previous log line (the window). The unlogged part of the window
 is stored in every checkpoint, so a resumed run writes exactly the metrics of an uninterrupted one (all keys but
-the wall-clock ones, :data:`TIMING_KEYS`).
+the wall-clock ones, :data:`TIMING_KEYS`). Means cover the steps whose update was applied; ``skipped_steps`` counts
+the others (non-finite loss or gradient), and ``train.max_consecutive_skips`` of them in a row stop the run
+(:class:`DivergedError`).
 
 Mask token (``draft.mask_token_id: null``, SmolLM2 has none): a vocabulary token spelled like a mask
 (``<mask>``, ``<|mask|>``, ``[MASK]``, ...) if the tokenizer has one; otherwise the lowest-id special token
