@@ -220,7 +220,7 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save, read_only=read_only,
+                max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=async_save,
                 async_options=ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None))
 
     def _remove_leftovers(self) -> None:
