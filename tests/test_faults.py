@@ -36,7 +36,7 @@ def _cmd(*args):
 
 
 def _run(*args):
-    return subprocess.run(_cmd(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(_cmd(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -146,11 +146,14 @@ def test_taken_quarantine_name_and_leftovers_are_handled(damaged_resume):
         assert f"deleting {leftover}" in err
 
 
-def test_torn_last_metrics_line_is_dropped(damaged_resume):
+def test_torn_last_metrics_line_is_dropped(damaged_resume, tmp_path):
     run, err = damaged_resume
     assert "dropping the torn last line" in err and loop.METRICS_FILE in err
     with open(os.path.join(run, loop.METRICS_FILE)) as f:
         assert all(json.loads(line) for line in f)
+    (tmp_path / loop.METRICS_FILE).write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # not the last line
+    with pytest.raises(ValueError, match=f"{loop.METRICS_FILE} line 2 is not a JSON record"):
+        loop.read_metrics(str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["zeroed_bytes", "truncated_data", "missing_params_metadata",
