@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q -U pip
+# setuptools: tests/test_packaging.py builds the wheel without build isolation (offline).
+.venv/bin/python -m pip install -q -U pip "setuptools>=77"
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e '.[test,parity]'
