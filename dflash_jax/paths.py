@@ -39,8 +39,7 @@ def check_output_dir(out: str, owned_files: Sequence[str], protect: Sequence[str
     """
     for p in protect:
         if is_within(p, out):
-            raise ValueError(f"output {out!r} is or contains {p!r}, which must not be replaced; give another "
-                             "directory")
+            raise ValueError(f"output {out!r} is or contains {p!r}, which must not be replaced; give another directory")
     if os.path.islink(out):
         raise ValueError(f"output {out!r} is a symbolic link; give the real directory")
     if not os.path.lexists(out):
@@ -50,9 +49,11 @@ def check_output_dir(out: str, owned_files: Sequence[str], protect: Sequence[str
     foreign = sorted(set(os.listdir(out)) - set(owned_files))
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(f"output {out!r} holds files that are not a previous export ({shown}); give a new or "
-                         f"empty directory (an existing one is replaced only if it holds nothing but "
-                         f"{', '.join(owned_files)})")
+        raise ValueError(
+            f"output {out!r} holds files that are not a previous export ({shown}); give a new or "
+            f"empty directory (an existing one is replaced only if it holds nothing but "
+            f"{', '.join(owned_files)})"
+        )
 
 
 def is_lock_file(name: str) -> bool:
@@ -62,12 +63,16 @@ def is_lock_file(name: str) -> bool:
 def check_clearable(run_dir: str, markers: Sequence[str]) -> None:
     """ValueError unless ``run_dir`` is a real directory (not a symbolic link) holding every file of ``markers``."""
     if os.path.islink(run_dir):
-        raise ValueError(f"--overwrite: run dir {run_dir!r} is a symbolic link; refusing to delete through it "
-                         f"(give the real path {os.path.realpath(run_dir)!r} if that is the run to replace)")
+        raise ValueError(
+            f"--overwrite: run dir {run_dir!r} is a symbolic link; refusing to delete through it "
+            f"(give the real path {os.path.realpath(run_dir)!r} if that is the run to replace)"
+        )
     missing = [m for m in markers if not os.path.isfile(os.path.join(run_dir, m))]
     if missing:
-        raise ValueError(f"--overwrite: {run_dir!r} has no {', '.join(missing)}, so it is not a dflash-jax run "
-                         "directory; refusing to delete it")
+        raise ValueError(
+            f"--overwrite: {run_dir!r} has no {', '.join(missing)}, so it is not a dflash-jax run "
+            "directory; refusing to delete it"
+        )
 
 
 def clear_run_dir(run_dir: str, markers: Sequence[str]) -> None:
@@ -108,8 +113,10 @@ class DirLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DirLockedError(f"{self.directory!r} is in use by process {holder} (lock {self.path}); wait for "
-                                 "it to finish or stop it, then retry") from None
+            raise DirLockedError(
+                f"{self.directory!r} is in use by process {holder} (lock {self.path}); wait for "
+                "it to finish or stop it, then retry"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

@@ -1,12 +1,16 @@
-"""Test setup: 8 simulated CPU devices (set before any backend initialises) and a persistent compile cache."""
+"""Test setup: 8 simulated CPU devices (set before any backend initialises), a persistent compile cache, and CI's
+refusal of skipped parity / slow tests."""
 
+import importlib.util
 import os
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -15,11 +19,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 # CI refuses skipped parity / slow tests. .ci/run sets DFLASH_JAX_REQUIRE_ALL_TESTS=1; when the parity extra is
 # installed, a skipped test marked ``parity`` or ``slow`` and a test module skipped as a whole (an importorskip at
 # import time hides its markers) fail the session, listed with their skip reasons.
-
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-
 _REQUIRED_MARKERS = ("parity", "slow")
 _PARITY_EXTRA = ("torch", "transformers", "modelopt")
 _forbidden_skips: list[str] = []

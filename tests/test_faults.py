@@ -26,8 +26,8 @@ from dflash_jax.train import loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 STEPS, CKPT, LOG = 40, 10, 5
-TINY = ["--config", "tiny", "--set", f"train.steps={STEPS}", "--set", f"train.checkpoint_every={CKPT}",
-        "--set", f"train.log_every={LOG}", "--set", "data.max_conversations=32", "--no-progress"]
+SETS = {"train.steps": STEPS, "train.checkpoint_every": CKPT, "train.log_every": LOG, "data.max_conversations": 32}
+TINY = ["--config", "tiny", "--no-progress", *[a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]]
 WEIGHTS = os.path.join(loop.EXPORT_DIR, "model.safetensors")
 
 
@@ -59,9 +59,16 @@ def _sha(path):
 def _tree(d):
     """Every file under ``d`` but lock files, with its size and modification time (what a refused command must
     not change)."""
-    return sorted((os.path.relpath(os.path.join(r, f), d), os.path.getsize(os.path.join(r, f)),
-                   os.path.getmtime(os.path.join(r, f))) for r, _, fs in os.walk(d) for f in fs
-                  if not paths.is_lock_file(f))
+    return sorted(
+        (
+            os.path.relpath(os.path.join(r, f), d),
+            os.path.getsize(os.path.join(r, f)),
+            os.path.getmtime(os.path.join(r, f)),
+        )
+        for r, _, fs in os.walk(d)
+        for f in fs
+        if not paths.is_lock_file(f)
+    )
 
 
 def _copy(run, dest):
@@ -75,8 +82,12 @@ def _ckpt(run, step, *parts):
 
 def _largest_data_file(step_dir):
     """The largest OCDBT data file of the step's params."""
-    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs
-             if os.sep + "d" + os.sep in os.path.join(r, f) + os.sep and "ocdbt" in r]
+    files = [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(os.path.join(step_dir, "params"))
+        for f in fs
+        if os.sep + "d" + os.sep in os.path.join(r, f) + os.sep and "ocdbt" in r
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -94,8 +105,9 @@ def test_kill_9_then_resume_is_bit_identical(base, tmp_path):
     """SIGKILL right after checkpoint 20 commits (mid-run, while saves and deletions go on), then --resume: every
     metric and every exported byte equals the uninterrupted run's."""
     run = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd("train", *TINY, "--run-dir", run), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd("train", *TINY, "--run-dir", run), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for(lambda: ck.is_complete_step_dir(_ckpt(run, 20)), proc)
     finally:
@@ -156,13 +168,15 @@ def test_torn_last_metrics_line_is_dropped(damaged_resume, tmp_path):
         loop.read_metrics(str(tmp_path))
 
 
-@pytest.mark.parametrize("damage", ["zeroed_bytes", "truncated_data", "missing_params_metadata",
-                                    "truncated_meta"])
+@pytest.mark.parametrize("damage", ["zeroed_bytes", "truncated_data", "missing_params_metadata", "truncated_meta"])
 def test_export_skips_a_damaged_checkpoint(base, tmp_path, caplog, capsys, damage):
     run = _copy(base, tmp_path / "run")
-    path = {"zeroed_bytes": _largest_data_file(_ckpt(run, 40)), "truncated_data": _largest_data_file(_ckpt(run, 40)),
-            "missing_params_metadata": _ckpt(run, 40, "params", "_METADATA"),
-            "truncated_meta": _ckpt(run, 40, "meta", "metadata")}[damage]
+    path = {
+        "zeroed_bytes": _largest_data_file(_ckpt(run, 40)),
+        "truncated_data": _largest_data_file(_ckpt(run, 40)),
+        "missing_params_metadata": _ckpt(run, 40, "params", "_METADATA"),
+        "truncated_meta": _ckpt(run, 40, "meta", "metadata"),
+    }[damage]
     if damage == "missing_params_metadata":
         os.remove(path)
     elif damage == "zeroed_bytes":
@@ -187,9 +201,28 @@ def test_one_trainer_per_run_and_double_ctrl_c(tmp_path, capsys):
     metrics = run / loop.METRICS_FILE
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
-            _cmd("train", "--config", "tiny", "--set", "train.steps=100000", "--set", "train.log_every=1",
-                 "--set", f"train.checkpoint_every={CKPT}", "--set", "data.max_conversations=32", "--no-progress",
-                 "--run-dir", run), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+            _cmd(
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                "train.steps=100000",
+                "--set",
+                "train.log_every=1",
+                "--set",
+                f"train.checkpoint_every={CKPT}",
+                "--set",
+                "data.max_conversations=32",
+                "--no-progress",
+                "--run-dir",
+                run,
+            ),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > CKPT + 1, proc)
         second = _run("train", "--run-dir", run, "--resume", "--no-progress")
@@ -215,17 +248,51 @@ def test_one_trainer_per_run_and_double_ctrl_c(tmp_path, capsys):
 def test_dump_features_refuses_a_locked_directory(tmp_path, capsys):
     out = tmp_path / "features"
     with paths.DirLock(str(out)):
-        assert cli.main(["dump-features", "--config", "tiny", "--set", "data.max_conversations=32",
-                         "--out", str(out), "--max-rows", "4"]) == 2
+        assert (
+            cli.main(
+                [
+                    "dump-features",
+                    "--config",
+                    "tiny",
+                    "--set",
+                    "data.max_conversations=32",
+                    "--out",
+                    str(out),
+                    "--max-rows",
+                    "4",
+                ]
+            )
+            == 2
+        )
     assert f"is in use by process {os.getpid()}" in capsys.readouterr().err
     assert os.listdir(out) == [".lock.0"]
 
 
 def test_divergence_stops_with_exit_4_naming_lr_and_clip(tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(["train", "--config", "tiny", "--set", "mesh.shape=[2,2,2]", "--set", "train.lr=1e30",
-                     "--set", "train.steps=10", "--set", "train.log_every=5", "--set", "data.max_conversations=32",
-                     "--run-dir", str(run), "--no-progress"]) == cli.EXIT_DIVERGED
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                "mesh.shape=[2,2,2]",
+                "--set",
+                "train.lr=1e30",
+                "--set",
+                "train.steps=10",
+                "--set",
+                "train.log_every=5",
+                "--set",
+                "data.max_conversations=32",
+                "--run-dir",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == cli.EXIT_DIVERGED
+    )
     err = capsys.readouterr().err
     assert "error: training diverged" in err and "train.lr=1e+30" in err and "train.clip_norm=1.0" in err
     assert not (run / loop.EXPORT_DIR).exists() and os.listdir(run / loop.CHECKPOINT_DIR) == []
@@ -242,8 +309,13 @@ def test_export_and_import_never_replace_user_data(base, tmp_path, capsys):
     plain = tmp_path / "file.txt"
     plain.write_text("keep me too")
     before = {d: _tree(d) for d in (run, str(notes))}
-    refused = {run: "is or contains", str(tmp_path): "is or contains", str(notes): "not a previous export",
-               str(plain): "not a directory", os.path.join(run, loop.CHECKPOINT_DIR): "not a previous export"}
+    refused = {
+        run: "is or contains",
+        str(tmp_path): "is or contains",
+        str(notes): "not a previous export",
+        str(plain): "not a directory",
+        os.path.join(run, loop.CHECKPOINT_DIR): "not a previous export",
+    }
     for out, why in refused.items():
         assert cli.main(["export", "--run-dir", run, "--out", out]) == 2, out
         assert why in capsys.readouterr().err, out
