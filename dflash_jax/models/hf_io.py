@@ -22,6 +22,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype tag -> HF config dtype name
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_PACKED_SUFFIXES = ("_blocks", "_scales")  # MXFP4 experts (uint8), dequantised by models/families/gpt_oss.py
 
 
 def read_config(path: str) -> dict:
@@ -62,7 +63,8 @@ def weight_map(path: str) -> dict[str, str]:
 
 
 class _SafetensorsReader:
-    """``fetch(name, shape)`` for :func:`build_target_model`: reads one tensor, checks shape and dtype."""
+    """``fetch(name, shape)`` for :func:`build_target_model`: reads one tensor, checks shape and dtype;
+    ``name in reader`` tells whether the checkpoint has a tensor."""
 
     def __init__(self, path: str, expected_dtype: str | None):
         self.path = path
@@ -75,6 +77,9 @@ class _SafetensorsReader:
             self._handles[file] = safe_open(file, framework="np")
         return self._handles[file]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.map
+
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.map:
             raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
@@ -85,9 +90,10 @@ class _SafetensorsReader:
             raise ValueError(f"{where} listed in {INDEX_FILE} but absent from the file")
         sl = h.get_slice(name)
         stored = sl.get_dtype()
-        if stored not in _ST_DTYPES:
+        packed = stored == "U8" and name.endswith(_PACKED_SUFFIXES)
+        if stored not in _ST_DTYPES and not packed:
             raise ValueError(f"{where}: dtype {stored} is not supported (supported: {', '.join(_ST_DTYPES)})")
-        if self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
+        if not packed and self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
             raise ValueError(f"{where}: stored as {_ST_DTYPES[stored]} but config.json declares dtype "
                              f"{self.expected_dtype}")
         if tuple(sl.get_shape()) != tuple(shape):
@@ -96,7 +102,7 @@ class _SafetensorsReader:
 
 
 def load_hf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=None) -> Target:
-    """Load an HF Llama/Qwen2/Qwen3 checkpoint directory (see :func:`dflash_jax.models.target.load_target`)."""
+    """Load an HF checkpoint directory of a supported family (see :func:`dflash_jax.models.target.load_target`)."""
     raw = read_config(path)
     try:
         cfg = TargetConfig.from_hf_dict(raw)
