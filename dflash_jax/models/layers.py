@@ -9,7 +9,8 @@ Parameters are created with logical axis names only (``nnx.use_eager_sharding(Fa
 table. Logical axis names used here:
 
 ``embed`` (model width H), ``mlp`` (intermediate I), ``q_heads`` (NH*HD), ``kv_heads`` (KVH*HD),
-``fused`` (T*H, the draft's fc input), ``vocab`` (V), ``norm`` (any norm weight), ``head_dim`` (HD).
+``fused`` (T*H, the draft's fc input), ``vocab`` (V), ``norm`` (any norm weight), ``head_dim`` (HD),
+``expert`` (E, the leading axis of stacked MoE expert weights, ``models/families/moe.py``).
 """
 
 from __future__ import annotations

@@ -81,12 +81,7 @@ def build_target(section: config_lib.TargetSection) -> Target:
     SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in ``target.dtype``."""
     if section.path == RANDOM:
         r = section.random
-        cfg = TargetConfig(arch=r.arch, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
-                           intermediate_size=r.intermediate_size, num_layers=r.num_layers,
-                           num_attention_heads=r.num_attention_heads, num_key_value_heads=r.num_key_value_heads,
-                           head_dim=r.head_dim, rope_theta=r.rope_theta, rms_norm_eps=r.rms_norm_eps,
-                           tie_word_embeddings=r.tie_word_embeddings, qk_norm=r.arch == "qwen3")
-        return random_target(cfg, seed=r.seed, dtype=section.dtype)
+        return random_target(TargetConfig.from_hf_dict(r.hf_config()), seed=r.seed, dtype=section.dtype)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
         raise ValueError(f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
