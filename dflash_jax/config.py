@@ -89,6 +89,8 @@ class DraftSection:
     target_layer_ids: tuple[int, ...] | None = None  # null = build_target_layer_ids(Lt, num_layers)
     sliding_window: int | None = None
     causal: bool = False
+    rope_scaling: dict | None = None  # HF rope_scaling of the draft's RoPE (yarn / llama3 / linear), exported
+    attention_sink: bool = False  # learned per-head sink logit in every draft layer (ModelOpt dflash_attention_sink)
     init: str | None = None  # path to an exported drafter for warm start
 
 
@@ -220,6 +222,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
+    if tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}")

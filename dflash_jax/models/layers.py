@@ -124,6 +124,10 @@ class SwiGLU(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+_ROPE_REQUIRED = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def _rope_type(scaling: Mapping[str, Any] | None) -> str:
     scaling = scaling or {}
     return scaling.get("rope_type", scaling.get("type")) or "default"
@@ -145,6 +149,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
     rope_type = _rope_type(scaling)
     if rope_type == "default":
         return inv
+    if rope_type not in _ROPE_REQUIRED:
+        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported "
+                         f"(supported: default, {', '.join(_ROPE_REQUIRED)})")
+    missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling with rope_type={rope_type!r} is missing {missing}")
     if rope_type == "linear":
         return (inv / np.float32(scaling["factor"])).astype(np.float32)
     if rope_type == "yarn":
@@ -164,9 +174,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
         extrapolation = (1 - ramp).astype(np.float32)
         interpolation = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
         return (interpolation * (1 - extrapolation) + inv * extrapolation).astype(np.float32)
-    if rope_type != "llama3":
-        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported "
-                         "(supported: default, linear, llama3, yarn)")
     factor = float(scaling["factor"])
     low = float(scaling["low_freq_factor"])
     high = float(scaling["high_freq_factor"])

@@ -122,8 +122,8 @@ def build_draft_config(config: config_lib.Config, target: Target, mask_token_id:
                 num_key_value_heads=d.num_key_value_heads, head_dim=d.head_dim,
                 intermediate_size=d.intermediate_size, block_size=d.block_size, mask_token_id=mask_token_id,
                 rope_theta=tc.rope_theta if d.rope_theta is None else d.rope_theta, rms_norm_eps=d.rms_norm_eps,
-                sliding_window=d.sliding_window, causal=d.causal,
-                max_position_embeddings=tc.max_position_embeddings)
+                sliding_window=d.sliding_window, causal=d.causal, rope_scaling=d.rope_scaling,
+                attention_sink=d.attention_sink, max_position_embeddings=tc.max_position_embeddings)
     if d.target_layer_ids is not None:
         dims["target_layer_ids"] = d.target_layer_ids
     return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
