@@ -10,6 +10,7 @@ experts ``down(silu(gate(x)) * up(x))`` of ``moe_intermediate_size``. Checkpoint
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from typing import Any, Mapping
 
 import jax
@@ -75,9 +76,11 @@ def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype:
 
 def read_tensor(cfg: target.TargetConfig, fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Stack the per-expert checkpoint tensors ``{prefix}.{e}.{proj}.weight`` (torch ``[out, in]``) into the
-    ``[E, in, out]`` parameter ``{prefix}.{proj}``; every other tensor is read under its own name."""
+    ``[E, in, out]`` parameter ``{prefix}.{proj}``, unless ``fetch`` (a container of names) has it stacked
+    already (GGUF); every other tensor is read under its own name."""
+    del cfg
     m = _STACKED.fullmatch(name)
-    if m is None:
+    if m is None or (isinstance(fetch, Container) and name in fetch):
         return fetch(name, shape)
     e, d_in, d_out = shape
     return np.stack([np.asarray(fetch(f"{m.group(1)}.{j}.{m.group(2)}.weight", (d_out, d_in))).T for j in range(e)])
