@@ -11,21 +11,43 @@ from dflash_jax import config as config_lib
 from dflash_jax import load_target
 from dflash_jax.models.target import TargetConfig, random_target
 
-MOE = TargetConfig.from_hf_dict(config_lib.RandomTargetConfig(
-    arch="qwen3_moe", vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    tie_word_embeddings=False).hf_config())
-_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
-          "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
-          "mlp.experts.down_proj": "ffn_down_exps"}
+MOE = TargetConfig.from_hf_dict(
+    config_lib.RandomTargetConfig(
+        arch="qwen3_moe",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        tie_word_embeddings=False,
+    ).hf_config()
+)
+_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.experts.gate_proj": "ffn_gate_exps",
+    "mlp.experts.up_proj": "ffn_up_exps",
+    "mlp.experts.down_proj": "ffn_down_exps",
+}
 
 
 def _write_moe_gguf(path, model, cfg, arch="qwen3moe", qtype=None):
     """Tensors under gguf's ``MODEL_TENSORS[QWEN3MOE]`` names, torch layout (experts ``[E, out, in]``)."""
     assert {"blk.{bid}." + v for v in _NAMES.values()} <= {
-        gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]}
+        gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]
+    }
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(64)
@@ -69,9 +91,15 @@ def test_qwen3_moe_gguf_loads_with_stacked_experts(tmp_path):
     _write_moe_gguf(tmp_path / "m.gguf", src.model, MOE)
     got = load_target(tmp_path / "m.gguf")
     assert (got.config.arch, got.config.moe_layers, got.config.num_experts, got.config.norm_topk_prob) == (
-        "qwen3_moe", (0, 1), 4, True)
-    np.testing.assert_array_equal(np.asarray(got.model.layers[1].mlp.experts.down_proj[...]),
-                                  np.asarray(src.model.layers[1].mlp.experts.down_proj[...]))
+        "qwen3_moe",
+        (0, 1),
+        4,
+        True,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(got.model.layers[1].mlp.experts.down_proj[...]),
+        np.asarray(src.model.layers[1].mlp.experts.down_proj[...]),
+    )
     ids = np.random.default_rng(0).integers(0, MOE.vocab_size, (2, 7))
     np.testing.assert_allclose(got.logits(ids), src.logits(ids), atol=1e-5)
     _write_moe_gguf(tmp_path / "q.gguf", src.model, MOE, qtype=gguf.GGMLQuantizationType.Q8_0)

@@ -12,9 +12,24 @@ from dflash_jax.train import loop
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--config", "tiny", "--set", "mesh.shape=[2,2,2]", "--set", "data.max_conversations=16",
-        "--set", "train.steps=2", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-        "--set", "target.random.num_layers=3", "--set", "target.random.sliding_window=6"]
+TINY = [
+    "--config",
+    "tiny",
+    "--set",
+    "mesh.shape=[2,2,2]",
+    "--set",
+    "data.max_conversations=16",
+    "--set",
+    "train.steps=2",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "target.random.num_layers=3",
+    "--set",
+    "target.random.sliding_window=6",
+]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "gemma3_text"])

@@ -25,38 +25,76 @@ from dflash_jax.train import sharding  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=8, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+)
 WINDOW = 4  # shorter than the test sequences, so sliding layers really drop keys
 CASES = {
     # layer 1 dense (mlp_only_layers), 0 and 2 sparse; renormalised top-2 of 4
-    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
-        intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
-        mlp_only_layers=[1], norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
     # alternating sliding/full, sinks, biases, YaRN (gpt-oss's own default: factor 32, truncate false)
-    "gpt_oss": (transformers.GptOssConfig, dict(
-        intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    ),
     # sliding/full/sliding with different rope thetas, linear-scaled global rope, query_pre_attn_scalar != HD
-    "gemma3_text": (transformers.Gemma3TextConfig, dict(
-        intermediate_size=48, sliding_window=WINDOW, query_pre_attn_scalar=24, tie_word_embeddings=True,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        dict(
+            intermediate_size=48,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            tie_word_embeddings=True,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
 }
 EXPECT = {
     "qwen3_moe": dict(moe_layers=(0, 2), num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, qk_norm=True),
-    "gpt_oss": dict(moe_layers=(0, 1, 2), attention_bias=True, sliding_window=WINDOW,
-                    layer_types=("sliding_attention", "full_attention", "sliding_attention")),
-    "gemma3_text": dict(hidden_act="gelu_pytorch_tanh", local_rope_theta=1e4, query_pre_attn_scalar=24.0,
-                        tie_word_embeddings=True, qk_norm=True),
+    "gpt_oss": dict(
+        moe_layers=(0, 1, 2),
+        attention_bias=True,
+        sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    ),
+    "gemma3_text": dict(
+        hidden_act="gelu_pytorch_tanh",
+        local_rope_theta=1e4,
+        query_pre_attn_scalar=24.0,
+        tie_word_embeddings=True,
+        qk_norm=True,
+    ),
 }
 
 
 def _save(arch, path, max_shard_size=None):
     cfg_cls, extra = CASES[arch]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**COMMON, **extra),
-                                                          attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg_cls(**COMMON, **extra), attn_implementation="eager"
+    ).eval()
     with torch.no_grad():  # randomise norms, biases and sinks too (HF inits them to 1 / 0)
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -147,17 +185,38 @@ def test_expert_parameters_sharded_over_the_mesh(saved):
     np.testing.assert_allclose(got, np.asarray(fwd(target.model, ids)[1]), atol=1e-5)
 
 
-@pytest.mark.parametrize("scaling", [
-    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 64,
-     "truncate": False},
-    {"rope_type": "yarn", "factor": 48.0, "original_max_position_embeddings": 64, "beta_fast": 1.0,
-     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},  # ModelOpt's dflash_export_rope_scaling example
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "attention_factor": 0.9},
-    {"rope_type": "linear", "factor": 8.0},
-])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 64,
+            "truncate": False,
+        },
+        {
+            "rope_type": "yarn",
+            "factor": 48.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },  # ModelOpt's dflash_export_rope_scaling example
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "attention_factor": 0.9},
+        {"rope_type": "linear", "factor": 8.0},
+    ],
+)
 def test_rope_scalings_match_transformers(scaling):
-    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, head_dim=32, max_position_embeddings=256,
-                                   rope_parameters={"rope_theta": 5e5, **scaling})
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rope_parameters={"rope_theta": 5e5, **scaling},
+    )
     inv, factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, None)
     np.testing.assert_allclose(layers.rope_inv_freq(32, 5e5, scaling), inv.numpy(), rtol=1e-6)
     assert layers.rope_attention_factor(scaling) == pytest.approx(factor, rel=1e-7)
@@ -173,8 +232,9 @@ def test_mxfp4_experts_dequantised_like_transformers(saved):
         return rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(120, 130, shape[:-1], dtype=np.uint8)
 
     def reference(blocks, scales):
-        return hf_mxfp4.convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
-                                                   dtype=torch.float32).numpy()
+        return hf_mxfp4.convert_moe_packed_tensors(
+            torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32
+        ).numpy()
 
     blocks, scales = packed((3, 5, 2, 16))
     np.testing.assert_array_equal(gpt_oss.dequantize_mxfp4(blocks, scales), reference(blocks, scales))
@@ -192,8 +252,17 @@ def test_mxfp4_experts_dequantised_like_transformers(saved):
 
 
 def test_family_config_refusals():
-    base = dict(model_type="gemma3_text", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=4)
+    base = dict(
+        model_type="gemma3_text",
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        sliding_window=4,
+    )
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         TargetConfig.from_hf_dict({**base, "final_logit_softcapping": 30.0})
     with pytest.raises(ValueError, match="layer_types"):

@@ -20,8 +20,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 
-def default_read_tensor(cfg, fetch: Callable[[str, tuple[int, ...]], np.ndarray], name: str,
-                        shape: tuple[int, ...]) -> np.ndarray:
+def default_read_tensor(
+    cfg, fetch: Callable[[str, tuple[int, ...]], np.ndarray], name: str, shape: tuple[int, ...]
+) -> np.ndarray:
     """The tensor stored under the parameter's own HF name."""
     del cfg
     return fetch(name, shape)

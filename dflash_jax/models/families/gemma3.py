@@ -35,8 +35,9 @@ class Gemma3DecoderLayer(nnx.Module):
         self.self_attn = target.Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, norm_kw=NORM_KW)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype,
-                                 dtype=dtype, act=cfg.hidden_act)
+        self.mlp = layers.SwiGLU(
+            cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype, dtype=dtype, act=cfg.hidden_act
+        )
         self.post_feedforward_layernorm = norm()
 
     def __call__(self, h, cos, sin, mask, past=None, write_pos=None):
@@ -57,12 +58,19 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
     rope = hf.get("rope_parameters") or {}
     local = rope.get("sliding_attention") or {}
     if (local.get("rope_type") or "default") != "default":
-        raise ValueError(f"config.json rope_parameters.sliding_attention {local!r} is not supported "
-                         "(supported: plain RoPE on sliding layers)")
+        raise ValueError(
+            f"config.json rope_parameters.sliding_attention {local!r} is not supported "
+            "(supported: plain RoPE on sliding layers)"
+        )
     local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
-    return dict(base.layer_types_field(hf, default_pattern=6), qk_norm=True, hidden_act=act,
-                local_rope_theta=float(local_theta), query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    return dict(
+        base.layer_types_field(hf, default_pattern=6),
+        qk_norm=True,
+        hidden_act=act,
+        local_rope_theta=float(local_theta),
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
 
 
 def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
@@ -70,5 +78,10 @@ def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype:
     return Gemma3DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
 
-FAMILY = base.Family(arch="gemma3_text", config_fields=config_fields, make_layer=make_layer,
-                     embed_scale=lambda cfg: cfg.hidden_size ** 0.5, norm_kw=NORM_KW)
+FAMILY = base.Family(
+    arch="gemma3_text",
+    config_fields=config_fields,
+    make_layer=make_layer,
+    embed_scale=lambda cfg: cfg.hidden_size**0.5,
+    norm_kw=NORM_KW,
+)

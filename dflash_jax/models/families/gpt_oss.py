@@ -27,8 +27,9 @@ from dflash_jax.models.families import base, moe
 
 ALPHA, LIMIT = 1.702, 7.0  # transformers GptOssExperts constants
 NORM_KW = {"upcast": True}
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                      np.float32)
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
+)
 
 
 class ClampedSwiGLUExperts(nnx.Module):
@@ -42,23 +43,33 @@ class ClampedSwiGLUExperts(nnx.Module):
 
     def __call__(self, x, expert_ids, group_sizes):
         """See :func:`moe.dispatch` (``experts`` argument)."""
-        gate_up = (moe.grouped_matmul(x, self.gate_up_proj[...], group_sizes)
-                   + moe.expert_bias(self.gate_up_proj_bias[...], expert_ids, x.dtype))
+        gate_up = moe.grouped_matmul(x, self.gate_up_proj[...], group_sizes) + moe.expert_bias(
+            self.gate_up_proj_bias[...], expert_ids, x.dtype
+        )
         gate = jnp.minimum(gate_up[..., ::2], LIMIT)
         up = jnp.clip(gate_up[..., 1::2], -LIMIT, LIMIT)
         glu = (up + 1) * (gate * jax.nn.sigmoid(gate * ALPHA))
-        return (moe.grouped_matmul(glu, self.down_proj[...], group_sizes)
-                + moe.expert_bias(self.down_proj_bias[...], expert_ids, x.dtype))
+        return moe.grouped_matmul(glu, self.down_proj[...], group_sizes) + moe.expert_bias(
+            self.down_proj_bias[...], expert_ids, x.dtype
+        )
 
 
 class GptOssMLP(nnx.Module):
     """``x [B,S,H] -> [B,S,H]``: biased router, softmax over the top-k logits, ragged expert dispatch."""
 
     def __init__(self, cfg: target.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
-        self.router = layers.dense(cfg.hidden_size, cfg.num_experts, ("embed", None), use_bias=True, rngs=rngs,
-                                   param_dtype=param_dtype, dtype=dtype)
-        self.experts = ClampedSwiGLUExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                            rngs=rngs, param_dtype=param_dtype)
+        self.router = layers.dense(
+            cfg.hidden_size,
+            cfg.num_experts,
+            ("embed", None),
+            use_bias=True,
+            rngs=rngs,
+            param_dtype=param_dtype,
+            dtype=dtype,
+        )
+        self.experts = ClampedSwiGLUExperts(
+            cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, rngs=rngs, param_dtype=param_dtype
+        )
         self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_experts
 
     def __call__(self, x: jax.Array, dense: bool = False) -> jax.Array:
@@ -70,16 +81,27 @@ class GptOssMLP(nnx.Module):
 def config_fields(hf: Mapping[str, Any]) -> dict:
     """gpt-oss fields of ``config.json``."""
     e = int(hf["num_local_experts"])
-    return dict(base.layer_types_field(hf, default_pattern=2), attention_bias=bool(hf.get("attention_bias", True)),
-                moe_layers=tuple(range(hf["num_hidden_layers"])), num_experts=e,
-                num_experts_per_tok=int(hf["num_experts_per_tok"]), moe_intermediate_size=int(hf["intermediate_size"]))
+    return dict(
+        base.layer_types_field(hf, default_pattern=2),
+        attention_bias=bool(hf.get("attention_bias", True)),
+        moe_layers=tuple(range(hf["num_hidden_layers"])),
+        num_experts=e,
+        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(hf["intermediate_size"]),
+    )
 
 
 def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
     del i
-    return target.DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, norm_kw=NORM_KW,
-                               attn_kw={"sinks": True}, mlp=GptOssMLP(cfg, rngs=rngs, param_dtype=param_dtype,
-                                                                     dtype=dtype))
+    return target.DecoderLayer(
+        cfg,
+        rngs=rngs,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        norm_kw=NORM_KW,
+        attn_kw={"sinks": True},
+        mlp=GptOssMLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype),
+    )
 
 
 def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -107,5 +129,6 @@ def read_tensor(cfg: target.TargetConfig, fetch, name: str, shape: tuple[int, ..
     return dequantize_mxfp4(blocks, fetch(f"{name}_scales", (e, d_out, d_in // 32)))
 
 
-FAMILY = base.Family(arch="gpt_oss", config_fields=config_fields, make_layer=make_layer, read_tensor=read_tensor,
-                     norm_kw=NORM_KW)
+FAMILY = base.Family(
+    arch="gpt_oss", config_fields=config_fields, make_layer=make_layer, read_tensor=read_tensor, norm_kw=NORM_KW
+)

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def expert_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], param_dtype: Any,
-                 std: float | None = 0.02) -> nnx.Param:
+def expert_param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], param_dtype: Any, std: float | None = 0.02
+) -> nnx.Param:
     """A stacked expert parameter ``shape`` (leading dim E) ~ N(0, std) (zeros when ``std`` is None)."""
     init = nnx.initializers.zeros_init() if std is None else nnx.initializers.normal(std)
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, param_dtype))
@@ -42,8 +43,9 @@ def expert_bias(b: jax.Array, expert_ids: jax.Array | None, dtype: Any) -> jax.A
     return b[:, None] if expert_ids is None else b[expert_ids]
 
 
-def dispatch(x: jax.Array, top_idx: jax.Array, top_w: jax.Array, experts: Callable, num_experts: int, *,
-             dense: bool = False) -> jax.Array:
+def dispatch(
+    x: jax.Array, top_idx: jax.Array, top_w: jax.Array, experts: Callable, num_experts: int, *, dense: bool = False
+) -> jax.Array:
     """``sum_k top_w[t,k] * expert_{top_idx[t,k]}(x[t])`` for ``x [T, H]``, ``top_idx/top_w [T, K]`` -> ``[T, H]``.
 
     ``experts(x, expert_ids, group_sizes)`` maps rows grouped by expert (``x [N, H]``, ``expert_ids [N]``,

@@ -45,10 +45,12 @@ class SparseMoeBlock(nnx.Module):
     """``x [B,S,H] -> [B,S,H]``: router ``gate``, top-k of the softmax, ragged expert dispatch."""
 
     def __init__(self, cfg: target.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
-        self.gate = layers.dense(cfg.hidden_size, cfg.num_experts, ("embed", None), rngs=rngs,
-                                 param_dtype=param_dtype, dtype=dtype)
-        self.experts = SwiGLUExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, rngs=rngs,
-                                     param_dtype=param_dtype)
+        self.gate = layers.dense(
+            cfg.hidden_size, cfg.num_experts, ("embed", None), rngs=rngs, param_dtype=param_dtype, dtype=dtype
+        )
+        self.experts = SwiGLUExperts(
+            cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, rngs=rngs, param_dtype=param_dtype
+        )
         self.top_k, self.normalize, self.num_experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.num_experts
 
     def __call__(self, x: jax.Array, dense: bool = False) -> jax.Array:
@@ -63,9 +65,14 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
     n, e = hf["num_hidden_layers"], int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
     mlp_only, step = set(hf.get("mlp_only_layers") or ()), int(hf.get("decoder_sparse_step", 1))
     sparse = tuple(i for i in range(n) if e > 0 and i not in mlp_only and (i + 1) % step == 0)
-    return dict(qk_norm=True, moe_layers=sparse, num_experts=e, num_experts_per_tok=int(hf["num_experts_per_tok"]),
-                moe_intermediate_size=int(hf["moe_intermediate_size"]),
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+    return dict(
+        qk_norm=True,
+        moe_layers=sparse,
+        num_experts=e,
+        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(hf["moe_intermediate_size"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
 
 
 def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
