@@ -273,3 +273,25 @@ def test_family_config_refusals():
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         TargetConfig.from_hf_dict(moe)
     assert json.loads(json.dumps(TargetConfig.from_hf_dict(base).layer_types)) == ["sliding_attention"] * 2
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
+    """Gemma 3 4B+ ship as ``gemma3`` (vision tower + ``language_model.model.*``): the text decoder loads and
+    matches the multimodal model's text-only logits."""
+    text = dict(COMMON, **{k: v for k, v in CASES["gemma3_text"][1].items() if k != "tie_word_embeddings"})
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    target = load_target(tmp_path)
+    assert target.config.arch == "gemma3_text" and target.config.tie_word_embeddings
+    ids = np.random.default_rng(5).integers(0, COMMON["vocab_size"], (2, 10)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(target.logits(ids), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)

@@ -10,6 +10,9 @@ layers ``rope_parameters.full_attention`` (possibly ``linear`` scaled); the bloc
 ``h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``
 
 with a GeGLU MLP (``gelu_pytorch_tanh``) and a tied head. Logit soft-capping (Gemma 2) is refused.
+
+Gemma 3 4B and larger ship as the multimodal ``gemma3`` (``Gemma3ForConditionalGeneration``): its ``text_config``
+is this decoder, stored under ``language_model.model.*``; :func:`unwrap_multimodal` reads that part only.
 """
 
 from __future__ import annotations
@@ -71,6 +74,20 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
+
+
+def unwrap_multimodal(hf: Mapping[str, Any]) -> tuple[dict, str]:
+    """A multimodal ``gemma3`` ``config.json`` -> ``(gemma3_text config dict, checkpoint prefix of its tensors)``;
+    the top-level ``tie_word_embeddings``/``dtype``/``eos_token_id`` apply to the text model."""
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ValueError("config.json model_type='gemma3' has no 'text_config' object")
+    inherited = {
+        k: hf[k]
+        for k in ("tie_word_embeddings", "dtype", "torch_dtype", "eos_token_id", "bos_token_id")
+        if k in hf and k not in text
+    }
+    return {**text, **inherited, "model_type": "gemma3_text"}, "language_model."
 
 
 def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:

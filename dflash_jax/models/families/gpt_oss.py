@@ -79,14 +79,14 @@ class GptOssMLP(nnx.Module):
 
 
 def config_fields(hf: Mapping[str, Any]) -> dict:
-    """gpt-oss fields of ``config.json``."""
-    e = int(hf["num_local_experts"])
+    """gpt-oss fields of ``config.json`` (OpenAI's own configs also spell ``experts_per_token``)."""
+    e = int(hf.get("num_local_experts") or hf["num_experts"])
     return dict(
         base.layer_types_field(hf, default_pattern=2),
         attention_bias=bool(hf.get("attention_bias", True)),
         moe_layers=tuple(range(hf["num_hidden_layers"])),
         num_experts=e,
-        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        num_experts_per_tok=int(hf.get("num_experts_per_tok") or hf["experts_per_token"]),
         moe_intermediate_size=int(hf["intermediate_size"]),
     )
 
