@@ -3,8 +3,9 @@
 A checkpoint is a directory with ``model.safetensors`` (torch ``[out, in]`` layout, names ``fc.weight``,
 ``hidden_norm.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``layers.{i}.self_attn.{q,k}_norm.weight``,
 ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``layers.{i}.{input,post_attention}_layernorm.weight``,
-``norm.weight``, with the sink option ``layers.{i}.self_attn.attention_sink_bias``; no embedding, no ``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``,
-``num_target_layers`` and ``dflash_config``).
+``norm.weight``, with the sink option ``layers.{i}.self_attn.attention_sink_bias``; no embedding, no
+``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``, ``num_target_layers``, ``dflash_config``,
+``rope_scaling``).
 
 ``params`` is always the draft's ``nnx.State`` of ``nnx.Param`` (``nnx.state(model, nnx.Param)``).
 """

@@ -169,7 +169,8 @@ def test_draft_options_round_trip(options, tmp_path):
     written = json.loads((tmp_path / "d" / "config.json").read_text())
     assert written["rope_scaling"] == options.get("rope_scaling")
     sink = options.get("attention_sink", False)
-    assert written["dflash_config"].get("attention_sink_bias", False) == written.get("attention_sink_bias", False) == sink
+    dc = written["dflash_config"]
+    assert dc.get("attention_sink_bias", False) == written.get("attention_sink_bias", False) == sink
     assert ("layers.1.self_attn.attention_sink_bias" in load_file(str(tmp_path / "d" / "model.safetensors"))) == sink
     got_cfg, loaded = import_draft(tmp_path / "d")
     assert got_cfg == cfg and hash(got_cfg) == hash(cfg)
