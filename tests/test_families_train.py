@@ -26,7 +26,7 @@ TINY = [
     "--set",
     "train.checkpoint_every=2",
     "--set",
-    "target.random.num_layers=3",
+    "target.random.num_layers=2",
     "--set",
     "target.random.sliding_window=6",
 ]
