@@ -3,8 +3,9 @@
 A checkpoint is a directory with ``model.safetensors`` (torch ``[out, in]`` layout, names ``fc.weight``,
 ``hidden_norm.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``layers.{i}.self_attn.{q,k}_norm.weight``,
 ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``layers.{i}.{input,post_attention}_layernorm.weight``,
-``norm.weight``; no embedding, no ``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``,
-``num_target_layers`` and ``dflash_config``).
+``norm.weight``, with the sink option ``layers.{i}.self_attn.attention_sink_bias``; no embedding, no
+``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``, ``num_target_layers``, ``dflash_config``,
+``rope_scaling``).
 
 ``params`` is always the draft's ``nnx.State`` of ``nnx.Param`` (``nnx.state(model, nnx.Param)``).
 """
@@ -118,7 +119,7 @@ def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
         "attention_dropout": 0.0,
         "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-        "rope_scaling": None,
+        "rope_scaling": config.rope_scaling,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
         "num_target_layers": config.num_target_layers,
@@ -127,6 +128,8 @@ def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
     if config.sliding_window is not None:
         out["sliding_window"] = config.sliding_window
         dflash_config.update(use_swa=True, swa_window_size=config.sliding_window)
+    if config.attention_sink:  # ModelOpt's export: vLLM reads dflash_config.attention_sink_bias
+        out["attention_sink_bias"] = dflash_config["attention_sink_bias"] = True
     return out
 
 
@@ -144,8 +147,10 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json field 'hidden_act' must be 'silu', got {d['hidden_act']!r}")
     scaling = d.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"config.json field 'rope_scaling' {scaling!r} is not supported (plain RoPE only)")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ValueError(f"config.json field 'rope_scaling' must be an object or null, got {scaling!r}")
+    if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = None
     if "rope_theta" in d:
         theta = d["rope_theta"]
     elif isinstance(d.get("rope_parameters"), Mapping) and "rope_theta" in d["rope_parameters"]:
@@ -181,6 +186,8 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
         attention_bias=bool(d.get("attention_bias", False)),
         initializer_range=float(d.get("initializer_range", 0.02)),
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        rope_scaling=dict(scaling) if scaling else None,
+        attention_sink=bool(dc.get("attention_sink_bias", d.get("attention_sink_bias", False))),
     )
 
 

@@ -85,12 +85,7 @@ def build_target(section: config_lib.TargetSection) -> Target:
     SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in ``target.dtype``."""
     if section.path == RANDOM:
         r = section.random
-        cfg = TargetConfig(arch=r.arch, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
-                           intermediate_size=r.intermediate_size, num_layers=r.num_layers,
-                           num_attention_heads=r.num_attention_heads, num_key_value_heads=r.num_key_value_heads,
-                           head_dim=r.head_dim, rope_theta=r.rope_theta, rms_norm_eps=r.rms_norm_eps,
-                           tie_word_embeddings=r.tie_word_embeddings, qk_norm=r.arch == "qwen3")
-        return random_target(cfg, seed=r.seed, dtype=section.dtype)
+        return random_target(TargetConfig.from_hf_dict(r.hf_config()), seed=r.seed, dtype=section.dtype)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
         raise ValueError(f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
@@ -131,8 +126,8 @@ def build_draft_config(config: config_lib.Config, target: Target, mask_token_id:
                 num_key_value_heads=d.num_key_value_heads, head_dim=d.head_dim,
                 intermediate_size=d.intermediate_size, block_size=d.block_size, mask_token_id=mask_token_id,
                 rope_theta=tc.rope_theta if d.rope_theta is None else d.rope_theta, rms_norm_eps=d.rms_norm_eps,
-                sliding_window=d.sliding_window, causal=d.causal,
-                max_position_embeddings=tc.max_position_embeddings)
+                sliding_window=d.sliding_window, causal=d.causal, rope_scaling=d.rope_scaling,
+                attention_sink=d.attention_sink, max_position_embeddings=tc.max_position_embeddings)
     if d.target_layer_ids is not None:
         dims["target_layer_ids"] = d.target_layer_ids
     return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
