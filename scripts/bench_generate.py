@@ -20,18 +20,15 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dflash_jax import config as config_lib  # noqa: E402
-from dflash_jax import generate  # noqa: E402
-from dflash_jax.data import chat, pipeline, readers  # noqa: E402
-from dflash_jax.data import regenerate as regen  # noqa: E402
-from dflash_jax.train import loop  # noqa: E402
+from dflash_jax import config as config_lib
+from dflash_jax import generate
+from dflash_jax.data import chat, pipeline, readers
+from dflash_jax.data import regenerate as regen
+from dflash_jax.train import loop
 
 
 def load_prompts(renderer: chat.ChatRenderer, n: int, max_len: int) -> list[np.ndarray]:

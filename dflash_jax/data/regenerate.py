@@ -25,8 +25,8 @@ an empty answer (the row ends before them). Trailing user turns after the last a
 **Skips** (counted by reason, never written): unreadable records, conversations the template rejects, no
 assistant turn after a user turn, first prompt longer than ``max_prompt_len``, empty first answer.
 
-**Atomic and resumable.** Rows go to ``OUT.partial`` (appended and fsynced after every window); the finished
-file is renamed to ``OUT``. ``resume`` cuts a torn last line, checks the generator settings of the rows already
+**Atomic and resumable.** Rows go to ``OUT.partial`` (appended and fsynced after every window, under an
+exclusive ``flock``: one writer); the finished file is renamed to ``OUT``. ``resume`` cuts a torn last line, checks the generator settings of the rows already
 written, and regenerates from the window holding the first missing row (same windows as an uninterrupted run),
 so the resumed file equals an uninterrupted run's.
 """
@@ -34,6 +34,7 @@ so the resumed file equals an uninterrupted run's.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -242,6 +243,18 @@ def _read_partial(path: str) -> list[dict]:
     return rows
 
 
+def _resume_point(partial: str, generator: dict, data_path: str) -> tuple[int, int]:
+    """``(rows already written, record of the last one or -1)``; ValueError if they were generated otherwise."""
+    written = _read_partial(partial)
+    for i, row in enumerate(written):
+        if row.get("generator") != generator or row.get("source", {}).get("path") != data_path:
+            theirs = row.get("generator") or {}
+            diff = sorted(k for k in set(theirs) | set(generator) if theirs.get(k) != generator.get(k))
+            raise ValueError(f"--resume: {partial} row {i + 1} was generated with other settings "
+                             f"(differing: {', '.join(diff) or 'source.path'}); rerun with the same ones")
+    return len(written), (written[-1]["source"]["record"] if written else -1)
+
+
 def _row_json(row: _Row, source: str, generator: dict) -> str:
     return json.dumps({
         "messages": [{"role": r, "content": t} for r, t in row.finished_messages()],
@@ -265,27 +278,23 @@ def regenerate(target, renderer: ChatRenderer, data_path: str, out: str, samplin
     check_output(out, resume)
     partial = out + PARTIAL_SUFFIX
     generator = {"target": repr(target), **asdict(sampling)}
-    done_rows, last_record = 0, -1
-    if os.path.exists(partial):
-        written = _read_partial(partial)
-        for i, row in enumerate(written):
-            if row.get("generator") != generator or row.get("source", {}).get("path") != data_path:
-                theirs = row.get("generator") or {}
-                diff = sorted(k for k in set(theirs) | set(generator) if theirs.get(k) != generator.get(k))
-                raise ValueError(f"--resume: {partial} row {i + 1} was generated with other settings "
-                                 f"(differing: {', '.join(diff) or 'source.path'}); rerun with the same ones")
-        done_rows, last_record = len(written), (written[-1]["source"]["record"] if written else -1)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stop_ids = stop_token_ids(target, renderer)
     gen = generate.Generator(target.model, mesh=mesh)
-    counts = _Counts()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_conversations, initial=done_rows, desc="regenerate", unit="conv", dynamic_ncols=True)
-    start, tokens, rows_written, truncated, dropped = time.perf_counter(), 0, 0, 0, 0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(partial, "a", encoding="utf-8") as f:
+        try:  # one writer (released by the kernel if the process dies)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{partial!r} is being written by another dflash-jax regenerate") from None
+        done_rows, last_record = _resume_point(partial, generator, data_path)
+        counts = _Counts()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=num_conversations, initial=done_rows, desc="regenerate", unit="conv",
+                       dynamic_ncols=True)
+        start, tokens, rows_written, truncated, dropped = time.perf_counter(), 0, 0, 0, 0
         for window in _windows(readers.read_indexed(data_path, fmt), renderer, sampling, num_conversations, counts):
             if window[-1][0] <= last_record:
                 continue  # written before a resume
