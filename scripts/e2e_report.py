@@ -222,7 +222,7 @@ regenerated-data drafter, paired per prompt:
 {chr(10).join(table)}
 
 Regeneration command (as `scripts/run_e2e.sh` runs it; then the same dump / train / eval with
-`--set data.path=RUN/regen.jsonl --set data.max_conversations=null` and `eval --prompts RUN/dpace/heldout.jsonl`):
+`--set data.path=RUN/regen.jsonl` and `eval --prompts RUN/dpace/heldout.jsonl`):
 `dflash-jax regenerate --config smollm2-135m --set ... --out RUN/regen.jsonl --num-conversations {len(rows)}
 --max-new-tokens {gen['max_new_tokens']} --batch-size {gen['batch_size']}`.
 """

@@ -101,7 +101,7 @@ else
   timed regenerate "$BIN/dflash-jax" regenerate "${COMMON[@]}" --out "$REGEN" --num-conversations "$REGEN_CONV" \
     --max-new-tokens "$REGEN_NEW" --batch-size 16 --no-progress "${RESUME[@]}"
 fi
-RCOMMON=("${COMMON[@]}" --set "data.path=$REGEN" --set data.max_conversations=null)
+RCOMMON=("${COMMON[@]}" --set "data.path=$REGEN")
 timed dump_regen "$BIN/dflash-jax" dump-features "${RCOMMON[@]}" --out "$OUT/features_regen" --max-rows "$ROWS"
 timed train_dpace_regen "$BIN/dflash-jax" train "${RCOMMON[@]}" --run-dir "$OUT/dpace_regen" --overwrite \
   --no-progress --set train.mode=offline --set "train.features_dir=$OUT/features_regen" \
