@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MIN_BUCKET = 8
 
@@ -83,8 +84,20 @@ def prefill(model, prompts: jax.Array, num_valid: jax.Array, max_len: int, layer
     return taps, cache, model.logits(last)
 
 
-def decode_fn(state, prompts, num_valid, limits, keys, *, graph, capacity: int, temperature: float, top_p: float,
-              eos_token_ids: tuple[int, ...], mesh=None):
+def decode_fn(
+    state,
+    prompts,
+    num_valid,
+    limits,
+    keys,
+    *,
+    graph,
+    capacity: int,
+    temperature: float,
+    top_p: float,
+    eos_token_ids: tuple[int, ...],
+    mesh=None,
+):
     """Traceable batched decoding. ``prompts [B,P]`` int32 right-padded, ``num_valid [B]``, ``limits [B]`` (tokens
     to generate per row, ``1 <= limits <= capacity``), ``keys [B]`` PRNG keys.
 
@@ -94,8 +107,9 @@ def decode_fn(state, prompts, num_valid, limits, keys, *, graph, capacity: int, 
     _, cache, logits = prefill(model, prompts, num_valid, prompts.shape[1] + capacity)
     if mesh is not None:
         rows = NamedSharding(mesh, P(None, ("data", "fsdp")))
-        cache = cache.replace(k=jax.lax.with_sharding_constraint(cache.k, rows),
-                              v=jax.lax.with_sharding_constraint(cache.v, rows))
+        cache = cache.replace(
+            k=jax.lax.with_sharding_constraint(cache.k, rows), v=jax.lax.with_sharding_constraint(cache.v, rows)
+        )
 
     def pick(logits, t):
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
@@ -115,8 +129,9 @@ def decode_fn(state, prompts, num_valid, limits, keys, *, graph, capacity: int, 
         done = done | is_eos(tok, eos_token_ids) | (t + 1 >= limits)
         return cache, tok, out, lengths, done, t + 1
 
-    carry = jax.lax.while_loop(lambda c: (c[5] < capacity) & ~jnp.all(c[4]), body,
-                               (cache, first, out, lengths, done, jnp.int32(1)))
+    carry = jax.lax.while_loop(
+        lambda c: (c[5] < capacity) & ~jnp.all(c[4]), body, (cache, first, out, lengths, done, jnp.int32(1))
+    )
     return carry[2], carry[3]
 
 
@@ -184,10 +199,19 @@ class Generator:
         self.state, self.mesh = state, mesh
         self.vocab_size = model.config.vocab_size
 
-    def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
-                 temperature: float = 0.0, top_p: float = 1.0, keys: jax.Array | None = None, seed: int = 0,
-                 eos_token_ids: Sequence[int] = (), prompt_bucket: int | None = None,
-                 capacity: int | None = None) -> Generated:
+    def __call__(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        keys: jax.Array | None = None,
+        seed: int = 0,
+        eos_token_ids: Sequence[int] = (),
+        prompt_bucket: int | None = None,
+        capacity: int | None = None,
+    ) -> Generated:
         """Generate for every prompt (1-D int arrays) at most ``max_new_tokens`` (one int, or one per prompt).
 
         ``keys [B]`` (default :func:`row_keys` ``(seed, range(B))``) seed the rows' sampling. ``prompt_bucket``
@@ -209,8 +233,10 @@ class Generator:
         bucket = prompt_bucket or bucket_length(longest)
         cap = capacity or bucket_length(int(limits.max()))
         if bucket < longest or cap < limits.max():
-            raise ValueError(f"generate: prompt_bucket {bucket} < longest prompt {longest} or capacity {cap} < "
-                             f"max_new_tokens {int(limits.max())}")
+            raise ValueError(
+                f"generate: prompt_bucket {bucket} < longest prompt {longest} or capacity {cap} < "
+                f"max_new_tokens {int(limits.max())}"
+            )
         keys = row_keys(seed, range(n)) if keys is None else keys
         rows = n
         if self.mesh is not None:  # pad with copies of row 0 to a multiple of the batch axes
@@ -227,7 +253,13 @@ class Generator:
             from dflash_jax.train import sharding
 
             args = (self.state, *(jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim)) for a in args[1:]))
-        statics = dict(graph=self.graph, capacity=int(cap), temperature=float(temperature), top_p=float(top_p),
-                       eos_token_ids=tuple(int(e) for e in eos_token_ids), mesh=self.mesh)
+        statics = dict(
+            graph=self.graph,
+            capacity=int(cap),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            eos_token_ids=tuple(int(e) for e in eos_token_ids),
+            mesh=self.mesh,
+        )
         (tokens, lengths), secs = run_compiled(decode_fn, statics, args)
         return Generated([np.asarray(tokens[i, : lengths[i]], np.int32) for i in range(n)], secs)

@@ -45,18 +45,22 @@ def load_prompts(renderer: chat.ChatRenderer, n: int, max_len: int) -> list[np.n
     raise ValueError(f"only {len(out)} ShareGPT prompts of <= {max_len} tokens")
 
 
-def run(gen: generate.Generator, prompts: list[np.ndarray], batch: int, max_new: int,
-        stop: tuple[int, ...]) -> tuple[list[np.ndarray], float, float]:
+def run(
+    gen: generate.Generator, prompts: list[np.ndarray], batch: int, max_new: int, stop: tuple[int, ...]
+) -> tuple[list[np.ndarray], float, float]:
     """Greedy outputs of all prompts in batches of ``batch`` (the last one padded with one-token rows; prompt
     bucket = the batch's longest prompt's), the seconds of the compiled runs and the seconds of their prefill
     alone (the same batches with a one-token limit). Every shape runs once untimed first (compile)."""
     outs, secs, prefill = [], 0.0, 0.0
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i: i + batch]
+        chunk = prompts[i : i + batch]
         pad = batch - len(chunk)
         rows = chunk + [np.zeros((1,), np.int32)] * pad
-        kw = dict(eos_token_ids=stop, prompt_bucket=generate.bucket_length(max(p.size for p in chunk)),
-                  capacity=generate.bucket_length(max_new))
+        kw = dict(
+            eos_token_ids=stop,
+            prompt_bucket=generate.bucket_length(max(p.size for p in chunk)),
+            capacity=generate.bucket_length(max_new),
+        )
         for limit in (1, max_new):
             limits = [limit] * len(chunk) + [1] * pad
             gen(rows, limits, **kw)  # compile (cached per shape) and warm up
@@ -72,8 +76,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2", help="target.path (default %(default)s)")
     ap.add_argument("--prompts", type=int, default=16, help="number of prompts (default %(default)s)")
-    ap.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes; 1 = one at a time "
-                    "(default %(default)s)")
+    ap.add_argument(
+        "--batch-sizes", default="1,16", help="comma-separated batch sizes; 1 = one at a time (default %(default)s)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     ap.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt (default %(default)s)")
     args = ap.parse_args()
@@ -85,24 +90,34 @@ def main() -> None:
     prompts.sort(key=len)  # batches of similar lengths (smaller prompt buckets)
     gen = generate.Generator(target.model)
     c = target.config
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"device: {jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} cpu cores")
+    print(
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"device: {jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} cpu cores"
+    )
     print(f"target: {args.target} ({c.arch}, L={c.num_layers}, H={c.hidden_size}, V={c.vocab_size}), float32")
-    print(f"prompts: {len(prompts)} ShareGPT prompts, {min(p.size for p in prompts)}-{max(p.size for p in prompts)} "
-          f"tokens, greedy, <= {args.max_new_tokens} new tokens, stop ids {list(stop)}")
+    print(
+        f"prompts: {len(prompts)} ShareGPT prompts, {min(p.size for p in prompts)}-{max(p.size for p in prompts)} "
+        f"tokens, greedy, <= {args.max_new_tokens} new tokens, stop ids {list(stop)}"
+    )
     results = {}
     for b in sizes:
         outs, secs, prefill = run(gen, prompts, b, args.max_new_tokens, stop)
         n = sum(o.size for o in outs)
         results[b] = (outs, n / secs, (n - len(outs)) / (secs - prefill))
         same = all(np.array_equal(x, y) for x, y in zip(outs, results[sizes[0]][0]))
-        print(f"batch {b:3d}: {n} tokens in {secs:.2f} s (prefill {prefill:.2f} s) -> {n / secs:.1f} tokens/s "
-              f"end to end, {results[b][2]:.1f} tokens/s decoding; outputs equal to batch {sizes[0]}: {same}")
+        print(
+            f"batch {b:3d}: {n} tokens in {secs:.2f} s (prefill {prefill:.2f} s) -> {n / secs:.1f} tokens/s "
+            f"end to end, {results[b][2]:.1f} tokens/s decoding; outputs equal to batch {sizes[0]}: {same}"
+        )
     for b in sizes[1:]:
-        print(f"speedup batch {b} vs batch {sizes[0]}: {results[b][1] / results[sizes[0]][1]:.2f}x end to end, "
-              f"{results[b][2] / results[sizes[0]][2]:.2f}x decoding")
+        print(
+            f"speedup batch {b} vs batch {sizes[0]}: {results[b][1] / results[sizes[0]][1]:.2f}x end to end, "
+            f"{results[b][2] / results[sizes[0]][2]:.2f}x decoding"
+        )
 
 
 if __name__ == "__main__":

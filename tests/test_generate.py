@@ -5,13 +5,22 @@ import jax
 import numpy as np
 import pytest
 
+from decode_oracle import greedy_reference
 from dflash_jax import generate
 from dflash_jax.models.target import TargetConfig, random_target
 from dflash_jax.train import sharding
-from decode_oracle import greedy_reference
 
-CFG = TargetConfig(arch="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=True)
+CFG = TargetConfig(
+    arch="qwen2",
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    attention_bias=True,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
+from decode_oracle import greedy_reference
 from dflash_jax import cli
 from dflash_jax import config as config_lib
 from dflash_jax.data import chat
 from dflash_jax.data import regenerate as regen
 from dflash_jax.train import loop
-from decode_oracle import greedy_reference
 
 MAX_NEW = 16
 SYSTEM, LONG = "You answer briefly.", "word " * 15
@@ -40,21 +40,47 @@ def _write_data(path, copies=1):
     with open(path, "w") as f:
         for _ in range(copies):
             for conv in _conversations():
-                f.write(conv + "\n" if isinstance(conv, str) else json.dumps(
-                    {"messages": [{"role": r, "content": t} for r, t in conv]}) + "\n")
+                f.write(
+                    conv + "\n"
+                    if isinstance(conv, str)
+                    else json.dumps({"messages": [{"role": r, "content": t} for r, t in conv]}) + "\n"
+                )
     return str(path)
 
 
 def _sets(data, mesh="[-1,1,1]"):
-    sets = ["target.random.vocab_size=259", "draft.mask_token_id=258", "target.random.tie_word_embeddings=false",
-            f"data.path={data}", "data.max_conversations=null", f"mesh.shape={mesh}"]
+    sets = [
+        "target.random.vocab_size=259",
+        "draft.mask_token_id=258",
+        "target.random.tie_word_embeddings=false",
+        f"data.path={data}",
+        "data.max_conversations=null",
+        f"mesh.shape={mesh}",
+    ]
     return [x for s in sets for x in ("--set", s)]
 
 
 def _run(tmp_path, capsys, name, data, *extra):
     out = str(tmp_path / name)
-    assert cli.main(["regenerate", "--config", "tiny", "--out", out, *_sets(data), "--max-new-tokens", str(MAX_NEW),
-                     "--max-prompt-len", "128", "--no-progress", *extra]) == 0
+    assert (
+        cli.main(
+            [
+                "regenerate",
+                "--config",
+                "tiny",
+                "--out",
+                out,
+                *_sets(data),
+                "--max-new-tokens",
+                str(MAX_NEW),
+                "--max-prompt-len",
+                "128",
+                "--no-progress",
+                *extra,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with open(out) as f:
         return [json.loads(line) for line in f], summary, out
@@ -80,9 +106,13 @@ def test_greedy_answers_are_the_targets_turn_by_turn(tmp_path, capsys, target_an
     assert "random(seed=0)" in g["target"] and rows[0]["source"]["path"] == data
     # user (and system) turns verbatim, in place; trailing user turn and the too-long second turn dropped
     convs = _conversations()
-    expected_users = {0: [("system", SYSTEM), ("user", "What is 2+2?"), ("user", "And 3+3?")],
-                      2: [("user", "Tell me a joke.")], 4: [("user", "Name a colour.")], 6: [("user", LONG.strip())],
-                      7: [("user", "a"), ("user", "c"), ("user", "e")]}
+    expected_users = {
+        0: [("system", SYSTEM), ("user", "What is 2+2?"), ("user", "And 3+3?")],
+        2: [("user", "Tell me a joke.")],
+        4: [("user", "Name a colour.")],
+        6: [("user", LONG.strip())],
+        7: [("user", "a"), ("user", "c"), ("user", "e")],
+    }
     stop = regen.stop_token_ids(target, renderer)
     for row in rows:
         msgs = [(m["role"], m["content"]) for m in row["messages"]]
@@ -117,8 +147,18 @@ def test_resume_after_kill_equals_one_run(tmp_path, capsys):
     args = ["--max-new-tokens", str(MAX_NEW), "--max-prompt-len", "128", "--batch-size", "2", "--no-progress"]
     whole, _, _ = _run(tmp_path, capsys, "whole.jsonl", data, "--batch-size", "2")
     out = str(tmp_path / "killed.jsonl")
-    cmd = [sys.executable, "-m", "dflash_jax.cli", "regenerate", "--config", "tiny", "--out", out,
-           *_sets(data, "[1,1,1]"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dflash_jax.cli",
+        "regenerate",
+        "--config",
+        "tiny",
+        "--out",
+        out,
+        *_sets(data, "[1,1,1]"),
+        *args,
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out + regen.PARTIAL_SUFFIX
@@ -155,7 +195,11 @@ def test_bad_invocations_are_clear_errors(tmp_path, capsys):
     assert "(differing: max_new_tokens, max_prompt_len, temperature)" in capsys.readouterr().err
     assert cli.main([*base, "--out", str(tmp_path / "x.jsonl"), "--top-p", "0"]) == 2
     assert "--top-p" in capsys.readouterr().err
-    assert cli.main(["regenerate", "--config", "tiny", *_sets(tmp_path / "missing.jsonl"), "--out",
-                     str(tmp_path / "y.jsonl")]) == 2
+    assert (
+        cli.main(
+            ["regenerate", "--config", "tiny", *_sets(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "y.jsonl")]
+        )
+        == 2
+    )
     assert "is not a file" in capsys.readouterr().err
     assert np.all([not os.path.exists(tmp_path / n) for n in ("x.jsonl", "y.jsonl")])

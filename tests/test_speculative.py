@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from decode_oracle import greedy_reference
 from dflash_jax.eval import report, speculative
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, random_target
-from decode_oracle import greedy_reference
 
 BS = 4
 MAX_NEW = 24

@@ -97,13 +97,16 @@ def stop_token_ids(target, renderer: ChatRenderer) -> tuple[int, ...]:
         if tid is not None and tid < target.config.vocab_size:
             ids.add(int(tid))
     if not ids:
-        raise ValueError("regenerate: the target has no EOS token and the chat template no end-of-turn token; "
-                         "answers could never stop")
+        raise ValueError(
+            "regenerate: the target has no EOS token and the chat template no end-of-turn token; "
+            "answers could never stop"
+        )
     return tuple(sorted(ids))
 
 
-def _windows(items: Iterable[tuple[int, Any]], renderer: ChatRenderer, sampling: Sampling, limit: int | None,
-             counts: _Counts) -> Iterator[list[tuple[int, readers.Conversation]]]:
+def _windows(
+    items: Iterable[tuple[int, Any]], renderer: ChatRenderer, sampling: Sampling, limit: int | None, counts: _Counts
+) -> Iterator[list[tuple[int, readers.Conversation]]]:
     """Windows of ``batch_size`` usable ``(record, conversation, leading assistant turns dropped)`` in file order
     (at most ``limit`` in all); unusable ones are counted in ``counts``."""
     window, used = [], 0
@@ -163,7 +166,7 @@ class _Row:
         if self.turn == 0:
             self.skip = skip_reason
         else:
-            self.dropped += sum(r == "assistant" for r, _ in self.conv[self.pos:])
+            self.dropped += sum(r == "assistant" for r, _ in self.conv[self.pos :])
 
     def finished_messages(self) -> list[tuple[str, str]]:
         """The messages up to the last regenerated answer (trailing user turns dropped)."""
@@ -171,8 +174,9 @@ class _Row:
         return self.messages[: last + 1]
 
 
-def _regenerate_window(gen: generate.Generator, renderer: ChatRenderer, window, sampling: Sampling,
-                       stop_ids: tuple[int, ...]) -> tuple[list[_Row], int]:
+def _regenerate_window(
+    gen: generate.Generator, renderer: ChatRenderer, window, sampling: Sampling, stop_ids: tuple[int, ...]
+) -> tuple[list[_Row], int]:
     """Regenerate every turn of the conversations of one window; returns the rows and the tokens generated."""
     rows = [_Row(*item) for item in window]
     tokens = 0
@@ -196,11 +200,19 @@ def _regenerate_window(gen: generate.Generator, renderer: ChatRenderer, window, 
         pad = sampling.batch_size - len(tasks)  # fixed batch shape: padding rows generate one token
         prompts = [ids for _, ids in tasks] + [np.zeros((1,), np.int32)] * pad
         limits = [sampling.max_new_tokens] * len(tasks) + [1] * pad
-        keys = generate.row_keys(sampling.seed, [r.record for r, _ in tasks] + [0] * pad,
-                                 [r.turn for r, _ in tasks] + [0] * pad)
-        out = gen(prompts, limits, temperature=sampling.temperature, top_p=sampling.top_p, keys=keys,
-                  eos_token_ids=stop_ids, prompt_bucket=generate.bucket_length(max(p.size for p in prompts)),
-                  capacity=generate.bucket_length(sampling.max_new_tokens))
+        keys = generate.row_keys(
+            sampling.seed, [r.record for r, _ in tasks] + [0] * pad, [r.turn for r, _ in tasks] + [0] * pad
+        )
+        out = gen(
+            prompts,
+            limits,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            keys=keys,
+            eos_token_ids=stop_ids,
+            prompt_bucket=generate.bucket_length(max(p.size for p in prompts)),
+            capacity=generate.bucket_length(sampling.max_new_tokens),
+        )
         for (row, _), ids in zip(tasks, out.tokens):
             tokens += ids.size
             stopped = ids.size > 0 and int(ids[-1]) in stop_ids
@@ -220,8 +232,10 @@ def check_output(out: str, resume: bool) -> None:
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists (a finished regeneration); choose another path")
     if os.path.exists(out + PARTIAL_SUFFIX) and not resume:
-        raise ValueError(f"{out + PARTIAL_SUFFIX!r} holds an unfinished regeneration: pass --resume to continue "
-                         "it, or remove it to start over")
+        raise ValueError(
+            f"{out + PARTIAL_SUFFIX!r} holds an unfinished regeneration: pass --resume to continue "
+            "it, or remove it to start over"
+        )
 
 
 def _read_partial(path: str) -> list[dict]:
@@ -238,8 +252,9 @@ def _read_partial(path: str) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"--resume: {path} line {i + 1} is not JSON ({e.msg}); it was not written by "
-                             "dflash-jax regenerate") from None
+            raise ValueError(
+                f"--resume: {path} line {i + 1} is not JSON ({e.msg}); it was not written by dflash-jax regenerate"
+            ) from None
     return rows
 
 
@@ -250,24 +265,42 @@ def _resume_point(partial: str, generator: dict, data_path: str) -> tuple[int, i
         if row.get("generator") != generator or row.get("source", {}).get("path") != data_path:
             theirs = row.get("generator") or {}
             diff = sorted(k for k in set(theirs) | set(generator) if theirs.get(k) != generator.get(k))
-            raise ValueError(f"--resume: {partial} row {i + 1} was generated with other settings "
-                             f"(differing: {', '.join(diff) or 'source.path'}); rerun with the same ones")
+            raise ValueError(
+                f"--resume: {partial} row {i + 1} was generated with other settings "
+                f"(differing: {', '.join(diff) or 'source.path'}); rerun with the same ones"
+            )
     return len(written), (written[-1]["source"]["record"] if written else -1)
 
 
 def _row_json(row: _Row, source: str, generator: dict) -> str:
-    return json.dumps({
-        "messages": [{"role": r, "content": t} for r, t in row.finished_messages()],
-        "source": {"path": source, "record": row.record},
-        "generator": generator,
-        "truncated_answers": row.truncated,
-        "dropped_turns": row.dropped,
-    }, ensure_ascii=False) + "\n"
+    return (
+        json.dumps(
+            {
+                "messages": [{"role": r, "content": t} for r, t in row.finished_messages()],
+                "source": {"path": source, "record": row.record},
+                "generator": generator,
+                "truncated_answers": row.truncated,
+                "dropped_turns": row.dropped,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
 
 
-def regenerate(target, renderer: ChatRenderer, data_path: str, out: str, sampling: Sampling, *, fmt: str = "auto",
-               num_conversations: int | None = None, resume: bool = False, mesh=None,
-               progress: bool = True) -> dict[str, Any]:
+def regenerate(
+    target,
+    renderer: ChatRenderer,
+    data_path: str,
+    out: str,
+    sampling: Sampling,
+    *,
+    fmt: str = "auto",
+    num_conversations: int | None = None,
+    resume: bool = False,
+    mesh=None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write ``out`` (OpenAI JSONL) with the target's answers to the conversations of ``data_path``.
 
     ``target``: a ``models.target.Target``; ``renderer``: its :class:`ChatRenderer`; ``num_conversations``: the
@@ -292,8 +325,7 @@ def regenerate(target, renderer: ChatRenderer, data_path: str, out: str, samplin
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=num_conversations, initial=done_rows, desc="regenerate", unit="conv",
-                       dynamic_ncols=True)
+            bar = tqdm(total=num_conversations, initial=done_rows, desc="regenerate", unit="conv", dynamic_ncols=True)
         start, tokens, rows_written, truncated, dropped = time.perf_counter(), 0, 0, 0, 0
         for window in _windows(readers.read_indexed(data_path, fmt), renderer, sampling, num_conversations, counts):
             if window[-1][0] <= last_record:
@@ -313,14 +345,26 @@ def regenerate(target, renderer: ChatRenderer, data_path: str, out: str, samplin
             os.fsync(f.fileno())
             if bar is not None:
                 bar.update(len(fresh))
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}", skipped=sum(
-                    counts.by_reason.values()), refresh=False)
+                bar.set_postfix(
+                    tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
+                    skipped=sum(counts.by_reason.values()),
+                    refresh=False,
+                )
     if bar is not None:
         bar.close()
     os.replace(partial, out)
     seconds = time.perf_counter() - start
-    return {"out": out, "rows": done_rows + rows_written, "resumed_rows": done_rows,
-            "skipped": sum(counts.by_reason.values()), "skipped_by_reason": dict(counts.by_reason),
-            "skip_examples": counts.examples, "generated_tokens": tokens,
-            "tokens_per_s": tokens / seconds if seconds > 0 else None, "seconds": round(seconds, 2),
-            "truncated_answers": truncated, "dropped_turns": dropped, "generator": generator}
+    return {
+        "out": out,
+        "rows": done_rows + rows_written,
+        "resumed_rows": done_rows,
+        "skipped": sum(counts.by_reason.values()),
+        "skipped_by_reason": dict(counts.by_reason),
+        "skip_examples": counts.examples,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "seconds": round(seconds, 2),
+        "truncated_answers": truncated,
+        "dropped_turns": dropped,
+        "generator": generator,
+    }

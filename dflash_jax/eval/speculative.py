@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from dflash_jax import generate
-from dflash_jax.generate import bucket_length  # noqa: F401  (public here too: eval/report.py buckets prompts)
+from dflash_jax.generate import bucket_length  # also public here: eval/report.py buckets prompts
 
 
 class DecodeOutput(NamedTuple):
