@@ -208,8 +208,8 @@ def render_regen(data: dict) -> str:
     return f"""
 ## Target-aligned data: D-PACE on the target's own answers vs on ShareGPT's
 
-`dflash-jax regenerate` kept the user turns of the first {len(rows)} usable ShareGPT conversations and answered
-them with SmolLM2-135M-Instruct itself (T = {gen['temperature']}, at most {gen['max_new_tokens']} tokens an answer,
+`dflash-jax regenerate` kept the user turns of the first usable ShareGPT conversations ({len(rows)} rows written)
+and answered them with SmolLM2-135M-Instruct itself (T = {gen['temperature']}, at most {gen['max_new_tokens']} tokens an answer,
 prompts of at most {gen['max_prompt_len']} tokens: {answers} answers, {truncated} of them cut at the limit{minutes}).
 A D-PACE drafter was trained on that file exactly as the D-PACE arm above (same seed, steps and number of packed
 rows; its first 16 rows held out) and evaluated on the D-PACE arm's held-out prompts. Relative real τ gain of the

@@ -93,7 +93,7 @@ def test_report_regenerated_data_arm(tmp_path):
     report.main(["--run", str(run), "--out", str(out)])
     text = out.read_text()
     assert "## Target-aligned data" in text
-    assert "first 5 usable ShareGPT conversations" in text and "5 answers, 2 of them cut at the limit" in text
+    assert "first usable ShareGPT conversations (5 rows written)" in text and "5 answers, 2 of them cut at the limit" in text
     # paired per prompt vs the D-PACE arm: (0.1 + 0 + 0.1) / 3, s.e. 0.0577 / sqrt(3)
     assert "**greedy: +5.1 %** (per-prompt paired Δτ = +0.067 ± 0.033 s.e.; within noise" in text
     assert "| SmolLM2's own answers | 1.300 | 0.100 | 1.367 | 1.367 |" in text
