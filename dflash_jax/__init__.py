@@ -17,7 +17,7 @@ from dflash_jax.losses import reduce_partials as reduce_partials
 from dflash_jax.losses import token_terms as token_terms
 from dflash_jax.models.target import TargetConfig as TargetConfig
 from dflash_jax.models.target import TargetModel as TargetModel
-from dflash_jax.models.target import load_target as load_target
+from dflash_jax.models.target_io import load_target as load_target
 from dflash_jax.models.draft import DFlashDraft as DFlashDraft
 from dflash_jax.models.draft import DraftCache as DraftCache
 from dflash_jax.models.draft import DraftConfig as DraftConfig

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp format) -> :class:`~dflash_jax.models.target.Target`, with the ``gguf`` package.
+"""GGUF files (llama.cpp format) -> target config, tensors and tokenizer, with the ``gguf`` package.
 
 Tensors are dequantized with ``gguf.quants.dequantize`` to float32 numpy (torch ``[out, in]`` layout after
 reversing GGUF's dimension order). For ``general.architecture == "llama"`` llama.cpp's converter permutes the
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from dflash_jax.models import tokenizer as tok_lib
-from dflash_jax.models.target import SUPPORTED_ARCHS, Target, TargetConfig, build_target_model
+from dflash_jax.models.target import SUPPORTED_ARCHS, TargetConfig
 
 _SUPPORTED_QUANTS = tuple(sorted({"F32", "F16"} | {t.name for t in gguf_quants._type_traits}))
 
@@ -97,7 +97,6 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: s
         rms_norm_eps=_f32_to_float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=arch == "qwen3",
         max_position_embeddings=int(get("context_length", 32768)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
@@ -109,8 +108,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=None) -> Target:
-    """Load a Llama/Qwen2/Qwen3 GGUF file (see :func:`dflash_jax.models.target.load_target`)."""
+def open_gguf(path: str) -> tuple[TargetConfig, Callable[[str, tuple[int, ...]], np.ndarray], tok_lib.TokenizerBundle]:
+    """``(config, fetch, tokenizer)`` of a Llama/Qwen2/Qwen3 GGUF file (materialised by
+    :func:`dflash_jax.models.target_io.load_target`)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: GGUF file not found")
     try:
@@ -139,7 +139,4 @@ def load_gguf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=
             w = _unpermute(w, cfg.num_attention_heads if gname.split(".")[-2] == "attn_q" else cfg.num_key_value_heads)
         return w
 
-    model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings)
-    tok = tok_lib.gguf_tokenizer(meta, name)
-    return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,
-                  eos_token=tok.eos_token, source=path)
+    return cfg, fetch, tok_lib.gguf_tokenizer(meta, name)
