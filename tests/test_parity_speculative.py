@@ -19,7 +19,7 @@ from test_speculative import train_drafter
 from dflash_jax.eval import speculative
 from dflash_jax.export import to_torch_tensors
 from dflash_jax.models.draft import DraftConfig
-from dflash_jax.models.target import load_target
+from dflash_jax.models.target_io import load_target
 
 pytestmark = pytest.mark.parity
 
