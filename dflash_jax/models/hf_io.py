@@ -109,7 +109,8 @@ def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
 
 
 class _SafetensorsReader:
-    """``fetch(name, shape)`` for :func:`~dflash_jax.models.target_io.build_target_model`: reads one tensor, checks shape and dtype."""
+    """``fetch(name, shape)`` for :func:`~dflash_jax.models.target_io.build_target_model`: reads one tensor,
+    checks shape and dtype."""
 
     def __init__(self, path: str, expected_dtype: str | None):
         self.path = path

@@ -78,7 +78,8 @@ class TargetConfig:
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"{type(self).__name__}.arch={self.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+            raise ValueError(f"{type(self).__name__}.arch={self.arch!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_ARCHS)})")
         layers.check_model_dims(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                                        "num_attention_heads", "num_key_value_heads", "head_dim",
                                        "max_position_embeddings"))

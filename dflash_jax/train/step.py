@@ -28,7 +28,6 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
-import chex
 import flax
 import jax
 import jax.numpy as jnp
