@@ -26,11 +26,8 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -166,9 +163,9 @@ def build_reference(shape: dict, *, dtype: str = "float32", device: str = "cpu",
     ``dtype`` (sdpa attention, draft dims explicit, train mode). With ``workdir`` (float32 only) the target is also
     saved there and loaded as our target, and the reference draft's weights converted to our layout, so both sides
     train the same weights. Returns ``(model, our_target_or_None, our_draft_params_or_None)``."""
+    import modelopt.torch.speculative as mtsp
     import torch
     import transformers
-    import modelopt.torch.speculative as mtsp
 
     from dflash_jax.export import from_torch_tensors
     from dflash_jax.models.target_io import load_target
