@@ -28,7 +28,7 @@ from dflash_jax import config as config_lib
 from dflash_jax import generate
 from dflash_jax.data import chat, pipeline, readers
 from dflash_jax.data import regenerate as regen
-from dflash_jax.train import loop
+from dflash_jax.train import run as run_lib
 
 
 def load_prompts(renderer: chat.ChatRenderer, n: int, max_len: int) -> list[np.ndarray]:
@@ -72,6 +72,25 @@ def run(
     return outs, secs, prefill
 
 
+def step_scaling(gen: generate.Generator, vocab: int, sizes: list[int], cache_lens: list[int]) -> None:
+    """Print the decode-step time per batch size and cache length (prompt bucket and capacity half of it each):
+    32-token random prompts, step = (time of 33 tokens - time of 1) / 32 (no EOS), best of 2 runs after a compile
+    run."""
+    rng = np.random.default_rng(0)
+    for cache_len in cache_lens:
+        for b in sizes:
+            prompts = [rng.integers(0, vocab, 32).astype(np.int32) for _ in range(b)]
+            kw = dict(prompt_bucket=cache_len // 2, capacity=cache_len // 2)
+            secs = {}
+            for limit in (1, 33):
+                gen(prompts, limit, **kw)
+                secs[limit] = min(gen(prompts, limit, **kw).seconds for _ in range(2))
+            step = (secs[33] - secs[1]) / 32
+            print(
+                f"cache {cache_len:4d} slots, batch {b:3d}: decode step {1000 * step:.0f} ms, {b / step:.1f} tokens/s"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2", help="target.path (default %(default)s)")
@@ -81,9 +100,16 @@ def main() -> None:
     )
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     ap.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt (default %(default)s)")
+    ap.add_argument(
+        "--step-scaling",
+        default="",
+        metavar="CACHE_LENS",
+        help="instead: decode-step time for every --batch-sizes entry at these comma-separated KV-cache lengths "
+        "(even, >= 128: half prompt bucket, half new-token capacity; random prompts, no EOS), e.g. 128,512",
+    )
     args = ap.parse_args()
     sizes = [int(x) for x in args.batch_sizes.split(",")]
-    target = loop.build_target(config_lib.TargetSection(path=args.target))
+    target = run_lib.build_target(config_lib.TargetSection(path=args.target))
     renderer = chat.ChatRenderer.from_target(target)
     stop = regen.stop_token_ids(target, renderer)
     prompts = load_prompts(renderer, args.prompts, args.max_prompt_len)
@@ -103,6 +129,9 @@ def main() -> None:
         f"prompts: {len(prompts)} ShareGPT prompts, {min(p.size for p in prompts)}-{max(p.size for p in prompts)} "
         f"tokens, greedy, <= {args.max_new_tokens} new tokens, stop ids {list(stop)}"
     )
+    if args.step_scaling:
+        step_scaling(gen, c.vocab_size, sizes, [int(x) for x in args.step_scaling.split(",")])
+        return
     results = {}
     for b in sizes:
         outs, secs, prefill = run(gen, prompts, b, args.max_new_tokens, stop)

@@ -7,7 +7,8 @@ import pytest
 
 from decode_oracle import greedy_reference
 from dflash_jax import generate
-from dflash_jax.models.target import TargetConfig, random_target
+from dflash_jax.models.target import TargetConfig
+from dflash_jax.models.target_io import random_target
 from dflash_jax.train import sharding
 
 CFG = TargetConfig(

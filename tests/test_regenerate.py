@@ -16,7 +16,7 @@ from dflash_jax import cli
 from dflash_jax import config as config_lib
 from dflash_jax.data import chat
 from dflash_jax.data import regenerate as regen
-from dflash_jax.train import loop
+from dflash_jax.train import run
 
 MAX_NEW = 16
 SYSTEM, LONG = "You answer briefly.", "word " * 15
@@ -89,7 +89,7 @@ def _run(tmp_path, capsys, name, data, *extra):
 @pytest.fixture(scope="module")
 def target_and_renderer():
     config = config_lib.load_config("tiny", [s for s in _sets("x.jsonl", "[1,1,1]") if s != "--set"])
-    target = loop.build_target(config.target)
+    target = run.build_target(config.target)
     return target, chat.ChatRenderer.from_target(target)
 
 
