@@ -3,7 +3,8 @@
 Every error is a ``ValueError`` naming the dotted key: unknown keys, wrong types, out-of-range values and
 cross-field violations (``data.seq_len % draft.block_size``, ``draft.sliding_window < draft.block_size``, …).
 :func:`validate_runtime` adds the checks that need the machine or the loaded target (mesh size vs device count,
-mask id vs vocabulary, layer ids vs target depth); the YAML checks stay device-free.
+layer ids vs target depth); the YAML checks stay device-free. The mask id meets the target vocabulary in
+:class:`~dflash_jax.models.draft.DraftConfig` only.
 
 YAML note: PyYAML reads ``6e-4`` (no dot) as a string; float keys accept such numeric strings.
 """
@@ -95,7 +96,7 @@ class TargetSection:
 
 @dataclass(frozen=True)
 class DraftSection:
-    """Draft architecture (reference §1.3: the dims are explicit, never inherited from the target)."""
+    """Draft architecture (docs/design.md §4.2: the dims are explicit, never inherited from the target)."""
 
     num_layers: int = 1
     block_size: int = 8
@@ -106,7 +107,7 @@ class DraftSection:
     intermediate_size: int = 128
     rope_theta: float | None = None  # null = the target's
     rms_norm_eps: float = 1e-6
-    mask_token_id: int | None = None  # null = tokenizer's mask, else pad, else unk token (resolved at run time)
+    mask_token_id: int | None = None  # null = the mask-token rule of docs/design.md §4.6 (train/run.py)
     target_layer_ids: tuple[int, ...] | None = None  # null = build_target_layer_ids(Lt, num_layers)
     sliding_window: int | None = None
     causal: bool = False
@@ -335,8 +336,7 @@ def validate(config: Config) -> Config:
            f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}")
 
     if t.path == "random":
-        validate_runtime(config, num_devices=None, vocab_size=t.random.vocab_size,
-                         num_target_layers=t.random.num_layers)
+        validate_runtime(config, num_devices=None, num_target_layers=t.random.num_layers)
     return config
 
 
@@ -367,20 +367,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 def validate_runtime(
     config: Config,
     num_devices: int | None,
-    vocab_size: int | None = None,
     num_target_layers: int | None = None,
 ) -> Config:
     """Checks against the machine and the loaded target: mesh size == ``num_devices`` (``jax.device_count()``),
-    the batch divides over ``data*fsdp``, ``mask_token_id < vocab_size``, layer ids ``< num_target_layers``."""
+    the batch divides over ``data*fsdp``, layer ids ``< num_target_layers``."""
     d = config.draft
     if num_devices is not None:
         shape = resolve_mesh_shape(config.mesh.shape, num_devices)
         _check(config.data.batch_size % (shape[0] * shape[1]) == 0,
                f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
                f"({shape[0] * shape[1]})")
-    if vocab_size is not None and d.mask_token_id is not None:
-        _check(d.mask_token_id < vocab_size,
-               f"draft.mask_token_id ({d.mask_token_id}) must be < the target vocab_size ({vocab_size})")
     if num_target_layers is not None:
         _check(d.num_layers <= num_target_layers,
                f"draft.num_layers ({d.num_layers}) must be <= the target's {num_target_layers} layers")
