@@ -23,7 +23,7 @@ import yaml
 
 from dflash_jax import losses
 from dflash_jax.models import draft as draft_lib
-from dflash_jax.models import families
+from dflash_jax.models import hf_io
 from dflash_jax.models.target import TargetConfig
 
 Dtype = Literal["float32", "bfloat16"]
@@ -34,11 +34,11 @@ class RandomTargetConfig(TargetConfig):
     """A random-init target (``target.path: random``; tests and CI): a :class:`TargetConfig` (every field, checked
     by it) with small defaults, plus the init ``seed``.
 
-    A family arch (``qwen3_moe``, ``gpt_oss``, ``gemma3_text``) fills the fields that its ``config.json`` parser
-    (``models/families/``) derives and that are left at their defaults here, so a random target is built like a
-    loaded one: MoE on every layer (``num_experts``/``num_experts_per_tok``/``moe_intermediate_size``); every
-    ``sliding_window_pattern``-th layer full attention and the others sliding with ``sliding_window`` (gpt-oss,
-    Gemma 3).
+    Its fields pass through the ``config.json`` parser (:func:`~dflash_jax.models.hf_io.config_from_hf`), which fills
+    those left at their defaults here, so a random target is built like a loaded one (Qwen2's q/k/v biases; for the
+    families of ``models/families/``: MoE on every layer with ``num_experts``/``num_experts_per_tok``/
+    ``moe_intermediate_size``, every ``sliding_window_pattern``-th layer full attention and the others sliding with
+    ``sliding_window``, Gemma's norms and scales).
     """
 
     __hash__ = TargetConfig.__hash__
@@ -66,15 +66,15 @@ class RandomTargetConfig(TargetConfig):
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
                              f"{name}.num_experts ({self.num_experts})]")
-        if self.arch in families.FAMILIES:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name, value in families.FAMILIES[self.arch].config_fields(self._hf_config()).items():
-                if getattr(self, name) == defaults[name]:
-                    object.__setattr__(self, name, value)
-        super().__post_init__()
+        super().__post_init__()  # the fields as given (errors name this class)
+        parsed = hf_io.config_from_hf(self._hf_config())
+        for f in dataclasses.fields(TargetConfig):  # the derived fields (not the dims above) left at their defaults
+            if f.name not in _RANDOM_DIMS and getattr(self, f.name) == f.default:
+                object.__setattr__(self, f.name, getattr(parsed, f.name))
+        super().__post_init__()  # the filled fields
 
     def _hf_config(self) -> dict:
-        """These dims as an HF ``config.json`` dict (the input of a family's ``config_fields``)."""
+        """These dims as an HF ``config.json`` dict (the input of the parser)."""
         return dict(model_type=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
@@ -83,6 +83,9 @@ class RandomTargetConfig(TargetConfig):
                     num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
                     norm_topk_prob=True, sliding_window=self.sliding_window,
                     sliding_window_pattern=self.sliding_window_pattern, query_pre_attn_scalar=self.head_dim)
+
+
+_RANDOM_DIMS = set(RandomTargetConfig.__annotations__)  # the random target's own dims: never filled by the parser
 
 
 @dataclass(frozen=True)
