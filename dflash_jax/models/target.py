@@ -160,7 +160,8 @@ class TargetConfig:
 
 @struct.dataclass
 class KVCache:
-    """Fixed-size KV cache: ``k, v [L, B, max_len, KVH, HD]``; ``length [B] int32`` = committed tokens per row."""
+    """Fixed-size KV cache: ``k, v [L, B, KVH, max_len, HD]`` (heads before positions: the attention dots read it
+    without a relayout); ``length [B] int32`` = committed tokens per row."""
 
     k: jax.Array
     v: jax.Array
@@ -196,18 +197,19 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, past=None, write_pos=None):
         """``x [B,S,H]`` (normed) -> ``(o_proj(attention) [B,S,H], kv)``. Without ``past`` the keys are the S new
         tokens and ``kv = (k, v)`` of those tokens. With ``past = (k, v, i)``, the whole cache ``k, v
-        [L,B,max_len,KVH,HD]`` and this layer's index ``i``, the new k/v are scattered into layer ``i`` at
+        [L,B,KVH,max_len,HD]`` and this layer's index ``i``, the new k/v are scattered into layer ``i`` at
         ``write_pos [B,S]`` (out-of-range writes dropped; in place: a decode step copies no cache), attention runs
         over that layer's cache under ``mask [B,S,Lk]``, and ``kv`` is the updated ``(k, v)`` of all layers."""
         q, k, v = self.qkv(x, cos, sin)
         kv = (k, v)
         if past is not None:
             rows = jnp.arange(x.shape[0])[:, None]
-            kv = tuple(c.at[past[2], rows, write_pos].set(new.astype(c.dtype), mode="drop")
+            kv = tuple(c.at[past[2], rows, :, write_pos].set(new.astype(c.dtype), mode="drop")
                        for c, new in zip(past[:2], (k, v)))
             k, v = kv[0][past[2]], kv[1][past[2]]
         sinks = None if self.sinks is None else self.sinks[...]
-        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
+        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks,
+                                    heads_first=past is not None)
         return self.o_proj(a.reshape(*x.shape[:2], -1)), kv
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -344,11 +346,11 @@ class TargetModel(nnx.Module):
 
     # -- KV-cache decoding -------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """Empty cache ``k, v [L,batch,max_len,KVH,HD]`` (default compute dtype), ``length = 0``."""
+        """Empty cache ``k, v [L,batch,KVH,max_len,HD]`` (default compute dtype), ``length = 0``."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be positive")
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
         dt = self.dtype if dtype is None else dtype
         return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), length=jnp.zeros((batch,), jnp.int32))
 
@@ -368,7 +370,7 @@ class TargetModel(nnx.Module):
         chex.assert_shape(cache.length, (b,))
         num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else _as_int_array("num_valid", num_valid, (b,))
         positions = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-        key_positions = jnp.arange(cache.k.shape[2])[None]
+        key_positions = jnp.arange(cache.k.shape[3])[None]
         mask = key_positions[:, None, :] <= positions[:, :, None]
         taps, final, (k, v) = self._run(input_ids, positions, mask, key_positions, layer_ids, cache)
         return taps, final, KVCache(k=k, v=v, length=cache.length + jnp.clip(num_valid, 0, n))
