@@ -120,6 +120,10 @@ class TrainSection:
     mode: Literal["online", "offline"] = "online"
     features_dir: str | None = None  # offline features (train.mode: offline)
     remat: bool = False
+    # Attention implementation of the target and the draft (README "Attention"): auto = the measured choice per
+    # backend; dense = the parity baseline; chunked = XLA online softmax, O(queries x chunk) memory; pallas =
+    # fused kernels (splash / Mosaic on TPU, Triton on GPU; interpreted, slowly, on CPU).
+    attention: Literal["auto", "dense", "chunked", "pallas"] = "auto"
 
 
 @dataclass(frozen=True)

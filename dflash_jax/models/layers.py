@@ -1,8 +1,8 @@
 """Building blocks shared by the draft and the target model.
 
 One implementation of each piece serves both models: RMSNorm (Qwen3/Llama semantics), rotary embeddings
-(default and llama3 scaling, non-interleaved ``rotate_half``), the SwiGLU MLP, dense layers carrying logical
-partition names, and grouped-query attention with a boolean mask.
+(default and llama3 scaling, non-interleaved ``rotate_half``), the SwiGLU MLP and dense layers carrying logical
+partition names. Attention lives in :mod:`dflash_jax.models.attention`.
 
 Parameters are created with logical axis names only (``nnx.use_eager_sharding(False)`` is active inside
 :func:`unsharded_init`); ``dflash_jax.train.sharding`` maps those names onto a device mesh through one rules
@@ -21,11 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-# Large finite negative used for masked attention logits. A finite value keeps fully-masked rows finite
-# (softmax becomes uniform instead of NaN), which is what the reference does with finfo(dtype).min.
-MASK_VALUE = -1e30
-
 
 @contextlib.contextmanager
 def unsharded_init():
@@ -147,39 +142,3 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[..., None, :] + rot * sin[..., None, :]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------------------------
-
-
-def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """GQA logits in fp32: ``q [B, Lq, NH, HD]``, ``k [B, Lk, KVH, HD]`` -> ``[B, KVH, G, Lq, Lk]``.
-
-    Query head ``h`` uses kv head ``h // G`` with ``G = NH / KVH`` (HF ``repeat_kv`` order). Scaled by
-    ``HD**-0.5``.
-    """
-    b, lq, nh, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, lq, kvh, nh // kvh, hd)
-    s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
-    return s * (hd ** -0.5)
-
-
-def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
-    """``p [B, KVH, G, Lq, Lk]`` (probabilities) x ``v [B, Lk, KVH, HD]`` -> ``[B, Lq, NH, HD]`` (v's dtype)."""
-    b, kvh, g, lq, _ = p.shape
-    out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with a boolean ``mask [B, Lq, Lk]`` (True = attend; B may be 1 to broadcast).
-
-    Masked logits get :data:`MASK_VALUE` (finite), so fully-masked rows are uniform, never NaN.
-    Returns ``[B, Lq, NH, HD]``.
-    """
-    s = attention_scores(q, k)
-    s = jnp.where(mask[:, None, None], s, MASK_VALUE)
-    return attention_values(jax.nn.softmax(s, axis=-1), v)

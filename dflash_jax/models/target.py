@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx, struct
 
-from dflash_jax.models import layers
+from dflash_jax.models import attention, layers
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -161,7 +161,7 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    """GQA self-attention projections (HF names); the attention itself is ``layers.masked_attention``."""
+    """GQA self-attention projections (HF names); the attention itself is the caller's ``attend(q, k, v)``."""
 
     def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
@@ -200,8 +200,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype,
                                  dtype=dtype)
 
-    def __call__(self, h, cos, sin, mask, past=None, write_pos=None):
-        """``h [B,S,H]``, ``mask [B,S,Lk]`` bool. Without ``past`` the keys are the S new tokens; with
+    def __call__(self, h, cos, sin, attend, past=None, write_pos=None):
+        """``h [B,S,H]``, ``attend(q, k, v) -> [B,S,NH,HD]`` (``models.attention``). Without ``past`` the keys
+        are the S new tokens; with
         ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]`` (out-of-range
         writes dropped) and attention runs over the whole cache. Returns ``(h, (k, v))``."""
         x = self.input_layernorm(h)
@@ -210,7 +211,7 @@ class DecoderLayer(nnx.Module):
             rows = jnp.arange(h.shape[0])[:, None]
             k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
             v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
-        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        a = attend(q, k.astype(q.dtype), v.astype(q.dtype))
         h = h + self.self_attn.o_proj(a.reshape(*h.shape[:2], -1))
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
@@ -263,7 +264,7 @@ class TargetModel(nnx.Module):
             raise ValueError(f"layer_ids {bad} out of range [0, {self.config.num_layers})")
         return ids
 
-    def _run(self, input_ids, positions, mask, layer_ids, cache=None):
+    def _run(self, input_ids, positions, attend, layer_ids, cache=None):
         """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``."""
         ids = self._check_layer_ids(layer_ids)
         cos, sin = layers.rope_cos_sin(positions, self.config.inv_freq(), self.dtype)
@@ -271,7 +272,7 @@ class TargetModel(nnx.Module):
         outs, ks, vs = {}, [], []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else (cache.k[i], cache.v[i])
-            h, (k, v) = layer(h, cos, sin, mask, past, positions)
+            h, (k, v) = layer(h, cos, sin, attend, past, positions)
             ks.append(k)
             vs.append(v)
             if i in ids:
@@ -282,13 +283,15 @@ class TargetModel(nnx.Module):
         kv = None if cache is None else (jnp.stack(ks), jnp.stack(vs))
         return jax.lax.stop_gradient(taps), jax.lax.stop_gradient(final), kv
 
-    def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = ()):
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = (),
+                 attention_impl: str = "auto"):
         """Full causal forward.
 
         ``input_ids [B,S]`` int; ``positions [B,S]`` (default ``arange(S)``); ``segment_ids [B,S]`` (default
         ones): token ``q`` attends key ``t <= q`` of the same segment (packing; padding = segment 0).
         Returns ``taps [B,S,len(layer_ids)*H]`` (layer_ids order, id k = output of decoder layer k; id
         ``Lt-1`` is post final norm) and ``final_hidden [B,S,H]`` (after the final norm), both frozen.
+        ``attention_impl``: one of ``attention.IMPLEMENTATIONS`` (``train.attention``).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -299,9 +302,8 @@ class TargetModel(nnx.Module):
                      else _as_int_array("positions", positions, (b, s)))
         segment_ids = (jnp.ones((b, s), jnp.int32) if segment_ids is None
                        else _as_int_array("segment_ids", segment_ids, (b, s)))
-        causal = jnp.tril(jnp.ones((s, s), bool))
-        mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        taps, final, _ = self._run(input_ids, positions, mask, layer_ids)
+        attend = functools.partial(attention.causal_attention, segment_ids=segment_ids, impl=attention_impl)
+        taps, final, _ = self._run(input_ids, positions, attend, layer_ids)
         return taps, final
 
     # -- KV-cache decoding -------------------------------------------------------------------------------
@@ -331,7 +333,8 @@ class TargetModel(nnx.Module):
         num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else _as_int_array("num_valid", num_valid, (b,))
         positions = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
         mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]
-        taps, final, (k, v) = self._run(input_ids, positions, mask, layer_ids, cache)
+        attend = functools.partial(attention.masked_attention, mask=mask)
+        taps, final, (k, v) = self._run(input_ids, positions, attend, layer_ids, cache)
         return taps, final, KVCache(k=k, v=v, length=cache.length + jnp.clip(num_valid, 0, n))
 
     @staticmethod

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dflash_jax import blocks, losses
+from dflash_jax.models import attention
 from dflash_jax.train import optim, sharding
 
 MODES = ("online", "offline")
@@ -62,6 +63,7 @@ class StepConfig:
     ``kd``: soft CE against the target's distribution (reference ``dflash_self_logit_distillation``) instead of
     hard CE. ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch).
     ``chunk_blocks``: blocks per vocabulary-loss chunk (None: all ``num_anchors`` blocks in one chunk).
+    ``attention``: the target's and the draft's attention implementation (``attention.IMPLEMENTATIONS``).
     """
 
     block_size: int
@@ -74,6 +76,7 @@ class StepConfig:
     kd: bool = False
     mode: str = "online"
     chunk_blocks: int | None = 64
+    attention: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
@@ -85,6 +88,8 @@ class StepConfig:
                 raise ValueError(f"StepConfig.{name} must be an integer >= 1, got {v!r}")
         if self.mode not in MODES:
             raise ValueError(f"StepConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"StepConfig.attention must be one of {attention.IMPLEMENTATIONS}, got {self.attention!r}")
         if self.objective not in losses.OBJECTIVES:
             raise ValueError(f"StepConfig.objective must be one of {losses.OBJECTIVES}, got {self.objective!r}")
         if not self.target_layer_ids:
@@ -137,7 +142,7 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     bs, n = cfg.block_size, cfg.num_anchors
     if cfg.mode == "online":
         taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
-                             layer_ids=cfg.target_layer_ids)
+                             layer_ids=cfg.target_layer_ids, attention_impl=cfg.attention)
     else:
         taps, final = batch["target_hidden"], batch.get("teacher_hidden")
 
@@ -154,7 +159,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
 
     def loss_fn(params):
         draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
-        hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids)
+        hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids,
+                       attention_impl=cfg.attention)
         hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
         return losses.block_loss_from_hidden(
             hidden, lm_head, labels, mask, objective=cfg.objective, alpha=cfg.alpha, gamma=cfg.gamma,
@@ -292,7 +298,8 @@ def step_config_from(config: Any, draft_cfg: Any) -> StepConfig:
     return StepConfig(block_size=draft_cfg.block_size, num_anchors=config.draft.num_anchors,
                       mask_token_id=draft_cfg.mask_token_id, target_layer_ids=draft_cfg.target_layer_ids,
                       objective=config.loss.objective, alpha=config.loss.alpha, gamma=config.loss.gamma,
-                      kd=config.loss.kd, mode=config.train.mode, chunk_blocks=config.loss.chunk_blocks)
+                      kd=config.loss.kd, mode=config.train.mode, chunk_blocks=config.loss.chunk_blocks,
+                      attention=config.train.attention)
 
 
 def _check_compatible(cfg: StepConfig, draft_cfg: Any, target_cfg: Any) -> None:
