@@ -256,10 +256,9 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: RangeMask, i
     if impl == "dense":
         return _dense_range(q, k, v, mask)
     lk = k.shape[1]
-    chunk = CHUNK if chunk is None else chunk
-    chunk = min(chunk, BLOCK_K * pl.cdiv(lk, BLOCK_K)) if impl == "pallas" else min(chunk, lk)
-    if impl == "pallas":
-        chunk = BLOCK_K * pl.cdiv(chunk, BLOCK_K)
+    # Equal chunks of at most ``chunk`` keys (least padding), rounded up to the kernel's key tile for pallas.
+    tile = BLOCK_K if impl == "pallas" else 8
+    chunk = tile * pl.cdiv(pl.cdiv(lk, pl.cdiv(lk, CHUNK if chunk is None else chunk)), tile)
     k, v, mask = _pad_keys(k, v, mask, chunk)
     return _flash(q, k, v, mask, chunk, impl == "pallas")
 
@@ -366,7 +365,7 @@ def _pallas_fwd_pass(q, k, v, mask: RangeMask):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _splash_causal(q, k, v, segment_ids):
+def _splash_causal(q, k, v, segment_ids, interpret: bool = False):
     """Splash attention (TPU, Mosaic): static causal mask + segment ids; ``S`` padded to the 128 tiles."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -379,13 +378,14 @@ def _splash_causal(q, k, v, segment_ids):
     blocks = dict(block_q=BLOCK_Q, block_kv=BLOCK_K, block_kv_compute=BLOCK_K, block_q_dkv=BLOCK_Q,
                   block_kv_dkv=BLOCK_K, block_kv_dkv_compute=BLOCK_K, block_q_dq=BLOCK_Q, block_kv_dq=BLOCK_K)
     kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([splash_mask.CausalMask((sp, sp))] * nh),
-                                    block_sizes=splash.BlockSizes(**blocks), head_shards=1, q_seq_shards=1)
+                                    block_sizes=splash.BlockSizes(**blocks), head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
     out = jax.vmap(kernel)(heads(q * hd ** -0.5), heads(k), heads(v),
                            segment_ids=splash.SegmentIds(seg, seg))
     return jnp.moveaxis(out, 1, 2)[:, :s]
 
 
-def _triton_causal(q, k, v, segment_ids):
+def _triton_causal(q, k, v, segment_ids, interpret: bool = False):
     """The Triton flash kernel of ``jax.experimental.pallas.ops.gpu.attention`` (k/v heads repeated for GQA)."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
@@ -395,7 +395,7 @@ def _triton_causal(q, k, v, segment_ids):
     pad_s = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
     seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
     out = gpu_attention.mha(pad_s(q), pad_s(jnp.repeat(k, g, 2)), pad_s(jnp.repeat(v, g, 2)), seg,
-                            sm_scale=hd ** -0.5, causal=True)
+                            sm_scale=hd ** -0.5, causal=True, interpret=interpret)
     return out[:, :s]
 
 
