@@ -42,12 +42,14 @@ from dflash_jax.models import attention
 from dflash_jax.train import optim, sharding
 
 MODES = ("online", "offline")
+PARAM_DTYPES = ("float32", "bfloat16")  # train.param_dtype: fp32 master weights, or bf16 params (fp32 moments)
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
 class TrainState:
-    """``step`` int32 ``[]`` (batches consumed), ``params`` fp32 master draft ``nnx.State``, ``opt_state`` (optax),
+    """``step`` int32 ``[]`` (batches consumed), ``params`` draft ``nnx.State`` (fp32 master weights, or bf16 with
+    ``train.param_dtype: bfloat16``), ``opt_state`` (optax, fp32 moments),
     ``skipped_updates`` int32 ``[]`` (non-finite steps whose update was skipped)."""
 
     step: jax.Array
@@ -169,7 +171,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds the result to the params' dtype.
+    updates, new_opt = tx.update(optim.as_float32(grads), state.opt_state, optim.as_float32(state.params))
     new_params = optax.apply_updates(state.params, updates)
     applied = state.step - state.skipped_updates  # optimizer updates so far = the schedule's count
     skipped = state.skipped_updates + (~finite).astype(jnp.int32)
@@ -193,12 +196,13 @@ def split_draft(draft: nnx.Module) -> tuple[nnx.GraphDef, Any]:
 
 def init_train_state(draft: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
                      ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """Split ``draft`` (built with fp32 ``param_dtype``), place its params by the rules table and initialise the
-    optimizer state on matching shardings. Returns ``(draft_graphdef, state, state_shardings)``."""
+    """Split ``draft`` (built with one ``param_dtype``: float32 master weights, or bfloat16 parameters), place its
+    params by the rules table and initialise the fp32 optimizer state on matching shardings. Returns
+    ``(draft_graphdef, state, state_shardings)``."""
     graphdef, params = split_draft(draft)
-    bad = [jnp.dtype(x.dtype).name for x in jax.tree.leaves(params) if x.dtype != jnp.float32]
-    if bad:
-        raise ValueError(f"draft params must be float32 master weights (param_dtype=float32), got {sorted(set(bad))}")
+    dtypes = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)})
+    if len(dtypes) != 1 or dtypes[0] not in PARAM_DTYPES:
+        raise ValueError(f"draft params must all be one of {PARAM_DTYPES} (param_dtype), got {dtypes}")
     shardings = train_state_shardings(tx, params, mesh)
     params = sharding.place(params, shardings.params)
     opt_state = optim.init_opt_state(tx, params, shardings.opt_state)
