@@ -8,8 +8,8 @@ with a ``[B, N*bs, S+N*bs]`` mask built from the same visibility rule); ``dense`
     python scripts/bench_draft.py --shape large                 # S=3072, N=512, bs=16, H=4096, 5 layers (GPU)
     python scripts/bench_draft.py --memory                      # compile only, Qwen3-8B recipe shape, no weights
 
-Timing mode prints one line per path (compile time, median step time, XLA temp memory of the compiled step) and
-``<path>_speedup_vs_dense=<x>``. ``--memory`` compiles (abstract shapes, nothing allocated) the draft forward +
+Timing mode compiles every path, times them round-robin, and prints one line per path (compile time, median step
+time, XLA temp memory of the compiled step) and ``<path>_speedup_vs_dense=<x>``. ``--memory`` compiles (abstract shapes, nothing allocated) the draft forward +
 backward and, separately, one attention call's forward + backward (the attention's share), and prints their
 ``compiled.memory_analysis()`` temp bytes per implementation with the ratio to ``dense``.
 """
@@ -107,21 +107,26 @@ def temp_bytes(compiled) -> float:
     return float(getattr(mem, "temp_size_in_bytes", float("nan"))) if mem is not None else float("nan")
 
 
-def run(path: str, cfg, model, data, steps: int) -> dict:
+def run(paths: list[str], cfg, model, data, steps: int) -> dict[str, dict]:
+    """Compile every path, then time them round-robin (``steps`` rounds; the median per path), so that load changes
+    on a shared machine hit every path alike."""
     graphdef, params = nnx.split(model, nnx.Param)
-    t0 = time.perf_counter()
-    compiled = compile_step(path, cfg, graphdef, params, data)
-    compile_s = time.perf_counter() - t0
-    loss, grads = compiled(params, data)
-    jax.block_until_ready(grads)
-    times = []
-    for _ in range(steps):
+    out, compiled = {}, {}
+    for path in paths:
         t0 = time.perf_counter()
-        loss, grads = compiled(params, data)
+        compiled[path] = compile_step(path, cfg, graphdef, params, data)
+        loss, grads = compiled[path](params, data)
         jax.block_until_ready(grads)
-        times.append(time.perf_counter() - t0)
-    return dict(path=path, compile_s=compile_s, step_s=statistics.median(times),
-                temp_gib=temp_bytes(compiled) / 2**30, loss=float(loss))
+        out[path] = dict(path=path, compile_s=time.perf_counter() - t0, times=[], loss=float(loss),
+                         temp_gib=temp_bytes(compiled[path]) / 2**30)
+    for _ in range(steps):
+        for path in paths:
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled[path](params, data))
+            out[path]["times"].append(time.perf_counter() - t0)
+    for r in out.values():
+        r["step_s"] = statistics.median(r["times"])
+    return out
 
 
 def attention_temp_bytes(shape: dict, impl: str) -> float:
@@ -187,12 +192,10 @@ def main() -> None:
         memory_table(shape, paths)
         return
     cfg, model, data = build(shape)
-    results = {}
-    for path in paths:
-        r = run(path, cfg, model, data, args.steps)
-        results[path] = r
+    results = run(paths, cfg, model, data, args.steps)
+    for path, r in results.items():
         print(f"path={path} compile_s={r['compile_s']:.2f} step_s={r['step_s']:.4f} "
-              f"xla_temp_gib={r['temp_gib']:.3f} loss={r['loss']:.6f}", flush=True)
+              f"(median of {args.steps}, round-robin) xla_temp_gib={r['temp_gib']:.3f} loss={r['loss']:.6f}")
     if "dense" in results:
         for path, r in results.items():
             if path != "dense":

@@ -3,7 +3,7 @@
     python scripts/bench_train_step.py                         # CPU shape (default), float32
     python scripts/bench_train_step.py --compare-reference     # + the reference (modelopt 0.47.0, torch) same shapes
     python scripts/bench_train_step.py --shape qwen3-8b --dtype bfloat16 --kd   # one performance-issue shape
-    python scripts/bench_train_step.py --attention dense,auto  # attention implementations side by side
+    python scripts/bench_train_step.py --attention dense,auto  # implementations side by side (round-robin timing)
 
 Prints steps/s, draft tokens/s (B*N*bs per second), MFU and peak memory; with ``--compare-reference`` it then times
 the reference's training forward/backward + clip + torch AdamW step (HFDFlashModel, same shapes, same target and
@@ -125,14 +125,21 @@ def _timed(fn, steps: int, warmup: int, sync) -> list[float]:
     return times
 
 
-def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = "1,1,1", steps: int = 10,
-              warmup: int = 1, kd: bool = False, chunk_blocks: int | None = 64, objective: str = "dpace",
-              remat: bool = False, draft_params=None, attention: str = "auto") -> dict:
-    """Compile and time the dflash_jax train step (``jax.block_until_ready`` on the whole output) at ``shape``.
+def time_ours(shape: dict, target_model, *, steps: int = 10, warmup: int = 1, **kw) -> dict:
+    """Compile and time the dflash_jax train step (``jax.block_until_ready`` on the whole output) at ``shape``
+    (``kw``: :func:`build_ours`). Returns ``compile_s`` (first call), ``step_s`` (median), ``times``, ``loss``
+    (first step) and ``flops``."""
+    one, rec = build_ours(shape, target_model, **kw)
+    times = _timed(one, steps, warmup, jax.block_until_ready)
+    return dict(rec, step_s=statistics.median(times), times=times)
 
-    ``dtype``: draft compute dtype (fp32 master params); ``draft_params``: an ``nnx.State`` to start from;
-    ``attention``: ``train.attention`` of both models.
-    Returns ``compile_s`` (first call), ``step_s`` (median), ``times``, ``loss`` (first step) and ``flops``.
+
+def build_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = "1,1,1", kd: bool = False,
+               chunk_blocks: int | None = 64, objective: str = "dpace", remat: bool = False, draft_params=None,
+               attention: str = "auto"):
+    """The compiled dflash_jax train step at ``shape`` as ``(one, record)``: ``one()`` runs a step; ``record`` has
+    ``compile_s`` (first call), ``loss`` (first step) and ``flops``. ``dtype``: draft compute dtype (fp32 master
+    params); ``draft_params``: an ``nnx.State`` to start from; ``attention``: ``train.attention`` of both models.
     """
     tc, dc = make_configs(shape)
     mesh_shape = tuple(int(x) for x in mesh.split(","))
@@ -159,9 +166,8 @@ def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = 
     t0 = time.perf_counter()
     _, m = jax.block_until_ready(one())
     compile_s, loss = time.perf_counter() - t0, float(m["loss"])
-    times = _timed(one, steps, warmup, jax.block_until_ready)
-    return dict(compile_s=compile_s, step_s=statistics.median(times), times=times, loss=loss,
-                flops=train_flops(tc, dc, shape["batch"], shape["seq"], shape["anchors"], kd))
+    return one, dict(compile_s=compile_s, loss=loss,
+                     flops=train_flops(tc, dc, shape["batch"], shape["seq"], shape["anchors"], kd))
 
 
 def build_reference(shape: dict, *, dtype: str = "float32", device: str = "cpu", workdir: str | None = None):
@@ -291,11 +297,15 @@ def main(argv=None):
             ref_model, target_model, draft_params = build_reference(shape, workdir=workdir)
         else:
             target_model = make_target_model(tc, seed=0, dtype=args.dtype)
-        runs = {}
-        for impl in impls:
-            runs[impl] = time_ours(shape, target_model, dtype=args.dtype, mesh=args.mesh, steps=args.steps,
-                                   kd=args.kd, chunk_blocks=args.chunk_blocks, draft_params=draft_params,
-                                   attention=impl)
+        built = {impl: build_ours(shape, target_model, dtype=args.dtype, mesh=args.mesh, kd=args.kd,
+                                  chunk_blocks=args.chunk_blocks, draft_params=draft_params, attention=impl)
+                 for impl in impls}
+        runs = {impl: dict(rec, times=[]) for impl, (_, rec) in built.items()}
+        for _ in range(args.steps):  # round-robin: load changes on a shared machine hit every implementation alike
+            for impl, (one, _) in built.items():
+                runs[impl]["times"] += _timed(one, 1, 0, jax.block_until_ready)
+        for r in runs.values():
+            r["step_s"] = statistics.median(r["times"])
     tokens = shape["batch"] * shape["anchors"] * shape["block"]
     for impl, r in runs.items():
         print(f"ours[attention={impl}]: compile+first_s={r['compile_s']:.2f} step_s={r['step_s']:.4f} "

@@ -198,13 +198,16 @@ def test_draft_and_loss_gradients_match_dense(impl, monkeypatch):
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_train_step_with_pallas_lowers(platform):
-    """The whole compiled train step with ``pallas`` exports for TPU (Mosaic + splash) and CUDA (Triton)."""
-    ts, state, _ = tf.build(attention="pallas")
-    batch = ts.place_batch(tf.batch(b=2))
+    """The whole compiled train step with ``pallas`` on a 2x2x2 mesh exports for TPU (Mosaic + splash) and CUDA
+    (Triton), the kernels inside a per-batch-shard ``shard_map`` (SPMD cannot partition a custom call)."""
+    ts, state, _ = tf.build((2, 2, 2), attention="pallas")
+    batch = ts.place_batch(tf.batch(b=4))
     args = (state, ts.target_state, batch, jax.random.key(0))
     structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                            args)
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    exported = jax.export.export(ts.jitted, platforms=[platform], disabled_checks=checks)(*structs)
+    with jax.set_mesh(ts.mesh):
+        exported = jax.export.export(ts.jitted, platforms=[platform], disabled_checks=checks)(*structs)
     text = exported.mlir_module()
     assert ("tpu_custom_call" in text) if platform == "tpu" else ("__gpu$xla.gpu.triton" in text)
+    assert "manual_computation" in text  # shard_map: each device runs the kernels on its own rows

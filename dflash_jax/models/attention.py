@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import pallas as pl
 
+from dflash_jax.train.sharding import BATCH_AXES
+
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "pallas")
 # Large finite negative used for masked attention logits. A finite value keeps fully-masked rows finite
 # (softmax becomes uniform instead of NaN), which is what the reference does with finfo(dtype).min.
@@ -353,11 +355,24 @@ def _compiler_params(platform: str | None) -> Any:
     return None
 
 
+def _batch_sharded(fn, *args):
+    """``fn(*args)`` per batch shard (``jax.shard_map`` over the batch axes of the mesh set by ``jax.set_mesh``):
+    a Pallas custom call is opaque to XLA's SPMD partitioner, which would run it on the whole batch on every device.
+    Every leaf of ``args`` and of the result has the batch as its leading axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes:
+        return fn(*args)
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(fn, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+
 def _pallas_fwd_pass(q, k, v, mask: RangeMask):
     """The kernel compiled for TPU (Mosaic) or CUDA (Triton), interpreted on any other platform."""
-    call = functools.partial(_pallas_call, q, k, v, mask)
-    return jax.lax.platform_dependent(tpu=lambda: call("tpu"), cuda=lambda: call("cuda"),
-                                      default=lambda: call(None))
+    def call(platform):
+        return lambda: _batch_sharded(lambda *a: _pallas_call(*a, platform), q, k, v, mask)
+
+    return jax.lax.platform_dependent(tpu=call("tpu"), cuda=call("cuda"), default=call(None))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,7 +430,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     if impl == "chunked":
         return range_attention(q, k, v, RangeMask.causal(segment_ids), "chunked")[0]
     return jax.lax.platform_dependent(
-        q, k, v, segment_ids, tpu=_splash_causal, cuda=_triton_causal,
+        q, k, v, segment_ids, tpu=functools.partial(_batch_sharded, _splash_causal),
+        cuda=functools.partial(_batch_sharded, _triton_causal),
         default=lambda *a: range_attention(*a[:3], RangeMask.causal(a[3]), "pallas")[0])
 
 

@@ -293,7 +293,8 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.jitted(state, self.target_state, self.place_batch(batch), key)
+        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
+            return self.jitted(state, self.target_state, self.place_batch(batch), key)
 
 
 def step_config_from(config: Any, draft_cfg: Any) -> StepConfig:
