@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_loss import median_seconds, speedup_lines
 from flax import nnx
 
 import dflash_jax
@@ -111,21 +111,17 @@ def run(paths: list[str], cfg, model, data, steps: int) -> dict[str, dict]:
     """Compile every path, then time them round-robin (``steps`` rounds; the median per path), so that load changes
     on a shared machine hit every path alike."""
     graphdef, params = nnx.split(model, nnx.Param)
-    out, compiled = {}, {}
+    out, calls = {}, {}
     for path in paths:
         t0 = time.perf_counter()
-        compiled[path] = compile_step(path, cfg, graphdef, params, data)
-        loss, grads = compiled[path](params, data)
+        compiled = compile_step(path, cfg, graphdef, params, data)
+        loss, grads = compiled(params, data)
         jax.block_until_ready(grads)
-        out[path] = dict(path=path, compile_s=time.perf_counter() - t0, times=[], loss=float(loss),
-                         temp_gib=temp_bytes(compiled[path]) / 2**30)
-    for _ in range(steps):
-        for path in paths:
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled[path](params, data))
-            out[path]["times"].append(time.perf_counter() - t0)
-    for r in out.values():
-        r["step_s"] = statistics.median(r["times"])
+        out[path] = dict(path=path, compile_s=time.perf_counter() - t0, loss=float(loss),
+                         temp_gib=temp_bytes(compiled) / 2**30)
+        calls[path] = lambda compiled=compiled: jax.block_until_ready(compiled(params, data))
+    for path, step_s in median_seconds(calls, warmup=0, repeats=steps).items():
+        out[path]["step_s"] = step_s
     return out
 
 
@@ -186,7 +182,7 @@ def main() -> None:
     dev = jax.devices()[0]
     print(f"device={dev.platform}:{getattr(dev, 'device_kind', '?')} n_devices={jax.device_count()} "
           f"cpu={platform.processor() or platform.machine()} jax={jax.__version__} "
-          f"auto={attention.resolve('auto')} chunk={attention.CHUNK}")
+          f"auto={attention.resolve('auto', keys=shape['seq'])} chunk={attention.CHUNK}")
     print("shape=" + " ".join(f"{k}={v}" for k, v in shape.items()))
     if args.memory:
         memory_table(shape, paths)
@@ -196,11 +192,7 @@ def main() -> None:
     for path, r in results.items():
         print(f"path={path} compile_s={r['compile_s']:.2f} step_s={r['step_s']:.4f} "
               f"(median of {args.steps}, round-robin) xla_temp_gib={r['temp_gib']:.3f} loss={r['loss']:.6f}")
-    if "dense" in results:
-        for path, r in results.items():
-            if path != "dense":
-                print(f"{path}_speedup_vs_dense={results['dense']['step_s'] / r['step_s']:.2f} "
-                      f"loss_abs_diff={abs(results['dense']['loss'] - r['loss']):.2e}")
+    print("\n".join(speedup_lines({path: r["step_s"] for path, r in results.items()})))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench_loss import median_seconds, speedup_lines  # noqa: E402
 from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops, prefill_flops  # noqa: E402
 from dflash_jax import blocks  # noqa: E402
 from dflash_jax.models import layers  # noqa: E402
@@ -289,7 +290,7 @@ def main(argv=None):
     print(f"device={dev.platform}:{dev.device_kind} n_devices={jax.device_count()} cpu={platform.machine()} "
           f"x{os.cpu_count()} jax={jax.__version__} python={platform.python_version()}")
     print("shape=" + " ".join(f"{k}={v}" for k, v in shape.items()) + f" dtype={args.dtype} mesh={args.mesh}"
-          f" kd={args.kd} auto_attention={resolve_attention('auto')}")
+          f" kd={args.kd} auto_attention={resolve_attention('auto', keys=shape['seq'])}")
 
     ref_model, draft_params = None, None
     with tempfile.TemporaryDirectory() as workdir:
@@ -300,20 +301,14 @@ def main(argv=None):
         built = {impl: build_ours(shape, target_model, dtype=args.dtype, mesh=args.mesh, kd=args.kd,
                                   chunk_blocks=args.chunk_blocks, draft_params=draft_params, attention=impl)
                  for impl in impls}
-        runs = {impl: dict(rec, times=[]) for impl, (_, rec) in built.items()}
-        for _ in range(args.steps):  # round-robin: load changes on a shared machine hit every implementation alike
-            for impl, (one, _) in built.items():
-                runs[impl]["times"] += _timed(one, 1, 0, jax.block_until_ready)
-        for r in runs.values():
-            r["step_s"] = statistics.median(r["times"])
+        medians = median_seconds({impl: lambda one=one: jax.block_until_ready(one()) for impl, (one, _) in
+                                  built.items()}, warmup=0, repeats=args.steps)  # round-robin
+        runs = {impl: dict(rec, step_s=medians[impl]) for impl, (_, rec) in built.items()}
     tokens = shape["batch"] * shape["anchors"] * shape["block"]
     for impl, r in runs.items():
         print(f"ours[attention={impl}]: compile+first_s={r['compile_s']:.2f} step_s={r['step_s']:.4f} "
               f"steps_per_s={1 / r['step_s']:.3f} draft_tokens_per_s={tokens / r['step_s']:.1f} loss={r['loss']:.6f}")
-    if "dense" in runs:
-        for impl, r in runs.items():
-            if impl != "dense":
-                print(f"{impl}_speedup_vs_dense={runs['dense']['step_s'] / r['step_s']:.3f}")
+    print("\n".join(speedup_lines(medians)))
     ours = runs[impls[-1]]
     step_s, flops = ours["step_s"], ours["flops"]
     peak, peak_src = nominal_or_measured_peak(args.dtype)

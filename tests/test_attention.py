@@ -45,7 +45,9 @@ def test_config_switch_matches_module():
     assert config_lib.from_dict({}).train.attention == "auto"
     with pytest.raises(ValueError, match="train.attention"):
         config_lib.from_dict({"train": {"attention": "flash"}})
-    assert attention.resolve("auto", "cpu") == "chunked" and attention.resolve("auto", "tpu") == "pallas"
+    assert attention.resolve("auto", "cpu", keys=attention.CHUNK + 1) == "chunked"
+    assert attention.resolve("auto", "cpu", keys=attention.CHUNK) == "dense"
+    assert attention.resolve("auto", "tpu") == attention.resolve("auto", "cuda", keys=8) == "pallas"
     with pytest.raises(ValueError, match="attention implementation"):
         attention.resolve("flash")
 

@@ -15,7 +15,7 @@ Implementations (``IMPLEMENTATIONS``):
 * ``pallas``: the forward as a Pallas kernel (:func:`_range_attention_kernel`: Mosaic on TPU, Triton on GPU,
   ``interpret=True`` elsewhere) with the chunked backward; the target's packed causal attention uses splash
   attention on TPU and the Triton flash kernel of ``jax.experimental.pallas.ops.gpu.attention`` on GPU;
-* ``auto``: the measured choice per backend (:func:`resolve`).
+* ``auto``: the measured choice per backend and key length (:func:`resolve`).
 
 Every implementation returns exactly zero output, and zero gradient, for a query that sees no key.
 """
@@ -41,17 +41,22 @@ CHUNK = 512  # keys per chunk of the chunked implementation (a multiple of the P
 BLOCK_Q = BLOCK_K = 128  # Pallas tiles (TPU lanes; Triton wants powers of two)
 
 
-def resolve(impl: str, backend: str | None = None) -> str:
-    """``impl`` with ``auto`` replaced by the choice for ``backend`` (default ``jax.default_backend()``).
+def resolve(impl: str, backend: str | None = None, keys: int | None = None) -> str:
+    """``impl`` with ``auto`` replaced by the choice for ``backend`` (default ``jax.default_backend()``) and
+    ``keys`` keys per query.
 
-    CPU: ``chunked`` (measured: faster than ``dense`` on the draft step, docs/benchmarks.md). GPU/TPU: ``pallas``,
-    a default pending a measurement on the accelerator (the fused kernels never build ``[Lq, Lk]`` scores).
+    CPU: ``chunked`` when the keys span more than one chunk (measured faster than ``dense`` on the draft step,
+    docs/benchmarks.md), else ``dense`` (one chunk holds the same scores, without the scan and the recompute).
+    GPU/TPU: ``pallas``, a default pending a measurement on the accelerator (the fused kernels never build
+    ``[Lq, Lk]`` scores).
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl != "auto":
         return impl
-    return "chunked" if (backend or jax.default_backend()) == "cpu" else "pallas"
+    if (backend or jax.default_backend()) != "cpu":
+        return "pallas"
+    return "dense" if keys is not None and keys <= CHUNK else "chunked"
 
 
 @struct.dataclass
@@ -254,7 +259,7 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: RangeMask, i
     visible scores ``lse [B, KVH, G, Lq]`` fp32 (:data:`MASK_VALUE` where none is), both differentiable.
     ``chunk``: keys per step of the chunked forward/backward (default :data:`CHUNK`).
     """
-    impl = resolve(impl)
+    impl = resolve(impl, keys=k.shape[1])
     if impl == "dense":
         return _dense_range(q, k, v, mask)
     lk = k.shape[1]
@@ -421,7 +426,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     ``q [B, S, NH, HD]``, ``k/v [B, S, KVH, HD]``, ``segment_ids [B, S]`` -> ``[B, S, NH, HD]``. ``pallas``:
     splash attention on TPU, Triton on CUDA, the interpreted range kernel elsewhere.
     """
-    impl = resolve(impl)
+    impl = resolve(impl, keys=k.shape[1])
     segment_ids = segment_ids.astype(jnp.int32)
     if impl == "dense":
         s = q.shape[1]
@@ -455,7 +460,7 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     m_blk = mask.block(bs)[:, :, None, None]  # [B, N, 1, 1, bs, bs]
     s_blk = attention_scores(q.reshape(b * n, bs, nh, hd), k_blk.reshape(b * n, bs, kvh, hd))
     s_blk = jnp.where(m_blk, s_blk.reshape(b, n, kvh, g, bs, bs), MASK_VALUE)  # [B, N, KVH, G, bs, bs]
-    impl = resolve(mask.impl)
+    impl = resolve(mask.impl, keys=k_ctx.shape[1])
     if impl == "dense":
         m_ctx = mask.ctx.visible()[:, None, None]
         s_ctx = jnp.where(m_ctx, attention_scores(q, k_ctx), MASK_VALUE)  # [B, KVH, G, Q, S]
