@@ -24,10 +24,10 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_loss import median_seconds, speedup_lines
 from flax import nnx
 
 import dflash_jax
+from bench_loss import median_seconds, speedup_lines
 from dflash_jax import blocks, losses
 from dflash_jax.models import attention, layers
 

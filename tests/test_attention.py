@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import train_fixtures as tf
-from flax import nnx
-from dflash_jax import blocks, config as config_lib, losses
+from dflash_jax import blocks, losses
+from dflash_jax import config as config_lib
 from dflash_jax.models import attention
 from dflash_jax.models.draft import training_masks
 from dflash_jax.train.step import noise_ids
@@ -52,19 +53,42 @@ def test_config_switch_matches_module():
         attention.resolve("flash")
 
 
+def _self_mask(window=None):
+    """The target's dense reference mask, built here: ``t <= i``, same segment, ``t > i - window``."""
+    i = np.arange(S)
+    m = (i[None, :] <= i[:, None])[None] & (SEG[:, :, None] == SEG[:, None, :])
+    if window is not None:
+        m = m & (i[None, :] > i[:, None] - window)[None]
+    return jnp.asarray(m)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
-def test_causal_attention_matches_dense(impl, dtype, monkeypatch):
-    """The target's packed causal attention: segment ids, GQA, odd length, several key chunks (8 keys each)."""
+@pytest.mark.parametrize("variant", ["causal", "swa_sinks_scale"])
+def test_target_attention_matches_dense(impl, variant, dtype, monkeypatch):
+    """The target's packed causal attention: segment ids, GQA, odd length, several key chunks (8 keys each); a
+    sliding layer with sinks and a non-default scale (gpt-oss / Gemma 3)."""
     monkeypatch.setattr(attention, "CHUNK", 8)
     q, k, v, w = _qkv(S, S, dtype)
-    seg = jnp.asarray(SEG)
-    got = _value_and_grads(lambda *a: attention.causal_attention(*a, seg, impl), w, q, k, v)
-    want = _value_and_grads(lambda *a: attention.causal_attention(*a, seg, "dense"), w, q, k, v)
-    out = jax.jit(lambda *a: attention.causal_attention(*a, seg, impl))(q, k, v)
-    _close(out, jax.jit(lambda *a: attention.causal_attention(*a, seg, "dense"))(q, k, v), dtype, "out")
+    window, kw = (None, {}) if variant == "causal" else (11, dict(
+        scale=0.3, sinks=jax.random.normal(jax.random.key(5), (NH,))))
+    mask = attention.SelfMask(jnp.asarray(SEG), window=window, impl=impl)
+
+    def fn(*a):
+        return attention.attend(*a, mask, **kw)
+
+    def ref(*a):
+        return attention.masked_attention(*a, _self_mask(window), **kw)
+
+    got, want = _value_and_grads(fn, w, q, k, v), _value_and_grads(ref, w, q, k, v)
+    _close(jax.jit(fn)(q, k, v), jax.jit(ref)(q, k, v), dtype, "out")
     for g, r, name in zip(got[1], want[1], "qkv"):
         _close(g, r, dtype, f"d{name}")
+    if "sinks" in kw:  # the sink logits are trained (gpt-oss): their gradient too
+        gs = jax.grad(lambda sk: jnp.sum(attention.attend(q, k, v, mask, scale=0.3, sinks=sk).astype(jnp.float32) * w))
+        gr = jax.grad(lambda sk: jnp.sum(attention.masked_attention(q, k, v, _self_mask(window), scale=0.3, sinks=sk)
+                                         .astype(jnp.float32) * w))
+        _close(gs(kw["sinks"]), gr(kw["sinks"]), dtype, "dsinks")
 
 
 def _range_mask(lq, lk):
@@ -122,7 +146,7 @@ def test_target_kernels_interpreted(kernel):
     q, k, v, w = _qkv(S, S, jnp.float32)
     seg = jnp.asarray(SEG)
     got = _value_and_grads(lambda *a: fn(*a, seg, interpret=True), w, q, k, v)
-    want = _value_and_grads(lambda *a: attention.causal_attention(*a, seg, "dense"), w, q, k, v)
+    want = _value_and_grads(lambda *a: attention.masked_attention(*a, _self_mask()), w, q, k, v)
     _close(got[0], want[0], jnp.float32, "loss")
     for g, r, name in zip(got[1], want[1], "qkv"):
         _close(g, r, jnp.float32, f"d{name}")
@@ -132,11 +156,12 @@ BS, N, SC = 4, 4, 19  # block size, blocks, context length (odd)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("window,causal", [(None, False), (6, False), (None, True)], ids=["full", "swa", "causal"])
+@pytest.mark.parametrize("window,causal,sinks", [(None, False, False), (6, False, True), (None, True, False)],
+                         ids=["full", "swa_sinks", "causal"])
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
-def test_block_sparse_attention_matches_dense(impl, window, causal, dtype, monkeypatch):
+def test_block_sparse_attention_matches_dense(impl, window, causal, sinks, dtype, monkeypatch):
     """The draft's attention: packing, SWA, causal-in-block, a dropped block (exactly zero output and gradient),
-    an anchor at its segment's start (no context), GQA, context chunks of 8 keys."""
+    an anchor at its segment's start (no context), GQA, context chunks of 8 keys, attention sinks."""
     monkeypatch.setattr(attention, "CHUNK", 8)
     anchors = jnp.asarray([[0, 4, 9, 15], [2, 7, 12, 0]])
     keep = jnp.asarray([[True, True, True, True], [True, True, True, False]])
@@ -146,10 +171,11 @@ def test_block_sparse_attention_matches_dense(impl, window, causal, dtype, monke
     kb, vb = (jax.random.normal(x, (B, N * BS, KVH, HD)).astype(dtype) for x in ks[1:3])
     kc, vc = (jax.random.normal(x, (B, SC, KVH, HD)).astype(dtype) for x in ks[3:5])
     w = jax.random.normal(ks[5], (B, N * BS, NH, HD))
+    sk = jax.random.normal(jax.random.key(7), (NH,)) if sinks else None
 
     def fn(impl_):
         mask = training_masks(anchors, keep, seg, BS, window, causal, impl_)
-        return lambda q, kb, vb, kc, vc: attention.block_sparse_attention(q, kb, vb, kc, vc, mask)
+        return lambda q, kb, vb, kc, vc: attention.block_sparse_attention(q, kb, vb, kc, vc, mask, sk)
 
     def grads(f):
         return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=range(5)))(q, kb, vb, kc, vc)

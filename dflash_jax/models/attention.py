@@ -2,9 +2,12 @@
 
 Masks are described, never materialised by the callers: a :class:`RangeMask` says that key ``t`` (an index into
 the key sequence) is visible to query ``i`` iff ``q_seg[i] == k_seg[t]`` and ``lo[i] < t < hi[i]``. That covers
-the target's packed causal self-attention (``lo = -1``, ``hi = i + 1``, segment ids) and the draft's context part
-(block ``n`` slot ``j``: ``hi = a_n`` or 0 for a dropped block, ``lo = a_n + j - W`` with a sliding window,
-``q_seg = segment(a_n)``; reference ``docs/design.md`` §1.8).
+the target's packed causal self-attention (:class:`SelfMask`: ``lo = -1`` or ``i - W`` on sliding layers,
+``hi = i + 1``, segment ids) and the draft's context part (:class:`BlockMask`: block ``n`` slot ``j`` has
+``hi = a_n`` or 0 for a dropped block, ``lo = a_n + j - W`` with a sliding window, ``q_seg = segment(a_n)``;
+reference ``docs/design.md`` §1.8). Per-head attention sinks (gpt-oss, DFlash ``attention_sink_bias``) join the
+normaliser through the log-sum-exp (:func:`with_sinks`). The dense primitives (``masked_attention``,
+``attention_scores``, ``sink_softmax``) are ``layers``' and serve every target family and the decode path.
 
 Implementations (``IMPLEMENTATIONS``):
 
@@ -23,7 +26,6 @@ Every implementation returns exactly zero output, and zero gradient, for a query
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -31,12 +33,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import pallas as pl
 
+from dflash_jax.models.layers import MASK_VALUE, attention_scores, attention_values, masked_attention
 from dflash_jax.train.sharding import BATCH_AXES
 
+__all__ = ["IMPLEMENTATIONS", "MASK_VALUE", "BlockMask", "RangeMask", "SelfMask", "attend", "block_sparse_attention",
+           "masked_attention", "range_attention", "resolve", "windowed", "with_sinks"]
+
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "pallas")
-# Large finite negative used for masked attention logits. A finite value keeps fully-masked rows finite
-# (softmax becomes uniform instead of NaN), which is what the reference does with finfo(dtype).min.
-MASK_VALUE = -1e30
 CHUNK = 512  # keys per chunk of the chunked implementation (a multiple of the Pallas key block)
 BLOCK_Q = BLOCK_K = 128  # Pallas tiles (TPU lanes; Triton wants powers of two)
 
@@ -71,14 +74,6 @@ class RangeMask:
     lo: jax.Array
     hi: jax.Array
 
-    @classmethod
-    def causal(cls, segment_ids: jax.Array) -> "RangeMask":
-        """Packed causal self-attention: ``t <= i`` within the segment of ``segment_ids [B, S]``."""
-        b, s = segment_ids.shape
-        idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        return cls(segment_ids.astype(jnp.int32), segment_ids.astype(jnp.int32), jnp.full((b, s), -1, jnp.int32),
-                   idx + 1)
-
     def visible(self, t0: int | jax.Array = 0, length: int | None = None) -> jax.Array:
         """Boolean ``[B, Lq, K]`` for keys ``t0 .. t0+K-1`` (``K`` = ``k_seg``'s length, or ``length`` keys)."""
         k_seg = self.k_seg if length is None else jax.lax.dynamic_slice_in_dim(self.k_seg, t0, length, axis=1)
@@ -110,47 +105,16 @@ class BlockMask:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """GQA logits in fp32: ``q [B, Lq, NH, HD]``, ``k [B, Lk, KVH, HD]`` -> ``[B, KVH, G, Lq, Lk]``.
-
-    Query head ``h`` uses kv head ``h // G`` with ``G = NH / KVH`` (HF ``repeat_kv`` order). Scaled by
-    ``HD**-0.5``.
-    """
-    b, lq, nh, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, lq, kvh, nh // kvh, hd)
-    s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
-    return s * (hd ** -0.5)
-
-
-def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
-    """``p [B, KVH, G, Lq, Lk]`` (probabilities) x ``v [B, Lk, KVH, HD]`` -> ``[B, Lq, NH, HD]`` (v's dtype)."""
-    b, kvh, g, lq, _ = p.shape
-    out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with a boolean ``mask [B, Lq, Lk]`` (True = attend; B may be 1 to broadcast).
-
-    Masked logits get :data:`MASK_VALUE` (finite), so fully-masked rows are uniform, never NaN.
-    Returns ``[B, Lq, NH, HD]``.
-    """
-    s = attention_scores(q, k)
-    s = jnp.where(mask[:, None, None], s, MASK_VALUE)
-    return attention_values(jax.nn.softmax(s, axis=-1), v)
-
-
-def _dense_range(q, k, v, mask: RangeMask):
+def _dense_range(q, k, v, mask: RangeMask, scale: float):
     """``(out [B, Lq, NH, HD], lse [B, KVH, G, Lq] fp32)`` with one softmax over all keys."""
     vis = mask.visible()[:, None, None]
-    s = jnp.where(vis, attention_scores(q, k), MASK_VALUE)
+    s = jnp.where(vis, attention_scores(q, k, scale), MASK_VALUE)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
     p = jnp.where(vis, jnp.exp(s - m), 0.0)
-    l = p.sum(-1, keepdims=True)
-    ok = l > 0
-    out = attention_values(p / jnp.where(ok, l, 1.0), v)
-    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), MASK_VALUE)[..., 0]
+    l_sum = p.sum(-1, keepdims=True)
+    ok = l_sum > 0
+    out = attention_values(p / jnp.where(ok, l_sum, 1.0), v)
+    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l_sum, 1.0)), MASK_VALUE)[..., 0]
     return out, lse
 
 
@@ -175,39 +139,38 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
-def _chunked_fwd_pass(q, k, v, mask: RangeMask, chunk: int):
+def _chunked_fwd_pass(q, k, v, mask: RangeMask, chunk: int, scale: float):
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     g = nh // kvh
 
     def body(carry, xs):
-        m, l, acc = carry
+        m, l_sum, acc = carry
         k_c, v_c, t0 = xs
         vis = mask.visible(t0, chunk)[:, None, None]
-        s = jnp.where(vis, attention_scores(q, k_c), MASK_VALUE)
+        s = jnp.where(vis, attention_scores(q, k_c, scale), MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
         pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
-        return (m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv), None
+        return (m_new, alpha * l_sum + p.sum(-1), alpha[..., None] * acc + pv), None
 
     t0s = jnp.arange(0, k.shape[1], chunk, dtype=jnp.int32)
     init = (jnp.full((b, kvh, g, lq), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, lq), jnp.float32),
             jnp.zeros((b, kvh, g, lq, hd), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, (_chunks(k, chunk), _chunks(v, chunk), t0s))
-    ok = l > 0
-    out = acc / jnp.where(ok, l, 1.0)[..., None]
+    (m, l_sum, acc), _ = jax.lax.scan(body, init, (_chunks(k, chunk), _chunks(v, chunk), t0s))
+    ok = l_sum > 0
+    out = acc / jnp.where(ok, l_sum, 1.0)[..., None]
     out = jnp.moveaxis(out, 3, 1).reshape(b, lq, nh, hd).astype(v.dtype)
-    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), MASK_VALUE)
+    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l_sum, 1.0)), MASK_VALUE)
     return out, lse
 
 
-def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: int):
+def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: int, scale: float):
     """Flash-attention backward: per chunk ``p = exp(s - lse)``, ``ds = p * (dp - rowsum(dO*O) + dlse)``."""
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     g = nh // kvh
-    scale = hd ** -0.5
     do = jnp.moveaxis(d_out.reshape(b, lq, kvh, g, hd), 1, 3)  # [B, KVH, G, Lq, HD]
     delta = jnp.sum(do.astype(jnp.float32) * jnp.moveaxis(out.reshape(b, lq, kvh, g, hd), 1, 3), -1)
     row = d_lse.astype(jnp.float32) - delta  # [B, KVH, G, Lq]
@@ -216,7 +179,7 @@ def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: i
     def body(dq, xs):
         k_c, v_c, t0 = xs
         vis = mask.visible(t0, chunk)[:, None, None]
-        p = jnp.where(vis, jnp.exp(attention_scores(q, k_c) - lse[..., None]), 0.0)
+        p = jnp.where(vis, jnp.exp(attention_scores(q, k_c, scale) - lse[..., None]), 0.0)
         dv = jnp.einsum("bkgqt,bkgqd->btkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = jnp.einsum("bkgqd,btkd->bkgqt", do, v_c, preferred_element_type=jnp.float32)
         ds = (p * (dp + row[..., None]) * scale).astype(q.dtype)
@@ -231,20 +194,20 @@ def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: i
     return dq.reshape(b, lq, nh, hd).astype(q.dtype), unchunk(dk), unchunk(dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, mask: RangeMask, chunk: int, kernel: bool):
-    return _flash_fwd(q, k, v, mask, chunk, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, mask: RangeMask, chunk: int, kernel: bool, scale: float):
+    return _flash_fwd(q, k, v, mask, chunk, kernel, scale)[0]
 
 
-def _flash_fwd(q, k, v, mask, chunk, kernel):
+def _flash_fwd(q, k, v, mask, chunk, kernel, scale):
     fwd = _pallas_fwd_pass if kernel else functools.partial(_chunked_fwd_pass, chunk=chunk)
-    out, lse = fwd(q, k, v, mask)
+    out, lse = fwd(q, k, v, mask, scale=scale)
     return (out, lse), (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(chunk, kernel, res, cts):
+def _flash_bwd(chunk, kernel, scale, res, cts):
     q, k, v, mask, out, lse = res
-    dq, dk, dv = _chunked_bwd_pass(q, k, v, mask, out, lse, *cts, chunk=chunk)
+    dq, dk, dv = _chunked_bwd_pass(q, k, v, mask, out, lse, *cts, chunk=chunk, scale=scale)
     return dq, dk, dv, None
 
 
@@ -252,22 +215,24 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: RangeMask, impl: str = "dense",
-                    chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+                    chunk: int | None = None, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Softmax attention under a :class:`RangeMask`; ``q [B, Lq, NH, HD]``, ``k/v [B, Lk, KVH, HD]``.
 
     Returns ``out [B, Lq, NH, HD]`` (v's dtype; exactly 0 where no key is visible) and the log-sum-exp of the
     visible scores ``lse [B, KVH, G, Lq]`` fp32 (:data:`MASK_VALUE` where none is), both differentiable.
-    ``chunk``: keys per step of the chunked forward/backward (default :data:`CHUNK`).
+    ``chunk``: keys per step of the chunked forward/backward (default :data:`CHUNK`); ``scale``: of the logits
+    (default ``HD**-0.5``).
     """
     impl = resolve(impl, keys=k.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "dense":
-        return _dense_range(q, k, v, mask)
+        return _dense_range(q, k, v, mask, scale)
     lk = k.shape[1]
     # Equal chunks of at most ``chunk`` keys (least padding), rounded up to the kernel's key tile for pallas.
     tile = BLOCK_K if impl == "pallas" else 8
     chunk = tile * pl.cdiv(pl.cdiv(lk, pl.cdiv(lk, CHUNK if chunk is None else chunk)), tile)
     k, v, mask = _pad_keys(k, v, mask, chunk)
-    return _flash(q, k, v, mask, chunk, impl == "pallas")
+    return _flash(q, k, v, mask, chunk, impl == "pallas", scale)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,7 +254,7 @@ def _range_attention_kernel(lo_ref, hi_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
     last = jnp.minimum(jax.lax.div(jnp.maximum(jnp.max(hi), 0) + block_k - 1, block_k), num_k_blocks)
 
     def body(i, carry):
-        m, l, acc = carry
+        m, l_sum, acc = carry
         start = pl.multiple_of(i * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
@@ -301,18 +266,19 @@ def _range_attention_kernel(lo_ref, hi_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
         p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
         alpha = jnp.exp(m - m_new)
         pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, alpha * l + p.sum(-1, keepdims=True), alpha * acc + pv
+        return m_new, alpha * l_sum + p.sum(-1, keepdims=True), alpha * acc + pv
 
     init = (jnp.full((block_q, 1), MASK_VALUE, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
             jnp.zeros((block_q, hd), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(first, last, body, init)
-    ok = l > 0
-    safe_l = jnp.where(ok, l, 1.0)
+    m, l_sum, acc = jax.lax.fori_loop(first, last, body, init)
+    ok = l_sum > 0
+    safe_l = jnp.where(ok, l_sum, 1.0)
     o_ref[...] = (acc / safe_l).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(ok, m + jnp.log(safe_l), MASK_VALUE)
 
 
-def _pallas_call(q, k, v, mask: RangeMask, platform: str | None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+def _pallas_call(q, k, v, mask: RangeMask, platform: str | None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                 scale: float | None = None):
     """Run :func:`_range_attention_kernel` compiled for ``platform`` (``"tpu"``: Mosaic, ``"cuda"``: Triton) or
     interpreted (``None``); ``Lk`` must be a multiple of ``block_k`` (see :func:`_pad_keys`)."""
     b, lq, nh, hd = q.shape
@@ -326,7 +292,7 @@ def _pallas_call(q, k, v, mask: RangeMask, platform: str | None, block_q: int = 
     kt, vt = jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)  # [B, KVH, Lk, HD]
     lq_p = lq + pad
     per_q = pl.BlockSpec((None, block_q, 1), lambda bi, h, i: (bi, i, 0))
-    kernel = functools.partial(_range_attention_kernel, scale=hd ** -0.5, block_k=block_k,
+    kernel = functools.partial(_range_attention_kernel, scale=hd ** -0.5 if scale is None else scale, block_k=block_k,
                                num_k_blocks=lk // block_k)
     out, lse = pl.pallas_call(
         kernel,
@@ -372,10 +338,10 @@ def _batch_sharded(fn, *args):
     return jax.shard_map(fn, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
-def _pallas_fwd_pass(q, k, v, mask: RangeMask):
+def _pallas_fwd_pass(q, k, v, mask: RangeMask, scale: float):
     """The kernel compiled for TPU (Mosaic) or CUDA (Triton), interpreted on any other platform."""
     def call(platform):
-        return lambda: _batch_sharded(lambda *a: _pallas_call(*a, platform), q, k, v, mask)
+        return lambda: _batch_sharded(lambda *a: _pallas_call(*a, platform, scale=scale), q, k, v, mask)
 
     return jax.lax.platform_dependent(tpu=call("tpu"), cuda=call("cuda"), default=call(None))
 
@@ -385,7 +351,7 @@ def _pallas_fwd_pass(q, k, v, mask: RangeMask):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _splash_causal(q, k, v, segment_ids, interpret: bool = False):
+def _splash_causal(q, k, v, segment_ids, scale: float | None = None, interpret: bool = False):
     """Splash attention (TPU, Mosaic): static causal mask + segment ids; ``S`` padded to the 128 tiles."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -400,12 +366,13 @@ def _splash_causal(q, k, v, segment_ids, interpret: bool = False):
     kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([splash_mask.CausalMask((sp, sp))] * nh),
                                     block_sizes=splash.BlockSizes(**blocks), head_shards=1, q_seq_shards=1,
                                     interpret=interpret)
-    out = jax.vmap(kernel)(heads(q * hd ** -0.5), heads(k), heads(v),
+    scale = hd ** -0.5 if scale is None else scale
+    out = jax.vmap(kernel)(heads(q * jnp.asarray(scale, q.dtype)), heads(k), heads(v),
                            segment_ids=splash.SegmentIds(seg, seg))
     return jnp.moveaxis(out, 1, 2)[:, :s]
 
 
-def _triton_causal(q, k, v, segment_ids, interpret: bool = False):
+def _triton_causal(q, k, v, segment_ids, scale: float | None = None, interpret: bool = False):
     """The Triton flash kernel of ``jax.experimental.pallas.ops.gpu.attention`` (k/v heads repeated for GQA)."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
@@ -415,33 +382,70 @@ def _triton_causal(q, k, v, segment_ids, interpret: bool = False):
     pad_s = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
     seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
     out = gpu_attention.mha(pad_s(q), pad_s(jnp.repeat(k, g, 2)), pad_s(jnp.repeat(v, g, 2)), seg,
-                            sm_scale=hd ** -0.5, causal=True, interpret=interpret)
+                            sm_scale=hd ** -0.5 if scale is None else scale, causal=True, interpret=interpret)
     return out[:, :s]
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                     impl: str = "dense") -> jax.Array:
-    """The target's packed causal self-attention: query ``i`` sees key ``t <= i`` of its segment.
+@struct.dataclass
+class SelfMask:
+    """The target's packed causal self-attention, described: query ``i`` sees key ``t <= i`` of its segment
+    (``segment_ids [B, S]``) and, on sliding layers, ``t > i - window``; ``impl`` the implementation."""
 
-    ``q [B, S, NH, HD]``, ``k/v [B, S, KVH, HD]``, ``segment_ids [B, S]`` -> ``[B, S, NH, HD]``. ``pallas``:
-    splash attention on TPU, Triton on CUDA, the interpreted range kernel elsewhere.
+    segment_ids: jax.Array
+    window: int | None = struct.field(pytree_node=False, default=None)
+    impl: str = struct.field(pytree_node=False, default="auto")
+
+    def range_mask(self) -> RangeMask:
+        seg = self.segment_ids.astype(jnp.int32)
+        idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+        lo = jnp.full_like(idx, -1) if self.window is None else idx - self.window
+        return RangeMask(q_seg=seg, k_seg=seg, lo=lo, hi=idx + 1)
+
+
+def windowed(mask: jax.Array | SelfMask, window: int, positions: jax.Array, key_positions: jax.Array):
+    """A sliding layer's mask (HF ``sliding_window_overlay``): key ``t`` also needs ``pos(t) > pos(q) - window``
+    (``positions [B, Lq]``, ``key_positions [B|1, Lk]``); a :class:`SelfMask` applies it by index (positions count
+    up by one within a packed segment)."""
+    if isinstance(mask, SelfMask):
+        return mask.replace(window=window)
+    return mask & (key_positions[:, None, :] > positions[:, :, None] - window)
+
+
+def with_sinks(out: jax.Array, lse: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """``out [B, Lq, NH, HD]`` (softmax over the visible keys, log-sum-exp ``lse [B, KVH, G, Lq]``) renormalised
+    with one extra logit per head ``sinks [NH]`` in the normaliser (``layers.sink_softmax``)."""
+    if sinks is None:
+        return out
+    b, lq, nh, _ = out.shape
+    sk = sinks.astype(jnp.float32).reshape(1, lse.shape[1], lse.shape[2], 1)
+    w = jnp.moveaxis(jnp.exp(lse - jnp.logaddexp(lse, sk)), 3, 1).reshape(b, lq, nh, 1)
+    return (out.astype(jnp.float32) * w).astype(out.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SelfMask, *, scale: float | None = None,
+           sinks: jax.Array | None = None) -> jax.Array:
+    """The target's attention: a boolean ``mask [B, Lq, Lk]`` runs :func:`masked_attention` (decode, and the
+    ``dense`` forward); a :class:`SelfMask` runs its implementation. ``pallas``: splash attention on TPU and
+    Triton on CUDA for full layers without sinks, the range kernel otherwise (interpreted off TPU/GPU).
+    ``q [B, S, NH, HD]``, ``k/v [B, Lk, KVH, HD]`` -> ``[B, S, NH, HD]``.
     """
-    impl = resolve(impl, keys=k.shape[1])
-    segment_ids = segment_ids.astype(jnp.int32)
+    if not isinstance(mask, SelfMask):
+        return masked_attention(q, k, v, mask, scale=scale, sinks=sinks)
+    impl = resolve(mask.impl, keys=k.shape[1])
     if impl == "dense":
-        s = q.shape[1]
-        mask = jnp.tril(jnp.ones((s, s), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        return masked_attention(q, k, v, mask)
-    if impl == "chunked":
-        return range_attention(q, k, v, RangeMask.causal(segment_ids), "chunked")[0]
-    return jax.lax.platform_dependent(
-        q, k, v, segment_ids, tpu=functools.partial(_batch_sharded, _splash_causal),
-        cuda=functools.partial(_batch_sharded, _triton_causal),
-        default=lambda *a: range_attention(*a[:3], RangeMask.causal(a[3]), "pallas")[0])
+        return masked_attention(q, k, v, mask.range_mask().visible(), scale=scale, sinks=sinks)
+    if impl == "pallas" and sinks is None and mask.window is None:
+        seg = mask.segment_ids.astype(jnp.int32)
+        return jax.lax.platform_dependent(
+            q, k, v, seg, tpu=functools.partial(_batch_sharded, functools.partial(_splash_causal, scale=scale)),
+            cuda=functools.partial(_batch_sharded, functools.partial(_triton_causal, scale=scale)),
+            default=lambda *a: range_attention(*a[:3], mask.range_mask(), "pallas", scale=scale)[0])
+    out, lse = range_attention(q, k, v, mask.range_mask(), impl, scale=scale)
+    return with_sinks(out, lse, sinks)
 
 
 def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array,
-                           mask: BlockMask) -> jax.Array:
+                           mask: BlockMask, sinks: jax.Array | None = None) -> jax.Array:
     """Attention of ``N`` query blocks over shared context keys plus each block's own keys.
 
     Shapes: ``q [B, N*bs, NH, HD]``, ``k_blk/v_blk [B, N*bs, KVH, HD]``, ``k_ctx/v_ctx [B, S, KVH, HD]``,
@@ -451,7 +455,8 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     ``M`` (§1.8), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal ``[N, bs, bs]`` parts
     share one normaliser (fp32). ``dense`` builds both score parts and one softmax; the other implementations run
     the context part through :func:`range_attention` and merge the two parts by their log-sum-exp. A row with no
-    visible key yields exactly 0 with zero gradient.
+    visible key yields exactly 0 with zero gradient. ``sinks [NH]`` adds one logit per head to every normaliser
+    (``layers.sink_softmax``; reference ``_sink_attention_impl``).
     """
     b, q_len, nh, hd = q.shape
     n = mask.keep.shape[1]
@@ -464,11 +469,17 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     if impl == "dense":
         m_ctx = mask.ctx.visible()[:, None, None]
         s_ctx = jnp.where(m_ctx, attention_scores(q, k_ctx), MASK_VALUE)  # [B, KVH, G, Q, S]
-        row_max = jax.lax.stop_gradient(jnp.maximum(s_ctx.max(-1).reshape(b, kvh, g, n, bs),
-                                                    jnp.moveaxis(s_blk.max(-1), 1, 3)))  # [B, KVH, G, N, bs]
+        row_max = jnp.maximum(s_ctx.max(-1).reshape(b, kvh, g, n, bs),
+                              jnp.moveaxis(s_blk.max(-1), 1, 3))  # [B, KVH, G, N, bs]
+        sk = None if sinks is None else sinks.astype(jnp.float32).reshape(kvh, g, 1, 1)
+        if sk is not None:
+            row_max = jnp.maximum(row_max, sk)
+        row_max = jax.lax.stop_gradient(row_max)
         p_ctx = jnp.where(m_ctx, jnp.exp(s_ctx - row_max.reshape(b, kvh, g, q_len)[..., None]), 0.0)
         p_blk = jnp.where(m_blk, jnp.exp(s_blk - jnp.moveaxis(row_max, 3, 1)[..., None]), 0.0)
         denom = p_ctx.sum(-1).reshape(b, kvh, g, n, bs) + jnp.moveaxis(p_blk.sum(-1), 1, 3)
+        if sk is not None:
+            denom = denom + jnp.exp(sk - row_max)
         inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
         p_ctx = p_ctx * inv.reshape(b, kvh, g, q_len)[..., None]
         p_blk = (p_blk * jnp.moveaxis(inv, 3, 1)[..., None]).reshape(b * n, kvh, g, bs, bs)
@@ -483,6 +494,8 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     lse_blk = jnp.where(ok, row_max + jnp.log(jnp.where(ok, l_blk, 1.0)), MASK_VALUE)[..., 0]
     lse_blk = jnp.moveaxis(lse_blk, 1, 3).reshape(b, kvh, g, q_len)
     lse = jnp.logaddexp(lse_ctx, lse_blk)
+    if sinks is not None:
+        lse = jnp.logaddexp(lse, sinks.astype(jnp.float32).reshape(1, kvh, g, 1))
     # Weight of each part in the joint softmax; 0 for a part with no visible key (its output is 0 too).
     w_ctx = jnp.exp(lse_ctx - lse)
     w_blk = jnp.moveaxis(jnp.exp(lse_blk - lse).reshape(b, kvh, g, n, bs), 3, 1)[..., None]  # [B,N,KVH,G,bs,1]
