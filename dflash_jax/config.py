@@ -142,7 +142,9 @@ class EvalSection:
     max_new_tokens: int = 64
     num_prompts: int = 8
     temperature: float = 0.0
-    prompt_len: int = 256
+    # Longest prompt kept (its last tokens; cuts are counted and warned). null = all the target's context allows:
+    # max_position_embeddings - max_new_tokens - draft.block_size.
+    prompt_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,7 @@ def validate(config: Config) -> Config:
     check_mesh_shape(m.shape)
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
-    _check(ev.prompt_len >= 1, f"eval.prompt_len must be >= 1, got {ev.prompt_len}")
+    _check(ev.prompt_len is None or ev.prompt_len >= 1, f"eval.prompt_len must be >= 1 or null, got {ev.prompt_len}")
     _check(ev.temperature >= 0, f"eval.temperature must be >= 0, got {ev.temperature}")
     _check(ev.num_prompts >= 0, f"eval.num_prompts must be >= 0, got {ev.num_prompts}")
     _check(da.heldout == 0 or ev.num_prompts <= da.heldout,  # heldout 0: no in-training eval (train logs a note)

@@ -55,3 +55,42 @@ def test_log_file_run_heldout_zero_resolved_mask(tmp_path):
         mask = json.load(f)["dflash_config"]["mask_token_id"]
     assert saved["draft"]["mask_token_id"] == mask == 0  # <|endoftext|> of the byte tokenizer (run.py rule)
     assert not any("eval_tau" in r for r in rundir.read_metrics(run))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("newuser") / "run")
+    assert cli.main(["train", *TINY, "--run-dir", run, "--set", "train.steps=2", "--set", "train.log_every=1",
+                     "--set", "train.checkpoint_every=1", "--set", "eval.prompt_len=null", "--no-progress"]) == 0
+    return run
+
+
+def _chatml_len(user_text: str) -> int:
+    """Tokens of a one-user-turn ChatML prompt under the byte tokenizer: 3 specials, 1 byte = 1 token."""
+    return len(f"user\n{user_text}\nassistant\n".encode()) + 3
+
+
+def test_eval_user_only_prompt_files_whole_file_and_counted_truncation(tiny_run, tmp_path, capsys):
+    texts = ["Write a function that adds two numbers.", "Hi", "Explain the difference between a list and a tuple."]
+    openai = tmp_path / "user_only.jsonl"
+    openai.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n" for t in texts))
+    sharegpt = tmp_path / "user_only_sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": t}]} for t in texts]))
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("\n".join(texts) + "\n\n")
+    limit = 30
+    lengths = [_chatml_len(t) for t in texts]
+    long = [n for n in lengths if n > limit]
+    assert 0 < len(long) < len(texts)
+    for path in (openai, sharegpt, plain):  # no --num-prompts: the whole file
+        with pytest.warns(UserWarning, match=f"{len(long)} of {len(texts)} prompts"):
+            assert cli.main(["eval", "--draft", tiny_run, "--prompts", str(path), "--max-new-tokens", "2",
+                             "--prompt-len", str(limit), "--out", str(tmp_path / "ev")]) == 0
+        result = _last_json(capsys)
+        assert result["num_prompts"] == len(texts), path
+        assert result["truncated_prompts"] == len(long)
+        assert result["truncated_prompt_tokens"] == sum(n - limit for n in long)
+    assert cli.main(["eval", "--draft", tiny_run, "--prompts", str(plain), "--num-prompts", "2",
+                     "--max-new-tokens", "2", "--out", str(tmp_path / "ev")]) == 0
+    result = _last_json(capsys)  # default prompt_len (null): the target's context, nothing cut
+    assert result["num_prompts"] == 2 and result["truncated_prompts"] == 0 == result["truncated_prompt_tokens"]

@@ -54,9 +54,10 @@ class TokenizedDataset:
 
 
 def prompt_of(conv: Conversation) -> Conversation | None:
-    """``conv`` cut before its first assistant turn, or None if no user turn precedes that turn (or none exists)."""
-    first = next((i for i, (r, _) in enumerate(conv) if r == "assistant"), None)
-    if first is None or not any(r == "user" for r, _ in conv[:first]):
+    """``conv`` cut before its first assistant turn (all of it when it has none), or None if that holds no user
+    turn."""
+    first = next((i for i, (r, _) in enumerate(conv) if r == "assistant"), len(conv))
+    if not any(r == "user" for r, _ in conv[:first]):
         return None
     return conv[:first]
 

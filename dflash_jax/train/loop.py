@@ -149,7 +149,7 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
         heldout = pipeline.build_dataset(config.data.path, renderer, seq_len=config.data.seq_len,
                                          fmt=config.data.format, max_conversations=1,
                                          heldout=config.data.heldout).heldout
-    prompts = (run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts, config.eval.prompt_len)
+    prompts = (run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)
                if tc.eval_every and config.eval.num_prompts and heldout else [])
     if tc.eval_every and not heldout:
         log.warning("data.heldout=0: no held-out prompts, so in-training eval (train.eval_every) is off; evaluate "

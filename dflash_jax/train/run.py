@@ -161,11 +161,11 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Co
     return config, draft_cfg, state.params, meta["step"]
 
 
-def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation], n: int,
-                 prompt_len: int) -> list[np.ndarray]:
-    """Token ids (int32) of the first ``n`` usable prompts: each conversation cut before its first assistant turn
-    (:func:`~dflash_jax.data.pipeline.prompt_of`), rendered with the generation prompt, last ``prompt_len``
-    tokens kept."""
+def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation],
+                 n: int | None = None) -> list[np.ndarray]:
+    """Token ids (int32) of the first ``n`` (None = all) usable prompts: each conversation cut before its first
+    assistant turn (:func:`~dflash_jax.data.pipeline.prompt_of`; a user-only one is taken whole), rendered with
+    the generation prompt. Length limits are applied (and counted) by :func:`run_eval`."""
     out = []
     for conv in conversations:
         prefix = pipeline.prompt_of(conv)
@@ -176,7 +176,7 @@ def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Co
         except chat.RenderError:
             continue
         if ids.size:
-            out.append(ids[-prompt_len:])
+            out.append(ids)
         if len(out) == n:
             break
     return out
@@ -184,9 +184,11 @@ def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Co
 
 def run_eval(target: Target, draft_cfg: DraftConfig, params: Any, prompts: Sequence[np.ndarray],
              section: config_lib.EvalSection, *, seed: int = 0, check_lossless: bool = False) -> dict[str, Any]:
-    """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree)."""
+    """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree); prompts
+    longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result."""
     from dflash_jax.eval.report import evaluate
 
     draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
     return evaluate(target, draft, draft_cfg, prompts, max_new_tokens=section.max_new_tokens,
-                    temperature=section.temperature, seed=seed, check_lossless=check_lossless)
+                    temperature=section.temperature, seed=seed, check_lossless=check_lossless,
+                    max_prompt_len=section.prompt_len)
