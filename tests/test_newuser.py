@@ -3,7 +3,9 @@ config, ``data.heldout=0``, log-file output, eval prompt files and truncation, c
 extending a run, long conversations split by packing, and the plan printed before the first step."""
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,3 +96,41 @@ def test_eval_user_only_prompt_files_whole_file_and_counted_truncation(tiny_run,
                      "--max-new-tokens", "2", "--out", str(tmp_path / "ev")]) == 0
     result = _last_json(capsys)  # default prompt_len (null): the target's context, nothing cut
     assert result["num_prompts"] == 2 and result["truncated_prompts"] == 0 == result["truncated_prompt_tokens"]
+
+
+def _cosine_with_warmup(count: int, lr: float, warmup: int, total: int) -> float:
+    """optim.make_schedule('cosine') written out: linear 0 -> lr over ``warmup``, cosine to 0 at ``total``."""
+    if count < warmup:
+        return lr * count / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * min(count - warmup, total - warmup) / (total - warmup)))
+
+
+def test_extend_a_run_with_a_larger_train_steps(tiny_run, tmp_path, capsys, monkeypatch):
+    """``--resume --set train.steps=N`` (N larger) continues the run: steps already taken keep the old schedule,
+    the rest follow the schedule recomputed for the new total. Other changes are refused before the target loads,
+    with the keys that may change."""
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)  # 2 steps, cosine, warmup 2, lr 3e-3
+    assert cli.main(["train", "--run-dir", run, "--resume", "--set", "train.steps=5", "--no-progress"]) == 0
+    records = [r for r in rundir.read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for r in records:  # metrics log lr = schedule(updates before the step) = schedule(step - 1)
+        total = 2 if r["step"] <= 2 else 5
+        assert r["lr"] == pytest.approx(_cosine_with_warmup(r["step"] - 1, 3e-3, 2, total), rel=1e-6)
+    assert records[3]["lr"] > 0  # the old schedule had reached 0 at its end; the extension keeps learning
+    with open(os.path.join(run, rundir.CONFIG_FILE)) as f:
+        assert yaml.safe_load(f)["train"]["steps"] == 5
+
+    from dflash_jax.train import run as run_lib
+
+    def no_target(*_):
+        raise AssertionError("the target was loaded before the resume was checked")
+
+    monkeypatch.setattr(run_lib, "build_target", no_target)
+    capsys.readouterr()
+    assert cli.main(["train", "--run-dir", run, "--resume", "--set", "train.lr=1e-3", "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "--resume may change only: train.steps (larger: extends the run)" in err
+    assert "train.log_every" in err and "mesh.shape" in err
+    assert cli.main(["train", "--run-dir", run, "--resume", "--set", "train.steps=3"]) == 2
+    assert "below the checkpoint's step 5" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import numpy as np
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import pipeline
+from dflash_jax.train import checkpoint as ckpt_lib
 from dflash_jax.train import features, optim, rundir, sharding
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
@@ -131,6 +132,9 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
     main = jax.process_index() == 0
     t0 = time.perf_counter()
     run_dir = os.path.abspath(run_dir)
+    if resume and rundir.is_run_dir(run_dir):  # before the target loads: a refused resume fails in seconds
+        steps = ckpt_lib.complete_steps(os.path.join(run_dir, rundir.CHECKPOINT_DIR))
+        run_lib.check_resume(run_dir, config, steps[-1] if steps else None)
     if main:
         rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     tc = config.train
@@ -170,7 +174,7 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
         start, key = meta["step"], meta["rng"]
         iterator.restore(meta["data_state"]["iterator"])
         window = list(meta["data_state"]["window"])
-        log.info("resumed from step %d", start)
+        log.info("resumed from step %d of %d", start, tc.steps)
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
     if main:

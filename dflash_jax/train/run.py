@@ -120,14 +120,53 @@ def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str 
     return draft
 
 
+# train keys a resume must keep: the optimizer's math and the data order. train.steps may grow (extend_run docs).
+_FIXED_TRAIN = ("lr", "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "b1", "b2", "eps",
+                "seed", "compute_dtype", "param_dtype", "mode")
+
+
+def _fixed_train(train: config_lib.TrainSection) -> dict[str, Any]:
+    return {k: getattr(train, k) for k in _FIXED_TRAIN}
+
+
 def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, Any]:
-    """What must not change across ``--resume`` (mesh shape and logging/checkpoint cadence may)."""
-    t = config.train
-    train = {k: getattr(t, k) for k in ("steps", "lr", "warmup_steps", "warmup_ratio", "schedule", "weight_decay",
-                                        "clip_norm", "b1", "b2", "eps", "seed", "compute_dtype", "param_dtype",
-                                        "mode")}
+    """What must not change across ``--resume`` (:func:`resumable_keys` may)."""
     return ckpt_lib.config_fingerprint(target=config.target, draft=draft_cfg, loss=config.loss, data=config.data,
-                                       train=train)
+                                       train=_fixed_train(config.train))
+
+
+def resumable_keys() -> list[str]:
+    """The config keys whose value ``--resume`` accepts a change of."""
+    train = [f"train.{f.name}" for f in dataclasses.fields(config_lib.TrainSection)
+             if f.name not in _FIXED_TRAIN and f.name != "steps"]
+    return ["train.steps (larger: extends the run)", *train, "mesh.shape", "eval.*", "draft.init"]
+
+
+def check_resume(run_dir: str, config: config_lib.Config, step: int | None = None) -> None:
+    """Before any model loads: ValueError unless ``config`` may continue the run saved in ``run_dir`` (its
+    ``config.yaml``; the checkpoint's own fingerprint is checked again on restore) and, when the checkpoint
+    ``step`` is known, ``train.steps >= step``. The message lists the keys that may change.
+
+    Extending a run (``--resume --set train.steps=N`` with a larger N): the learning-rate schedule is recomputed
+    for the new total (same warmup, decay to 0 at step N) and continues from the current step, so the steps
+    already taken keep the old schedule's values and the remaining ones follow the new schedule's tail."""
+    saved, _ = load_run(run_dir)
+    draft = config.draft
+    if draft.mask_token_id is None:  # config.yaml holds the id the run resolved from null
+        draft = dataclasses.replace(draft, mask_token_id=saved.draft.mask_token_id)
+    keys = ("--resume may change only: " + ", ".join(resumable_keys()) +
+            "; to change anything else start a new run (another --run-dir, or --overwrite)")
+    try:
+        ckpt_lib.check_fingerprint(
+            ckpt_lib.config_fingerprint(target=saved.target, draft=saved.draft, loss=saved.loss, data=saved.data,
+                                        train=_fixed_train(saved.train)),
+            ckpt_lib.config_fingerprint(target=config.target, draft=draft, loss=config.loss, data=config.data,
+                                        train=_fixed_train(config.train)))
+    except ValueError as e:
+        raise ValueError(f"--resume {run_dir}: {e}. {keys}") from None
+    if step is not None and config.train.steps < step:
+        raise ValueError(f"--resume {run_dir}: train.steps={config.train.steps} is below the checkpoint's step "
+                         f"{step}; a resume can only continue or extend a run. {keys}")
 
 
 def checkpointer(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig,
