@@ -247,6 +247,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                       ("temperature", args.temperature),
                                                       ("prompt_len", args.prompt_len)) if v is not None})
     conversations = _eval_prompt_conversations(prompts_path, num)
+    out = args.out or os.path.join(args.draft, "eval")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} exists and is not a directory")
 
     config, draft_cfg, params, target_section, run_dir = _eval_draft(args.draft, args.target)
     target = run.build_target(target_section)
@@ -255,7 +258,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError(f"--prompts {prompts_path!r}: the chat template rendered none of its prompts")
     result = run.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
-    out = args.out or os.path.join(args.draft, "eval")
     paths = write_report(result, out)
     summary = {k: v for k, v in result.items() if k != "per_prompt"}
     summary.update(report=paths["json"], prompts=prompts_path)

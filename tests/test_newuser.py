@@ -134,3 +134,30 @@ def test_extend_a_run_with_a_larger_train_steps(tiny_run, tmp_path, capsys, monk
     assert "train.log_every" in err and "mesh.shape" in err
     assert cli.main(["train", "--run-dir", run, "--resume", "--set", "train.steps=3"]) == 2
     assert "below the checkpoint's step 5" in capsys.readouterr().err
+
+
+def test_input_checks_run_before_the_model_loads(tiny_run, tmp_path, capsys, monkeypatch):
+    from dflash_jax.train import run as run_lib
+
+    def no_target(*_):
+        raise AssertionError("the target was loaded before the inputs were checked")
+
+    monkeypatch.setattr(run_lib, "build_target", no_target)
+    cases = [
+        (["train", *TINY, "--run-dir", str(tmp_path / "a"), "--set", f"data.path={tmp_path / 'missing.jsonl'}"],
+         "data.path"),
+        (["train", *TINY, "--run-dir", str(tmp_path / "b"), "--set", f"data.path={tmp_path}"], "data.path"),
+        (["train", *TINY, "--run-dir", str(tmp_path / "c"), "--set", f"draft.init={tmp_path / 'nope'}"],
+         "draft.init"),
+        (["dump-features", *TINY, "--out", str(tmp_path / "f"), "--set", f"data.chat_template={tmp_path / 'x.j2'}"],
+         "data.chat_template"),
+        (["eval", "--draft", tiny_run, "--prompts", str(tmp_path / "missing.txt")], "is not a file"),
+    ]
+    bad = tmp_path / "assistant_first.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hello"}]}) + "\n")
+    cases.append((["eval", "--draft", tiny_run, "--prompts", str(bad)], "holds no usable prompt"))
+    (tmp_path / "out_file").write_text("")
+    cases.append((["eval", "--draft", tiny_run, "--out", str(tmp_path / "out_file")], "not a directory"))
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv

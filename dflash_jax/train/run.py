@@ -89,11 +89,34 @@ def build_draft_config(section: config_lib.DraftSection, target: Target, mask_to
     return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
 
 
+def check_inputs(config: config_lib.Config) -> None:
+    """The input files a config names, checked before any model loads (ValueError naming the key): ``data.path``
+    readable, ``data.chat_template`` / ``draft.init`` / ``train.features_dir`` (offline) present (``target.path``:
+    :func:`build_target` checks it before loading)."""
+    da = config.data
+    if da.path != readers.SHAREGPT_PACKAGE:
+        if not os.path.isfile(da.path):
+            raise ValueError(f"data.path {da.path!r} is not a file (a ShareGPT/OpenAI JSON or JSONL chat file, or "
+                             f"'{readers.SHAREGPT_PACKAGE}')")
+        try:
+            with open(da.path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ValueError(f"data.path {da.path!r} cannot be read: {e}") from None
+    for key, path, isdir in (("data.chat_template", da.chat_template, False), ("draft.init", config.draft.init, True),
+                             ("train.features_dir", config.train.features_dir if config.train.mode == "offline"
+                              else None, True)):
+        if path is not None and not (os.path.isdir(path) if isdir else os.path.isfile(path)):
+            raise ValueError(f"{key} {path!r} is not a {'directory' if isdir else 'file'}")
+
+
 def assemble(config: config_lib.Config, num_devices: int | None = None
              ) -> tuple[Target, chat.ChatRenderer, DraftConfig]:
-    """``(target, renderer, draft_cfg)`` of a config: the loaded target (checked against the config by
-    :func:`~dflash_jax.config.validate_runtime`, with the mesh when ``num_devices`` is given), its chat renderer
-    (``data.chat_template``) and the drafter config with the mask token resolved."""
+    """``(target, renderer, draft_cfg)`` of a config: its inputs checked (:func:`check_inputs`), the loaded target
+    (checked against the config by :func:`~dflash_jax.config.validate_runtime`, with the mesh when
+    ``num_devices`` is given), its chat renderer (``data.chat_template``) and the drafter config with the mask
+    token resolved."""
+    check_inputs(config)
     target = build_target(config.target)
     config_lib.validate_runtime(config, num_devices, target.config.vocab_size, target.config.num_layers)
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
