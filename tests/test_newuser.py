@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -161,3 +162,60 @@ def test_input_checks_run_before_the_model_loads(tiny_run, tmp_path, capsys, mon
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def _long_conversation(turns: int, seed: int) -> tuple:
+    rng = __import__("random").Random(seed)
+    conv = [("system", "You are terse. " * 3)]
+    for t in range(turns):
+        conv += [("user", f"q{t} " + "u" * rng.randrange(5, 30)), ("assistant", f"a{t} " + "x" * rng.randrange(5, 40))]
+    return tuple(conv)
+
+
+def test_packing_splits_long_conversations_at_turn_ends(tmp_path, capsys):
+    """Every assistant token of a long conversation is trained by exactly one example; each example ends at an
+    assistant-turn end, is preceded by as much context as fits, and its loss mask covers assistant tokens only
+    (those of the full rendering); the counts reach metrics.jsonl through the CLI."""
+    from dflash_jax.data import chat, pipeline
+
+    seq_len = 96
+    renderer = chat.ChatRenderer(chat.byte_chat_tokenizer(), chat.CHATML_TEMPLATE, eos_token="<|im_end|>")
+    convs = [_long_conversation(6, s) for s in range(3)] + [(("user", "hi"), ("assistant", "short"))]
+    convs.append((("user", "hi"), ("assistant", "y" * 200), ("user", "more"), ("assistant", "ok")))  # turn > seq_len
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n"
+                            for conv in convs))
+    ds = pipeline.build_dataset(str(path), renderer, seq_len=seq_len, split_long=True)
+    assert ds.split == 4 and ds.truncated == 1 and ds.skipped == 0
+    full = [renderer.render(c) for c in convs]
+    remaining = list(ds.examples)
+    for (ids, mask), conv in zip(full, convs):
+        trained = np.zeros(len(ids), bool)
+        while remaining and len(ids) > 0:
+            ex_ids, ex_mask = remaining[0]
+            # where this example sits in the full rendering (unique: the rows carry distinct turn numbers)
+            hits = [b for b in range(len(ids) - len(ex_ids) + 1)
+                    if np.array_equal(ids[b:b + len(ex_ids)], ex_ids)] if len(ex_ids) <= len(ids) else []
+            if not hits:
+                break
+            b = hits[0]
+            remaining.pop(0)
+            assert len(ex_ids) <= seq_len
+            sel = ex_mask > 0
+            assert (mask[b:b + len(ex_ids)][sel] == 1).all()  # loss only on assistant tokens
+            assert not (trained[b:b + len(ex_ids)] & sel).any()  # trained once
+            trained[b:b + len(ex_ids)] |= sel
+            if len(ids) > seq_len and conv[-1][1] != "ok":
+                assert ex_mask[-1] == 1 and (b + len(ex_ids) == len(ids) or mask[b + len(ex_ids)] == 0)  # turn end
+                assert b == 0 or len(ex_ids) == seq_len  # context carried as far as fits
+        if conv[-1][1] != "ok":
+            np.testing.assert_array_equal(trained, mask > 0)  # nothing lost
+        else:
+            assert 0 < trained.sum() < mask.sum()  # the 200-byte turn is cut: counted in ds.truncated
+    assert not remaining
+
+    run = str(tmp_path / "run")
+    assert cli.main(["train", *TINY, "--run-dir", run, "--set", f"data.path={path}", "--set", "data.heldout=0",
+                     "--set", f"data.seq_len={seq_len}", "--set", "train.steps=1", "--no-progress"]) == 0
+    record = rundir.read_metrics(run)[-1]
+    assert record["split_conversations"] == 4 and record["truncated_conversations"] == 1

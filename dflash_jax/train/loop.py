@@ -46,7 +46,8 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any], tokens: int) ->
     out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "grad_norm", "lr")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
     out.update(skipped_updates=int(m["skipped_updates"]), real_token_fraction=float(stats["real_token_fraction"]),
-               tokens=int(tokens), epoch=int(stats.get("epoch", 0)), skipped_samples=int(stats.get("skipped", 0)))
+               tokens=int(tokens), epoch=int(stats.get("epoch", 0)), skipped_samples=int(stats.get("skipped", 0)),
+               split_conversations=int(stats.get("split", 0)), truncated_conversations=int(stats.get("truncated", 0)))
     return out
 
 
@@ -57,8 +58,8 @@ def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, e
     rec.update({k: float(np.mean([w[k] for w in window])) for k in _MEAN_KEYS})
     tokens = sum(w["tokens"] for w in window)
     rec["tokens_per_s"] = tokens / seconds if seconds > 0 else None
-    rec.update(skipped_samples=last["skipped_samples"], lr=last["lr"], skipped_updates=last["skipped_updates"],
-               epoch=last["epoch"], elapsed_s=round(elapsed, 3))
+    rec.update({k: last[k] for k in ("skipped_samples", "split_conversations", "truncated_conversations", "lr",
+                                     "skipped_updates", "epoch")}, elapsed_s=round(elapsed, 3))
     rec.update({k: np.mean([w[k] for w in window], axis=0).tolist() for k in _VECTOR_KEYS})
     return {k: rec[k] for k in rundir.METRIC_KEYS}
 
