@@ -51,6 +51,8 @@ def test_log_file_run_heldout_zero_resolved_mask(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "libtpu" not in err and "\r" not in err
     assert "step 2/4 loss" in err and "step 4/4 loss" in err
+    assert "plan: 4 steps (of 4) x 256 tokens/step (4 x 64)" in err  # tiny: batch 4 x seq_len 64
+    assert "ETA" in err and "for the remaining 1 steps" in err  # after the compiling step and 2 timed ones
     assert "data.heldout=0" in err and "in-training eval" in err
     with open(os.path.join(run, rundir.CONFIG_FILE)) as f:
         saved = yaml.safe_load(f)
@@ -219,3 +221,28 @@ def test_packing_splits_long_conversations_at_turn_ends(tmp_path, capsys):
                      "--set", f"data.seq_len={seq_len}", "--set", "train.steps=1", "--no-progress"]) == 0
     record = rundir.read_metrics(run)[-1]
     assert record["split_conversations"] == 4 and record["truncated_conversations"] == 1
+
+
+def test_train_flops_grow_with_the_vocabulary_as_documented():
+    """lm_head (frozen: forward + input-gradient = 2x) and the KD teacher each cost 2*B*Q*H*V: the vocabulary
+    term of the step (docs/benchmarks.md), and the offline mode drops exactly the target prefill minus logits."""
+    from dflash_jax.models.draft import DraftConfig
+    from dflash_jax.models.target import TargetConfig
+    from dflash_jax.train import cost
+
+    def cfgs(vocab):
+        tc = TargetConfig(arch="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        return tc, DraftConfig.from_target(64, vocab, 4, num_layers=1, block_size=4, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                           mask_token_id=0)
+
+    b, s, n = 2, 64, 8
+    q, h = n * 4, 64
+    for kd in (False, True):
+        diff = cost.train_flops(*cfgs(152_000), b, s, n, kd) - cost.train_flops(*cfgs(512), b, s, n, kd)
+        assert diff == (3 if kd else 2) * 2 * b * q * h * (152_000 - 512)
+    tc, dc = cfgs(512)
+    p_mm = 4 * (64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 128)
+    online_only = 2 * b * s * p_mm + 4 * b * s * s * 4 * 16 * 4
+    assert cost.train_flops(tc, dc, b, s, n, True) - cost.train_flops(tc, dc, b, s, n, True, online=False) == online_only

@@ -25,12 +25,14 @@ from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
+from dflash_jax.train import cost
 from dflash_jax.train import features, optim, rundir, sharding
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
+_WARMUP_STEPS = 2  # timed steps after the first (compiling) one, for the plan's step-time estimate and ETA
 _MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
 
@@ -183,6 +185,12 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
         rundir.write_run_files(run_dir, config, draft_cfg, heldout)
 
     sink = rundir.MetricsSink(run_dir, main)
+    if main:
+        flops = cost.train_flops(target.config, draft_cfg, config.data.batch_size, config.data.seq_len,
+                                 config.draft.num_anchors, config.loss.kd, online=tc.mode == "online")
+        log.info(cost.plan_line(steps=tc.steps, start=start, batch=config.data.batch_size,
+                                seq_len=config.data.seq_len, flops=flops))
+    warmup: list[float] = []  # seconds of the first steps (data + step, synchronised)
     bar = None
     if progress and main and sys.stderr.isatty():  # a log file gets the plain lines below, not a redrawn bar
         from tqdm import tqdm
@@ -203,12 +211,19 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
     try:
         with _SigintFlag() as sigint:
             while step < tc.steps and not sigint.raised:
+                t_step = time.perf_counter()
                 batch, stats = iterator.next()
                 tokens = int((batch["segment_ids"] > 0).sum())
                 state_valid = False
                 state, metrics = step_fn(state, _process_rows(batch), key)
                 state_valid = True
                 step += 1
+                if len(warmup) <= _WARMUP_STEPS:
+                    jax.block_until_ready(metrics["loss"])
+                    warmup.append(time.perf_counter() - t_step)
+                    if len(warmup) == _WARMUP_STEPS + 1 and main:
+                        log.info(cost.eta_line(step_s=float(np.median(warmup[1:])), measured=_WARMUP_STEPS,
+                                               first_s=warmup[0], steps_left=tc.steps - step))
                 pending.append((metrics, stats, tokens))
                 if step % tc.log_every == 0 or step == tc.steps:
                     drain()
