@@ -12,8 +12,8 @@ Batch (all numpy, ``S = seq_len``): ``input_ids [B,S] int32``, ``loss_mask [B,S]
 ``segment_ids [B,S] int32``, ``positions [B,S] int32``.
 
 * packing: a conversation longer than ``S`` becomes several examples cut at assistant-turn ends, each with as
-  much earlier context as fits (:func:`split_example`); examples are appended greedily to a row while they fit; the next example that does not fit starts a
-  new row. ``segment_ids`` = 1..k per row, 0 on pad; ``positions`` restart at 0 in every segment (the pad tail
+  much earlier context as fits (:func:`split_example`); examples are appended greedily to a row while they fit;
+  the next example that does not fit starts a new row. ``segment_ids`` = 1..k per row, 0 on pad; ``positions`` restart at 0 in every segment (the pad tail
   continues the last segment's count; it is masked everywhere).
 * padding (``packing=False``): one example per row, right-padded; ``segment_ids`` = 1 on real tokens and 0 on
   pad, ``positions = arange(S)``, i.e. exactly the reference's collated rows.

@@ -24,8 +24,8 @@ from typing import Any
 def prefill_flops(c: Any, b: int, s: int) -> float:
     """Model FLOPs of one target prefill (``prefill`` above) for a ``TargetConfig`` ``c``, batch ``b``, length
     ``s``, including the last position's logits."""
-    p_mm = c.num_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                           + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    h, nh, kvh, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    p_mm = c.num_layers * (h * (nh + 2 * kvh) * hd + nh * hd * h + 3 * h * c.intermediate_size)
     attn = 4 * b * s * s * c.num_attention_heads * c.head_dim * c.num_layers
     return 2 * b * s * p_mm + attn + 2 * b * c.hidden_size * c.vocab_size
 
