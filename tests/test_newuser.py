@@ -34,7 +34,7 @@ def test_unknown_key_suggests_the_near_match(tmp_path, capsys):
     assert "data.seq_lenn" in err and "did you mean 'seq_len'?" in err
 
 
-def test_log_file_run_heldout_zero_resolved_mask(tmp_path):
+def test_log_file_run_heldout_zero_resolved_mask(tmp_path, capsys):
     """A run logged to a file (stderr not a terminal), without JAX_PLATFORMS: no libtpu line, no redrawn bar,
     one plain line per log_every; ``data.heldout=0`` alone with in-training eval on trains (eval off, with a
     note); config.yaml holds the mask token id the run resolved from ``null``."""
@@ -60,6 +60,8 @@ def test_log_file_run_heldout_zero_resolved_mask(tmp_path):
         mask = json.load(f)["dflash_config"]["mask_token_id"]
     assert saved["draft"]["mask_token_id"] == mask == 0  # <|endoftext|> of the byte tokenizer (run.py rule)
     assert not any("eval_tau" in r for r in rundir.read_metrics(run))
+    assert cli.main(["eval", "--draft", run]) == 2  # no held-out prompts: say where prompts must come from
+    assert "data.heldout=0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
