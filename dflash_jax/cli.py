@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", help="chat file (ShareGPT/OpenAI JSON or JSONL; user-only rows are fine), a plain "
                    "text file with one prompt per line, or 'sharegpt'; each conversation is cut before its first "
                    "assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)")
-    e.add_argument("--num-prompts", type=int, help="number of prompts (default: all of a --prompts file, else "
+    e.add_argument("--num-prompts", type=int, help="number of prompts (default: all of a --prompts FILE, else "
                    "eval.num_prompts)")
     e.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: eval.max_new_tokens)")
     e.add_argument("--temperature", type=float, help="0 = greedy, > 0 = speculative sampling "
@@ -226,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dflash_jax import config as config_lib
-    from dflash_jax.data import chat
+    from dflash_jax.data import chat, readers
     from dflash_jax.eval.report import write_report
     from dflash_jax.train import run, rundir
 
@@ -241,8 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{prompts_path} holds no prompts (the run had data.heldout=0); pass --prompts FILE")
     config = run.load_run(args.draft)[0] if is_run else None
     ev = config.eval if config is not None else config_lib.EvalSection()
-    # --prompts FILE: the whole file unless --num-prompts; the run's held-out set: eval.num_prompts.
-    num = args.num_prompts if args.num_prompts is not None else (None if args.prompts else ev.num_prompts)
+    # --prompts FILE: the whole file unless --num-prompts; the held-out set and 'sharegpt': eval.num_prompts.
+    whole = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE
+    num = args.num_prompts if args.num_prompts is not None else (None if whole else ev.num_prompts)
     ev = dataclasses.replace(ev, **{k: v for k, v in (("max_new_tokens", args.max_new_tokens),
                                                       ("temperature", args.temperature),
                                                       ("prompt_len", args.prompt_len)) if v is not None})
