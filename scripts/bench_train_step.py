@@ -36,8 +36,8 @@ from dflash_jax.models import layers  # noqa: E402
 from dflash_jax.models.draft import DFlashDraft, DraftConfig  # noqa: E402
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype  # noqa: E402
 from dflash_jax.train import optim, sharding  # noqa: E402
-from dflash_jax.train.cost import train_flops  # noqa: E402
 from dflash_jax.train import step as st  # noqa: E402
+from dflash_jax.train.cost import train_flops  # noqa: E402
 
 SHAPES = {
     # CPU: a small Qwen3-like target (6 layers) and 2-layer draft; seconds per step on 2 cores.

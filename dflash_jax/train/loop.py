@@ -25,8 +25,7 @@ from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
-from dflash_jax.train import cost
-from dflash_jax.train import features, optim, rundir, sharding
+from dflash_jax.train import cost, features, optim, rundir, sharding
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
