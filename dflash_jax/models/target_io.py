@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from dflash_jax.models import layers
+from dflash_jax.models import families, layers
 from dflash_jax.models.target import Target, TargetConfig, TargetModel, make_target_model, resolve_dtype
 
 
@@ -39,7 +40,8 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
     """Materialise a ``TargetModel`` from named tensors without a random init.
 
     ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
-    naming file and tensor when it is missing or its shape differs). Each array is cast to ``dtype`` on the
+    naming file and tensor when it is missing or its shape differs); a family target reads through its
+    ``read_tensor`` (stacked experts, MXFP4). Each array is cast to ``dtype`` on the
     host, transposed where needed and placed with ``jax.device_put`` directly onto its sharding: ``shardings``
     (a state of ``NamedSharding`` matching the model) or, given only ``mesh``, ``nnx.get_named_sharding`` of
     the logical axes under the caller's ``nnx.logical_axis_rules``; otherwise the default device.
@@ -57,6 +59,8 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
                              "or pass shardings=") from e
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
+    if cfg.arch in families.FAMILIES:
+        fetch = functools.partial(families.FAMILIES[cfg.arch].read_tensor, cfg, fetch)
     leaves = {}
     for path, var in nnx.to_flat_state(abs_state):
         name, transpose = hf_name(path)
