@@ -141,8 +141,11 @@ def test_mask_token_rule_byte_tokenizer():
     assert run_lib.resolve_mask_token_id(300, _fake_target(512), renderer) == 300
     with pytest.raises(ValueError, match="end-of-sequence"):
         run_lib.resolve_mask_token_id(2, _fake_target(512), renderer)
-    with pytest.raises(ValueError, match="mask_token_id"):
-        run_lib.resolve_mask_token_id(512, _fake_target(512), renderer)
+    target = run_lib.build_target(config_lib.TargetSection())  # the random target, vocabulary 512
+    section = config_lib.DraftSection()
+    assert run_lib.build_draft_config(section, target, 511).mask_token_id == 511
+    with pytest.raises(ValueError, match=r"draft.mask_token_id 512 must be in \[0, vocab_size=512\)"):
+        run_lib.build_draft_config(section, target, 512)
     tok = chat.byte_chat_tokenizer()
     tok.add_special_tokens(["<|mask|>"])
     with_mask = chat.ChatRenderer(tok, chat.CHATML_TEMPLATE, eos_token="<|im_end|>")

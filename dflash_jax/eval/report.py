@@ -1,6 +1,6 @@
 """Speculative-decoding evaluation: input checks, per-prompt runs, metrics, JSON and histogram PNG.
 
-Metrics (z-lab / vLLM definition, reference §4.2): one verify step commits ``a + 1`` tokens (``a`` accepted
+Metrics (z-lab / vLLM definition, docs/design.md §4.10): one verify step commits ``a + 1`` tokens (``a`` accepted
 drafts plus the target's bonus/correction token, at most ``bs``).
 
 * ``tau``: mean tokens committed per target verify forward, pooled over all steps of all prompts

@@ -56,9 +56,7 @@ def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat
     vocab, eos = target.config.vocab_size, set(target.eos_token_ids)
     tok = renderer.tokenizer
     eos |= {i for i in (tok.token_to_id(t) for t in (renderer.eos_token, "<|im_end|>") if t) if i is not None}
-    if configured is not None:
-        if not 0 <= configured < vocab:
-            raise ValueError(f"draft.mask_token_id ({configured}) must be in [0, target vocab_size={vocab})")
+    if configured is not None:  # its range is DraftConfig's check (build_draft_config)
         if configured in eos:
             raise ValueError(f"draft.mask_token_id ({configured}) is an end-of-sequence token of the target; "
                              "choose an id the target never emits")
@@ -86,7 +84,10 @@ def build_draft_config(section: config_lib.DraftSection, target: Target, mask_to
             if f.name not in _SECTION_ONLY and getattr(section, f.name) is not None}
     dims.update(mask_token_id=mask_token_id, max_position_embeddings=tc.max_position_embeddings)
     dims.setdefault("rope_theta", tc.rope_theta)
-    return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
+    try:
+        return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
+    except ValueError as err:  # name the config key, not the class
+        raise ValueError(str(err).replace("DraftConfig.", "draft.")) from None
 
 
 def check_inputs(config: config_lib.Config) -> None:
@@ -118,7 +119,7 @@ def assemble(config: config_lib.Config, num_devices: int | None = None
     token resolved."""
     check_inputs(config)
     target = build_target(config.target)
-    config_lib.validate_runtime(config, num_devices, target.config.vocab_size, target.config.num_layers)
+    config_lib.validate_runtime(config, num_devices, num_target_layers=target.config.num_layers)
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
     mask_id = resolve_mask_token_id(config.draft.mask_token_id, target, renderer)
     return target, renderer, build_draft_config(config.draft, target, mask_id)
