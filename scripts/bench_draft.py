@@ -9,9 +9,10 @@ with a ``[B, N*bs, S+N*bs]`` mask built from the same visibility rule); ``dense`
     python scripts/bench_draft.py --memory                      # compile only, Qwen3-8B recipe shape, no weights
 
 Timing mode compiles every path, times them round-robin, and prints one line per path (compile time, median step
-time, XLA temp memory of the compiled step) and ``<path>_speedup_vs_dense=<x>``. ``--memory`` compiles (abstract shapes, nothing allocated) the draft forward +
-backward and, separately, one attention call's forward + backward (the attention's share), and prints their
-``compiled.memory_analysis()`` temp bytes per implementation with the ratio to ``dense``.
+time, XLA temp memory of the compiled step) and ``<path>_speedup_vs_dense=<x>``. ``--memory`` compiles (abstract
+shapes, nothing allocated) the draft forward + backward and, separately, one attention call's forward + backward
+(the attention's share), and prints their ``compiled.memory_analysis()`` temp bytes per implementation with the
+ratio to ``dense``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the key sequence) is visible to query ``i`` iff ``q_seg[i] == k_seg[t]`` and ``l
 the target's packed causal self-attention (:class:`SelfMask`: ``lo = -1`` or ``i - W`` on sliding layers,
 ``hi = i + 1``, segment ids) and the draft's context part (:class:`BlockMask`: block ``n`` slot ``j`` has
 ``hi = a_n`` or 0 for a dropped block, ``lo = a_n + j - W`` with a sliding window, ``q_seg = segment(a_n)``;
-reference ``docs/design.md`` §1.8). Per-head attention sinks (gpt-oss, DFlash ``attention_sink_bias``) join the
+``docs/design.md`` §4.4). Per-head attention sinks (gpt-oss, DFlash ``attention_sink_bias``) join the
 normaliser through the log-sum-exp (:func:`with_sinks`). The dense primitives (``masked_attention``,
 ``attention_scores``, ``sink_softmax``) are ``layers``' and serve every target family and the decode path.
 
@@ -452,10 +452,10 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     ``mask.keep [B, N]``; ``mask.impl`` picks the implementation. Returns ``[B, N*bs, NH, HD]`` in ``v``'s dtype.
 
     Equals ``softmax(q k^T / sqrt(HD) + M) v`` over keys ``[ctx ; all blocks]`` with the reference's dense mask
-    ``M`` (§1.8), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal ``[N, bs, bs]`` parts
-    share one normaliser (fp32). ``dense`` builds both score parts and one softmax; the other implementations run
-    the context part through :func:`range_attention` and merge the two parts by their log-sum-exp. A row with no
-    visible key yields exactly 0 with zero gradient. ``sinks [NH]`` adds one logit per head to every normaliser
+    ``M`` (docs/design.md §4.4), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal
+    ``[N, bs, bs]`` parts share one normaliser (fp32). ``dense`` builds both score parts and one softmax; the
+    other implementations run the context part through :func:`range_attention` and merge the two parts by their
+    log-sum-exp. A row with no visible key yields exactly 0 with zero gradient. ``sinks [NH]`` adds one logit per head to every normaliser
     (``layers.sink_softmax``; reference ``_sink_attention_impl``).
     """
     b, q_len, nh, hd = q.shape

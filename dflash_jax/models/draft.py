@@ -1,6 +1,7 @@
 """The DFlash draft model (Flax NNX): feature fusion, KV-injection decoder layers, block-sparse attention.
 
-Numerics follow the reference ``DFlashModule`` (nvidia-modelopt 0.47.0; ``docs`` reference §1.5-§1.10):
+Numerics follow the reference ``DFlashModule`` (nvidia-modelopt 0.47.0 ``modeling_dflash.py``; docs/design.md
+§4.3-§4.4):
 
 * fusion ``C = hidden_norm(fc(target_hidden))`` ``[B, S, T*H] -> [B, S, H]``, computed once, shared by all layers;
 * per layer: ``q`` from the block only, ``k``/``v`` from ``[C ; block]`` through the same ``k_proj``/``v_proj``,
@@ -48,7 +49,8 @@ def check_draft_fields(cfg: Any, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
-    """Every dimension of the draft, explicit (the reference's silent Qwen3Config defaults are a trap, §1.3).
+    """Every dimension of the draft, explicit (the reference's silent Qwen3Config defaults are a trap,
+    docs/design.md §4.2).
 
     ``hidden_size``/``vocab_size`` must equal the target's; ``target_layer_ids`` index the target's decoder layers
     (feature ``lid`` is HF ``hidden_states[lid + 1]``) and their count ``T`` sets ``fc``'s input width ``T*H``.
@@ -101,7 +103,7 @@ class DraftConfig:
                              f"[0, num_target_layers={self.num_target_layers})")
         if not self.mask_token_id < self.vocab_size:
             raise ValueError(f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
-                             f"{self.vocab_size})")
+                             f"{self.vocab_size}) (a row of the target's embedding table)")
         if not self.initializer_range > 0:
             raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
         try:
@@ -146,7 +148,7 @@ class DraftCache:
 
 def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, block_size: int,
                    sliding_window: int | None, causal: bool, impl: str = "auto") -> attention.BlockMask:
-    """Visibility for the training forward (reference §1.8, generalised to packed segments), as positions.
+    """Visibility for the training forward (docs/design.md §4.4, generalised to packed segments), as positions.
 
     ``anchors/keep [B, N]``, ``segment_ids [B, S]``: context ``t`` is visible to slot ``j`` of block ``n`` iff
     ``keep[n]``, ``t < a_n``, ``segment_ids[t] == segment_ids[a_n]`` and (with a window ``W``) ``a_n + j - W < t``;
@@ -171,7 +173,7 @@ def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, 
 
 
 class DraftAttention(nnx.Module):
-    """KV-injection attention: ``q`` from the block, ``k/v`` from ``[context ; block]`` (reference §1.6)."""
+    """KV-injection attention: ``q`` from the block, ``k/v`` from ``[context ; block]`` (docs/design.md §4.3)."""
 
     def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         kw = dict(rngs=rngs, use_bias=cfg.attention_bias, std=cfg.initializer_range, param_dtype=param_dtype,
@@ -220,7 +222,8 @@ def _apply_layer(layer, *args):
 
 
 class DFlashDraft(nnx.Module):
-    """The DFlash drafter. Parameters: ``fc``, ``hidden_norm``, ``layers[i]``, ``norm`` (export names, §1.2).
+    """The DFlash drafter. Parameters: ``fc``, ``hidden_norm``, ``layers[i]``, ``norm`` (export names,
+    docs/design.md §4.2).
 
     ``param_dtype`` is the storage dtype of parameters; ``dtype`` the compute dtype (e.g. bf16 with fp32 params).
     Build inside :func:`dflash_jax.models.layers.unsharded_init` to get logically-annotated, unplaced parameters.
@@ -244,7 +247,7 @@ class DFlashDraft(nnx.Module):
         return layers.rope_cos_sin(positions, inv_freq, self.dtype, layers.rope_attention_factor(scaling))
 
     def fuse(self, target_hidden: jax.Array) -> jax.Array:
-        """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (§1.5)."""
+        """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (docs/design.md §4.3)."""
         blocks.check_shape("target_hidden", target_hidden, (None, None, None))
         if target_hidden.shape[-1] != self.cfg.num_features * self.cfg.hidden_size:
             raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "
