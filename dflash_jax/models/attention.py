@@ -455,8 +455,8 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     ``M`` (docs/design.md §4.4), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal
     ``[N, bs, bs]`` parts share one normaliser (fp32). ``dense`` builds both score parts and one softmax; the
     other implementations run the context part through :func:`range_attention` and merge the two parts by their
-    log-sum-exp. A row with no visible key yields exactly 0 with zero gradient. ``sinks [NH]`` adds one logit per head to every normaliser
-    (``layers.sink_softmax``; reference ``_sink_attention_impl``).
+    log-sum-exp. A row with no visible key yields exactly 0 with zero gradient. ``sinks [NH]`` adds one logit per
+    head to every normaliser (``layers.sink_softmax``; reference ``_sink_attention_impl``).
     """
     b, q_len, nh, hd = q.shape
     n = mask.keep.shape[1]
