@@ -12,6 +12,7 @@ YAML note: PyYAML reads ``6e-4`` (no dot) as a string; float keys accept such nu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -169,6 +170,10 @@ class TrainSection:
     mode: Literal["online", "offline"] = "online"
     features_dir: str | None = None  # offline features (train.mode: offline)
     remat: bool = False
+    # Attention implementation of the target and the draft (README "Attention"): auto = the measured choice per
+    # backend; dense = the parity baseline; chunked = XLA online softmax, O(queries x chunk) memory; pallas =
+    # fused kernels (splash / Mosaic on TPU, Triton on GPU; interpreted, slowly, on CPU).
+    attention: Literal["auto", "dense", "chunked", "pallas"] = "auto"
     max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
 
 
@@ -186,7 +191,9 @@ class EvalSection:
     max_new_tokens: int = 64
     num_prompts: int = 8
     temperature: float = 0.0
-    prompt_len: int = 256
+    # Longest prompt kept (its last tokens; cuts are counted and warned). null = all the target's context allows:
+    # max_position_embeddings - max_new_tokens - draft.block_size.
+    prompt_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -259,12 +266,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+def _unknown_key(message: str, key: str, names: Any) -> str:
+    """``message`` plus the closest known key (difflib, ``train.step`` -> ``steps``) and the section's keys."""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{message}{hint} (known in this section: {', '.join(sorted(names))})"
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            raise ValueError(f"unknown config key {prefix}{k} (known in this section: {', '.join(sorted(names))})")
+            raise ValueError(_unknown_key(f"unknown config key {prefix}{k}", k, names))
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
@@ -333,9 +347,10 @@ def validate(config: Config) -> Config:
     check_mesh_shape(m.shape)
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
-    _check(ev.prompt_len >= 1, f"eval.prompt_len must be >= 1, got {ev.prompt_len}")
+    _check(ev.prompt_len is None or ev.prompt_len >= 1, f"eval.prompt_len must be >= 1 or null, got {ev.prompt_len}")
     _check(ev.temperature >= 0, f"eval.temperature must be >= 0, got {ev.temperature}")
-    _check(0 <= ev.num_prompts <= da.heldout,
+    _check(ev.num_prompts >= 0, f"eval.num_prompts must be >= 0, got {ev.num_prompts}")
+    _check(da.heldout == 0 or ev.num_prompts <= da.heldout,  # heldout 0: no in-training eval (train logs a note)
            f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}")
 
     if t.path == "random":
@@ -415,7 +430,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         for i, part in enumerate(parts):
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             if part not in hints:
-                raise ValueError(f"--set: unknown config key {'.'.join(parts[: i + 1])}")
+                raise ValueError(_unknown_key(f"--set: unknown config key {'.'.join(parts[: i + 1])}", part, hints))
             if i == len(parts) - 1:
                 node[part] = value
             else:
