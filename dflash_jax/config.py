@@ -15,6 +15,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -72,13 +73,23 @@ class DraftSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    """D-PACE (``alpha``) or static decay (``gamma``; 0 = uniform) objective, CE or KD (``kd``)."""
+    """The loss pieces of ``dflash_jax.losses`` (docs/losses.md): the position weighting ``objective`` (D-PACE family:
+    ``alpha``; ``decay``: ``gamma``, 0 = uniform), the ``per_token`` loss (``kd``/``kl``/... compare with the target's
+    distribution), the D-PACE ``confidence`` source and the ``normalization``; ``chunk_blocks`` blocks per fused
+    vocabulary chunk."""
 
-    objective: Literal["dpace", "decay"] = "dpace"
+    objective: Literal["dpace", "dpace_cumulative", "dpace_continuation", "decay", "uniform"] = "dpace"
     alpha: float = 0.5
     gamma: float = 0.0
-    kd: bool = True
-    chunk_blocks: int | None = None  # null = whole vocabulary logits at once
+    per_token: Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"] = "kd"
+    normalization: Literal["modelopt", "batch", "tokens"] = "modelopt"
+    confidence: Literal["data", "loss"] = "data"
+    chunk_blocks: int | None = None  # null = all blocks in one chunk
+
+    @property
+    def kd(self) -> bool:
+        """Whether the per-token loss needs the target's distribution (the step gathers teacher hidden states)."""
+        return self.per_token != "ce"
 
 
 @dataclass(frozen=True)
@@ -256,10 +267,17 @@ def validate(config: Config) -> Config:
     _check(d.sliding_window is None or d.sliding_window >= d.block_size,
            f"draft.sliding_window must be >= draft.block_size ({d.block_size}) or null, got {d.sliding_window}")
 
-    _check(0.0 < lo.alpha <= 1.0, f"loss.alpha must be in (0, 1], got {lo.alpha}")
+    _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {lo.alpha}")
     _check(lo.gamma >= 0.0, f"loss.gamma must be >= 0, got {lo.gamma}")
-    _check(lo.objective != "dpace" or d.block_size > 1,
-           f"draft.block_size must be > 1 with loss.objective dpace, got {d.block_size}")
+    dpace = lo.objective.startswith("dpace")
+    _check(not dpace or d.block_size > 1,
+           f"draft.block_size must be > 1 with loss.objective {lo.objective}, got {d.block_size}")
+    if lo.gamma != 0.0 and lo.objective != "decay":  # ModelOpt warns likewise (decay factor ignored under dpace)
+        warnings.warn(f"loss.gamma={lo.gamma} is ignored by loss.objective {lo.objective} (only decay uses it)",
+                      UserWarning, stacklevel=2)
+    if lo.confidence != "data" and not dpace:
+        warnings.warn(f"loss.confidence={lo.confidence} is ignored by loss.objective {lo.objective} (only the D-PACE "
+                      "family uses confidences)", UserWarning, stacklevel=2)
     _check(lo.chunk_blocks is None or lo.chunk_blocks >= 1, f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}")
 
     _check(bool(da.path), "data.path must not be empty")

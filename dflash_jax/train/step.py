@@ -10,8 +10,9 @@ donated:
 3. noise ids: the anchor token at slot 0 of kept blocks, ``mask_token_id`` elsewhere (§2.5), embedded with the
    target's table;
 4. draft forward in the draft module's compute dtype (fp32 master params cast once; gradients flow back to fp32);
-5. chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises the
-   ``[B, N*bs, V]`` fp32 logits); KD teacher = final hidden at ``teacher_positions`` (§2.10);
+5. fused chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises
+   the ``[B, N*bs, V]`` fp32 logits; its gradient is computed in the forward pass); KD teacher = final hidden at
+   ``teacher_positions`` (§2.10);
 6. gradients; if the loss or the gradient norm is non-finite the update is skipped (params and optimizer state
    untouched, ``skipped_updates`` += 1), otherwise optax (clip + AdamW) updates the params.
 
@@ -59,8 +60,10 @@ class TrainState:
 class StepConfig:
     """Static hyper-parameters of the step.
 
-    ``kd``: soft CE against the target's distribution (reference ``dflash_self_logit_distillation``) instead of
-    hard CE. ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch).
+    ``kd``: the step provides the target's distribution as teacher (reference ``dflash_self_logit_distillation``).
+    ``objective`` / ``per_token`` / ``normalization`` / ``confidence``: the loss pieces of
+    :func:`dflash_jax.losses.block_loss` (names or functions; ``per_token`` None = ``kd`` with a teacher, else
+    ``ce``). ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch).
     ``chunk_blocks``: blocks per vocabulary-loss chunk (None: all ``num_anchors`` blocks in one chunk).
     """
 
@@ -68,12 +71,15 @@ class StepConfig:
     num_anchors: int
     mask_token_id: int
     target_layer_ids: tuple[int, ...]
-    objective: str = "dpace"
+    objective: Any = "dpace"
     alpha: float = 0.5
     gamma: float = 0.0
     kd: bool = False
     mode: str = "online"
     chunk_blocks: int | None = 64
+    per_token: Any = None
+    normalization: str = "modelopt"
+    confidence: str = "data"
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
@@ -85,14 +91,14 @@ class StepConfig:
                 raise ValueError(f"StepConfig.{name} must be an integer >= 1, got {v!r}")
         if self.mode not in MODES:
             raise ValueError(f"StepConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.objective not in losses.OBJECTIVES:
-            raise ValueError(f"StepConfig.objective must be one of {losses.OBJECTIVES}, got {self.objective!r}")
         if not self.target_layer_ids:
             raise ValueError("StepConfig.target_layer_ids must not be empty")
+        per_token = ("kd" if self.kd else "ce") if self.per_token is None else self.per_token
         try:
-            losses.check_alpha(self.alpha)
+            losses.check_loss_options(self.objective, per_token, self.normalization, self.confidence, self.kd)
+            losses.check_alpha(self.alpha, allow_zero=True)
         except ValueError as err:
-            raise ValueError(f"StepConfig.alpha: {err}") from None
+            raise ValueError(f"StepConfig: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,7 +164,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
         hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
         return losses.block_loss_from_hidden(
             hidden, lm_head, labels, mask, objective=cfg.objective, alpha=cfg.alpha, gamma=cfg.gamma,
-            teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+            teacher_hidden=teacher, per_token=cfg.per_token, normalization=cfg.normalization,
+            confidence=cfg.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -292,7 +299,9 @@ def step_config_from(config: Any, draft_cfg: Any) -> StepConfig:
     return StepConfig(block_size=draft_cfg.block_size, num_anchors=config.draft.num_anchors,
                       mask_token_id=draft_cfg.mask_token_id, target_layer_ids=draft_cfg.target_layer_ids,
                       objective=config.loss.objective, alpha=config.loss.alpha, gamma=config.loss.gamma,
-                      kd=config.loss.kd, mode=config.train.mode, chunk_blocks=config.loss.chunk_blocks)
+                      kd=config.loss.kd, mode=config.train.mode, chunk_blocks=config.loss.chunk_blocks,
+                      per_token=config.loss.per_token, normalization=config.loss.normalization,
+                      confidence=config.loss.confidence)
 
 
 def _check_compatible(cfg: StepConfig, draft_cfg: Any, target_cfg: Any) -> None:
