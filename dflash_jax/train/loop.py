@@ -62,11 +62,11 @@ TB_DIR = "tb"
 SMOLLM2 = "smollm2"
 RANDOM = "random"
 
-METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "tokens_per_s", "skipped_samples", "lr", "grad_norm",
+METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "accept_length", "tokens_per_s", "skipped_samples", "lr", "grad_norm",
                "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates", "epoch",
                "elapsed_s")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
-_MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "grad_norm", "real_token_fraction")
+_MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
 _MASK_SPELLINGS = ("<mask>", "<|mask|>", "[MASK]", "<MASK>", "<|MASK|>", "<|mask_token|>")
 
@@ -251,7 +251,7 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Co
 def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any], tokens: int) -> dict[str, Any]:
     """One step's metrics as plain Python values (float64-exact copies of the float32 device values)."""
     m = jax.device_get(m)
-    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "grad_norm", "lr")}
+    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
     out.update(skipped_updates=int(m["skipped_updates"]), real_token_fraction=float(stats["real_token_fraction"]),
                tokens=int(tokens), epoch=int(stats.get("epoch", 0)), skipped_samples=int(stats.get("skipped", 0)))
