@@ -24,9 +24,9 @@ _SET_HELP = ("override one config key, e.g. --set train.steps=50 --set mesh.shap
 
 
 def _scripts_dir() -> str:
-    import dflash_jax
-
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(dflash_jax.__file__))), "scripts")
+    """``dflash_jax/scripts``: symlinks to the repository's ``scripts/bench_*.py``, the files themselves in a wheel
+    (docs/design.md, "Shipped files")."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 
 
 def _bench_names() -> list[str]:
@@ -305,15 +305,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.name not in names:
         raise ValueError(f"bench: unknown benchmark {args.name!r} (available: {', '.join(names) or 'none'})")
-    path = os.path.join(_scripts_dir(), f"bench_{args.name}.py")
-    argv = sys.argv
+    path = os.path.realpath(os.path.join(_scripts_dir(), f"bench_{args.name}.py"))
+    argv, sys_path = sys.argv, list(sys.path)
     sys.argv = [path, *args.args]
+    sys.path.insert(0, os.path.dirname(path))  # as `python path`: the scripts import each other (bench_target)
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     finally:
-        sys.argv = argv
+        sys.argv, sys.path[:] = argv, sys_path
     return 0
 
 

@@ -418,7 +418,9 @@ def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> C
     return validate(_build(Config, apply_overrides(raw, overrides)))
 
 
-BUILTIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The shipped configs: ``dflash_jax/configs`` is a symlink to the top-level ``configs/`` in the repository and a
+# directory of package data in an installed wheel (docs/design.md, "Shipped files").
+BUILTIN_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> str:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

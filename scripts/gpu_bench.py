@@ -33,9 +33,10 @@ import platform
 import resource
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]  # the sibling bench scripts and this checkout's dflash_jax
 
-import bench_train_step as bts  # noqa: E402  (also puts the repository root on sys.path)
+import bench_train_step as bts  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from bench_loss import median_seconds  # noqa: E402

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,19 +199,7 @@ def random_blocks(key, b=2, n=3, bs=4, v=11, mask_p=0.7):
     return logits, labels, mask, teacher
 
 
-class BlockLossVariantsTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("dpace_ce", "dpace", False), ("decay_kd", "decay", True))
-    def test_variants_agree(self, objective, kd):
-        logits, labels, mask, teacher = random_blocks(jax.random.key(3))
-        teacher = teacher if kd else None
-        fn = self.variant(lambda x, y, m, t: block_loss(x, y, m, objective=objective, gamma=3.0, teacher_logits=t))
-        loss, metrics = fn(logits, labels, mask, teacher)
-        want, want_metrics = block_loss(logits, labels, mask, objective=objective, gamma=3.0, teacher_logits=teacher)
-        chex.assert_trees_all_close((loss, metrics), (want, want_metrics), rtol=1e-6)
-        chex.assert_shape(metrics["position_accuracy"], (4,))
-        chex.assert_tree_all_finite((loss, metrics))
-
+class DpaceWeightsVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_dpace_weights_variants(self):
         conf = jax.random.uniform(jax.random.key(1), (2, 3, 7))

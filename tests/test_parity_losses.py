@@ -137,21 +137,39 @@ def test_build_target_layer_ids_parity():
 def test_sample_anchors_semantics_parity():
     """Distribution-free: for the reference's N, both keep min(c_b, N) sorted, left-packed valid anchors."""
     rng = np.random.default_rng(4)
+    regimes = set()  # rows with fewer valid positions than N (all kept) and with more (N kept)
     for case in range(CASES):
         b, bs = int(rng.integers(1, 4)), int(rng.integers(1, 5))
         s = bs * int(rng.integers(2, 6))
-        loss_mask = (rng.random((b, s)) < rng.uniform(0.2, 1.0)).astype(np.float32)
+        valid_counts = np.zeros(b)
+        while valid_counts.max() < 2:  # one valid position or none: the reference keeps no anchor (next test)
+            loss_mask = (rng.random((b, s)) < rng.uniform(0.2, 1.0)).astype(np.float32)
+            valid = loss_mask[:, : s - bs + 1] > 0.5
+            valid_counts = valid.sum(axis=1)
         num_anchors = int(rng.integers(1, 12))
         ref_anchors, ref_keep = oracle.ref_sample_anchors(s, loss_mask, bs, num_anchors, seed=case)
         n_ref = ref_anchors.shape[1]
+        assert n_ref == min(num_anchors, valid_counts.max() - 1)
         anchors, keep = sample_anchors(jax.random.key(case), jnp.asarray(loss_mask), bs, n_ref)
-        valid = loss_mask[:, : s - bs + 1] > 0.5
         for row in range(b):
+            count = min(int(valid_counts[row]), n_ref)
+            regimes.add(count == n_ref)
             for a, k in ((ref_anchors[row], ref_keep[row]), (np.asarray(anchors[row]), np.asarray(keep[row]))):
-                count = int(k.sum())
-                assert count == min(int(valid[row].sum()), n_ref) or not ref_keep.any()
-                assert k[:count].all() and not k[count:].any()
+                assert int(k.sum()) == count and k[:count].all()
                 assert np.all(np.diff(a[:count]) > 0) and all(valid[row, p] for p in a[:count])
                 assert np.all(a[count:] == 0)
-            if ref_keep.any():
-                assert int(keep[row].sum()) == int(ref_keep[row].sum())
+    assert regimes == {False, True}
+
+
+def test_sample_anchors_at_most_one_valid_position():
+    """The documented static-N difference: where no row has two valid positions the reference keeps no anchor
+    (N = min(num_anchors, max_b c_b - 1) <= 0); ours keeps the single valid position of a row."""
+    bs, s, num_anchors = 2, 8, 4
+    loss_mask = np.zeros((3, s), np.float32)
+    loss_mask[0, 3] = 1.0  # one valid position
+    loss_mask[1, s - 1] = 1.0  # a valid token, but past the last anchor position s - bs
+    ref_anchors, ref_keep = oracle.ref_sample_anchors(s, loss_mask, bs, num_anchors)
+    assert ref_anchors.shape == (3, 1) and not ref_keep.any() and not ref_anchors.any()
+    anchors, keep = sample_anchors(jax.random.key(0), jnp.asarray(loss_mask), bs, num_anchors)
+    np.testing.assert_array_equal(keep, [[True, False, False, False]] + [[False] * 4] * 2)
+    np.testing.assert_array_equal(anchors, [[3, 0, 0, 0]] + [[0] * 4] * 2)
