@@ -87,8 +87,7 @@ def check_alpha(alpha: Any, *, allow_zero: bool = False) -> None:
             raise ValueError(f"alpha must be a scalar in {'[0' if allow_zero else '(0'}, 1], got {alpha!r}")
 
 
-def check_loss_options(objective: Any, per_token: Any, normalization: str, confidence: str,
-                       has_teacher: bool) -> None:
+def check_loss_options(objective: Any, per_token: Any, normalization: str, confidence: str, has_teacher: bool) -> None:
     """Names (or callables) of the loss pieces; ``ValueError`` naming the option. A built-in teacher loss needs a
     teacher, ``ce`` refuses one (it would be computed for nothing)."""
     if not callable(objective) and objective not in OBJECTIVES:
@@ -96,8 +95,10 @@ def check_loss_options(objective: Any, per_token: Any, normalization: str, confi
     if not callable(per_token) and per_token not in PER_TOKEN_LOSSES:
         raise ValueError(f"per_token must be one of {PER_TOKEN_LOSSES} or a function, got {per_token!r}")
     if isinstance(per_token, str) and (per_token in TEACHER_LOSSES) != has_teacher:
-        raise ValueError(f"per_token {per_token!r} " + ("needs teacher logits (KD)" if not has_teacher
-                                                         else "takes no teacher logits; use 'kd' or another"))
+        raise ValueError(
+            f"per_token {per_token!r} "
+            + ("needs teacher logits (KD)" if not has_teacher else "takes no teacher logits; use 'kd' or another")
+        )
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if confidence not in CONFIDENCES:
@@ -249,13 +250,15 @@ def make_weighting(objective: str | Weighting, alpha: float = 0.5, gamma: float 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES} or a weighting function, got {objective!r}")
     if objective in DPACE_OBJECTIVES:
-        return {"dpace": dpace, "dpace_cumulative": dpace_cumulative,
-                "dpace_continuation": dpace_continuation}[objective](float(alpha))
+        return {"dpace": dpace, "dpace_cumulative": dpace_cumulative, "dpace_continuation": dpace_continuation}[
+            objective
+        ](float(alpha))
     return decay(float(gamma)) if objective == "decay" else uniform()
 
 
-def position_weights(ce: jax.Array, mask: jax.Array, objective: str | Weighting, alpha: float,
-                     gamma: float) -> jax.Array:
+def position_weights(
+    ce: jax.Array, mask: jax.Array, objective: str | Weighting, alpha: float, gamma: float
+) -> jax.Array:
     """Loss weights ``W [..., bs]`` (float32, detached) from the hard CE ``ce [..., bs]`` and mask ``[..., bs]``
     (slot 0 zero): ``make_weighting(objective, alpha, gamma)(exp(-ce), mask)``. For ``dpace`` this is ModelOpt's
     ``W = mask * [1, w_1..w_{bs-1}]`` with ``w = dpace_weights(exp(-ce[..., 1:]), alpha, mask[..., 1:])``."""
@@ -323,8 +326,7 @@ def tv_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array) -> 
     return 1.0 - jnp.sum(jnp.minimum(p, q), axis=-1)
 
 
-PER_TOKEN = {"ce": ce_loss, "kd": kd_loss, "kl": kl_loss, "reverse_kl": reverse_kl_loss, "js": js_loss,
-             "tv": tv_loss}
+PER_TOKEN = {"ce": ce_loss, "kd": kd_loss, "kl": kl_loss, "reverse_kl": reverse_kl_loss, "js": js_loss, "tv": tv_loss}
 
 
 def token_terms(
@@ -385,8 +387,9 @@ def normalizer(partials: Mapping[str, jax.Array], normalization: str = "modelopt
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
-def reduce_partials(partials: Mapping[str, jax.Array], normalization: str = "modelopt"
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def reduce_partials(
+    partials: Mapping[str, jax.Array], normalization: str = "modelopt"
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(loss, metrics)`` from (summed) partials: ``loss = weighted_loss / den`` where active, else exactly 0
     (zero, finite gradient); see :func:`normalizer`.
 
@@ -413,8 +416,9 @@ def reduce_partials(partials: Mapping[str, jax.Array], normalization: str = "mod
     return loss, metrics
 
 
-def _logit_partials(logits: jax.Array, labels: jax.Array, mask: jax.Array, teacher_logits: jax.Array | None,
-                    spec: LossSpec) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _logit_partials(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, teacher_logits: jax.Array | None, spec: LossSpec
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss of one set of blocks from float32 logits: ``(sum W*l, other partials)``; the one code path of
     :func:`block_loss` and of every chunk of :func:`block_loss_from_hidden`. Only ``l`` carries gradient."""
     loss_tok = spec.per_token(logits, labels, teacher_logits)
@@ -513,9 +517,20 @@ def block_loss_from_hidden(
     in :func:`block_loss`; ``chunk_blocks`` and ``compute_dtype`` as in :func:`block_partials_from_hidden`.
     """
     partials = block_partials_from_hidden(
-        hidden, lm_head, labels, mask, objective=objective, alpha=alpha, gamma=gamma, teacher_hidden=teacher_hidden,
-        per_token=per_token, normalization=normalization, confidence=confidence, chunk_blocks=chunk_blocks,
-        compute_dtype=compute_dtype)
+        hidden,
+        lm_head,
+        labels,
+        mask,
+        objective=objective,
+        alpha=alpha,
+        gamma=gamma,
+        teacher_hidden=teacher_hidden,
+        per_token=per_token,
+        normalization=normalization,
+        confidence=confidence,
+        chunk_blocks=chunk_blocks,
+        compute_dtype=compute_dtype,
+    )
     return reduce_partials(partials, normalization)
 
 
@@ -555,8 +570,9 @@ def block_partials_from_hidden(
         raise ValueError(f"chunk_blocks must be a positive int, got {chunk_blocks!r}")
     spec = _spec(objective, alpha, gamma, per_token, normalization, confidence, teacher_hidden is not None)
     dtype = jnp.dtype(compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype))
-    opts = _ChunkOptions(spec, max(1, min(int(chunk_blocks), hidden.shape[1])), dtype, jnp.dtype(hidden.dtype),
-                         jnp.dtype(lm_head.dtype))
+    opts = _ChunkOptions(
+        spec, max(1, min(int(chunk_blocks), hidden.shape[1])), dtype, jnp.dtype(hidden.dtype), jnp.dtype(lm_head.dtype)
+    )
     partials = _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, _zero_slot0(mask))
     return dict(partials, rows=jnp.float32(hidden.shape[0]))
 
@@ -572,8 +588,9 @@ class _ChunkOptions:
     head_dtype: Any
 
 
-def _scan_chunks(opts: _ChunkOptions, hidden, lm_head, teacher_hidden, labels, mask, *, grad_hidden: bool,
-                 grad_head: bool):
+def _scan_chunks(
+    opts: _ChunkOptions, hidden, lm_head, teacher_hidden, labels, mask, *, grad_hidden: bool, grad_head: bool
+):
     """One pass over chunks of blocks: ``(partials, d weighted_loss / d hidden | None, d ... / d lm_head | None)``.
 
     Per chunk: logits ``h @ lm_head.T`` (and the teacher's) once; the partials and, with ``grad_*``, the vjp of
@@ -601,11 +618,11 @@ def _scan_chunks(opts: _ChunkOptions, hidden, lm_head, teacher_hidden, labels, m
             return g_head, (dict(partials, weighted_loss=num), None)
         num, vjp, partials = jax.vjp(lambda x: _logit_partials(x, y, m, teacher, opts.spec), logits, has_aux=True)
         g_logits = vjp(jnp.ones((), jnp.float32))[0].astype(dtype)
-        g_hidden = (jnp.einsum("bnkv,vh->bnkh", g_logits, w, preferred_element_type=jnp.float32)
-                    if grad_hidden else None)
+        g_hidden = jnp.einsum("bnkv,vh->bnkh", g_logits, w, preferred_element_type=jnp.float32) if grad_hidden else None
         if grad_head:
-            g_head = g_head + jnp.einsum("bnkv,bnkh->vh", g_logits, hc.astype(dtype),
-                                         preferred_element_type=jnp.float32)
+            g_head = g_head + jnp.einsum(
+                "bnkv,bnkh->vh", g_logits, hc.astype(dtype), preferred_element_type=jnp.float32
+            )
         return g_head, (dict(partials, weighted_loss=num), g_hidden)
 
     xs = (hidden, labels, mask) + (() if teacher_hidden is None else (teacher_hidden,))
@@ -625,8 +642,15 @@ def _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, mask):
 
 def _fused_partials_fwd(opts, hidden, lm_head, teacher_hidden, labels, mask):
     partials, g_hidden, g_head = _scan_chunks(
-        opts, hidden.value, lm_head.value, jax.tree.map(lambda t: t.value, teacher_hidden), labels.value, mask.value,
-        grad_hidden=hidden.perturbed, grad_head=lm_head.perturbed)
+        opts,
+        hidden.value,
+        lm_head.value,
+        jax.tree.map(lambda t: t.value, teacher_hidden),
+        labels.value,
+        mask.value,
+        grad_hidden=hidden.perturbed,
+        grad_head=lm_head.perturbed,
+    )
     return partials, (g_hidden, g_head)
 
 

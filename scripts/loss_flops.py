@@ -21,16 +21,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import bench_train_step as bts  # noqa: E402
-from dflash_jax.models import layers  # noqa: E402
-from dflash_jax.models.draft import DFlashDraft  # noqa: E402
-from dflash_jax.models.target import make_target_model  # noqa: E402
-from dflash_jax.train import optim  # noqa: E402
-from dflash_jax.train import step as st  # noqa: E402
+import bench_train_step as bts
+from dflash_jax.models import layers
+from dflash_jax.models.draft import DFlashDraft
+from dflash_jax.models.target import make_target_model
+from dflash_jax.train import optim
+from dflash_jax.train import step as st
 
 
 def step_flops(shape: dict, *, kd: bool, mode: str = "offline", dtype: str = "bfloat16") -> float:
@@ -44,8 +44,7 @@ def step_flops(shape: dict, *, kd: bool, mode: str = "offline", dtype: str = "bf
     target_graphdef, target_state = nnx.split(target, nnx.Param)
     tx, sched = optim.make_optimizer(lr=6e-4, steps=1000, schedule="constant", clip_norm=1.0)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    state = st.TrainState(step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params),
-                          skipped_updates=scalar)
+    state = st.TrainState(step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params), skipped_updates=scalar)
     b, s, n, bs = shape["batch"], shape["seq"], shape["anchors"], shape["block"]
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bts.make_batch(dict(shape, batch=1)).items()}
     batch = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype) for k, v in batch.items()}
@@ -53,10 +52,24 @@ def step_flops(shape: dict, *, kd: bool, mode: str = "offline", dtype: str = "bf
         batch["target_hidden"] = jax.ShapeDtypeStruct((b, s, len(dc.target_layer_ids) * tc.hidden_size), compute)
         if kd:
             batch["teacher_hidden"] = jax.ShapeDtypeStruct((b, s, tc.hidden_size), compute)
-    cfg = st.StepConfig(block_size=bs, num_anchors=n, mask_token_id=0, target_layer_ids=dc.target_layer_ids, kd=kd,
-                        mode=mode, chunk_blocks=n)
-    fn = functools.partial(st.train_step, draft_graphdef=graphdef, target_graphdef=target_graphdef, tx=tx,
-                           schedule=sched, cfg=cfg, compute_dtype=compute)
+    cfg = st.StepConfig(
+        block_size=bs,
+        num_anchors=n,
+        mask_token_id=0,
+        target_layer_ids=dc.target_layer_ids,
+        kd=kd,
+        mode=mode,
+        chunk_blocks=n,
+    )
+    fn = functools.partial(
+        st.train_step,
+        draft_graphdef=graphdef,
+        target_graphdef=target_graphdef,
+        tx=tx,
+        schedule=sched,
+        cfg=cfg,
+        compute_dtype=compute,
+    )
     key = jax.eval_shape(lambda: jax.random.key(0))
     return float(jax.jit(fn).lower(state, target_state, batch, key).compile().cost_analysis()["flops"])
 
@@ -64,9 +77,13 @@ def step_flops(shape: dict, *, kd: bool, mode: str = "offline", dtype: str = "bf
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="cpu,qwen3-8b", help=f"comma-separated, of {sorted(bts.SHAPES)}")
-    p.add_argument("--mode", choices=st.MODES, default="offline",
-                   help="offline: target features in the batch (the target forward, identical in both loss "
-                        "implementations, is left out of the count)")
+    p.add_argument(
+        "--mode",
+        choices=st.MODES,
+        default="offline",
+        help="offline: target features in the batch (the target forward, identical in both loss "
+        "implementations, is left out of the count)",
+    )
     args = p.parse_args(argv)
     print(f"jax={jax.__version__} backend={jax.default_backend()} mode={args.mode}")
     for name in args.shapes.split(","):
@@ -74,8 +91,11 @@ def main(argv=None) -> None:
         unit = 2 * shape["batch"] * shape["anchors"] * shape["block"] * shape["hidden"] * shape["vocab"]
         for kd in (False, True):
             flops = step_flops(shape, kd=kd, mode=args.mode)
-            print(f"shape={name} kd={kd} step_tflop={flops / 1e12:.4f} vocab_matmul_tflop={unit / 1e12:.4f} "
-                  f"step_in_vocab_matmuls={flops / unit:.3f}", flush=True)
+            print(
+                f"shape={name} kd={kd} step_tflop={flops / 1e12:.4f} vocab_matmul_tflop={unit / 1e12:.4f} "
+                f"step_in_vocab_matmuls={flops / unit:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -47,9 +47,13 @@ def np_per_token(name, x, y, t):
     logp = np_log_softmax(t)
     p, q = np.exp(logp), np.exp(logq)
     m = 0.5 * (p + q)
-    return {"kd": -(p * logq).sum(-1), "kl": (p * (logp - logq)).sum(-1), "reverse_kl": (q * (logq - logp)).sum(-1),
-            "js": 0.5 * (p * (logp - np.log(m))).sum(-1) + 0.5 * (q * (logq - np.log(m))).sum(-1),
-            "tv": 1.0 - np.minimum(p, q).sum(-1)}[name]
+    return {
+        "kd": -(p * logq).sum(-1),
+        "kl": (p * (logp - logq)).sum(-1),
+        "reverse_kl": (q * (logq - logp)).sum(-1),
+        "js": 0.5 * (p * (logp - np.log(m))).sum(-1) + 0.5 * (q * (logq - np.log(m))).sum(-1),
+        "tv": 1.0 - np.minimum(p, q).sum(-1),
+    }[name]
 
 
 def np_weights(name, conf, mask, alpha=0.5, gamma=0.0):
@@ -61,16 +65,34 @@ def np_weights(name, conf, mask, alpha=0.5, gamma=0.0):
         q, m = conf[idx], mask[idx]
         smooth = np.where(m > 0, alpha + (1 - alpha) * q, 1.0)
         prefix = np.array([np.prod(smooth[: j + 1]) for j in range(len(q))])
-        suffix = np.array([sum(prefix[l] * m[l] for l in range(j, len(q))) for j in range(len(q))])
+        suffix = np.array([sum(prefix[i] * m[i] for i in range(j, len(q))) for j in range(len(q))])
         k = np.maximum(np.arange(len(q)) - 1.0, 0.0)
-        out[idx] = m * {"dpace": suffix, "dpace_cumulative": prefix,
-                        "dpace_continuation": suffix / np.maximum(prefix, np.finfo(np.float32).tiny),
-                        "decay": np.exp(-k / gamma) if gamma > 0 else np.ones(len(q)), "uniform": np.ones(len(q))}[name]
+        out[idx] = (
+            m
+            * {
+                "dpace": suffix,
+                "dpace_cumulative": prefix,
+                "dpace_continuation": suffix / np.maximum(prefix, np.finfo(np.float32).tiny),
+                "decay": np.exp(-k / gamma) if gamma > 0 else np.ones(len(q)),
+                "uniform": np.ones(len(q)),
+            }[name]
+        )
     return out
 
 
-def np_loss(logits, labels, mask, teacher, *, objective="dpace", per_token="ce", normalization="modelopt",
-            confidence="data", alpha=0.5, gamma=0.0):
+def np_loss(
+    logits,
+    labels,
+    mask,
+    teacher,
+    *,
+    objective="dpace",
+    per_token="ce",
+    normalization="modelopt",
+    confidence="data",
+    alpha=0.5,
+    gamma=0.0,
+):
     """Loss, weights and per-token losses: ModelOpt sum(W l) / (sum W + 1e-6) with loss 0 when that is <= 1;
     SpecForge D-PACE sum(W l) / B; speculators sum(W l) / (sum mask + 1e-5)."""
     lt = np_per_token(per_token, logits, labels, teacher)
@@ -158,8 +180,14 @@ def test_variant_values_and_gradients(per_token, objective, normalization, confi
     dense formulation written here with the weights as constants (they are detached)."""
     hidden, lm_head, labels, mask, th = case(4)
     teacher = None if per_token == "ce" else th
-    kw = dict(objective=objective, per_token=per_token, normalization=normalization, confidence=confidence,
-              alpha=0.4, gamma=3.0)
+    kw = dict(
+        objective=objective,
+        per_token=per_token,
+        normalization=normalization,
+        confidence=confidence,
+        alpha=0.4,
+        gamma=3.0,
+    )
     logits = np.asarray(hidden @ lm_head.T, np.float64)
     t_logits = None if teacher is None else np.asarray(teacher @ lm_head.T, np.float64)
     want, w, _ = np_loss(logits, labels, mask, t_logits, **kw)
@@ -172,20 +200,27 @@ def test_variant_values_and_gradients(per_token, objective, normalization, confi
         else:
             logp = jax.nn.log_softmax(teacher @ lm_head.T, -1)
             p, q = jnp.exp(logp), jnp.exp(logq)
-            lt = {"kd": -jnp.sum(p * logq, -1), "kl": jnp.sum(p * (logp - logq), -1),
-                  "reverse_kl": jnp.sum(q * (logq - logp), -1),
-                  "js": 0.5 * jnp.sum(p * (logp - jnp.log((p + q) / 2)) + q * (logq - jnp.log((p + q) / 2)), -1),
-                  "tv": 1 - jnp.sum(jnp.minimum(p, q), -1)}[per_token]
+            lt = {
+                "kd": -jnp.sum(p * logq, -1),
+                "kl": jnp.sum(p * (logp - logq), -1),
+                "reverse_kl": jnp.sum(q * (logq - logp), -1),
+                "js": 0.5 * jnp.sum(p * (logp - jnp.log((p + q) / 2)) + q * (logq - jnp.log((p + q) / 2)), -1),
+                "tv": 1 - jnp.sum(jnp.minimum(p, q), -1),
+            }[per_token]
         den = {"modelopt": w.sum() + 1e-6, "batch": B, "tokens": float(np.sum(mask)) + 1e-5}[normalization]
         return jnp.sum(jnp.asarray(w, jnp.float32) * lt) / den
 
     g_want = jax.grad(dense)(hidden)
     (lo_d, _), g_d = jax.value_and_grad(
-        lambda h: block_loss(h @ lm_head.T, labels, mask, teacher_logits=None if teacher is None else teacher @ lm_head.T,
-                             **kw), has_aux=True)(hidden)
+        lambda h: block_loss(
+            h @ lm_head.T, labels, mask, teacher_logits=None if teacher is None else teacher @ lm_head.T, **kw
+        ),
+        has_aux=True,
+    )(hidden)
     (lo_f, _), g_f = jax.value_and_grad(
         lambda h: block_loss_from_hidden(h, lm_head, labels, mask, teacher_hidden=teacher, chunk_blocks=2, **kw),
-        has_aux=True)(hidden)
+        has_aux=True,
+    )(hidden)
     for lo, g in ((lo_d, g_d), (lo_f, g_f)):
         np.testing.assert_allclose(lo, want, rtol=2e-6)
         scale = float(jnp.max(jnp.abs(g_want)))
@@ -198,8 +233,14 @@ def test_speculators_tokens_and_specforge_batch_have_no_zero_loss_rule():
     mask = jnp.zeros((B, N, BS)).at[0, 0, 1].set(1.0)
     ce = float(np_per_token("ce", np.asarray(hidden @ lm_head.T), labels, None)[0, 0, 1])
     q = np.exp(-ce)
-    for norm, want in (("modelopt", 0.0), ("batch", (0.5 + 0.5 * q) * ce / B), ("tokens", (0.5 + 0.5 * q) * ce / 1.00001)):
-        lo, g = jax.value_and_grad(lambda h: block_loss_from_hidden(h, lm_head, labels, mask, normalization=norm)[0])(hidden)
+    for norm, want in (
+        ("modelopt", 0.0),
+        ("batch", (0.5 + 0.5 * q) * ce / B),
+        ("tokens", (0.5 + 0.5 * q) * ce / 1.00001),
+    ):
+        lo, g = jax.value_and_grad(lambda h: block_loss_from_hidden(h, lm_head, labels, mask, normalization=norm)[0])(
+            hidden
+        )
         np.testing.assert_allclose(lo, want, rtol=2e-6, err_msg=norm)
         assert (float(jnp.max(jnp.abs(g))) == 0.0) == (norm == "modelopt"), norm
 
@@ -207,8 +248,9 @@ def test_speculators_tokens_and_specforge_batch_have_no_zero_loss_rule():
 def test_zero_loss_rule_gives_exactly_zero_fused_gradient():
     hidden, lm_head, labels, mask, th = case(6)
     for teacher in (None, th):
-        lo, (gh, gw) = jax.value_and_grad(lambda h, w: block_loss_from_hidden(
-            h, w, labels, mask * 0.0, teacher_hidden=teacher)[0], argnums=(0, 1))(hidden, lm_head)
+        lo, (gh, gw) = jax.value_and_grad(
+            lambda h, w: block_loss_from_hidden(h, w, labels, mask * 0.0, teacher_hidden=teacher)[0], argnums=(0, 1)
+        )(hidden, lm_head)
         assert float(lo) == 0.0 and not np.any(np.asarray(gh)) and not np.any(np.asarray(gw))
 
 
@@ -217,8 +259,13 @@ def test_fused_equals_dense_with_trainable_lm_head(chunk):
     """Gradients w.r.t. ``lm_head`` too (computed in the forward pass only when it is differentiated)."""
     hidden, lm_head, labels, mask, th = case(7)
     kw = dict(per_token="js", objective="dpace", normalization="tokens")
-    dense = lambda h, w: block_loss(h @ w.T, labels, mask, teacher_logits=th @ w.T, **kw)[0]  # noqa: E731
-    fused = lambda h, w: block_loss_from_hidden(h, w, labels, mask, teacher_hidden=th, chunk_blocks=chunk, **kw)[0]  # noqa: E731
+
+    def dense(h, w):
+        return block_loss(h @ w.T, labels, mask, teacher_logits=th @ w.T, **kw)[0]
+
+    def fused(h, w):
+        return block_loss_from_hidden(h, w, labels, mask, teacher_hidden=th, chunk_blocks=chunk, **kw)[0]
+
     (ld, gd), (lf, gf) = [jax.value_and_grad(f, argnums=(0, 1))(hidden, lm_head) for f in (dense, fused)]
     np.testing.assert_allclose(lf, ld, rtol=1e-6)
     for a, b in zip(gf, gd):
@@ -227,8 +274,14 @@ def test_fused_equals_dense_with_trainable_lm_head(chunk):
 
 def test_bf16_fused_gradient_within_bf16_tolerance():
     hidden, lm_head, labels, mask, th = case(8)
-    f = lambda dt: jax.grad(lambda h: block_loss_from_hidden(  # noqa: E731
-        h, lm_head, labels, mask, teacher_hidden=th, chunk_blocks=2, compute_dtype=dt)[0])(hidden)
+
+    def f(dt):
+        return jax.grad(
+            lambda h: block_loss_from_hidden(
+                h, lm_head, labels, mask, teacher_hidden=th, chunk_blocks=2, compute_dtype=dt
+            )[0]
+        )(hidden)
+
     g32, g16 = f(jnp.float32), f(jnp.bfloat16)
     assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 2e-2
 
@@ -257,7 +310,8 @@ def test_micro_batch_partials_sum_to_the_batch(normalization):
     den, active = losses.normalizer(total, normalization)
     loss, _ = reduce_partials(total, normalization)
     (want, _), g_want = jax.value_and_grad(
-        lambda h: block_loss_from_hidden(h, lm_head, labels, mask, **kw), has_aux=True)(hidden)
+        lambda h: block_loss_from_hidden(h, lm_head, labels, mask, **kw), has_aux=True
+    )(hidden)
     np.testing.assert_allclose(loss, want, rtol=1e-6)
     np.testing.assert_allclose(jnp.concatenate(grads) / den * active, g_want, rtol=1e-5, atol=1e-8)
 
@@ -273,7 +327,7 @@ def test_readme_composition_example_runs():
     section = readme.split("### Composing your own loss", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    exec(compile(code, "README.md", "exec"), scope)
     w = np.asarray(scope["w"])
     assert np.any((w == 0.25) & (np.asarray(scope["mask"]) > 0)) and np.any(w > 0.25)  # the floor is active
 
@@ -314,8 +368,9 @@ def test_fused_gradient_does_the_predicted_vocabulary_matmuls(kd):
     hidden, lm_head = jnp.ones((b, n, bs, h)), jnp.ones((v, h))
     labels, mask = jnp.zeros((b, n, bs), jnp.int32), jnp.ones((b, n, bs)).at[..., 0].set(0.0)
     teacher = hidden if kd else None
-    grad = jax.jit(jax.grad(lambda x, w: block_loss_from_hidden(x, w, labels, mask, teacher_hidden=teacher,
-                                                                chunk_blocks=n)[0]))
+    grad = jax.jit(
+        jax.grad(lambda x, w: block_loss_from_hidden(x, w, labels, mask, teacher_hidden=teacher, chunk_blocks=n)[0])
+    )
     flops = grad.lower(hidden, lm_head).compile().cost_analysis()["flops"]
     matmul = 2 * b * n * bs * h * v
     assert (2 + kd) * matmul <= flops < (2.25 + kd) * matmul, flops / matmul
