@@ -63,8 +63,8 @@ SMOLLM2 = "smollm2"
 RANDOM = "random"
 
 METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "accept_length", "tokens_per_s", "skipped_samples", "lr",
-               "grad_norm", "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates", "epoch",
-               "elapsed_s")
+               "grad_norm", "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates",
+               "epoch", "elapsed_s")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
 _MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
