@@ -82,8 +82,8 @@ def check_alpha(alpha: Any, *, allow_zero: bool = False) -> None:
     """Raise ``ValueError`` unless ``0 < alpha <= 1`` (``0 <= alpha`` with ``allow_zero``), when concrete."""
     a = _concrete(alpha)
     if a is not None:
-        low_ok = float(a) >= 0.0 if allow_zero else float(a) > 0.0
-        if a.ndim != 0 or not (low_ok and float(a) <= 1.0):
+        low_ok = a.ndim == 0 and (float(a) >= 0.0 if allow_zero else float(a) > 0.0)
+        if not (low_ok and float(a) <= 1.0):
             raise ValueError(f"alpha must be a scalar in {'[0' if allow_zero else '(0'}, 1], got {alpha!r}")
 
 
@@ -186,7 +186,6 @@ def decay_weights(block_size: int, gamma: float) -> jax.Array:
     return jnp.where(positive, jnp.exp(-k / safe_gamma), 1.0)
 
 
-@functools.lru_cache(maxsize=None)
 def dpace(alpha: float = 0.5) -> Weighting:
     """D-PACE (Eq. 7-9): ``W_j = mask_j * sum_{l>=j} C_l``, ``C_l = prod_{i<=l, valid} q~_i * valid_l``.
     ``alpha`` in [0, 1]; at 0 the products of raw confidences underflow to exactly 0 (weights 0, never NaN)."""
@@ -198,7 +197,6 @@ def dpace(alpha: float = 0.5) -> Weighting:
     return weighting
 
 
-@functools.lru_cache(maxsize=None)
 def dpace_cumulative(alpha: float = 0.5) -> Weighting:
     """Ablation "cumulative confidence only" (SpecForge ``dpace-cumulative-confidence-only``): ``W_j = mask_j *
     P_j``, the probability that slots ``1..j`` are all accepted, without the continuation value. ``alpha`` in
@@ -211,7 +209,6 @@ def dpace_cumulative(alpha: float = 0.5) -> Weighting:
     return weighting
 
 
-@functools.lru_cache(maxsize=None)
 def dpace_continuation(alpha: float = 0.5) -> Weighting:
     """Ablation "continuation value only" (SpecForge ``dpace-continuation-value-only``): ``W_j = mask_j * w_j /
     max(P_j, tiny)`` = ``1 + sum_{l>j, valid} prod_{j<i<=l, valid} q~_i`` (expected accepted run from ``j`` on, given
@@ -226,7 +223,6 @@ def dpace_continuation(alpha: float = 0.5) -> Weighting:
     return weighting
 
 
-@functools.lru_cache(maxsize=None)
 def decay(gamma: float) -> Weighting:
     """Static decay: ``W = mask * exp(-max(k - 1, 0) / gamma)``; ``gamma <= 0`` is uniform. Ignores confidence."""
 
@@ -236,7 +232,6 @@ def decay(gamma: float) -> Weighting:
     return weighting
 
 
-@functools.lru_cache(maxsize=None)
 def uniform() -> Weighting:
     """``W = mask``: every trainable token weighs 1."""
     return lambda confidence, mask: mask
@@ -250,10 +245,9 @@ def make_weighting(objective: str | Weighting, alpha: float = 0.5, gamma: float 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES} or a weighting function, got {objective!r}")
     if objective in DPACE_OBJECTIVES:
-        return {"dpace": dpace, "dpace_cumulative": dpace_cumulative, "dpace_continuation": dpace_continuation}[
-            objective
-        ](float(alpha))
-    return decay(float(gamma)) if objective == "decay" else uniform()
+        builders = {"dpace": dpace, "dpace_cumulative": dpace_cumulative, "dpace_continuation": dpace_continuation}
+        return builders[objective](alpha)
+    return decay(gamma) if objective == "decay" else uniform()
 
 
 def position_weights(
@@ -347,9 +341,10 @@ def token_terms(
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """The static loss pieces: ``weighting`` and ``per_token`` functions and the confidence source."""
+    """The static loss pieces: the ``objective`` (a name, built with the run-time ``alpha``/``gamma`` so that changing
+    them does not recompile, or a weighting function), the ``per_token`` function and the confidence source."""
 
-    weighting: Weighting
+    objective: str | Weighting
     per_token: PerTokenLoss
     confidence: str = "data"
 
@@ -417,7 +412,13 @@ def reduce_partials(
 
 
 def _logit_partials(
-    logits: jax.Array, labels: jax.Array, mask: jax.Array, teacher_logits: jax.Array | None, spec: LossSpec
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    teacher_logits: jax.Array | None,
+    spec: LossSpec,
+    alpha: jax.Array,
+    gamma: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss of one set of blocks from float32 logits: ``(sum W*l, other partials)``; the one code path of
     :func:`block_loss` and of every chunk of :func:`block_loss_from_hidden`. Only ``l`` carries gradient."""
@@ -425,7 +426,7 @@ def _logit_partials(
     chex.assert_shape(loss_tok, labels.shape)
     ce = ce_loss(logits, labels) if spec.confidence == "data" else loss_tok
     conf = jnp.exp(-jax.lax.stop_gradient(ce).astype(jnp.float32))
-    weights = jax.lax.stop_gradient(spec.weighting(conf, mask).astype(jnp.float32))
+    weights = jax.lax.stop_gradient(make_weighting(spec.objective, alpha, gamma)(conf, mask).astype(jnp.float32))
     correct = jnp.argmax(logits, axis=-1) == labels
     partials = partial_sums(loss_tok.astype(jnp.float32), correct, mask, weights)
     return partials.pop("weighted_loss"), partials
@@ -437,13 +438,13 @@ def _zero_slot0(mask: jax.Array) -> jax.Array:
 
 
 def _spec(objective, alpha, gamma, per_token, normalization, confidence, has_teacher) -> LossSpec:
-    """Validate the options and resolve names to functions (cached: equal options give an equal spec)."""
+    """Validate the options (and ``alpha`` for a named D-PACE objective) and resolve the per-token name."""
     per_token = ("kd" if has_teacher else "ce") if per_token is None else per_token
     check_loss_options(objective, per_token, normalization, confidence, has_teacher)
     if isinstance(objective, str) and objective in DPACE_OBJECTIVES:
         check_alpha(alpha, allow_zero=True)
     per_token_fn = PER_TOKEN[per_token] if isinstance(per_token, str) else per_token
-    return LossSpec(make_weighting(objective, alpha, gamma), per_token_fn, confidence)
+    return LossSpec(objective, per_token_fn, confidence)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,15 +480,15 @@ def block_loss(
     if teacher_logits is not None:
         _chex("teacher_logits", chex.assert_shape, teacher_logits, logits.shape)
     spec = _spec(objective, alpha, gamma, per_token, normalization, confidence, teacher_logits is not None)
-    return _block_loss(logits, labels, mask, teacher_logits, spec=spec, normalization=normalization)
+    return _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, spec=spec, normalization=normalization)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "normalization"))
-def _block_loss(logits, labels, mask, teacher_logits, *, spec, normalization):
+def _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, *, spec, normalization):
     """Jitted body of :func:`block_loss` (one compile per shape when called eagerly; inlined under a caller's jit)."""
     x = logits.astype(jnp.float32)
     teacher = None if teacher_logits is None else teacher_logits.astype(jnp.float32)
-    num, partials = _logit_partials(x, labels, _zero_slot0(mask), teacher, spec)
+    num, partials = _logit_partials(x, labels, _zero_slot0(mask), teacher, spec, alpha, gamma)
     partials = dict(partials, weighted_loss=num, rows=jnp.float32(logits.shape[0]))
     return reduce_partials(partials, normalization)
 
@@ -573,7 +574,14 @@ def block_partials_from_hidden(
     opts = _ChunkOptions(
         spec, max(1, min(int(chunk_blocks), hidden.shape[1])), dtype, jnp.dtype(hidden.dtype), jnp.dtype(lm_head.dtype)
     )
-    partials = _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, _zero_slot0(mask))
+    return _block_partials_from_hidden(hidden, lm_head, teacher_hidden, labels, mask, alpha, gamma, opts=opts)
+
+
+@functools.partial(jax.jit, static_argnames=("opts",))
+def _block_partials_from_hidden(hidden, lm_head, teacher_hidden, labels, mask, alpha, gamma, *, opts):
+    """Jitted body of :func:`block_partials_from_hidden`."""
+    weight_params = (jnp.asarray(alpha, jnp.float32), jnp.asarray(gamma, jnp.float32))
+    partials = _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, _zero_slot0(mask), weight_params)
     return dict(partials, rows=jnp.float32(hidden.shape[0]))
 
 
@@ -589,7 +597,7 @@ class _ChunkOptions:
 
 
 def _scan_chunks(
-    opts: _ChunkOptions, hidden, lm_head, teacher_hidden, labels, mask, *, grad_hidden: bool, grad_head: bool
+    opts: _ChunkOptions, hidden, lm_head, teacher_hidden, labels, mask, weight_params, *, grad_hidden, grad_head
 ):
     """One pass over chunks of blocks: ``(partials, d weighted_loss / d hidden | None, d ... / d lm_head | None)``.
 
@@ -614,9 +622,11 @@ def _scan_chunks(
         teacher = project(jax.lax.stop_gradient(th[0])) if th else None
         logits = project(hc)
         if not (grad_hidden or grad_head):
-            num, partials = _logit_partials(logits, y, m, teacher, opts.spec)
+            num, partials = _logit_partials(logits, y, m, teacher, opts.spec, *weight_params)
             return g_head, (dict(partials, weighted_loss=num), None)
-        num, vjp, partials = jax.vjp(lambda x: _logit_partials(x, y, m, teacher, opts.spec), logits, has_aux=True)
+        num, vjp, partials = jax.vjp(
+            lambda x: _logit_partials(x, y, m, teacher, opts.spec, *weight_params), logits, has_aux=True
+        )
         g_logits = vjp(jnp.ones((), jnp.float32))[0].astype(dtype)
         g_hidden = jnp.einsum("bnkv,vh->bnkh", g_logits, w, preferred_element_type=jnp.float32) if grad_hidden else None
         if grad_head:
@@ -635,12 +645,15 @@ def _scan_chunks(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, mask):
-    """Primal (nothing differentiated): the partials alone, 1 vocabulary matmul per chunk (2 with a teacher)."""
-    return _scan_chunks(opts, hidden, lm_head, teacher_hidden, labels, mask, grad_hidden=False, grad_head=False)[0]
+def _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, mask, weight_params):
+    """Primal (nothing differentiated): the partials alone, 1 vocabulary matmul per chunk (2 with a teacher).
+    ``weight_params``: the float32 ``(alpha, gamma)`` of a named objective (run-time values: no recompile)."""
+    return _scan_chunks(
+        opts, hidden, lm_head, teacher_hidden, labels, mask, weight_params, grad_hidden=False, grad_head=False
+    )[0]
 
 
-def _fused_partials_fwd(opts, hidden, lm_head, teacher_hidden, labels, mask):
+def _fused_partials_fwd(opts, hidden, lm_head, teacher_hidden, labels, mask, weight_params):
     partials, g_hidden, g_head = _scan_chunks(
         opts,
         hidden.value,
@@ -648,6 +661,7 @@ def _fused_partials_fwd(opts, hidden, lm_head, teacher_hidden, labels, mask):
         jax.tree.map(lambda t: t.value, teacher_hidden),
         labels.value,
         mask.value,
+        jax.tree.map(lambda t: t.value, weight_params),
         grad_hidden=hidden.perturbed,
         grad_head=lm_head.perturbed,
     )
@@ -662,7 +676,7 @@ def _fused_partials_bwd(opts, residuals, cotangents):
         ct = jnp.zeros((), jnp.float32)
     d_hidden = None if g_hidden is None else (ct * g_hidden).astype(opts.hidden_dtype)
     d_head = None if g_head is None else (ct * g_head).astype(opts.head_dtype)
-    return d_hidden, d_head, None, None, None
+    return d_hidden, d_head, None, None, None, None
 
 
 _fused_partials.defvjp(_fused_partials_fwd, _fused_partials_bwd, symbolic_zeros=True)
