@@ -26,9 +26,15 @@ Dtype = Literal["float32", "bfloat16"]
 
 @dataclass(frozen=True)
 class RandomTargetConfig:
-    """Dimensions of a random-init target (``target.path: random``; tests and CI)."""
+    """Dimensions of a random-init target (``target.path: random``; tests and CI).
 
-    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    MoE archs (``qwen3_moe``, ``gpt_oss``) use ``num_experts``/``num_experts_per_tok``/``moe_intermediate_size``
+    on every layer; ``gpt_oss``/``gemma3_text`` make every ``sliding_window_pattern``-th layer full attention
+    and the others sliding with ``sliding_window``. The dims pass through the HF ``config.json`` parser
+    (:meth:`hf_config`), so a random target is built exactly like a loaded one.
+    """
+
+    arch: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text"] = "llama"
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -39,7 +45,23 @@ class RandomTargetConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 32
+    sliding_window: int = 8
+    sliding_window_pattern: int = 2
     seed: int = 0
+
+    def hf_config(self) -> dict:
+        """These dims as an HF ``config.json`` dict (input of ``TargetConfig.from_hf_dict``)."""
+        return dict(model_type=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                    head_dim=self.head_dim, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+                    tie_word_embeddings=self.tie_word_embeddings, num_local_experts=self.num_experts,
+                    num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                    norm_topk_prob=True, sliding_window=self.sliding_window,
+                    sliding_window_pattern=self.sliding_window_pattern, query_pre_attn_scalar=self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,8 @@ class DraftSection:
     target_layer_ids: tuple[int, ...] | None = None  # null = build_target_layer_ids(Lt, num_layers)
     sliding_window: int | None = None
     causal: bool = False
+    rope_scaling: dict | None = None  # HF rope_scaling of the draft's RoPE (yarn / llama3 / linear), exported
+    attention_sink: bool = False  # learned per-head sink logit in every draft layer (ModelOpt dflash_attention_sink)
     init: str | None = None  # path to an exported drafter for warm start
 
 
@@ -131,6 +155,7 @@ class TrainSection:
     mode: Literal["online", "offline"] = "online"
     features_dir: str | None = None  # offline features (train.mode: offline)
     remat: bool = False
+    max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
 
 
 @dataclass(frozen=True)
@@ -209,6 +234,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
+    if tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}")
@@ -240,8 +269,11 @@ def validate(config: Config) -> Config:
     _check(bool(t.path), "target.path must not be empty")
     r = t.random
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim"):
+                 "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "sliding_window", "sliding_window_pattern"):
         _check(getattr(r, name) >= 1, f"target.random.{name} must be >= 1, got {getattr(r, name)}")
+    _check(r.num_experts_per_tok <= r.num_experts, f"target.random.num_experts_per_tok ({r.num_experts_per_tok}) "
+           f"must be <= target.random.num_experts ({r.num_experts})")
     _check(r.num_attention_heads % r.num_key_value_heads == 0,
            f"target.random.num_attention_heads ({r.num_attention_heads}) must be a multiple of "
            f"target.random.num_key_value_heads ({r.num_key_value_heads})")
@@ -288,7 +320,7 @@ def validate(config: Config) -> Config:
            f"data.max_conversations must be >= 1 or null, got {da.max_conversations}")
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
 
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+from dflash_jax.models import families
 from dflash_jax.models import tokenizer as tok_lib
 from dflash_jax.models.target import Target, TargetConfig, build_target_model
 
@@ -22,6 +23,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype tag -> HF config dtype name
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_PACKED_SUFFIXES = ("_blocks", "_scales")  # MXFP4 experts (uint8), dequantised by models/families/gpt_oss.py
 
 
 def read_config(path: str) -> dict:
@@ -62,11 +64,13 @@ def weight_map(path: str) -> dict[str, str]:
 
 
 class _SafetensorsReader:
-    """``fetch(name, shape)`` for :func:`build_target_model`: reads one tensor, checks shape and dtype."""
+    """``fetch(name, shape)`` for :func:`build_target_model`: reads one tensor, checks shape and dtype;
+    ``name in reader`` tells whether the checkpoint has a tensor. ``prefix`` is prepended to every name (the
+    decoder of a multimodal checkpoint)."""
 
-    def __init__(self, path: str, expected_dtype: str | None):
-        self.path = path
-        self.map = weight_map(path)
+    def __init__(self, path: str, expected_dtype: str | None, prefix: str = ""):
+        self.path, self.prefix = path, prefix
+        self.map = {name.removeprefix(prefix): f for name, f in weight_map(path).items() if name.startswith(prefix)}
         self.expected_dtype = expected_dtype
         self._handles: dict[str, Any] = {}
 
@@ -75,19 +79,23 @@ class _SafetensorsReader:
             self._handles[file] = safe_open(file, framework="np")
         return self._handles[file]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.map
+
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.map:
-            raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        file = self.map[name]
+            raise ValueError(f"{self.path}: tensor {self.prefix + name!r} is missing from the checkpoint")
+        file, name = self.map[name], self.prefix + name
         where = f"{os.path.basename(file)}: tensor {name!r}"
         h = self._handle(file)
         if name not in h.keys():
             raise ValueError(f"{where} listed in {INDEX_FILE} but absent from the file")
         sl = h.get_slice(name)
         stored = sl.get_dtype()
-        if stored not in _ST_DTYPES:
+        packed = stored == "U8" and name.endswith(_PACKED_SUFFIXES)
+        if stored not in _ST_DTYPES and not packed:
             raise ValueError(f"{where}: dtype {stored} is not supported (supported: {', '.join(_ST_DTYPES)})")
-        if self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
+        if not packed and self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
             raise ValueError(f"{where}: stored as {_ST_DTYPES[stored]} but config.json declares dtype "
                              f"{self.expected_dtype}")
         if tuple(sl.get_shape()) != tuple(shape):
@@ -96,13 +104,15 @@ class _SafetensorsReader:
 
 
 def load_hf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=None) -> Target:
-    """Load an HF Llama/Qwen2/Qwen3 checkpoint directory (see :func:`dflash_jax.models.target.load_target`)."""
-    raw = read_config(path)
+    """Load an HF checkpoint directory of a supported family (see :func:`dflash_jax.models.target.load_target`)."""
+    raw, prefix = read_config(path), ""
     try:
+        if raw.get("model_type") in families.WRAPPERS:
+            raw, prefix = families.WRAPPERS[raw["model_type"]](raw)
         cfg = TargetConfig.from_hf_dict(raw)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{os.path.join(path, 'config.json')}: missing or invalid field {e}") from e
-    reader = _SafetensorsReader(path, config_dtype(raw))
+    reader = _SafetensorsReader(path, config_dtype(raw), prefix)
     model = build_target_model(cfg, reader, dtype=dtype, mesh=mesh, shardings=shardings)
     tok = tok_lib.load_hf_tokenizer(path)
     return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,

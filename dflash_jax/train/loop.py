@@ -7,14 +7,17 @@ Run directory layout (``RUN``)::
     RUN/draft_config.json    the resolved drafter config (export ``config.json`` format)
     RUN/heldout.jsonl        held-out conversations (never trained on; ``dflash-jax eval`` prompts)
     RUN/metrics.jsonl        one JSON object per logged step (see :data:`METRIC_KEYS`) and per eval
-    RUN/checkpoints/<step>/  Orbax checkpoints (params, optimizer, data position, PRNG key)
+    RUN/checkpoints/<step>/  Orbax checkpoints (params, optimizer, data position, PRNG key, SHA-256 manifest)
     RUN/export/              the final drafter (``config.json`` + ``model.safetensors``, z-lab / vLLM / SGLang)
     RUN/plots/*.png          loss and simulated tau vs step, per-position acceptance, D-PACE weights per position
     RUN/tb/                  TensorBoard events (only when a SummaryWriter is importable)
+    RUN/.lock.<process>      the run-directory lock of each writing process (dflash_jax.paths.DirLock)
 
 Logged values are means over the steps since the previous log line (the window). The unlogged part of the window
 is stored in every checkpoint, so a resumed run writes exactly the metrics of an uninterrupted one (all keys but
-the wall-clock ones, :data:`TIMING_KEYS`).
+the wall-clock ones, :data:`TIMING_KEYS`). Means cover the steps whose update was applied; ``skipped_steps`` counts
+the others (non-finite loss or gradient), and ``train.max_consecutive_skips`` of them in a row stop the run
+(:class:`DivergedError`).
 
 Mask token (``draft.mask_token_id: null``, SmolLM2 has none): a vocabulary token spelled like a mask
 (``<mask>``, ``<|mask|>``, ``[MASK]``, ...) if the tokenizer has one; otherwise the lowest-id special token
@@ -28,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -41,6 +43,7 @@ from flax import nnx
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
+from dflash_jax import paths
 from dflash_jax.data import chat, pipeline, readers
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
@@ -59,12 +62,13 @@ CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 PLOTS_DIR = "plots"
 TB_DIR = "tb"
+RUN_MARKERS = (CONFIG_FILE, DRAFT_CONFIG_FILE)  # what --overwrite requires before deleting a directory
 SMOLLM2 = "smollm2"
 RANDOM = "random"
 
 METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "accept_length", "tokens_per_s", "skipped_samples", "lr",
                "grad_norm", "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates",
-               "epoch", "elapsed_s")
+               "skipped_steps", "epoch", "elapsed_s")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
 _MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
@@ -81,12 +85,7 @@ def build_target(section: config_lib.TargetSection) -> Target:
     SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in ``target.dtype``."""
     if section.path == RANDOM:
         r = section.random
-        cfg = TargetConfig(arch=r.arch, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
-                           intermediate_size=r.intermediate_size, num_layers=r.num_layers,
-                           num_attention_heads=r.num_attention_heads, num_key_value_heads=r.num_key_value_heads,
-                           head_dim=r.head_dim, rope_theta=r.rope_theta, rms_norm_eps=r.rms_norm_eps,
-                           tie_word_embeddings=r.tie_word_embeddings, qk_norm=r.arch == "qwen3")
-        return random_target(cfg, seed=r.seed, dtype=section.dtype)
+        return random_target(TargetConfig.from_hf_dict(r.hf_config()), seed=r.seed, dtype=section.dtype)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
         raise ValueError(f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
@@ -127,8 +126,8 @@ def build_draft_config(config: config_lib.Config, target: Target, mask_token_id:
                 num_key_value_heads=d.num_key_value_heads, head_dim=d.head_dim,
                 intermediate_size=d.intermediate_size, block_size=d.block_size, mask_token_id=mask_token_id,
                 rope_theta=tc.rope_theta if d.rope_theta is None else d.rope_theta, rms_norm_eps=d.rms_norm_eps,
-                sliding_window=d.sliding_window, causal=d.causal,
-                max_position_embeddings=tc.max_position_embeddings)
+                sliding_window=d.sliding_window, causal=d.causal, rope_scaling=d.rope_scaling,
+                attention_sink=d.attention_sink, max_position_embeddings=tc.max_position_embeddings)
     if d.target_layer_ids is not None:
         dims["target_layer_ids"] = d.target_layer_ids
     return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
@@ -163,19 +162,26 @@ def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, 
                                        train=train)
 
 
-def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty ``run_dir`` unless ``resume`` or ``overwrite``; ``overwrite`` deletes a previous run
-    (only a directory that holds ``config.yaml``, i.e. a dflash-jax run)."""
+def check_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse (ValueError, nothing touched) a non-empty ``run_dir`` (lock files aside) unless ``resume`` or
+    ``overwrite``; ``overwrite`` accepts only a real directory holding :data:`RUN_MARKERS`. Returns whether
+    ``run_dir`` holds a previous run that ``overwrite`` must delete."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite are exclusive")
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
-        if not overwrite:
-            raise ValueError(f"run dir {run_dir!r} is not empty; pass --resume to continue it or --overwrite to "
-                             "replace it")
-        if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
-            raise ValueError(f"--overwrite: {run_dir!r} holds no {CONFIG_FILE}, so it is not a dflash-jax run "
-                             "directory; refusing to delete it")
-        shutil.rmtree(run_dir)
+    if resume or not os.path.isdir(run_dir) or all(paths.is_lock_file(n) for n in os.listdir(run_dir)):
+        return False
+    if not overwrite:
+        raise ValueError(f"run dir {run_dir!r} is not empty; pass --resume to continue it or --overwrite to "
+                         "replace it")
+    paths.check_clearable(run_dir, RUN_MARKERS)
+    return True
+
+
+def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> None:
+    """:func:`check_run_dir`, then delete a previous run when ``overwrite`` (its lock files stay) and create
+    ``run_dir``."""
+    if check_run_dir(run_dir, resume=resume, overwrite=overwrite):
+        paths.clear_run_dir(run_dir, RUN_MARKERS)
     os.makedirs(run_dir, exist_ok=True)
 
 
@@ -238,7 +244,7 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Co
     tx, _ = optim.optimizer_from_config(config.train)
     _, state, shardings = step_lib.init_train_state(new_draft(draft_cfg, config.train), tx, mesh)
     with ckpt_lib.Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), save_every=config.train.checkpoint_every,
-                               keep=None, fingerprint=fingerprint(config, draft_cfg)) as ckpt:
+                               keep=None, fingerprint=fingerprint(config, draft_cfg), read_only=True) as ckpt:
         state, meta = ckpt.restore(step_lib.abstract_state(state, shardings), step)
     return config, draft_cfg, state.params, meta["step"]
 
@@ -254,30 +260,44 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any], tokens: int) ->
     out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
     out.update(skipped_updates=int(m["skipped_updates"]), real_token_fraction=float(stats["real_token_fraction"]),
-               tokens=int(tokens), epoch=int(stats.get("epoch", 0)), skipped_samples=int(stats.get("skipped", 0)))
+               tokens=int(tokens), epoch=int(stats.get("epoch", 0)), skipped_samples=int(stats.get("skipped", 0)),
+               update_skipped=bool(m["update_skipped"]))
     return out
 
 
 def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, elapsed: float) -> dict[str, Any]:
-    """The metrics.jsonl record of the steps in ``window`` (means; last value of lr / counters)."""
+    """The metrics.jsonl record of the steps in ``window``: means over the steps whose update was applied
+    (``None`` when every update was skipped: a non-finite loss or gradient), ``skipped_steps`` = the others;
+    last value of lr / counters."""
     last = window[-1]
-    rec: dict[str, Any] = {"step": int(step)}
-    rec.update({k: float(np.mean([w[k] for w in window])) for k in _MEAN_KEYS})
+    applied = [w for w in window if not w.get("update_skipped", False)]
+    rec: dict[str, Any] = {"step": int(step), "skipped_steps": len(window) - len(applied)}
+    rec.update({k: float(np.mean([w[k] for w in applied])) if applied else None for k in _MEAN_KEYS})
     tokens = sum(w["tokens"] for w in window)
     rec["tokens_per_s"] = tokens / seconds if seconds > 0 else None
     rec.update(skipped_samples=last["skipped_samples"], lr=last["lr"], skipped_updates=last["skipped_updates"],
                epoch=last["epoch"], elapsed_s=round(elapsed, 3))
-    rec.update({k: np.mean([w[k] for w in window], axis=0).tolist() for k in _VECTOR_KEYS})
+    rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in _VECTOR_KEYS})
     return {k: rec[k] for k in METRIC_KEYS}
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The records of ``RUN/metrics.jsonl`` (empty if absent)."""
+    """The records of ``RUN/metrics.jsonl`` (empty if absent). A torn last line (a process killed while writing
+    it) is dropped with a warning; any other unparsable line is a ValueError naming the file and line."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path} line {i} is not a JSON record ({e}); fix or delete that line") from None
+            log.warning("%s: dropping the torn last line %d (%s), written by an interrupted process", path, i, e)
+    return records
 
 
 def _truncate_metrics(run_dir: str, step: int) -> None:
@@ -350,17 +370,19 @@ class RunResult:
 
 
 class _SigintFlag:
-    """SIGINT sets ``raised``; a second SIGINT raises KeyboardInterrupt at once. Installed only on the main thread."""
+    """SIGINT sets ``raised`` and restores the default action, so that a second SIGINT kills the process at once
+    (even inside a compile or a save; the newest complete checkpoint stays usable, an unfinished save is cleaned
+    up by the next run). Installed only on the main thread."""
 
     def __init__(self):
         self.raised = False
         self._previous = None
 
     def _handle(self, signum, frame):
-        if self.raised:
-            raise KeyboardInterrupt
         self.raised = True
-        log.warning("interrupt received: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        log.warning("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort at "
+                    "once; the newest complete checkpoint stays usable)")
 
     def __enter__(self) -> "_SigintFlag":
         if threading.current_thread() is threading.main_thread():
@@ -370,6 +392,32 @@ class _SigintFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class DivergedError(RuntimeError):
+    """Training stopped: too many consecutive updates were skipped (non-finite loss or gradient)."""
+
+
+class _SkipGuard:
+    """Counts consecutive skipped updates (:class:`DivergedError` after ``limit``); the count is part of the
+    checkpointed data state, so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, limit: int, tc: config_lib.TrainSection, count: int = 0):
+        self.limit, self.tc, self.count = limit, tc, count
+
+    def observe(self, steps: Sequence[dict[str, Any]]) -> None:
+        for w in steps:
+            self.count = self.count + 1 if w.get("update_skipped", False) else 0
+
+    def check(self, step: int) -> None:
+        if self.count >= self.limit:
+            clip = f"train.clip_norm={self.tc.clip_norm}" + (" (clipping is off)" if not self.tc.clip_norm else "")
+            raise DivergedError(
+                f"training diverged: the last {self.count} updates (to step {step}) were skipped because the loss or "
+                f"gradient was not finite (train.max_consecutive_skips={self.limit}). The likely cause is a learning "
+                f"rate too high (train.lr={self.tc.lr:g}) or gradients too large ({clip}): lower train.lr, enable "
+                "or tighten train.clip_norm, and start over (--overwrite). No checkpoint or export was written for "
+                "the diverged state.")
 
 
 def _process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -392,16 +440,29 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train a drafter as ``config`` says, writing the run directory (module docstring).
 
-    ``resume``: continue from the latest complete checkpoint in ``RUN/checkpoints`` (a fresh start if there is
-    none); the config fingerprint must match. ``overwrite``: replace a previous run. ``progress``: tqdm bar on
-    stderr. ``on_step(step)``: called after every step (tests inject interrupts with it). SIGINT (Ctrl-C) ends
-    the current step, saves a checkpoint and returns with ``interrupted=True``; a second SIGINT aborts.
+    ``resume``: continue from the newest good checkpoint in ``RUN/checkpoints`` (a fresh start if there is
+    none); the config fingerprint must match. ``overwrite``: replace a previous run (only a directory with
+    :data:`RUN_MARKERS`). ``progress``: tqdm bar on stderr. ``on_step(step)``: called after every step (tests
+    inject interrupts with it). SIGINT (Ctrl-C) ends the current step, saves a checkpoint and returns with
+    ``interrupted=True``; a second SIGINT kills the process at once. The run directory is locked
+    (:class:`dflash_jax.paths.DirLock`) for the whole call; :class:`DivergedError` after
+    ``train.max_consecutive_skips`` consecutive skipped updates.
     """
+    run_dir = os.path.abspath(run_dir)
+    main = jax.process_index() == 0
+    if main:
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # refuse before creating the lock file
+    with paths.DirLock(run_dir, jax.process_index()), _SigintFlag() as sigint:
+        if main:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        return _train(config, run_dir, resume=resume, progress=progress, on_step=on_step, sigint=sigint)
+
+
+def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: bool,
+           on_step: Callable[[int], None] | None, sigint: _SigintFlag) -> RunResult:
+    """:func:`train` inside the run-directory lock and the SIGINT handler."""
     main = jax.process_index() == 0
     t0 = time.perf_counter()
-    run_dir = os.path.abspath(run_dir)
-    if main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     tc = config.train
 
     target = build_target(config.target)
@@ -436,11 +497,13 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
                                  keep=tc.keep_checkpoints, fingerprint=fingerprint(config, draft_cfg))
     window: list[dict[str, Any]] = []
     start = 0
+    guard = _SkipGuard(tc.max_consecutive_skips, tc)
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(step_lib.abstract_state(state, shardings))
         start, key = meta["step"], meta["rng"]
         iterator.restore(meta["data_state"]["iterator"])
         window = list(meta["data_state"]["window"])
+        guard.count = meta["data_state"].get("consecutive_skips", 0)
         log.info("resumed from step %d", start)
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
@@ -462,60 +525,68 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
     t_window = time.perf_counter()
 
     def drain() -> None:
-        window.extend(_host_step_metrics(m, s, n) for m, s, n in pending)
+        new = [_host_step_metrics(m, s, n) for m, s, n in pending]
         pending.clear()
+        window.extend(new)
+        guard.observe(new)
 
     def save(force: bool) -> None:
         drain()
-        ckpt.save(state, data_state={"iterator": iterator.state(), "window": window}, rng=key, force=force)
+        guard.check(step)  # never checkpoint a diverged state
+        ckpt.save(state, data_state={"iterator": iterator.state(), "window": window,
+                                     "consecutive_skips": guard.count}, rng=key, force=force)
 
     try:
-        with _SigintFlag() as sigint:
-            while step < tc.steps and not sigint.raised:
-                batch, stats = iterator.next()
-                tokens = int((batch["segment_ids"] > 0).sum())
-                state_valid = False
-                state, metrics = step_fn(state, _process_rows(batch), key)
-                state_valid = True
-                step += 1
-                pending.append((metrics, stats, tokens))
-                if step % tc.log_every == 0 or step == tc.steps:
-                    drain()
-                    now = time.perf_counter()
-                    last = window_record(step, window, now - t_window, now - t0)
-                    window.clear()
-                    t_window = now
-                    sink.write(last)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
-                                        tau=f"{last['simulated_tau']:.3f}",
-                                        tok_s=f"{last['tokens_per_s'] or 0:.0f}")
-                if prompts and (step % tc.eval_every == 0 or step == tc.steps):
-                    res = run_eval(target, draft_cfg, state.params, prompts, config.eval, seed=tc.seed)
-                    sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
-                                "eval_num_prompts": res["num_prompts"],
-                                "eval_per_position_acceptance": res["per_position_acceptance"],
-                                "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
-                                "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
-                    t_window = time.perf_counter()  # eval time is not training throughput
-                if step % tc.checkpoint_every == 0:
-                    save(force=False)
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(step)
-            interrupted = step < tc.steps
-    except KeyboardInterrupt:
+        while step < tc.steps and not sigint.raised:
+            batch, stats = iterator.next()
+            tokens = int((batch["segment_ids"] > 0).sum())
+            state_valid = False
+            state, metrics = step_fn(state, _process_rows(batch), key)
+            state_valid = True
+            step += 1
+            pending.append((metrics, stats, tokens))
+            if step % tc.log_every == 0 or step == tc.steps:
+                drain()
+                now = time.perf_counter()
+                last = window_record(step, window, now - t_window, now - t0)
+                window.clear()
+                t_window = now
+                sink.write(last)
+                guard.check(step)
+                if bar is not None and last["loss"] is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
+                                    tau=f"{last['simulated_tau']:.3f}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
+            if prompts and (step % tc.eval_every == 0 or step == tc.steps):
+                res = run_eval(target, draft_cfg, state.params, prompts, config.eval, seed=tc.seed)
+                sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
+                            "eval_num_prompts": res["num_prompts"],
+                            "eval_per_position_acceptance": res["per_position_acceptance"],
+                            "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
+                            "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
+                t_window = time.perf_counter()  # eval time is not training throughput
+            if step % tc.checkpoint_every == 0:
+                save(force=False)
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+        interrupted = step < tc.steps
+    except KeyboardInterrupt:  # raised by an on_step callback or a caller's own handler
         interrupted = True
         if not state_valid:
             log.error("interrupted inside a step; the last checkpoint is the newest state")
+    except DivergedError:
+        state_valid = False  # no final checkpoint, no export of the diverged state
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if state_valid:
-            save(force=True)
-        ckpt.close()
-        sink.close()
+        try:
+            if state_valid:
+                save(force=True)
+        finally:
+            ckpt.close()
+            sink.close()
 
     export_dir = None
     plot_paths: tuple[str, ...] = ()

@@ -30,6 +30,7 @@ BATCH_AXES: tuple[str, str] = ("data", "fsdp")
 # The ONE logical -> mesh rules table (MaxText-style). ``None`` = replicated.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    ("expert", "fsdp"),  # stacked MoE experts [E, ...]: expert-parallel (their leading dim takes fsdp from embed)
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
