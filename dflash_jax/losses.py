@@ -424,7 +424,8 @@ def _logit_partials(
     :func:`block_loss` and of every chunk of :func:`block_loss_from_hidden`. Only ``l`` carries gradient."""
     loss_tok = spec.per_token(logits, labels, teacher_logits)
     chex.assert_shape(loss_tok, labels.shape)
-    ce = ce_loss(logits, labels) if spec.confidence == "data" else loss_tok
+    data_ce = spec.confidence == "data" and spec.per_token is not ce_loss
+    ce = ce_loss(logits, labels) if data_ce else loss_tok
     conf = jnp.exp(-jax.lax.stop_gradient(ce).astype(jnp.float32))
     weights = jax.lax.stop_gradient(make_weighting(spec.objective, alpha, gamma)(conf, mask).astype(jnp.float32))
     correct = jnp.argmax(logits, axis=-1) == labels
