@@ -38,7 +38,8 @@ def _check_anchors(anchors: jax.Array, keep: jax.Array | None = None) -> None:
         raise ValueError(f"keep must have the shape of anchors {anchors.shape}, got {keep.shape}")
 
 
-def _check_rows(name: str, x: jax.Array, shape: tuple[int, ...]) -> None:
+def check_shape(name: str, x: jax.Array, shape: tuple[int | None, ...]) -> None:
+    """``x.shape`` matches ``shape`` (``None`` = any size), else ``ValueError`` naming ``name``."""
     try:
         chex.assert_shape(x, shape)
     except AssertionError as err:
@@ -111,10 +112,10 @@ def block_targets(
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be an int [B, S] array, got {input_ids.dtype} {input_ids.shape}")
     b, s = input_ids.shape
-    _check_rows("loss_mask", loss_mask, (b, s))
-    _check_rows("anchors", anchors, (b, None))
+    check_shape("loss_mask", loss_mask, (b, s))
+    check_shape("anchors", anchors, (b, None))
     if segment_ids is not None:
-        _check_rows("segment_ids", segment_ids, (b, s))
+        check_shape("segment_ids", segment_ids, (b, s))
     return _block_targets(input_ids, loss_mask, anchors, keep, segment_ids, block_size=int(block_size))
 
 
@@ -146,10 +147,11 @@ def teacher_positions(anchors: jax.Array, block_size: int, seq_len: int) -> jax.
 
 
 def gather_teacher_logits(base_logits: jax.Array, anchors: jax.Array, block_size: int) -> jax.Array:
-    """Teacher logits per slot, ``base_logits [B,S,V]`` at :func:`teacher_positions` -> ``[B,N,bs,V]`` (§2.10)."""
+    """Teacher logits per slot, ``base_logits [B,S,V]`` at :func:`teacher_positions` -> ``[B,N,bs,V]`` (§2.10).
+    Any ``[B,S,X]`` works: the train step gathers the target's final hidden ``[B,S,H]`` the same way."""
     if base_logits.ndim != 3:
         raise ValueError(f"base_logits must be [B, S, V], got shape {base_logits.shape}")
-    _check_rows("anchors", anchors, (base_logits.shape[0], None))
+    check_shape("anchors", anchors, (base_logits.shape[0], None))
     return _gather_rows(base_logits, teacher_positions(anchors, block_size, base_logits.shape[1]))
 
 
@@ -171,7 +173,7 @@ def draft_position_ids(
         context = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
         starts = anchors.astype(jnp.int32)
     else:
-        _check_rows("positions", positions, (b, seq_len))
+        check_shape("positions", positions, (b, seq_len))
         context = positions.astype(jnp.int32)
         starts = jnp.take_along_axis(context, jnp.clip(anchors, 0, seq_len - 1), axis=1)
     return jnp.concatenate([context, (starts[..., None] + offsets).reshape(b, n * block_size)], axis=1)

@@ -147,14 +147,14 @@ def _print_json(obj: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dflash_jax import config as config_lib
-    from dflash_jax.train import loop, sharding
+    from dflash_jax.train import loop, rundir, sharding
 
     sharding.maybe_initialize_distributed()
     path = args.config
     if path is None:
         if not args.resume:
             raise ValueError("train: --config is required (it may be omitted only with --resume)")
-        path = os.path.join(args.run_dir, loop.CONFIG_FILE)
+        path = os.path.join(args.run_dir, rundir.CONFIG_FILE)
     config = config_lib.load_config(path, args.overrides)
     try:
         result = loop.train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite,
@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except loop.DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    records = [r for r in loop.read_metrics(result.run_dir) if r.get("loss") is not None]
+    records = [r for r in rundir.read_metrics(result.run_dir) if r.get("loss") is not None]
     summary = {"run_dir": result.run_dir, "step": result.step, "interrupted": result.interrupted,
                "export": result.export_dir, "plots": list(result.plots)}
     if records:
@@ -176,21 +176,21 @@ def _eval_draft(draft_dir: str, target_arg: str | None):
     """``(config or None, draft_cfg, params, target section, run dir or None)`` for ``eval --draft``."""
     from dflash_jax import config as config_lib
     from dflash_jax import export as export_lib
-    from dflash_jax.train import loop
+    from dflash_jax.train import run, rundir
 
-    if os.path.isfile(os.path.join(draft_dir, loop.CONFIG_FILE)):
-        config, _ = loop.load_run(draft_dir)
-        export_dir = os.path.join(draft_dir, loop.EXPORT_DIR)
+    if rundir.is_run_dir(draft_dir):
+        config, _ = run.load_run(draft_dir)
+        export_dir = os.path.join(draft_dir, rundir.EXPORT_DIR)
         if os.path.isdir(export_dir):
             draft_cfg, params = export_lib.import_draft(export_dir)
         else:
             log.info("%s has no export/; evaluating its latest checkpoint", draft_dir)
-            _, draft_cfg, params, _ = loop.restore_params(draft_dir)
+            _, draft_cfg, params, _ = run.restore_params(draft_dir)
         section = config.target if target_arg is None else config_lib.TargetSection(path=target_arg,
                                                                                     dtype=config.target.dtype)
         return config, draft_cfg, params, section, draft_dir
     if not os.path.isfile(os.path.join(draft_dir, "config.json")):
-        raise ValueError(f"--draft {draft_dir!r} is neither a run directory ({loop.CONFIG_FILE}) nor an exported "
+        raise ValueError(f"--draft {draft_dir!r} is neither a run directory ({rundir.CONFIG_FILE}) nor an exported "
                          "drafter (config.json + model.safetensors)")
     if target_arg is None:
         raise ValueError("--target is required when --draft is an export directory (not a run directory)")
@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dflash_jax import config as config_lib
     from dflash_jax.data import chat
     from dflash_jax.eval.report import write_report
-    from dflash_jax.train import loop
+    from dflash_jax.train import run, rundir
 
     config, draft_cfg, params, target_section, run_dir = _eval_draft(args.draft, args.target)
     ev = config.eval if config is not None else config_lib.EvalSection()
@@ -217,16 +217,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ev, name)}")
     if ev.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {ev.temperature}")
-    target = loop.build_target(target_section)
+    target = run.build_target(target_section)
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template if config else None)
-    prompts_path = args.prompts or (os.path.join(run_dir, loop.HELDOUT_FILE) if run_dir else "sharegpt")
+    prompts_path = args.prompts or (os.path.join(run_dir, rundir.HELDOUT_FILE) if run_dir else "sharegpt")
     if prompts_path != "sharegpt" and not os.path.isfile(prompts_path):
         raise ValueError(f"--prompts {prompts_path!r} is not a file")
     conversations = _first_conversations(prompts_path, ev.num_prompts)
-    prompts = loop.eval_prompts(renderer, conversations, ev.num_prompts, ev.prompt_len)
+    prompts = run.eval_prompts(renderer, conversations, ev.num_prompts, ev.prompt_len)
     if not prompts:
         raise ValueError(f"--prompts {prompts_path!r} holds no conversation with a user turn before an assistant turn")
-    result = loop.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
+    result = run.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
     out = args.out or os.path.join(args.draft, "eval")
     paths = write_report(result, out)
     summary = {k: v for k, v in result.items() if k != "per_prompt"}
@@ -257,11 +257,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from dflash_jax import export as export_lib
     from dflash_jax import paths
-    from dflash_jax.train import loop
+    from dflash_jax.train import run
 
     into_run = paths.is_within(args.out, args.run_dir)
     with paths.DirLock(args.run_dir) if into_run else contextlib.nullcontext():  # one writer per run directory
-        _, draft_cfg, params, step = loop.restore_params(args.run_dir, args.step)
+        _, draft_cfg, params, step = run.restore_params(args.run_dir, args.step)
         out = export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype, protect=[args.run_dir])
     _print_json({"export": str(out), "step": step, "dtype": args.dtype,
                  "config": export_lib.config_to_json(draft_cfg, args.dtype)})
@@ -286,18 +286,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_dump_features(args: argparse.Namespace) -> int:
     from dflash_jax import config as config_lib
     from dflash_jax import paths
-    from dflash_jax.data import chat, pipeline
-    from dflash_jax.train import features, loop
+    from dflash_jax.data import pipeline
+    from dflash_jax.train import features, run
 
     config = config_lib.load_config(args.config, args.overrides)
     out = args.out or config.train.features_dir
     if not out:
         raise ValueError("dump-features: give --out or set train.features_dir")
-    target = loop.build_target(config.target)
-    config_lib.validate_runtime(config, None, target.config.vocab_size, target.config.num_layers)
-    renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
-    draft_cfg = loop.build_draft_config(config, target,
-                                        loop.resolve_mask_token_id(config.draft.mask_token_id, target, renderer))
+    target, renderer, draft_cfg = run.assemble(config)
     max_rows = args.max_rows if args.max_rows is not None else config.train.steps * config.data.batch_size
     if max_rows < 1:
         raise ValueError(f"--max-rows must be >= 1, got {max_rows}")

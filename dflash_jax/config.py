@@ -21,20 +21,29 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from dflash_jax import losses
+from dflash_jax.models import draft as draft_lib
+from dflash_jax.models import families
+from dflash_jax.models.target import TargetConfig
+
 Dtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
-class RandomTargetConfig:
-    """Dimensions of a random-init target (``target.path: random``; tests and CI).
+class RandomTargetConfig(TargetConfig):
+    """A random-init target (``target.path: random``; tests and CI): a :class:`TargetConfig` (every field, checked
+    by it) with small defaults, plus the init ``seed``.
 
-    MoE archs (``qwen3_moe``, ``gpt_oss``) use ``num_experts``/``num_experts_per_tok``/``moe_intermediate_size``
-    on every layer; ``gpt_oss``/``gemma3_text`` make every ``sliding_window_pattern``-th layer full attention
-    and the others sliding with ``sliding_window``. The dims pass through the HF ``config.json`` parser
-    (:meth:`hf_config`), so a random target is built exactly like a loaded one.
+    A family arch (``qwen3_moe``, ``gpt_oss``, ``gemma3_text``) fills the fields that its ``config.json`` parser
+    (``models/families/``) derives and that are left at their defaults here, so a random target is built like a
+    loaded one: MoE on every layer (``num_experts``/``num_experts_per_tok``/``moe_intermediate_size``); every
+    ``sliding_window_pattern``-th layer full attention and the others sliding with ``sliding_window`` (gpt-oss,
+    Gemma 3).
     """
 
-    arch: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text"] = "llama"
+    __hash__ = TargetConfig.__hash__
+
+    arch: str = "llama"
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -42,18 +51,30 @@ class RandomTargetConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 16
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     num_experts: int = 4
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 32
-    sliding_window: int = 8
+    sliding_window: int | None = 8
     sliding_window_pattern: int = 2
     seed: int = 0
 
-    def hf_config(self) -> dict:
-        """These dims as an HF ``config.json`` dict (input of ``TargetConfig.from_hf_dict``)."""
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.sliding_window_pattern < 1:
+            raise ValueError(f"{name}.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
+                             f"{name}.num_experts ({self.num_experts})]")
+        if self.arch in families.FAMILIES:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, value in families.FAMILIES[self.arch].config_fields(self._hf_config()).items():
+                if getattr(self, name) == defaults[name]:
+                    object.__setattr__(self, name, value)
+        super().__post_init__()
+
+    def _hf_config(self) -> dict:
+        """These dims as an HF ``config.json`` dict (the input of a family's ``config_fields``)."""
         return dict(model_type=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
@@ -217,6 +238,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ValueError(f"{key} must be a list of {len(args)} values, got {list(value)!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
@@ -234,10 +259,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
-    if tp is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}")
@@ -245,13 +266,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+# Keys of earlier releases: what replaced them, said in the unknown-key error.
+_REPLACED = {"loss.kd": "loss.per_token (kd: true -> per_token: kd; kd: false -> per_token: ce)"}
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
-        if k not in names:
-            raise ValueError(f"unknown config key {prefix}{k} (known in this section: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()})
+        if k in names:
+            continue
+        if prefix + k in _REPLACED:
+            raise ValueError(f"config key {prefix}{k} was replaced by {_REPLACED[prefix + k]}")
+        raise ValueError(f"unknown config key {prefix}{k} (known in this section: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section that checks itself (target.random): name the key, not the class
+        raise ValueError(str(err).replace(f"{cls.__name__}.", prefix)) from None
 
 
 # --------------------------------------------------------------------------------------------------------- #
@@ -266,38 +298,16 @@ def _check(ok: bool, message: str) -> None:
 def validate(config: Config) -> Config:
     """Range and cross-field checks that need no devices; returns ``config``; ValueError naming the key."""
     t, d, lo, da, tr, m, ev = config.target, config.draft, config.loss, config.data, config.train, config.mesh, config.eval
-    _check(bool(t.path), "target.path must not be empty")
-    r = t.random
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                 "sliding_window", "sliding_window_pattern"):
-        _check(getattr(r, name) >= 1, f"target.random.{name} must be >= 1, got {getattr(r, name)}")
-    _check(r.num_experts_per_tok <= r.num_experts, f"target.random.num_experts_per_tok ({r.num_experts_per_tok}) "
-           f"must be <= target.random.num_experts ({r.num_experts})")
-    _check(r.num_attention_heads % r.num_key_value_heads == 0,
-           f"target.random.num_attention_heads ({r.num_attention_heads}) must be a multiple of "
-           f"target.random.num_key_value_heads ({r.num_key_value_heads})")
-    _check(r.head_dim % 2 == 0, f"target.random.head_dim must be even (RoPE), got {r.head_dim}")
-    _check(r.rope_theta > 0 and r.rms_norm_eps > 0, "target.random.rope_theta and rms_norm_eps must be > 0")
+    _check(bool(t.path), "target.path must not be empty")  # target.random checks itself (TargetConfig)
 
-    for name in ("num_layers", "block_size", "num_anchors", "num_attention_heads", "num_key_value_heads",
-                 "head_dim", "intermediate_size"):
-        _check(getattr(d, name) >= 1, f"draft.{name} must be >= 1, got {getattr(d, name)}")
-    _check(d.num_attention_heads % d.num_key_value_heads == 0,
-           f"draft.num_attention_heads ({d.num_attention_heads}) must be a multiple of draft.num_key_value_heads "
-           f"({d.num_key_value_heads})")
-    _check(d.head_dim % 2 == 0, f"draft.head_dim must be even (RoPE), got {d.head_dim}")
-    _check(d.rope_theta is None or d.rope_theta > 0, f"draft.rope_theta must be > 0 or null, got {d.rope_theta}")
-    _check(d.rms_norm_eps > 0, f"draft.rms_norm_eps must be > 0, got {d.rms_norm_eps}")
-    _check(d.mask_token_id is None or d.mask_token_id >= 0, f"draft.mask_token_id must be >= 0, got {d.mask_token_id}")
+    draft_lib.check_draft_fields(d, "draft")
+    _check(d.num_anchors >= 1, f"draft.num_anchors must be >= 1, got {d.num_anchors}")
     if d.target_layer_ids is not None:
         ids = d.target_layer_ids
         _check(len(ids) == d.num_layers,
                f"draft.target_layer_ids must have draft.num_layers={d.num_layers} entries, got {list(ids)}")
         _check(len(set(ids)) == len(ids) and min(ids) >= 0,
                f"draft.target_layer_ids must be distinct and >= 0, got {list(ids)}")
-    _check(d.sliding_window is None or d.sliding_window >= d.block_size,
-           f"draft.sliding_window must be >= draft.block_size ({d.block_size}) or null, got {d.sliding_window}")
 
     _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {lo.alpha}")
     _check(lo.gamma >= 0.0, f"loss.gamma must be >= 0, got {lo.gamma}")
@@ -338,8 +348,7 @@ def validate(config: Config) -> Config:
     _check(tr.mode != "offline" or bool(tr.features_dir),
            "train.features_dir must be set when train.mode is offline")
 
-    _check(all(s >= 1 or s == -1 for s in m.shape) and list(m.shape).count(-1) <= 1,
-           f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(m.shape)}")
+    check_mesh_shape(m.shape)
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
     _check(ev.prompt_len >= 1, f"eval.prompt_len must be >= 1, got {ev.prompt_len}")
@@ -348,19 +357,24 @@ def validate(config: Config) -> Config:
            f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}")
 
     if t.path == "random":
-        _check(r.num_layers >= d.num_layers,
-               f"draft.num_layers ({d.num_layers}) must be <= target.random.num_layers ({r.num_layers})")
-        validate_runtime(config, num_devices=None, vocab_size=r.vocab_size, num_target_layers=r.num_layers)
+        validate_runtime(config, num_devices=None, vocab_size=t.random.vocab_size,
+                         num_target_layers=t.random.num_layers)
     return config
+
+
+def check_mesh_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """``mesh.shape`` as ints: 3 entries ``[data, fsdp, tensor]``, each >= 1 or at most one ``-1``."""
+    shape = tuple(int(s) for s in shape)
+    _check(len(shape) == 3, f"mesh.shape must have 3 entries [data, fsdp, tensor], got {list(shape)}")
+    _check(all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
+           f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(shape)}")
+    return shape
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """``mesh.shape`` with its (at most one) ``-1`` entry replaced by the remaining devices; the product must equal
     ``num_devices``. Raises ``ValueError`` naming ``mesh.shape``."""
-    shape = tuple(int(s) for s in shape)
-    _check(len(shape) == 3, f"mesh.shape must have 3 entries [data, fsdp, tensor], got {list(shape)}")
-    _check(all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
-           f"mesh.shape entries must be >= 1, with at most one -1, got {list(shape)}")
+    shape = check_mesh_shape(shape)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         _check(num_devices % known == 0,

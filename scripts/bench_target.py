@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dflash_jax.blocks import build_target_layer_ids  # noqa: E402
-from dflash_jax.models.target import (TargetConfig, load_target, random_target, resolve_dtype,  # noqa: E402
-                                      smollm2_gguf_path)
+from dflash_jax.models.target import TargetConfig, resolve_dtype  # noqa: E402
+from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path  # noqa: E402
 
 QWEN3_8B = TargetConfig(arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,

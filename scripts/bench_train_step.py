@@ -36,6 +36,7 @@ from flax import nnx  # noqa: E402
 
 from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops, prefill_flops  # noqa: E402
 from dflash_jax import blocks  # noqa: E402
+from dflash_jax.config import LossSection  # noqa: E402
 from dflash_jax.models import layers  # noqa: E402
 from dflash_jax.models.draft import DFlashDraft, DraftConfig  # noqa: E402
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype  # noqa: E402
@@ -140,9 +141,9 @@ def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = 
         nnx.update(draft, draft_params)
     tx, sched = optim.make_optimizer(lr=6e-4, steps=1000, schedule="constant", clip_norm=1.0)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
-    cfg = st.StepConfig(block_size=dc.block_size, num_anchors=shape["anchors"], mask_token_id=0,
-                        target_layer_ids=dc.target_layer_ids, kd=kd, chunk_blocks=chunk_blocks, objective=objective,
-                        gamma=DECAY_GAMMA if objective == "decay" else 0.0)
+    cfg = st.StepConfig(num_anchors=shape["anchors"], loss=LossSection(
+        objective=objective, gamma=DECAY_GAMMA if objective == "decay" else 0.0, per_token="kd" if kd else "ce",
+        chunk_blocks=chunk_blocks))
     step = st.TrainStep(draft=draft, state_shardings=shardings, target=target_model, tx=tx, schedule=sched, cfg=cfg,
                         mesh=mesh)
     batch = step.place_batch(make_batch(shape))
@@ -166,12 +167,12 @@ def build_reference(shape: dict, *, dtype: str = "float32", device: str = "cpu",
     ``dtype`` (sdpa attention, draft dims explicit, train mode). With ``workdir`` (float32 only) the target is also
     saved there and loaded as our target, and the reference draft's weights converted to our layout, so both sides
     train the same weights. Returns ``(model, our_target_or_None, our_draft_params_or_None)``."""
+    import modelopt.torch.speculative as mtsp
     import torch
     import transformers
-    import modelopt.torch.speculative as mtsp
 
     from dflash_jax.export import from_torch_tensors
-    from dflash_jax.models.target import load_target
+    from dflash_jax.models.target_io import load_target
 
     tc, dc = make_configs(shape)
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import bench_train_step as bts
+from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft
 from dflash_jax.models.target import make_target_model
@@ -52,15 +53,7 @@ def step_flops(shape: dict, *, kd: bool, mode: str = "offline", dtype: str = "bf
         batch["target_hidden"] = jax.ShapeDtypeStruct((b, s, len(dc.target_layer_ids) * tc.hidden_size), compute)
         if kd:
             batch["teacher_hidden"] = jax.ShapeDtypeStruct((b, s, tc.hidden_size), compute)
-    cfg = st.StepConfig(
-        block_size=bs,
-        num_anchors=n,
-        mask_token_id=0,
-        target_layer_ids=dc.target_layer_ids,
-        kd=kd,
-        mode=mode,
-        chunk_blocks=n,
-    )
+    cfg = st.StepConfig(num_anchors=n, mode=mode, loss=LossSection(per_token="kd" if kd else "ce", chunk_blocks=n))
     fn = functools.partial(
         st.train_step,
         draft_graphdef=graphdef,

@@ -143,8 +143,8 @@ def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, 
     docstring calls numerically interchangeable). Returns the converted model in train mode.
     """
     torch = _torch()
-    import transformers
     import modelopt.torch.speculative as mtsp
+    import transformers
 
     torch.manual_seed(seed)
     common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=target_layers, num_attention_heads=4,

@@ -15,7 +15,8 @@ import pytest
 
 from dflash_jax import cli
 from dflash_jax import export as export_lib
-from dflash_jax.train import loop
+from dflash_jax.train import run as run_lib
+from dflash_jax.train import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "tiny", "--set", "mesh.shape=[2,2,2]", "--set", "data.max_conversations=32"]
@@ -71,13 +72,13 @@ def tiny_run(tmp_path_factory):
 
 
 def test_train_export_import_eval(tiny_run, tmp_path, capsys):
-    records = loop.read_metrics(tiny_run)
+    records = rundir.read_metrics(tiny_run)
     assert [r["step"] for r in records] == [2, 4]
     out = str(tmp_path / "exp")
     assert cli.main(["export", "--run-dir", tiny_run, "--out", out, "--dtype", "float32"]) == 0
     summary = _last_json(capsys)
     assert summary["step"] == 4 and summary["config"]["architectures"] == ["DFlashDraftModel"]
-    ckpt_params = loop.restore_params(tiny_run)[2]
+    ckpt_params = run_lib.restore_params(tiny_run)[2]
     _, exp_params = export_lib.import_draft(out)
     for a, b in zip(jax.tree.leaves(ckpt_params), jax.tree.leaves(exp_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # float32 export is exact
@@ -103,7 +104,7 @@ def test_dump_features_then_offline_train(tmp_path, capsys):
     run = str(tmp_path / "offline")
     assert cli.main(["train", *common, "--run-dir", run, "--set", "train.mode=offline", "--set",
                      f"train.features_dir={feats}", "--set", "train.log_every=1", "--no-progress"]) == 0
-    records = loop.read_metrics(run)
+    records = rundir.read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
     for r in records:  # one step per record: simulated tau = 1 + sum_k prod_{i<=k} acc_i of the logged accuracies
         np.testing.assert_allclose(r["simulated_tau"], 1 + np.sum(np.cumprod(r["position_accuracy"][1:])), rtol=1e-6)
@@ -117,7 +118,7 @@ def test_ctrl_c_in_a_subprocess_saves_a_checkpoint(tmp_path):
          "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "data.max_conversations=32",
          "--no-progress"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(run, loop.METRICS_FILE)
+    metrics = os.path.join(run, rundir.METRICS_FILE)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2:
@@ -130,7 +131,7 @@ def test_ctrl_c_in_a_subprocess_saves_a_checkpoint(tmp_path):
     assert "Traceback" not in err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["interrupted"] is True and summary["step"] >= 2
-    steps = [int(s) for s in os.listdir(os.path.join(run, loop.CHECKPOINT_DIR)) if s.isdigit()]
+    steps = [int(s) for s in os.listdir(os.path.join(run, rundir.CHECKPOINT_DIR)) if s.isdigit()]
     assert max(steps) == summary["step"]
 
 

@@ -420,7 +420,7 @@ def test_real_smollm2_tokenizer_on_sharegpt():
         from gguf import GGUFReader
 
         from dflash_jax.models.gguf_io import read_metadata
-        from dflash_jax.models.target import smollm2_gguf_path
+        from dflash_jax.models.target_io import smollm2_gguf_path
         from dflash_jax.models.tokenizer import gguf_tokenizer
         bundle = gguf_tokenizer(read_metadata(GGUFReader(smollm2_gguf_path())), "smollm2")
     except (ImportError, FileNotFoundError) as e:

@@ -12,8 +12,14 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from dflash_jax.export import (config_from_json, config_to_json, draft_from_params, export_draft, import_draft,
-                               to_torch_tensors)
+from dflash_jax.export import (
+    config_from_json,
+    config_to_json,
+    draft_from_params,
+    export_draft,
+    import_draft,
+    to_torch_tensors,
+)
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 

@@ -9,23 +9,21 @@ from tokenizers import pre_tokenizers
 
 from dflash_jax import config as config_lib
 from dflash_jax import load_target
-from dflash_jax.models.target import TargetConfig, random_target
+from dflash_jax.models.target_io import random_target
 
-MOE = TargetConfig.from_hf_dict(
-    config_lib.RandomTargetConfig(
-        arch="qwen3_moe",
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        tie_word_embeddings=False,
-    ).hf_config()
+MOE = config_lib.RandomTargetConfig(
+    arch="qwen3_moe",
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    tie_word_embeddings=False,
 )
 _NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -115,7 +113,7 @@ def test_gemma3_and_gpt_oss_gguf_refused_with_the_reason(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "gemma3_text"])
 def test_random_target_configs(arch):
-    cfg = TargetConfig.from_hf_dict(config_lib.RandomTargetConfig(arch=arch, num_layers=4).hf_config())
+    cfg = config_lib.RandomTargetConfig(arch=arch, num_layers=4)
     assert cfg.arch == arch
     if arch != "qwen3_moe":
         assert cfg.layer_types == ("sliding_attention", "full_attention") * 2 and cfg.sliding_window == 8

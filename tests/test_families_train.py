@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dflash_jax import cli
-from dflash_jax.train import loop
+from dflash_jax.train import rundir
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ TINY = [
 def test_train_then_lossless_eval_with_family_target(arch, tmp_path, capsys):
     run = str(tmp_path / "run")
     assert cli.main(["train", *TINY, "--set", f"target.random.arch={arch}", "--run-dir", run, "--no-progress"]) == 0
-    records = [r for r in loop.read_metrics(run) if "loss" in r]
+    records = [r for r in rundir.read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     capsys.readouterr()
     assert cli.main(["eval", "--draft", run, "--max-new-tokens", "12", "--num-prompts", "1", "--check-lossless"]) == 0

@@ -21,14 +21,14 @@ import pytest
 
 from dflash_jax import cli, paths
 from dflash_jax.train import checkpoint as ck
-from dflash_jax.train import loop
+from dflash_jax.train import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 STEPS, CKPT, LOG = 40, 10, 5
 SETS = {"train.steps": STEPS, "train.checkpoint_every": CKPT, "train.log_every": LOG, "data.max_conversations": 32}
 TINY = ["--config", "tiny", "--no-progress", *[a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]]
-WEIGHTS = os.path.join(loop.EXPORT_DIR, "model.safetensors")
+WEIGHTS = os.path.join(rundir.EXPORT_DIR, "model.safetensors")
 
 
 def _cmd(*args):
@@ -48,7 +48,7 @@ def _wait_for(predicate, proc, timeout=300):
 
 
 def _untimed(run):
-    return [{k: v for k, v in r.items() if k not in loop.TIMING_KEYS} for r in loop.read_metrics(str(run))]
+    return [{k: v for k, v in r.items() if k not in rundir.TIMING_KEYS} for r in rundir.read_metrics(str(run))]
 
 
 def _sha(path):
@@ -77,7 +77,7 @@ def _copy(run, dest):
 
 
 def _ckpt(run, step, *parts):
-    return os.path.join(run, loop.CHECKPOINT_DIR, str(step), *parts)
+    return os.path.join(run, rundir.CHECKPOINT_DIR, str(step), *parts)
 
 
 def _largest_data_file(step_dir):
@@ -97,7 +97,7 @@ def base(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("faults") / "base")
     r = _run("train", *TINY, "--run-dir", run)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(os.path.join(run, loop.CHECKPOINT_DIR))) == ["30", "40"]
+    assert sorted(os.listdir(os.path.join(run, rundir.CHECKPOINT_DIR))) == ["30", "40"]
     return run
 
 
@@ -119,7 +119,7 @@ def test_kill_9_then_resume_is_bit_identical(base, tmp_path):
     uninterrupted run's."""
     run = str(tmp_path / "run")
     _kill_9_when(["train", *TINY, "--run-dir", run], lambda: ck.is_complete_step_dir(_ckpt(run, 20)), tmp_path / "1")
-    assert not os.path.exists(os.path.join(run, loop.EXPORT_DIR))
+    assert not os.path.exists(os.path.join(run, rundir.EXPORT_DIR))
     resumed = tmp_path / "2"
     _kill_9_when(
         ["train", "--run-dir", run, "--resume", "--no-progress"],
@@ -142,12 +142,12 @@ def damaged_resume(base, tmp_path_factory):
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) // 2)
         f.write(bytes(64))
-    ckpts = os.path.join(run, loop.CHECKPOINT_DIR)
+    ckpts = os.path.join(run, rundir.CHECKPOINT_DIR)
     for leftover in ("40.corrupt", "35/params", "30.incomplete/params", "50.orbax-checkpoint-tmp/params"):
         os.makedirs(os.path.join(ckpts, leftover))
         with open(os.path.join(ckpts, leftover, "x"), "w") as f:
             f.write("partial")
-    with open(os.path.join(run, loop.METRICS_FILE), "a") as f:
+    with open(os.path.join(run, rundir.METRICS_FILE), "a") as f:
         f.write('{"step": 45, "loss": 6.1, "accur')
     r = _run("train", "--run-dir", run, "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(base, damaged_resume)
 
 def test_taken_quarantine_name_and_leftovers_are_handled(damaged_resume):
     run, err = damaged_resume
-    ckpts = os.path.join(run, loop.CHECKPOINT_DIR)
+    ckpts = os.path.join(run, rundir.CHECKPOINT_DIR)
     assert sorted(os.listdir(ckpts)) == ["30", "40", "40.corrupt", "40.corrupt.1"]
     assert "set aside as" in err and "40.corrupt.1" in err
     for leftover in ("35", "30.incomplete", "50.orbax-checkpoint-tmp"):
@@ -172,12 +172,12 @@ def test_taken_quarantine_name_and_leftovers_are_handled(damaged_resume):
 
 def test_torn_last_metrics_line_is_dropped(damaged_resume, tmp_path):
     run, err = damaged_resume
-    assert "dropping the torn last line" in err and loop.METRICS_FILE in err
-    with open(os.path.join(run, loop.METRICS_FILE)) as f:
+    assert "dropping the torn last line" in err and rundir.METRICS_FILE in err
+    with open(os.path.join(run, rundir.METRICS_FILE)) as f:
         assert all(json.loads(line) for line in f)
-    (tmp_path / loop.METRICS_FILE).write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # not the last line
-    with pytest.raises(ValueError, match=f"{loop.METRICS_FILE} line 2 is not a JSON record"):
-        loop.read_metrics(str(tmp_path))
+    (tmp_path / rundir.METRICS_FILE).write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # not the last line
+    with pytest.raises(ValueError, match=f"{rundir.METRICS_FILE} line 2 is not a JSON record"):
+        rundir.read_metrics(str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["zeroed_bytes", "truncated_data", "missing_params_metadata", "truncated_meta"])
@@ -210,7 +210,7 @@ def test_one_trainer_per_run_and_double_ctrl_c(tmp_path, capsys):
     checkpoint then exports."""
     run = tmp_path / "run"
     err_path = tmp_path / "stderr.txt"
-    metrics = run / loop.METRICS_FILE
+    metrics = run / rundir.METRICS_FILE
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
             _cmd(
@@ -241,7 +241,7 @@ def test_one_trainer_per_run_and_double_ctrl_c(tmp_path, capsys):
         assert second.returncode == 2 and f"is in use by process {proc.pid}" in second.stderr
         assert cli.main(["export", "--run-dir", str(run), "--out", str(run / "export2")]) == 2
         assert f"is in use by process {proc.pid}" in capsys.readouterr().err
-        steps = [r["step"] for r in loop.read_metrics(str(run))]
+        steps = [r["step"] for r in rundir.read_metrics(str(run))]
         assert steps == list(range(1, len(steps) + 1))
         proc.send_signal(signal.SIGINT)
         _wait_for(lambda: "interrupt received" in err_path.read_text(), proc)
@@ -307,8 +307,8 @@ def test_divergence_stops_with_exit_4_naming_lr_and_clip(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "error: training diverged" in err and "train.lr=1e+30" in err and "train.clip_norm=1.0" in err
-    assert not (run / loop.EXPORT_DIR).exists() and os.listdir(run / loop.CHECKPOINT_DIR) == []
-    last = loop.read_metrics(str(run))[-1]
+    assert not (run / rundir.EXPORT_DIR).exists() and os.listdir(run / rundir.CHECKPOINT_DIR) == []
+    last = rundir.read_metrics(str(run))[-1]
     assert last["step"] == 10 and last["skipped_steps"] == 5 and last["loss"] is None
     assert last["skipped_updates"] >= 5
 
@@ -326,16 +326,16 @@ def test_export_and_import_never_replace_user_data(base, tmp_path, capsys):
         str(tmp_path): "is or contains",
         str(notes): "not a previous export",
         str(plain): "not a directory",
-        os.path.join(run, loop.CHECKPOINT_DIR): "not a previous export",
+        os.path.join(run, rundir.CHECKPOINT_DIR): "not a previous export",
     }
     for out, why in refused.items():
         assert cli.main(["export", "--run-dir", run, "--out", out]) == 2, out
         assert why in capsys.readouterr().err, out
-    assert cli.main(["import", os.path.join(run, loop.EXPORT_DIR), "--out", str(notes)]) == 2
+    assert cli.main(["import", os.path.join(run, rundir.EXPORT_DIR), "--out", str(notes)]) == 2
     assert "not a previous export" in capsys.readouterr().err
     assert {d: _tree(d) for d in (run, str(notes))} == before and plain.read_text() == "keep me too"
     (tmp_path / "empty").mkdir()
-    for out in (tmp_path / "new", tmp_path / "empty", os.path.join(run, loop.EXPORT_DIR)):  # the last: replaced
+    for out in (tmp_path / "new", tmp_path / "empty", os.path.join(run, rundir.EXPORT_DIR)):  # the last: replaced
         assert cli.main(["export", "--run-dir", run, "--out", str(out)]) == 0
         assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert cli.main(["import", str(tmp_path / "new"), "--out", str(tmp_path / "new")]) == 0
@@ -344,16 +344,16 @@ def test_export_and_import_never_replace_user_data(base, tmp_path, capsys):
 def test_garbage_safetensors_and_overwrite_refusals_are_error_lines(base, tmp_path, capsys):
     garbage = tmp_path / "garbage"
     garbage.mkdir()
-    shutil.copy(os.path.join(base, loop.EXPORT_DIR, "config.json"), garbage)
+    shutil.copy(os.path.join(base, rundir.EXPORT_DIR, "config.json"), garbage)
     (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
     assert cli.main(["import", str(garbage)]) == 2
     assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err
     foreign = tmp_path / "P"
     (foreign / "src").mkdir(parents=True)
-    (foreign / loop.CONFIG_FILE).write_text("db: prod\n")
+    (foreign / rundir.CONFIG_FILE).write_text("db: prod\n")
     assert cli.main(["train", *TINY, "--run-dir", str(foreign), "--overwrite"]) == 2
     assert "not a dflash-jax run directory" in capsys.readouterr().err
-    assert sorted(os.listdir(foreign)) == [loop.CONFIG_FILE, "src"]
+    assert sorted(os.listdir(foreign)) == [rundir.CONFIG_FILE, "src"]
     victim = _copy(base, tmp_path / "victim")
     before = _tree(victim)
     link = tmp_path / "link"

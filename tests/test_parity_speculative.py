@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 import oracle
-from test_speculative import train_drafter
 from dflash_jax.eval import speculative
 from dflash_jax.export import to_torch_tensors
 from dflash_jax.models.draft import DraftConfig
-from dflash_jax.models.target import load_target
+from dflash_jax.models.target_io import load_target
+from test_speculative import train_drafter
 
 pytestmark = pytest.mark.parity
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import oracle
+from dflash_jax.config import LossSection
 from dflash_jax.export import draft_from_params, from_torch_tensors, to_torch_tensors
 from dflash_jax.models.draft import DraftConfig
-from dflash_jax.models.target import load_target
+from dflash_jax.models.target_io import load_target
 from dflash_jax.train import optim, sharding
 from dflash_jax.train import step as st
 
@@ -51,8 +52,7 @@ def test_two_steps_match_reference_adamw(tmp_path):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx, sched = optim.make_optimizer(lr=LR, steps=10, schedule="constant", weight_decay=WD, clip_norm=CLIP)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
-    step_cfg = st.StepConfig(block_size=BS, num_anchors=ANCHORS.shape[1], mask_token_id=0,
-                             target_layer_ids=layer_ids, kd=True)
+    step_cfg = st.StepConfig(num_anchors=ANCHORS.shape[1], loss=LossSection(per_token="kd"))
     train_step = st.TrainStep(draft=draft, state_shardings=shardings, target=target.model, tx=tx, schedule=sched,
                               cfg=step_cfg, mesh=mesh)
 

@@ -20,6 +20,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
 import scale_on_paper as sop  # noqa: E402
+from dflash_jax.config import LossSection  # noqa: E402
 from dflash_jax.models import layers  # noqa: E402
 from dflash_jax.models.draft import DFlashDraft, DraftConfig  # noqa: E402
 from dflash_jax.models.target import TargetConfig, make_target_model  # noqa: E402
@@ -40,8 +41,7 @@ def _compiled(mesh_shape, kd):
         draft = DFlashDraft(DC, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.bfloat16)
     tx, sched = optim.make_optimizer(lr=1e-3, steps=10)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
-    cfg = st.StepConfig(block_size=DC.block_size, num_anchors=N, mask_token_id=0, target_layer_ids=DC.target_layer_ids,
-                        kd=kd)
+    cfg = st.StepConfig(num_anchors=N, loss=LossSection(per_token="kd" if kd else "ce"))
     ts = st.TrainStep(draft=draft, state_shardings=shardings, target=make_target_model(TC, dtype="bfloat16"), tx=tx,
                       schedule=sched, cfg=cfg, mesh=mesh)
     rng = np.random.default_rng(0)

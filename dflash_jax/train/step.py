@@ -29,19 +29,20 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
-import chex
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dflash_jax import blocks, losses
+from dflash_jax import config as config_lib
+from dflash_jax.models.draft import DraftConfig
 from dflash_jax.train import optim, sharding
 
-MODES = ("online", "offline")
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
@@ -58,47 +59,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static hyper-parameters of the step.
+    """The step's own settings; block size, mask id and target layer ids are read from the draft's
+    :class:`~dflash_jax.models.draft.DraftConfig`, never copied here.
 
-    ``kd``: the step provides the target's distribution as teacher (reference ``dflash_self_logit_distillation``).
-    ``objective`` / ``per_token`` / ``normalization`` / ``confidence``: the loss pieces of
-    :func:`dflash_jax.losses.block_loss` (names or functions; ``per_token`` None = ``kd`` with a teacher, else
-    ``ce``). ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch).
-    ``chunk_blocks``: blocks per vocabulary-loss chunk (None: all ``num_anchors`` blocks in one chunk).
+    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
+    :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
+    docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk). ``mode``: ``online`` (target forward inside the step) or
+    ``offline`` (features in the batch). Values are validated where they are born (:func:`dflash_jax.config.validate`).
     """
 
-    block_size: int
     num_anchors: int
-    mask_token_id: int
-    target_layer_ids: tuple[int, ...]
-    objective: Any = "dpace"
-    alpha: float = 0.5
-    gamma: float = 0.0
-    kd: bool = False
+    loss: config_lib.LossSection = config_lib.LossSection()
     mode: str = "online"
-    chunk_blocks: int | None = 64
-    per_token: Any = None
-    normalization: str = "modelopt"
-    confidence: str = "data"
 
-    def __post_init__(self):
-        object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
-        if self.chunk_blocks is None:
-            object.__setattr__(self, "chunk_blocks", self.num_anchors)
-        for name in ("block_size", "num_anchors", "chunk_blocks"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"StepConfig.{name} must be an integer >= 1, got {v!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"StepConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if not self.target_layer_ids:
-            raise ValueError("StepConfig.target_layer_ids must not be empty")
-        per_token = ("kd" if self.kd else "ce") if self.per_token is None else self.per_token
-        try:
-            losses.check_loss_options(self.objective, per_token, self.normalization, self.confidence, self.kd)
-            losses.check_alpha(self.alpha, allow_zero=True)
-        except ValueError as err:
-            raise ValueError(f"StepConfig: {err}") from None
+    @property
+    def chunk_blocks(self) -> int:
+        return self.num_anchors if self.loss.chunk_blocks is None else self.loss.chunk_blocks
+
+    @classmethod
+    def from_config(cls, config: config_lib.Config) -> "StepConfig":
+        """The step settings of a run configuration."""
+        return cls(num_anchors=config.draft.num_anchors, loss=config.loss, mode=config.train.mode)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,19 +98,13 @@ def noise_ids(input_ids: jax.Array, anchors: jax.Array, keep: jax.Array, block_s
     return ids.reshape(b, n * block_size)
 
 
-def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """``x [B,S,H]`` at ``idx [B,N,bs]`` -> ``[B,N,bs,H]``."""
-    b, n, bs = idx.shape
-    return jnp.take_along_axis(x, idx.reshape(b, n * bs, 1), axis=1).reshape(b, n, bs, x.shape[-1])
-
-
 def _where_tree(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
 def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
                draft_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, cfg: StepConfig, compute_dtype: Any
+               schedule: optax.Schedule, draft_cfg: DraftConfig, cfg: StepConfig, compute_dtype: Any
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step (un-jitted; :class:`TrainStep` compiles it). Batch: ``input_ids [B,S]`` int32, ``loss_mask
     [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
@@ -140,10 +115,10 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     segment_ids, positions = batch["segment_ids"], batch["positions"]
     b, s = input_ids.shape
-    bs, n = cfg.block_size, cfg.num_anchors
+    bs, n, lo = draft_cfg.block_size, cfg.num_anchors, cfg.loss
     if cfg.mode == "online":
         taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
-                             layer_ids=cfg.target_layer_ids)
+                             layer_ids=draft_cfg.target_layer_ids)
     else:
         taps, final = batch["target_hidden"], batch.get("teacher_hidden")
 
@@ -152,20 +127,20 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     else:
         anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), loss_mask, bs, n)
     labels, mask = blocks.block_targets(input_ids, loss_mask, anchors, keep, bs, segment_ids)
-    noise_emb = target.embed(noise_ids(input_ids, anchors, keep, bs, cfg.mask_token_id))
+    noise_emb = target.embed(noise_ids(input_ids, anchors, keep, bs, draft_cfg.mask_token_id))
     lm_head = target.lm_head_weight()
     teacher = None
-    if cfg.kd:
-        teacher = jax.lax.stop_gradient(_gather_positions(final, blocks.teacher_positions(anchors, bs, s)))
+    if lo.kd:
+        teacher = jax.lax.stop_gradient(blocks.gather_teacher_logits(final, anchors, bs))
 
     def loss_fn(params):
         draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
         hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids)
         hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
         return losses.block_loss_from_hidden(
-            hidden, lm_head, labels, mask, objective=cfg.objective, alpha=cfg.alpha, gamma=cfg.gamma,
-            teacher_hidden=teacher, per_token=cfg.per_token, normalization=cfg.normalization,
-            confidence=cfg.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+            hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
+            teacher_hidden=teacher, per_token=lo.per_token, normalization=lo.normalization,
+            confidence=lo.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -223,17 +198,18 @@ def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainS
                         state_or_shapes, shardings)
 
 
-def check_batch(batch: Mapping[str, Any], cfg: StepConfig, hidden_size: int, mesh: Mesh) -> None:
+def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfig, mesh: Mesh) -> None:
     """Shape checks before compiling: clear ValueErrors naming the field (never a silent broadcast)."""
+    kd, hidden_size = cfg.loss.kd, draft_cfg.hidden_size
     missing = [k for k in BATCH_KEYS if k not in batch]
     if cfg.mode == "offline" and "target_hidden" not in batch:
         missing.append("target_hidden")
-    if cfg.mode == "offline" and cfg.kd and "teacher_hidden" not in batch:
+    if cfg.mode == "offline" and kd and "teacher_hidden" not in batch:
         missing.append("teacher_hidden")
     if ("anchors" in batch) != ("keep" in batch):
         missing.append("keep" if "anchors" in batch else "anchors")
     if missing:
-        raise ValueError(f"batch is missing {missing} (mode={cfg.mode}, kd={cfg.kd})")
+        raise ValueError(f"batch is missing {missing} (mode={cfg.mode}, kd={kd})")
     b, s = np.shape(batch["input_ids"])
     for k in ("anchors", "keep"):
         if k in batch and tuple(np.shape(batch[k])) != (b, cfg.num_anchors):
@@ -242,14 +218,14 @@ def check_batch(batch: Mapping[str, Any], cfg: StepConfig, hidden_size: int, mes
     for k in BATCH_KEYS:
         if tuple(np.shape(batch[k])) != (b, s):
             raise ValueError(f"batch[{k!r}] must have shape {(b, s)} like input_ids, got {tuple(np.shape(batch[k]))}")
-    if s % cfg.block_size:
-        raise ValueError(f"seq_len {s} must be a multiple of block_size {cfg.block_size}")
+    if s % draft_cfg.block_size:
+        raise ValueError(f"seq_len {s} must be a multiple of block_size {draft_cfg.block_size}")
     if cfg.mode == "offline":
-        th = (b, s, len(cfg.target_layer_ids) * hidden_size)
+        th = (b, s, draft_cfg.num_features * hidden_size)
         if tuple(np.shape(batch["target_hidden"])) != th:
             raise ValueError(f"batch['target_hidden'] must be [B,S,T*H] = {th} (T = len(target_layer_ids)), "
                              f"got {tuple(np.shape(batch['target_hidden']))}")
-        if cfg.kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
+        if kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
             raise ValueError(f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
                              f"got {tuple(np.shape(batch['teacher_hidden']))}")
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -267,9 +243,7 @@ class TrainStep:
 
     def __init__(self, *, draft: nnx.Module, state_shardings: TrainState, target: nnx.Module,
                  tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig, mesh: Mesh):
-        self.cfg, self.mesh = cfg, mesh
-        self.hidden_size = target.config.hidden_size
-        _check_compatible(cfg, draft.cfg, target.config)
+        self.cfg, self.draft_cfg, self.mesh = cfg, draft.cfg, mesh
         draft_graphdef, _ = split_draft(draft)
         target_graphdef, target_state = nnx.split(target, nnx.Param)
         self.target_shardings = sharding.state_shardings(target_state, mesh)
@@ -277,44 +251,17 @@ class TrainStep:
         self.state_shardings = state_shardings
         rep = sharding.replicated(mesh)
         fn = functools.partial(train_step, draft_graphdef=draft_graphdef, target_graphdef=target_graphdef, tx=tx,
-                               schedule=schedule, cfg=cfg, compute_dtype=draft.dtype)
+                               schedule=schedule, draft_cfg=draft.cfg, cfg=cfg, compute_dtype=draft.dtype)
         self.jitted = jax.jit(fn, in_shardings=(state_shardings, self.target_shardings,
                                                 NamedSharding(mesh, P(sharding.BATCH_AXES)), rep),
                               out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Validate a batch and put its host arrays on the mesh (already-placed arrays pass through)."""
-        check_batch(batch, self.cfg, self.hidden_size, self.mesh)
+        check_batch(batch, self.cfg, self.draft_cfg, self.mesh)
         host = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
         return {**dict(batch), **sharding.shard_batch(host, self.mesh)}
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
         return self.jitted(state, self.target_state, self.place_batch(batch), key)
-
-
-def step_config_from(config: Any, draft_cfg: Any) -> StepConfig:
-    """:class:`StepConfig` from the YAML ``Config`` (``draft``/``loss``/``train`` sections) and the resolved
-    ``DraftConfig`` (which fixes block size, mask id and target layer ids)."""
-    return StepConfig(block_size=draft_cfg.block_size, num_anchors=config.draft.num_anchors,
-                      mask_token_id=draft_cfg.mask_token_id, target_layer_ids=draft_cfg.target_layer_ids,
-                      objective=config.loss.objective, alpha=config.loss.alpha, gamma=config.loss.gamma,
-                      kd=config.loss.kd, mode=config.train.mode, chunk_blocks=config.loss.chunk_blocks,
-                      per_token=config.loss.per_token, normalization=config.loss.normalization,
-                      confidence=config.loss.confidence)
-
-
-def _check_compatible(cfg: StepConfig, draft_cfg: Any, target_cfg: Any) -> None:
-    """Step / draft / target configs agree (hidden size, vocab, layer ids, block size, mask id)."""
-    pairs = [("hidden_size", draft_cfg.hidden_size, target_cfg.hidden_size),
-             ("vocab_size", draft_cfg.vocab_size, target_cfg.vocab_size),
-             ("target_layer_ids", tuple(draft_cfg.target_layer_ids), cfg.target_layer_ids),
-             ("block_size", draft_cfg.block_size, cfg.block_size),
-             ("mask_token_id", draft_cfg.mask_token_id, cfg.mask_token_id)]
-    for name, a, b in pairs:
-        if a != b:
-            raise ValueError(f"{name} differs: draft config has {a!r}, target/step config has {b!r}")
-    bad = [i for i in cfg.target_layer_ids if not 0 <= i < target_cfg.num_layers]
-    if bad:
-        raise ValueError(f"target_layer_ids {list(cfg.target_layer_ids)} has ids {bad} outside the target's "
-                         f"{target_cfg.num_layers} layers")

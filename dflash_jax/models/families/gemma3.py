@@ -28,7 +28,7 @@ NORM_KW = {"offset": 1.0}
 
 
 class Gemma3DecoderLayer(nnx.Module):
-    """Sandwich-norm decoder layer (see the module docstring); same call contract as ``target.DecoderLayer``."""
+    """Sandwich-norm decoder layer (see the module docstring); same call contract as ``target.decoder_layer``."""
 
     def __init__(self, cfg: target.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         def norm():

