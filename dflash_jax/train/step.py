@@ -43,12 +43,14 @@ from dflash_jax import config as config_lib
 from dflash_jax.models.draft import DraftConfig
 from dflash_jax.train import optim, sharding
 
+PARAM_DTYPES = ("float32", "bfloat16")  # train.param_dtype: fp32 master weights, or bf16 params (fp32 moments)
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
 class TrainState:
-    """``step`` int32 ``[]`` (batches consumed), ``params`` fp32 master draft ``nnx.State``, ``opt_state`` (optax),
+    """``step`` int32 ``[]`` (batches consumed), ``params`` draft ``nnx.State`` (fp32 master weights, or bf16 with
+    ``train.param_dtype: bfloat16``), ``opt_state`` (optax, fp32 moments),
     ``skipped_updates`` int32 ``[]`` (non-finite steps whose update was skipped)."""
 
     step: jax.Array
@@ -64,13 +66,16 @@ class StepConfig:
 
     ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
     :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
-    docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk). ``mode``: ``online`` (target forward inside the step) or
-    ``offline`` (features in the batch). Values are validated where they are born (:func:`dflash_jax.config.validate`).
+    docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
+    ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
+    target's and the draft's attention implementation (``train.attention``). Values are validated where they are
+    born (:func:`dflash_jax.config.validate`).
     """
 
     num_anchors: int
     loss: config_lib.LossSection = config_lib.LossSection()
     mode: str = "online"
+    attention: str = "auto"
 
     @property
     def chunk_blocks(self) -> int:
@@ -79,7 +84,8 @@ class StepConfig:
     @classmethod
     def from_config(cls, config: config_lib.Config) -> "StepConfig":
         """The step settings of a run configuration."""
-        return cls(num_anchors=config.draft.num_anchors, loss=config.loss, mode=config.train.mode)
+        return cls(num_anchors=config.draft.num_anchors, loss=config.loss, mode=config.train.mode,
+                   attention=config.train.attention)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     bs, n, lo = draft_cfg.block_size, cfg.num_anchors, cfg.loss
     if cfg.mode == "online":
         taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
-                             layer_ids=draft_cfg.target_layer_ids)
+                             layer_ids=draft_cfg.target_layer_ids, attention_impl=cfg.attention)
     else:
         taps, final = batch["target_hidden"], batch.get("teacher_hidden")
 
@@ -136,7 +142,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
 
     def loss_fn(params):
         draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
-        hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids)
+        hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids,
+                       attention_impl=cfg.attention)
         hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
         return losses.block_loss_from_hidden(
             hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
@@ -146,7 +153,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds the result to the params' dtype.
+    updates, new_opt = tx.update(optim.as_float32(grads), state.opt_state, optim.as_float32(state.params))
     new_params = optax.apply_updates(state.params, updates)
     applied = state.step - state.skipped_updates  # optimizer updates so far = the schedule's count
     skipped = state.skipped_updates + (~finite).astype(jnp.int32)
@@ -170,12 +178,13 @@ def split_draft(draft: nnx.Module) -> tuple[nnx.GraphDef, Any]:
 
 def init_train_state(draft: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
                      ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """Split ``draft`` (built with fp32 ``param_dtype``), place its params by the rules table and initialise the
-    optimizer state on matching shardings. Returns ``(draft_graphdef, state, state_shardings)``."""
+    """Split ``draft`` (built with one ``param_dtype``: float32 master weights, or bfloat16 parameters), place its
+    params by the rules table and initialise the fp32 optimizer state on matching shardings. Returns
+    ``(draft_graphdef, state, state_shardings)``."""
     graphdef, params = split_draft(draft)
-    bad = [jnp.dtype(x.dtype).name for x in jax.tree.leaves(params) if x.dtype != jnp.float32]
-    if bad:
-        raise ValueError(f"draft params must be float32 master weights (param_dtype=float32), got {sorted(set(bad))}")
+    dtypes = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)})
+    if len(dtypes) != 1 or dtypes[0] not in PARAM_DTYPES:
+        raise ValueError(f"draft params must all be one of {PARAM_DTYPES} (param_dtype), got {dtypes}")
     shardings = train_state_shardings(tx, params, mesh)
     params = sharding.place(params, shardings.params)
     opt_state = optim.init_opt_state(tx, params, shardings.opt_state)
@@ -265,4 +274,5 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.jitted(state, self.target_state, self.place_batch(batch), key)
+        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
+            return self.jitted(state, self.target_state, self.place_batch(batch), key)
