@@ -118,8 +118,8 @@ def test_batch_without_valid_anchor():
 def test_offline_features_equal_online_kd():
     """The step fed precomputed taps + teacher hidden equals the online step (KD objective)."""
     target = tf.target_model()
-    online = _built((1, 1, 1), kd=True)
-    offline = _built((1, 1, 1), kd=True, mode="offline")
+    online = _built((1, 1, 1), per_token="kd")
+    offline = _built((1, 1, 1), per_token="kd", mode="offline")
     b = tf.batch(b=8, seed=3)
     taps, final = target(jnp.asarray(b["input_ids"]), positions=jnp.asarray(b["positions"]),
                          segment_ids=jnp.asarray(b["segment_ids"]), layer_ids=tf.LAYER_IDS)

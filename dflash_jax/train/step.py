@@ -10,8 +10,9 @@ donated:
 3. noise ids: the anchor token at slot 0 of kept blocks, ``mask_token_id`` elsewhere (§4.6), embedded with the
    target's table;
 4. draft forward in the draft module's compute dtype (fp32 master params cast once; gradients flow back to fp32);
-5. chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises the
-   ``[B, N*bs, V]`` fp32 logits); KD teacher = final hidden at ``teacher_positions`` (§4.8);
+5. fused chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises
+   the ``[B, N*bs, V]`` fp32 logits; its gradient is computed in the forward pass); KD teacher = final hidden at
+   ``teacher_positions`` (§4.8);
 6. gradients; if the loss or the gradient norm is non-finite the update is skipped (params and optimizer state
    untouched, ``skipped_updates`` += 1), otherwise optax (clip + AdamW) updates the params.
 
@@ -63,11 +64,12 @@ class StepConfig:
     """The step's own settings; block size, mask id and target layer ids are read from the draft's
     :class:`~dflash_jax.models.draft.DraftConfig`, never copied here.
 
-    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section (objective,
-    alpha, gamma, ``kd`` = soft CE against the target's distribution, ``chunk_blocks`` = blocks per vocabulary-loss
-    chunk, None: all ``num_anchors`` in one chunk). ``mode``: ``online`` (target forward inside the step) or
-    ``offline`` (features in the batch). ``attention``: the target's and the draft's attention implementation
-    (``train.attention``). Values are validated where they are born (:func:`dflash_jax.config.validate`).
+    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
+    :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
+    docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
+    ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
+    target's and the draft's attention implementation (``train.attention``). Values are validated where they are
+    born (:func:`dflash_jax.config.validate`).
     """
 
     num_anchors: int
@@ -145,7 +147,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
         hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
         return losses.block_loss_from_hidden(
             hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
-            teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+            teacher_hidden=teacher, per_token=lo.per_token, normalization=lo.normalization,
+            confidence=lo.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
