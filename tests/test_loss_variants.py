@@ -374,3 +374,40 @@ def test_fused_gradient_does_the_predicted_vocabulary_matmuls(kd):
     flops = grad.lower(hidden, lm_head).compile().cost_analysis()["flops"]
     matmul = 2 * b * n * bs * h * v
     assert (2 + kd) * matmul <= flops < (2.25 + kd) * matmul, flops / matmul
+
+
+# SpecForge's own D-PACE test inputs (sgl-project/SpecForge a6b6b023, tests/test_utils/test_dflash_losses.py,
+# ``_sample_tensors``): B=2 rows, N=2 blocks, bs=5, V=13; logits ``randn`` with torch seed 123 in float64; anchors
+# (0, 3) and (1, 4), block (1, 1) dropped; data tokens at anchor + k; loss mask 0 at position 7 (row 0) and 6 (row 1).
+_SF_LABELS = np.array([[[1, 4, 2, 8, 3], [8, 3, 7, 5, 6]], [[5, 1, 4, 7, 3], [7, 3, 8, 10, 11]]])
+_SF_MASK = np.array([[[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]], [[0, 1, 1, 1, 1], [0, 0, 0, 0, 0]]], np.float32)
+
+
+@pytest.mark.parametrize(
+    "objective, normalization, want",
+    [
+        ("dpace", "batch", 8.3144),
+        ("dpace", "modelopt", 3.2536),
+        ("dpace_cumulative", "batch", 4.8276),
+        ("dpace_cumulative", "modelopt", 3.2449),
+        ("dpace_continuation", "batch", 27.4839),
+        ("dpace_continuation", "modelopt", 3.2605),
+    ],
+)
+def test_specforge_dpace_test_inputs(objective, normalization, want):
+    """SpecForge's D-PACE family (``_dpace_weight`` in specforge/algorithms/common/dflash_family_model.py, loss
+    ``sum W*mask*CE / B``) on SpecForge's test inputs, alpha 0.5. SpecForge's tests compare to their naive formula
+    rather than printing values; ``want`` is that formula evaluated in float64 (``batch``) and the same numerator
+    over ``sum W*mask + 1e-6`` (``modelopt``), rounded to 4 decimals. Tolerance: half the last digit plus float32."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(123)
+    logits = torch.randn(2, 2, 5, 13, dtype=torch.float64).numpy()
+    loss, _ = block_loss(
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(_SF_LABELS),
+        jnp.asarray(_SF_MASK),
+        objective=objective,
+        alpha=0.5,
+        normalization=normalization,
+    )
+    assert float(loss) == pytest.approx(want, abs=5e-5 + 1e-6 * want)
