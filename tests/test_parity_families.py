@@ -107,6 +107,9 @@ def _save(arch, path, max_shard_size=None):
     return model
 
 
+MOE_FAMILIES = ["gpt_oss", "qwen3_moe"]  # the families with experts (gemma3_text is dense)
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def saved(request, tmp_path_factory):
     arch = request.param
@@ -156,20 +159,18 @@ def test_cached_decode_and_rollback_equal_full_forward(saved):
     np.testing.assert_allclose(f, final[:, 11:14], atol=tol)
 
 
+@pytest.mark.parametrize("saved", MOE_FAMILIES, indirect=True)
 def test_ragged_dispatch_equals_dense_oracle(saved):
     arch, _, target, _ = saved
-    if arch == "gemma3_text":
-        pytest.skip("dense family")
     block = target.model.layers[0].mlp
     x = np.random.default_rng(3).standard_normal((2, 9, COMMON["hidden_size"])).astype(np.float32)
     sparse = np.asarray(block(x))
     np.testing.assert_allclose(sparse, np.asarray(block(x, dense=True)), atol=1e-5 * np.abs(sparse).max())
 
 
+@pytest.mark.parametrize("saved", MOE_FAMILIES, indirect=True)
 def test_expert_parameters_sharded_over_the_mesh(saved):
     arch, _, target, _ = saved
-    if arch == "gemma3_text":
-        pytest.skip("dense family")
     mesh = sharding.make_mesh((2, 2, 2))
     state = nnx.state(target.model, nnx.Param)
     placed = sharding.place(state, sharding.state_shardings(state, mesh))
@@ -222,10 +223,9 @@ def test_rope_scalings_match_transformers(scaling):
     assert layers.rope_attention_factor(scaling) == pytest.approx(factor, rel=1e-7)
 
 
+@pytest.mark.parametrize("saved", ["gpt_oss"], indirect=True)
 def test_mxfp4_experts_dequantised_like_transformers(saved):
     arch, _, _, path = saved
-    if arch != "gpt_oss":
-        pytest.skip("gpt-oss only")
     rng = np.random.default_rng(4)
 
     def packed(shape):
