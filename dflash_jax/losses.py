@@ -267,7 +267,26 @@ def _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, *, objective
     return reduce_partials(_block_partials(logits, labels, _zero_slot0(mask), teacher_logits, objective, alpha, gamma))
 
 
-def block_loss_from_hidden(
+def block_loss_from_hidden(hidden: jax.Array, lm_head: jax.Array, labels: jax.Array, mask: jax.Array,
+                           **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`block_loss` of ``hidden @ lm_head.T`` computed chunk by chunk (same result):
+    :func:`reduce_partials` of :func:`block_partials_from_hidden` (same arguments)."""
+    return reduce_partials(block_partials_from_hidden(hidden, lm_head, labels, mask, **kwargs))
+
+
+def numerator_scale(partials: Mapping[str, jax.Array]) -> jax.Array:
+    """``d loss / d sum(weighted_loss)`` of :func:`reduce_partials` at ``partials``: a scalar, 0 on the zero-loss
+    branch. The weights are detached, so the loss is ``sum(W*l)`` times this factor of the other partials and its
+    gradient is this factor times the gradient of the numerator: gradient accumulation sums the numerators'
+    gradients over micro-batches and scales once (taken by ``jax.grad`` of the reduction itself, so any reduction
+    that divides the numerator by detached partials is served)."""
+    partials = jax.lax.stop_gradient(dict(partials))
+    wl = partials["weighted_loss"]
+    per_slot = jax.grad(lambda x: reduce_partials({**partials, "weighted_loss": x})[0])(wl)
+    return per_slot[0]  # the same for every slot: the loss depends on sum(W*l) only
+
+
+def block_partials_from_hidden(
     hidden: jax.Array,
     lm_head: jax.Array,
     labels: jax.Array,
@@ -279,15 +298,17 @@ def block_loss_from_hidden(
     teacher_hidden: jax.Array | None = None,
     chunk_blocks: int = 64,
     compute_dtype: Any = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """:func:`block_loss` of ``hidden @ lm_head.T`` computed ``chunk_blocks`` blocks at a time (same result).
+) -> dict[str, jax.Array]:
+    """The :func:`partial_sums` of :func:`block_loss`'s terms for ``hidden @ lm_head.T``, computed
+    ``chunk_blocks`` blocks at a time (before :func:`reduce_partials`; sums of these over disjoint rows are the
+    partials of the union).
 
     ``hidden [B,N,bs,H]`` (draft final hidden), ``lm_head [V,H]`` (not stopped here: freezing it is the caller's
     business), ``labels``/``mask [B,N,bs]``, optional ``teacher_hidden [B,N,bs,H]`` (teacher logits
     ``teacher_hidden @ lm_head.T``, detached). The blocks axis is padded to a multiple of ``chunk_blocks`` with
     mask 0 and mapped with ``jax.lax.map`` over a rematerialised (``jax.checkpoint``) chunk, so only one chunk's
     float32 ``[B,chunk,bs,V]`` logits live at a time, in the forward and the backward pass. D-PACE weights are per
-    block, hence exact per chunk; the chunks' per-slot partial sums go through the same :func:`reduce_partials`.
+    block, hence exact per chunk; the chunks' per-slot partial sums are summed.
     ``compute_dtype`` is the matmul input dtype (default: promoted dtype of ``hidden`` and ``lm_head``); the
     matmul accumulates and returns float32.
     """
@@ -302,14 +323,14 @@ def block_loss_from_hidden(
         _chex("teacher_hidden", chex.assert_shape, teacher_hidden, hidden.shape)
     if not isinstance(chunk_blocks, (int, np.integer)) or chunk_blocks < 1:
         raise ValueError(f"chunk_blocks must be a positive int, got {chunk_blocks!r}")
-    return _block_loss_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha, gamma, objective=objective,
-                                   chunk_blocks=int(chunk_blocks), compute_dtype=compute_dtype)
+    return _block_partials_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha, gamma,
+                                       objective=objective, chunk_blocks=int(chunk_blocks), compute_dtype=compute_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "chunk_blocks", "compute_dtype"))
-def _block_loss_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha, gamma, *, objective, chunk_blocks,
-                            compute_dtype):
-    """Jitted body of :func:`block_loss_from_hidden`."""
+def _block_partials_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha, gamma, *, objective,
+                                chunk_blocks, compute_dtype):
+    """Jitted body of :func:`block_partials_from_hidden`."""
     dtype = compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype)
     w = lm_head.astype(dtype)
 
@@ -332,7 +353,7 @@ def _block_loss_from_hidden(hidden, lm_head, labels, mask, teacher_hidden, alpha
         return jnp.moveaxis(x, 1, 0)
 
     per_chunk = jax.lax.map(jax.checkpoint(chunk_partials), tuple(to_chunks(x) for x in operands))
-    return reduce_partials(jax.tree.map(lambda p: jnp.sum(p, axis=0), per_chunk))
+    return jax.tree.map(lambda p: jnp.sum(p, axis=0), per_chunk)
 
 
 def _zero_slot0(mask: jax.Array) -> jax.Array:

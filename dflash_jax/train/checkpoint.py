@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dflash_jax.train import sharding
 from dflash_jax.train.step import TrainState
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             os.makedirs(self.directory, exist_ok=True)
             self._quarantine_incomplete()
+        sharding.barrier("dflash_jax:checkpoints_quarantined")
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
