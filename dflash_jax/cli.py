@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 EXIT_USAGE = 2
 EXIT_MISMATCH = 3  # eval --check-lossless found a speculative output that differs from plain decoding
+EXIT_DIVERGED = 4  # train stopped: train.max_consecutive_skips consecutive non-finite updates
 EXIT_INTERRUPTED = 130  # train stopped by Ctrl-C after saving a checkpoint
 
 log = logging.getLogger("dflash_jax")
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "plots, export)",
                        description="Train a drafter. Writes RUN_DIR/{config.yaml, draft_config.json, heldout.jsonl, "
                        "metrics.jsonl, checkpoints/, export/, plots/} (and tb/ when TensorBoard is installed). "
-                       "Ctrl-C saves a checkpoint and exits with status 130; continue with --resume.")
+                       "Ctrl-C saves a checkpoint and exits with status 130 (Ctrl-C again aborts at once); continue "
+                       "with --resume. Exits with status 4 if training diverges (train.max_consecutive_skips).")
     t.add_argument("--config", help="YAML config file or shipped config name (tiny, smollm2-135m, qwen3-8b); "
                    "optional with --resume (default: RUN_DIR/config.yaml)")
     t.add_argument("--run-dir", required=True, help="run directory (must be empty or absent unless --resume or "
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write config.json + model.safetensors (z-lab / ModelOpt / vLLM / SGLang layout) "
                        "from a training run's checkpoint.")
     x.add_argument("--run-dir", required=True, help="training run directory")
-    x.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    x.add_argument("--out", required=True, help="output directory: new, empty or a previous export (replaced "
+                   "atomically); never the run directory or a directory holding other files")
     x.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
     x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="weight dtype of the export (default %(default)s)")
@@ -97,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "model.safetensors), validate it, print its config as JSON and optionally re-write it in "
                        "the dflash-jax layout. Warm-start training from it with draft.init.")
     i.add_argument("src", help="directory with config.json + model.safetensors")
-    i.add_argument("--out", help="re-export here (normalised config.json, chosen dtype)")
+    i.add_argument("--out", help="re-export here (normalised config.json, chosen dtype): a new, empty or previous "
+                   "export directory")
     i.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="weight dtype of the re-export (default %(default)s)")
 
@@ -166,9 +170,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("train: --config is required (it may be omitted only with --resume)")
         path = os.path.join(args.run_dir, rundir.CONFIG_FILE)
     config = config_lib.load_config(path, args.overrides)
-    result = loop.train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress)
-    records = [r for r in rundir.read_metrics(result.run_dir) if "loss" in r]
+    try:
+        result = loop.train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+    except loop.DivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    records = [r for r in rundir.read_metrics(result.run_dir) if r.get("loss") is not None]
     summary = {"run_dir": result.run_dir, "step": result.step, "interrupted": result.interrupted,
                "export": result.export_dir, "plots": list(result.plots)}
     if records:
@@ -259,11 +267,16 @@ def _first_conversations(path: str, n: int) -> list:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import contextlib
+
     from dflash_jax import export as export_lib
+    from dflash_jax import paths
     from dflash_jax.train import run
 
-    _, draft_cfg, params, step = run.restore_params(args.run_dir, args.step)
-    out = export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype)
+    into_run = paths.is_within(args.out, args.run_dir)
+    with paths.DirLock(args.run_dir) if into_run else contextlib.nullcontext():  # one writer per run directory
+        _, draft_cfg, params, step = run.restore_params(args.run_dir, args.step)
+        out = export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype, protect=[args.run_dir])
     _print_json({"export": str(out), "step": step, "dtype": args.dtype,
                  "config": export_lib.config_to_json(draft_cfg, args.dtype)})
     return 0
@@ -286,6 +299,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_dump_features(args: argparse.Namespace) -> int:
     from dflash_jax import config as config_lib
+    from dflash_jax import paths
     from dflash_jax.data import pipeline
     from dflash_jax.train import features, run
 
@@ -297,10 +311,11 @@ def cmd_dump_features(args: argparse.Namespace) -> int:
     max_rows = args.max_rows if args.max_rows is not None else config.train.steps * config.data.batch_size
     if max_rows < 1:
         raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
-    index = features.dump_features(target, pipeline.build_iterator(config.data, renderer), out,
-                                   draft_cfg.target_layer_ids, with_teacher_hidden=config.loss.kd,
-                                   shard_size=args.shard_size, resume=not args.no_resume, dtype=args.dtype,
-                                   max_rows=max_rows, forward_batch=args.forward_batch)
+    with paths.DirLock(out):  # one writer per feature directory
+        index = features.dump_features(target, pipeline.build_iterator(config.data, renderer), out,
+                                       draft_cfg.target_layer_ids, with_teacher_hidden=config.loss.kd,
+                                       shard_size=args.shard_size, resume=not args.no_resume, dtype=args.dtype,
+                                       max_rows=max_rows, forward_batch=args.forward_batch)
     _print_json({"features_dir": out, **{k: v for k, v in index.items() if k != "shards"},
                  "num_shards": len(index["shards"])})
     return 0

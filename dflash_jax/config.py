@@ -22,6 +22,7 @@ import yaml
 
 from dflash_jax import losses
 from dflash_jax.models import draft as draft_lib
+from dflash_jax.models import families
 from dflash_jax.models.target import TargetConfig
 
 Dtype = Literal["float32", "bfloat16"]
@@ -30,7 +31,14 @@ Dtype = Literal["float32", "bfloat16"]
 @dataclass(frozen=True)
 class RandomTargetConfig(TargetConfig):
     """A random-init target (``target.path: random``; tests and CI): a :class:`TargetConfig` (every field, checked
-    by it) with small defaults, plus the init ``seed``."""
+    by it) with small defaults, plus the init ``seed``.
+
+    A family arch (``qwen3_moe``, ``gpt_oss``, ``gemma3_text``) fills the fields that its ``config.json`` parser
+    (``models/families/``) derives and that are left at their defaults here, so a random target is built like a
+    loaded one: MoE on every layer (``num_experts``/``num_experts_per_tok``/``moe_intermediate_size``); every
+    ``sliding_window_pattern``-th layer full attention and the others sliding with ``sliding_window`` (gpt-oss,
+    Gemma 3).
+    """
 
     __hash__ = TargetConfig.__hash__
 
@@ -43,7 +51,37 @@ class RandomTargetConfig(TargetConfig):
     num_key_value_heads: int = 2
     head_dim: int = 16
     tie_word_embeddings: bool = True
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 32
+    sliding_window: int | None = 8
+    sliding_window_pattern: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.sliding_window_pattern < 1:
+            raise ValueError(f"{name}.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
+                             f"{name}.num_experts ({self.num_experts})]")
+        if self.arch in families.FAMILIES:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, value in families.FAMILIES[self.arch].config_fields(self._hf_config()).items():
+                if getattr(self, name) == defaults[name]:
+                    object.__setattr__(self, name, value)
+        super().__post_init__()
+
+    def _hf_config(self) -> dict:
+        """These dims as an HF ``config.json`` dict (the input of a family's ``config_fields``)."""
+        return dict(model_type=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                    head_dim=self.head_dim, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+                    tie_word_embeddings=self.tie_word_embeddings, num_local_experts=self.num_experts,
+                    num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                    norm_topk_prob=True, sliding_window=self.sliding_window,
+                    sliding_window_pattern=self.sliding_window_pattern, query_pre_attn_scalar=self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -72,6 +110,8 @@ class DraftSection:
     target_layer_ids: tuple[int, ...] | None = None  # null = build_target_layer_ids(Lt, num_layers)
     sliding_window: int | None = None
     causal: bool = False
+    rope_scaling: dict | None = None  # HF rope_scaling of the draft's RoPE (yarn / llama3 / linear), exported
+    attention_sink: bool = False  # learned per-head sink logit in every draft layer (ModelOpt dflash_attention_sink)
     init: str | None = None  # path to an exported drafter for warm start
 
 
@@ -125,6 +165,7 @@ class TrainSection:
     mode: Literal["online", "offline"] = "online"
     features_dir: str | None = None  # offline features (train.mode: offline)
     remat: bool = False
+    max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
     grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size rows in all), inside the one jit
 
 
@@ -272,7 +313,7 @@ def validate(config: Config) -> Config:
            f"data.max_conversations must be >= 1 or null, got {da.max_conversations}")
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
 
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
     _check(tr.grad_accum >= 1 and da.batch_size % tr.grad_accum == 0,

@@ -3,8 +3,9 @@
 A checkpoint is a directory with ``model.safetensors`` (torch ``[out, in]`` layout, names ``fc.weight``,
 ``hidden_norm.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``layers.{i}.self_attn.{q,k}_norm.weight``,
 ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``layers.{i}.{input,post_attention}_layernorm.weight``,
-``norm.weight``; no embedding, no ``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``,
-``num_target_layers`` and ``dflash_config``).
+``norm.weight``, with the sink option ``layers.{i}.self_attn.attention_sink_bias``; no embedding, no
+``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``, ``num_target_layers``, ``dflash_config``,
+``rope_scaling``).
 
 ``params`` is always the draft's ``nnx.State`` of ``nnx.Param`` (``nnx.state(model, nnx.Param)``).
 """
@@ -16,14 +17,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from dflash_jax import paths
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 
@@ -116,7 +119,7 @@ def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
         "attention_dropout": 0.0,
         "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-        "rope_scaling": None,
+        "rope_scaling": config.rope_scaling,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
         "num_target_layers": config.num_target_layers,
@@ -125,6 +128,8 @@ def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
     if config.sliding_window is not None:
         out["sliding_window"] = config.sliding_window
         dflash_config.update(use_swa=True, swa_window_size=config.sliding_window)
+    if config.attention_sink:  # ModelOpt's export: vLLM reads dflash_config.attention_sink_bias
+        out["attention_sink_bias"] = dflash_config["attention_sink_bias"] = True
     return out
 
 
@@ -142,8 +147,10 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json field 'hidden_act' must be 'silu', got {d['hidden_act']!r}")
     scaling = d.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"config.json field 'rope_scaling' {scaling!r} is not supported (plain RoPE only)")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ValueError(f"config.json field 'rope_scaling' must be an object or null, got {scaling!r}")
+    if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = None
     if "rope_theta" in d:
         theta = d["rope_theta"]
     elif isinstance(d.get("rope_parameters"), Mapping) and "rope_theta" in d["rope_parameters"]:
@@ -179,17 +186,23 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
         attention_bias=bool(d.get("attention_bias", False)),
         initializer_range=float(d.get("initializer_range", 0.02)),
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        rope_scaling=dict(scaling) if scaling else None,
+        attention_sink=bool(dc.get("attention_sink_bias", d.get("attention_sink_bias", False))),
     )
 
 
-def export_draft(config: DraftConfig, params: nnx.State, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
+def export_draft(config: DraftConfig, params: nnx.State, out_dir: str | os.PathLike, dtype: str = "bfloat16",
+                 protect: Sequence[str] = ()) -> Path:
     """Write ``model.safetensors`` + ``config.json`` to ``out_dir`` atomically (temp dir beside it, then rename).
 
-    ``dtype`` in ``{"float32", "bfloat16", "float16"}``; an existing ``out_dir`` is replaced only once the new
-    one is complete. Returns the output path.
+    ``dtype`` in ``{"float32", "bfloat16", "float16"}``. ``out_dir`` must be absent, empty or a previous export
+    (nothing but those two files), and neither one of ``protect`` nor a directory containing one
+    (:func:`dflash_jax.paths.check_output_dir`; ValueError otherwise, nothing touched); a previous export is
+    replaced only once the new one is complete. Returns the output path.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    paths.check_output_dir(str(out_dir), (WEIGHTS_FILE, CONFIG_FILE), protect)
     tensors = to_torch_tensors(params)
     from_torch_tensors(config, tensors)  # validates keys and shapes against the config before writing anything
     tensors = {k: v.astype(_DTYPES[dtype]) for k, v in tensors.items()}
@@ -221,5 +234,13 @@ def import_draft(in_dir: str | os.PathLike, *, param_dtype: Any = jnp.float32) -
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (d / f).is_file():
             raise ValueError(f"in_dir {str(d)!r} has no {f}")
-    config = config_from_json(json.loads((d / CONFIG_FILE).read_text()))
-    return config, from_torch_tensors(config, load_file(str(d / WEIGHTS_FILE)), param_dtype)
+    try:
+        raw = json.loads((d / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from None
+    config = config_from_json(raw)
+    try:
+        tensors = load_file(str(d / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+    return config, from_torch_tensors(config, tensors, param_dtype)

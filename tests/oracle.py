@@ -133,16 +133,18 @@ def ref_build_target_layer_ids(num_target_layers, num_draft_layers) -> list[int]
 def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, vocab=64, draft_layers=2,
                           draft_heads=4, draft_kv_heads=2, head_dim=8, intermediate=64, rope_theta=1e4,
                           block_size=4, mask_token_id=0, target_layer_ids=None, swa_window=None, causal=False,
-                          seed=1234):
+                          attention_sink=False, seed=1234):
     """A tiny fp32 HF ``family`` ("qwen3" or "llama") target converted with ``mtsp.convert(.., "dflash")``.
 
     Every draft dim is explicit (§1.3); the target uses the same ``rope_theta`` so that the reference exporter,
     which writes the target's theta, describes the draft truthfully. Draft norm weights are set to ``1 + 0.1*randn`` so that parity also
-    exercises them. Returns the converted model in train mode.
+    exercises them. ``attention_sink``: ``dflash_attention_sink`` with sink logits ``0.5*randn`` (run eagerly: the
+    reference's lazily ``torch.compile``d sink function is swapped for its own eager implementation, which its
+    docstring calls numerically interchangeable). Returns the converted model in train mode.
     """
     torch = _torch()
-    import transformers
     import modelopt.torch.speculative as mtsp
+    import transformers
 
     torch.manual_seed(seed)
     common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=target_layers, num_attention_heads=4,
@@ -161,12 +163,17 @@ def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, 
         arch["target_layer_ids"] = list(target_layer_ids)
     cfg = {"dflash_block_size": block_size, "dflash_use_torch_compile": False, "dflash_mask_token_id": mask_token_id,
            "dflash_swa_window_size": swa_window, "dflash_architecture_config": arch,
-           "dflash_draft_attention": "causal" if causal else "bidirectional"}
+           "dflash_draft_attention": "causal" if causal else "bidirectional", "dflash_attention_sink": attention_sink}
+    if attention_sink:
+        from modelopt.torch.speculative.plugins import modeling_dflash
+        modeling_dflash._compiled_sink_attention = modeling_dflash._sink_attention_impl
     mtsp.convert(model, [("dflash", cfg)])
     with torch.no_grad():
         for name, p in model.dflash_module.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("attention_sink_bias"):
+                p.copy_(0.5 * torch.randn_like(p))
     model.train()
     return model
 

@@ -1,5 +1,5 @@
-"""Orbax checkpoints: interval / keep / final save, exact restore (also onto another mesh), incomplete steps
-ignored, config-fingerprint mismatch rejected."""
+"""Orbax checkpoints: interval / keep / final save, exact restore (also onto another mesh), leftovers of killed
+writers removed, damaged steps detected by their manifest with a fall back, config-fingerprint mismatch rejected."""
 
 import os
 
@@ -62,24 +62,58 @@ def test_restore_onto_another_mesh(tmp_path):
         assert meta["step"] == 3 and meta["rng"] is None
 
 
-def test_incomplete_steps_are_ignored(tmp_path):
+def test_leftovers_of_killed_writers_are_removed(tmp_path):
     state, shardings = _state((1, 1, 1), bump=0.25, step=2)
     with ck.Checkpointer(str(tmp_path), save_every=1, fingerprint=FP) as mngr:
         mngr.save(state)
-    os.makedirs(tmp_path / "7" / "params")  # a half-copied step: no metadata, items missing
+    os.makedirs(tmp_path / "7" / "params")  # a half-copied / half-deleted step: no metadata, items missing
     (tmp_path / "7" / "params" / "partial").write_text("x")
-    os.makedirs(tmp_path / "9.orbax-checkpoint-tmp-1700000000" / "params")  # an unfinished Orbax write
+    os.makedirs(tmp_path / "7.incomplete" / "params")  # a quarantine left by an older version
+    os.makedirs(tmp_path / "9.orbax-checkpoint-tmp" / "params")  # an unfinished Orbax write
+    with ck.Checkpointer(str(tmp_path), save_every=1, fingerprint=FP, read_only=True) as reader:
+        assert reader.all_steps() == [2]  # a reader ignores them and touches nothing
+    assert sorted(os.listdir(tmp_path)) == ["2", "7", "7.incomplete", "9.orbax-checkpoint-tmp"]
     with ck.Checkpointer(str(tmp_path), save_every=1, fingerprint=FP) as mngr:
-        assert mngr.all_steps() == [2]
+        assert sorted(os.listdir(tmp_path)) == ["2"]
         restored, meta = mngr.restore(st.abstract_state(state, shardings))
         assert meta["step"] == 2
         with pytest.raises(FileNotFoundError, match="step 7"):
             mngr.restore(st.abstract_state(state, shardings), step=7)
-        state7 = state.replace(step=jnp.int32(7))
-        assert mngr.save(state7)  # the quarantined step number can be written again
+        assert mngr.save(state.replace(step=jnp.int32(7)))  # the step number can be written again
         mngr.wait()
         assert mngr.all_steps() == [2, 7]
-    assert os.path.isdir(tmp_path / "7.incomplete")
+
+
+def test_damaged_step_falls_back_to_the_newest_good_one(tmp_path, caplog):
+    """A flipped byte in step 4's data: a warning naming step 4 and the file, step 2 restored, step 4 set aside
+    under a free name (``4.corrupt`` is taken) and writable again; an explicit ``step=4`` is an error."""
+    states = {s: _state((1, 1, 1), bump=0.1 * s, step=s) for s in (2, 4)}
+    with ck.Checkpointer(str(tmp_path), save_every=2, keep=3, fingerprint=FP) as mngr:
+        for s in (2, 4):
+            mngr.save(states[s][0])
+    assert os.path.isfile(tmp_path / "4" / ck.MANIFEST_FILE)
+    data = max((os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "4" / "params") for f in fs),
+               key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.makedirs(tmp_path / "4.corrupt")
+    abstract = st.abstract_state(*states[4])
+    with ck.Checkpointer(str(tmp_path), save_every=2, fingerprint=FP, read_only=True) as reader:
+        with pytest.raises(ValueError, match="step 4 .* is damaged: params/.* does not match its SHA-256"):
+            reader.restore(abstract, step=4)
+    with ck.Checkpointer(str(tmp_path), save_every=2, keep=3, fingerprint=FP) as mngr:
+        restored, meta = mngr.restore(abstract)
+        assert meta["step"] == 2
+        assert "checkpoint step 4" in caplog.text and "does not match its SHA-256" in caplog.text
+        for a, b in zip(_host(restored), _host(states[2][0])):
+            np.testing.assert_array_equal(a, b)
+        assert os.path.isdir(tmp_path / "4.corrupt.1") and mngr.all_steps() == [2]
+        assert mngr.save(states[4][0])
+        mngr.wait()
+        assert mngr.all_steps() == [2, 4]
 
 
 def test_fingerprint_mismatch_names_the_field(tmp_path):

@@ -65,6 +65,7 @@ def test_defaults_are_valid_and_empty_sections_allowed():
     ({"draft": {"num_layers": 2, "target_layer_ids": [1, 9]}}, r"draft.target_layer_ids \[1, 9\] must be < the target's 4 layers"),
     ({"draft": {"num_layers": 5}}, r"draft.num_layers \(5\) must be <= the target's 4 layers"),
     ({"train": {"steps": 0}}, "train.steps must be >= 1"),
+    ({"train": {"max_consecutive_skips": 0}}, "train.max_consecutive_skips must be >= 1"),
     ({"train": {"lr": 0}}, "train.lr must be > 0"),
     ({"train": {"warmup_steps": 5, "warmup_ratio": 0.1}}, "train.warmup_steps and train.warmup_ratio are exclusive"),
     ({"train": {"warmup_ratio": 1.0}}, r"train.warmup_ratio must be in \[0, 1\)"),

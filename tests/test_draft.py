@@ -4,6 +4,7 @@ inference path (context KV cache + propose) against the training forward, packin
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -293,17 +294,28 @@ def test_config_is_hashable_and_frozen():
 
 
 def test_remat_gives_same_loss_and_grads():
-    """``remat=True`` recomputes layers in the backward pass; values and gradients are unchanged."""
+    """``remat=True`` recomputes layers in the backward pass (the gradient program holds a remat / checkpoint
+    primitive that ``remat=False`` lacks); values and gradients are unchanged up to fp32 rounding.
+
+    The recomputed forward may be fused differently, so gradients agree to fp32 rounding relative to each
+    tensor's scale (a few hundred ulps of its largest entry), not element-wise near zero."""
     cfg = _cfg()
     noise, target_hidden = _inputs(cfg, 2, 16, 2)
     anchors = jnp.array([[3, 8], [0, 5]], jnp.int32)
     keep = jnp.array([[True, True], [True, False]])
-    results = []
+    results, programs = [], []
     for remat in (False, True):
         graphdef, params = nnx.split(_model(cfg, remat=remat))
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(noise, target_hidden, anchors, keep) ** 2)  # noqa: E731
+        programs.append(str(jax.make_jaxpr(jax.value_and_grad(loss))(params)))
         results.append(jax.jit(jax.value_and_grad(loss))(params))
+    remat_eqn = re.compile(r"\b(remat\w*|checkpoint)\[")
+    assert not remat_eqn.search(programs[0]) and remat_eqn.search(programs[1])
     (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    tol = 256 * np.finfo(np.float32).eps
+    np.testing.assert_allclose(l1, l0, rtol=tol)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= tol * np.abs(a).max(), (np.abs(a - b).max(), np.abs(a).max())
+
+

@@ -12,8 +12,14 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from dflash_jax.export import (config_from_json, config_to_json, draft_from_params, export_draft, import_draft,
-                               to_torch_tensors)
+from dflash_jax.export import (
+    config_from_json,
+    config_to_json,
+    draft_from_params,
+    export_draft,
+    import_draft,
+    to_torch_tensors,
+)
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 
@@ -152,3 +158,36 @@ def test_to_torch_tensors_accepts_plain_arrays():
     a, b = to_torch_tensors(params), to_torch_tensors(plain)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert jnp.asarray(a["fc.weight"]).shape == (16, 48)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("options", [dict(rope_scaling=LLAMA3), dict(rope_scaling=YARN), dict(attention_sink=True),
+                                     dict(rope_scaling=YARN, attention_sink=True)], ids=["llama3", "yarn", "sink",
+                                                                                         "yarn+sink"])
+def test_draft_options_round_trip(options, tmp_path):
+    cfg = DraftConfig(**{**CFG.__dict__, **options})
+    params = _params(cfg)
+    export_draft(cfg, params, tmp_path / "d", dtype="float32")
+    written = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert written["rope_scaling"] == options.get("rope_scaling")
+    sink = options.get("attention_sink", False)
+    dc = written["dflash_config"]
+    assert dc.get("attention_sink_bias", False) == written.get("attention_sink_bias", False) == sink
+    assert ("layers.1.self_attn.attention_sink_bias" in load_file(str(tmp_path / "d" / "model.safetensors"))) == sink
+    got_cfg, loaded = import_draft(tmp_path / "d")
+    assert got_cfg == cfg and hash(got_cfg) == hash(cfg)
+    a, b = _flat(params), _flat(loaded)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_bad_draft_rope_scaling_names_the_field():
+    with pytest.raises(ValueError, match="rope_scaling"):
+        DraftConfig(**{**CFG.__dict__, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_scaling"):
+        config_from_json({**config_to_json(CFG), "rope_scaling": {"rope_type": "yarn"}})  # no factor

@@ -49,6 +49,8 @@ def test_dump_contents_match_target(target, tmp_path):
 
 
 def test_resume_skips_finished_shards(target, tmp_path):
+    """A resumed dump is bit-equal to a one-go dump by construction (rows go through the target in the same padded
+    groups of ``forward_batch`` rows), also when the resume point (row 4) falls inside a group of 8."""
     full = tmp_path / "full"
     ft.dump_features(target, _batches(), str(full), tf.LAYER_IDS, shard_size=4)
     part = tmp_path / "part"

@@ -105,19 +105,26 @@ def test_resume_rejects_a_changed_config(full_run, tmp_path):
 
 def test_run_dir_refusal_and_overwrite(tmp_path):
     foreign = tmp_path / "foreign"
-    foreign.mkdir()
+    (foreign / "src").mkdir(parents=True)
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty"):
         rundir.prepare_run_dir(str(foreign), resume=False, overwrite=False)
-    with pytest.raises(ValueError, match="not a dflash-jax run"):
+    (foreign / rundir.CONFIG_FILE).write_text("db: prod\n")  # a config.yaml alone does not make a run
+    with pytest.raises(ValueError, match="no draft_config.json, so it is not a dflash-jax run"):
         rundir.prepare_run_dir(str(foreign), resume=False, overwrite=True)
-    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(foreign)) == [rundir.CONFIG_FILE, "notes.txt", "src"]
     old_run = tmp_path / "old"
     old_run.mkdir()
-    (old_run / rundir.CONFIG_FILE).write_text("{}")
-    (old_run / rundir.METRICS_FILE).write_text("{}\n")
+    for name in (*rundir.RUN_MARKERS, rundir.METRICS_FILE, ".lock.0"):
+        (old_run / name).write_text("{}\n")
+    (old_run / "link").symlink_to(foreign)  # unlinked, never followed
+    link = tmp_path / "link_run"
+    link.symlink_to(old_run)
+    with pytest.raises(ValueError, match="symbolic link; refusing to delete through it"):
+        rundir.prepare_run_dir(str(link), resume=False, overwrite=True)
     rundir.prepare_run_dir(str(old_run), resume=False, overwrite=True)
-    assert os.listdir(old_run) == []
+    assert os.listdir(old_run) == [".lock.0"] and (foreign / "notes.txt").read_text() == "keep me"
+    rundir.prepare_run_dir(str(old_run), resume=False, overwrite=False)  # a lock file alone is an empty run dir
     with pytest.raises(ValueError, match="exclusive"):
         rundir.prepare_run_dir(str(old_run), resume=True, overwrite=True)
 

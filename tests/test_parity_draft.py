@@ -9,6 +9,7 @@ rows uniform attention over all keys, ours an exact zero, and both carry zero we
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -171,3 +172,48 @@ def test_import_of_reference_export(ref_model, data, tmp_path):
     assert cfg == _config(tuple(ref["target_layer_ids"]), SWA)
     model = draft_from_params(cfg, params)
     _assert_kept_logits_match(model, ref, ids)
+
+
+YARN = {"type": "yarn", "factor": 48.0, "original_max_position_embeddings": 64, "beta_fast": 1.0, "beta_slow": 1.0,
+        "mscale": 1.0, "mscale_all_dim": 1.0}  # ModelOpt's dflash_export_rope_scaling example (short context)
+
+
+def test_attention_sink_and_rope_scaling_parity_and_round_trip(data, tmp_path):
+    """``dflash_attention_sink`` (with SWA): logits, loss and every gradient (the sinks' included) match the
+    reference; its export with ``dflash_export_rope_scaling`` imports with both options, and our export of that
+    round-trips exactly."""
+    ids, labels = data
+    ref_model = oracle.ref_tiny_dflash_model("qwen3", block_size=BS, vocab=V, hidden=H, rope_theta=1e4,
+                                             swa_window=SWA, attention_sink=True)
+    ref = oracle.ref_dflash_forward(ref_model, ids, labels, ANCHORS, KEEP)
+    cfg = dataclasses.replace(_config(ref["target_layer_ids"], SWA), attention_sink=True)
+    params = from_torch_tensors(cfg, oracle.ref_draft_state(ref_model))
+    graphdef = nnx.graphdef(draft_from_params(cfg, params))
+    loss, logits, grads = _loss_and_grads(
+        params, graphdef, _noise_emb(ref["embed"], ids, ANCHORS, KEEP), jnp.asarray(ref["target_hidden"]),
+        jnp.asarray(ANCHORS, jnp.int32), jnp.asarray(KEEP), jnp.asarray(ref["lm_head"]), jnp.asarray(ids, jnp.int32),
+        jnp.asarray(labels != -100, jnp.float32), jnp.asarray(ref["base_logits"]), objective="dpace", kd=True)
+    kept = _kept_rows(KEEP)
+    np.testing.assert_allclose(np.asarray(logits)[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-6)
+    ours = to_torch_tensors(grads)
+    assert set(ours) == set(ref["grads"]) and "layers.0.self_attn.attention_sink_bias" in ours
+    for name, g_ref in ref["grads"].items():
+        err = np.linalg.norm(ours[name] - g_ref)
+        assert err <= 1e-4 * np.linalg.norm(g_ref) + 1e-9, (name, err, np.linalg.norm(g_ref))
+    assert np.linalg.norm(ref["grads"]["layers.1.self_attn.attention_sink_bias"]) > 0
+
+    ref_model.dflash_export_rope_scaling = YARN
+    oracle.ref_export(ref_model, tmp_path / "ref")
+    got_cfg, got_params = import_draft(tmp_path / "ref")
+    assert got_cfg == dataclasses.replace(cfg, rope_scaling=YARN)
+    export_draft(got_cfg, got_params, tmp_path / "ours", dtype="float32")
+    again_cfg, again_params = import_draft(tmp_path / "ours")
+    assert again_cfg == got_cfg
+    for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(again_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the imported YaRN changes the draft's RoPE (frequencies and attention factor), nothing else
+    scaled = np.asarray(_draft_logits(draft_from_params(got_cfg, got_params),
+                                      _noise_emb(ref["embed"], ids, ANCHORS, KEEP), jnp.asarray(ref["target_hidden"]),
+                                      jnp.asarray(ANCHORS, jnp.int32), jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
+    assert not np.allclose(scaled[kept], ref["draft_logits"][kept], atol=1e-3)

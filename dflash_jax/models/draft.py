@@ -17,6 +17,7 @@ Fully masked rows (dropped blocks) give an exactly zero attention output and zer
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import chex
@@ -52,7 +53,10 @@ class DraftConfig:
     ``hidden_size``/``vocab_size`` must equal the target's; ``target_layer_ids`` index the target's decoder layers
     (feature ``lid`` is HF ``hidden_states[lid + 1]``) and their count ``T`` sets ``fc``'s input width ``T*H``.
     ``sliding_window`` ``W`` (>= ``block_size``) limits context keys to ``a + j - W < t < a``; ``causal`` makes
-    attention inside a block causal (0.47.0 ``dflash_draft_attention="causal"``).
+    attention inside a block causal (0.47.0 ``dflash_draft_attention="causal"``). ``rope_scaling``: an HF
+    ``rope_scaling`` dict (yarn / llama3 / linear, ``layers.rope_inv_freq``) for the draft's RoPE, exported as
+    ``config.json`` ``rope_scaling`` (ModelOpt ``dflash_export_rope_scaling``); ``attention_sink``: a learned
+    per-head sink logit ``self_attn.attention_sink_bias [NH]`` in every layer (ModelOpt ``dflash_attention_sink``).
     """
 
     hidden_size: int
@@ -73,10 +77,17 @@ class DraftConfig:
     attention_bias: bool = False
     initializer_range: float = 0.02
     max_position_embeddings: int = 32768
+    rope_scaling: dict | None = None
+    attention_sink: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         self.validate()
+
+    def __hash__(self):  # rope_scaling is a dict; hash the JSON form (the config is static module metadata)
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
@@ -93,6 +104,10 @@ class DraftConfig:
                              f"{self.vocab_size})")
         if not self.initializer_range > 0:
             raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
+        try:
+            layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"DraftConfig.rope_scaling {self.rope_scaling!r} is invalid ({e!r})") from e
 
     @property
     def num_features(self) -> int:
@@ -130,7 +145,7 @@ class DraftCache:
 
 
 def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array,
-                           ctx_mask: jax.Array, blk_mask: jax.Array) -> jax.Array:
+                           ctx_mask: jax.Array, blk_mask: jax.Array, sinks: jax.Array | None = None) -> jax.Array:
     """Attention of ``N`` query blocks over shared context keys plus each block's own keys.
 
     Shapes: ``q [B, N*bs, NH, HD]``, ``k_blk/v_blk [B, N*bs, KVH, HD]``, ``k_ctx/v_ctx [B, S, KVH, HD]``,
@@ -139,7 +154,8 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
 
     Equals ``softmax(q k^T / sqrt(HD) + M) v`` over keys ``[ctx ; all blocks]`` with the reference's dense mask ``M``
     (§1.8), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal ``[N, bs, bs]`` score parts
-    share one max and one normaliser (fp32). A row with no visible key yields 0 with zero gradient.
+    share one max and one normaliser (fp32). A row with no visible key yields 0 with zero gradient. ``sinks [NH]``
+    adds one logit per head to every normaliser (``layers.sink_softmax``; reference ``_sink_attention_impl``).
     """
     b, q_len, nh, hd = q.shape
     n, bs = blk_mask.shape[1], blk_mask.shape[2]
@@ -158,10 +174,15 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     s_blk = jnp.where(m_blk, s_blk, layers.MASK_VALUE)
     row_max = jnp.maximum(s_ctx.max(-1).reshape(b, kvh, nh // kvh, n, bs),
                           jnp.moveaxis(s_blk.max(-1), 1, 3))  # [B, KVH, G, N, bs]
+    sk = None if sinks is None else sinks.astype(jnp.float32).reshape(kvh, nh // kvh, 1, 1)
+    if sk is not None:
+        row_max = jnp.maximum(row_max, sk)
     row_max = jax.lax.stop_gradient(row_max)
     p_ctx = jnp.where(m_ctx, jnp.exp(s_ctx - row_max.reshape(b, kvh, nh // kvh, q_len)[..., None]), 0.0)
     p_blk = jnp.where(m_blk, jnp.exp(s_blk - jnp.moveaxis(row_max, 3, 1)[..., None]), 0.0)
     denom = p_ctx.sum(-1).reshape(b, kvh, nh // kvh, n, bs) + jnp.moveaxis(p_blk.sum(-1), 1, 3)
+    if sk is not None:
+        denom = denom + jnp.exp(sk - row_max)
     inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
     p_ctx = p_ctx * inv.reshape(b, kvh, nh // kvh, q_len)[..., None]
     p_blk = (p_blk * jnp.moveaxis(inv, 3, 1)[..., None]).reshape(b * n, kvh, nh // kvh, bs, bs)
@@ -212,6 +233,8 @@ class DraftAttention(nnx.Module):
         self.o_proj = layers.dense(nh * hd, h, ("q_heads", "embed"), **kw)
         self.q_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attention_sink_bias = nnx.Param(jnp.zeros((nh,), param_dtype), out_sharding=("norm",)) \
+            if cfg.attention_sink else None
 
     def key_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, L, H]`` -> RoPE'd normed keys and values ``[B, L, KVH, HD]`` (used for context and block)."""
@@ -227,7 +250,8 @@ class DraftAttention(nnx.Module):
         q = self.q_norm(self.q_proj(x).reshape(b, q_len, self.num_heads, self.head_dim))
         q = layers.apply_rope(q, cos, sin)
         k_blk, v_blk = self.key_values(x, cos, sin)
-        out = block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_mask, blk_mask)
+        sinks = None if self.attention_sink_bias is None else self.attention_sink_bias[...]
+        out = block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_mask, blk_mask, sinks)
         return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim)), None
 
 
@@ -263,8 +287,9 @@ class DFlashDraft(nnx.Module):
         self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def _cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
-        return layers.rope_cos_sin(positions, inv_freq, self.dtype)
+        scaling = self.cfg.rope_scaling
+        inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, scaling)
+        return layers.rope_cos_sin(positions, inv_freq, self.dtype, layers.rope_attention_factor(scaling))
 
     def fuse(self, target_hidden: jax.Array) -> jax.Array:
         """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (§1.5)."""

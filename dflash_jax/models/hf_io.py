@@ -15,13 +15,15 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors import safe_open
 
+from dflash_jax.models import families
 from dflash_jax.models import tokenizer as tok_lib
-from dflash_jax.models.target import SUPPORTED_ARCHS, TargetConfig
+from dflash_jax.models.target import DENSE_ARCHS, SUPPORTED_ARCHS, TargetConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype tag -> HF config dtype name
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_PACKED_SUFFIXES = ("_blocks", "_scales")  # MXFP4 experts (uint8), dequantised by models/families/gpt_oss.py
 
 
 def read_config(path: str) -> dict:
@@ -67,14 +69,14 @@ def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
     arch = cfg.get("model_type")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"config.json model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if arch in DENSE_ARCHS and cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r} is not supported (supported: silu)")
     if cfg.get("mlp_bias", False):
         raise ValueError("config.json mlp_bias=true is not supported (supported: no MLP bias)")
     if cfg.get("use_sliding_window", False):
         raise ValueError("config.json use_sliding_window=true is not supported (supported: full attention)")
     rope = cfg.get("rope_parameters")
-    if isinstance(rope, Mapping) and "rope_theta" not in rope and "full_attention" in rope:
+    if isinstance(rope, Mapping) and rope.get("rope_theta") is None and "full_attention" in rope:
         rope = rope["full_attention"]  # v5 per-layer-type form
     if rope is not None:  # v5
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -88,7 +90,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
     heads = cfg["num_attention_heads"]
     eos = cfg.get("eos_token_id")
     eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    return TargetConfig(
+    fields = dict(
         arch=arch,
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -106,15 +108,19 @@ def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos,
     )
+    if arch in families.FAMILIES:
+        fields.update(families.FAMILIES[arch].config_fields(cfg))
+    return TargetConfig(**fields)
 
 
 class _SafetensorsReader:
     """``fetch(name, shape)`` for :func:`~dflash_jax.models.target_io.build_target_model`: reads one tensor,
-    checks shape and dtype."""
+    checks shape and dtype; ``name in reader`` tells whether the checkpoint has a tensor. ``prefix`` is prepended
+    to every name (the decoder of a multimodal checkpoint)."""
 
-    def __init__(self, path: str, expected_dtype: str | None):
-        self.path = path
-        self.map = weight_map(path)
+    def __init__(self, path: str, expected_dtype: str | None, prefix: str = ""):
+        self.path, self.prefix = path, prefix
+        self.map = {name.removeprefix(prefix): f for name, f in weight_map(path).items() if name.startswith(prefix)}
         self.expected_dtype = expected_dtype
         self._handles: dict[str, Any] = {}
 
@@ -123,19 +129,23 @@ class _SafetensorsReader:
             self._handles[file] = safe_open(file, framework="np")
         return self._handles[file]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.map
+
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.map:
-            raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        file = self.map[name]
+            raise ValueError(f"{self.path}: tensor {self.prefix + name!r} is missing from the checkpoint")
+        file, name = self.map[name], self.prefix + name
         where = f"{os.path.basename(file)}: tensor {name!r}"
         h = self._handle(file)
         if name not in h.keys():
             raise ValueError(f"{where} listed in {INDEX_FILE} but absent from the file")
         sl = h.get_slice(name)
         stored = sl.get_dtype()
-        if stored not in _ST_DTYPES:
+        packed = stored == "U8" and name.endswith(_PACKED_SUFFIXES)
+        if stored not in _ST_DTYPES and not packed:
             raise ValueError(f"{where}: dtype {stored} is not supported (supported: {', '.join(_ST_DTYPES)})")
-        if self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
+        if not packed and self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
             raise ValueError(f"{where}: stored as {_ST_DTYPES[stored]} but config.json declares dtype "
                              f"{self.expected_dtype}")
         if tuple(sl.get_shape()) != tuple(shape):
@@ -144,11 +154,14 @@ class _SafetensorsReader:
 
 
 def open_hf(path: str) -> tuple[TargetConfig, "_SafetensorsReader", tok_lib.TokenizerBundle]:
-    """``(config, fetch, tokenizer)`` of an HF Llama/Qwen2/Qwen3 checkpoint directory (materialised by
-    :func:`dflash_jax.models.target_io.load_target`)."""
-    raw = read_config(path)
+    """``(config, fetch, tokenizer)`` of an HF checkpoint directory of a supported family (materialised by
+    :func:`dflash_jax.models.target_io.load_target`); a multimodal wrapper (``families.WRAPPERS``) yields its
+    text decoder."""
+    raw, prefix = read_config(path), ""
     try:
+        if raw.get("model_type") in families.WRAPPERS:
+            raw, prefix = families.WRAPPERS[raw["model_type"]](raw)
         cfg = config_from_hf(raw)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{os.path.join(path, 'config.json')}: missing or invalid field {e}") from e
-    return cfg, _SafetensorsReader(path, config_dtype(raw)), tok_lib.load_hf_tokenizer(path)
+    return cfg, _SafetensorsReader(path, config_dtype(raw), prefix), tok_lib.load_hf_tokenizer(path)

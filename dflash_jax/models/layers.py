@@ -9,12 +9,15 @@ Parameters are created with logical axis names only (``nnx.use_eager_sharding(Fa
 table. Logical axis names used here:
 
 ``embed`` (model width H), ``mlp`` (intermediate I), ``q_heads`` (NH*HD), ``kv_heads`` (KVH*HD),
-``fused`` (T*H, the draft's fc input), ``vocab`` (V), ``norm`` (any norm weight), ``head_dim`` (HD).
+``fused`` (T*H, the draft's fc input), ``vocab`` (V), ``norm`` (any norm weight), ``head_dim`` (HD),
+``expert`` (E, the leading axis of stacked MoE expert weights, ``models/families/moe.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from typing import Any, Mapping
 
 import jax
@@ -75,44 +78,63 @@ def dense(
 
 
 class RMSNorm(nnx.Module):
-    """Qwen3/Llama RMSNorm: ``w * cast(x32 / sqrt(mean(x32**2) + eps), x.dtype)``; weight shape ``[dim]``."""
+    """RMSNorm with weight ``[dim]``; ``y = x32 / sqrt(mean(x32**2) + eps)``.
 
-    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32, axis: str = "norm"):
+    Default (Qwen3/Llama): ``w * cast(y, x.dtype)``. ``upcast=True`` (gpt-oss, Gemma 3): ``cast((offset + w) * y,
+    x.dtype)`` with the scale applied in fp32; ``offset=1`` is Gemma's ``(1 + w)`` form (weight initialised to 0).
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32, axis: str = "norm",
+                 offset: float = 0.0, upcast: bool = False):
         self.eps = float(eps)
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis,))
+        self.offset, self.upcast = float(offset), bool(upcast or offset)
+        init = jnp.zeros if offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), param_dtype), out_sharding=(axis,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.upcast:
+            return (y * (self.offset + self.weight[...].astype(jnp.float32))).astype(dtype)
         return y.astype(dtype) * self.weight[...].astype(dtype)
 
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class SwiGLU(nnx.Module):
-    """``down(silu(gate(x)) * up(x))`` with ``gate/up [H, I]`` and ``down [I, H]`` (no bias)."""
+    """``down(act(gate(x)) * up(x))`` with ``gate/up [H, I]`` and ``down [I, H]`` (no bias); ``act`` is ``silu``
+    (SwiGLU) or ``gelu_pytorch_tanh`` (Gemma's GeGLU), keys of :data:`ACTIVATIONS`."""
 
     def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, std: float = 0.02,
-                 param_dtype: Any = jnp.float32, dtype: Any = None):
+                 param_dtype: Any = jnp.float32, dtype: Any = None, act: str = "silu"):
+        self.act = ACTIVATIONS[act]
         kw = dict(rngs=rngs, std=std, param_dtype=param_dtype, dtype=dtype)
         self.gate_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
         self.up_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
         self.down_proj = dense(intermediate, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderBlock(nnx.Module):
     """The pre-norm decoder block of both models (HF names): ``h += a`` with ``(a, aux) = self_attn(input_layernorm(h),
     *args)``, then ``h += mlp(post_attention_layernorm(h))``. Returns ``(h, aux)`` (the target's new K/V, the
-    draft's ``None``). ``self_attn`` is built by the caller before the MLP (parameter init order)."""
+    draft's ``None``). ``self_attn`` is built by the caller before the MLP (parameter init order); ``mlp``: a
+    replacement MLP module (an MoE block) instead of the SwiGLU; ``norm_kw``: extra :class:`RMSNorm` options of
+    both norms (gpt-oss ``upcast``)."""
 
     def __init__(self, self_attn: nnx.Module, hidden: int, intermediate: int, eps: float, *, rngs: nnx.Rngs,
-                 std: float = 0.02, param_dtype: Any = jnp.float32, dtype: Any = None):
-        self.input_layernorm = RMSNorm(hidden, eps, param_dtype=param_dtype)
+                 std: float = 0.02, param_dtype: Any = jnp.float32, dtype: Any = None, mlp: nnx.Module | None = None,
+                 norm_kw: Mapping[str, Any] | None = None):
+        norm_kw = dict(norm_kw or {}, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(hidden, eps, **norm_kw)
         self.self_attn = self_attn
-        self.post_attention_layernorm = RMSNorm(hidden, eps, param_dtype=param_dtype)
-        self.mlp = SwiGLU(hidden, intermediate, rngs=rngs, std=std, param_dtype=param_dtype, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, **norm_kw)
+        self.mlp = mlp if mlp is not None else SwiGLU(hidden, intermediate, rngs=rngs, std=std,
+                                                      param_dtype=param_dtype, dtype=dtype)
 
     def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
         a, aux = self.self_attn(self.input_layernorm(h), *args)
@@ -125,20 +147,56 @@ class DecoderBlock(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> np.ndarray:
-    """``inv_freq[i] = 1 / theta**(2i/HD)`` in float32, ``[HD/2]``; optional llama3-style frequency scaling.
+_ROPE_REQUIRED = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
-    ``scaling`` follows HF ``rope_scaling``/``rope_parameters``: ``{"rope_type": "llama3", "factor",
-    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``. ``None`` or
-    ``rope_type == "default"`` gives plain RoPE.
+
+def _rope_type(scaling: Mapping[str, Any] | None) -> str:
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> np.ndarray:
+    """``inv_freq[i] = 1 / theta**(2i/HD)`` in float32, ``[HD/2]``, with optional HF frequency scaling.
+
+    ``scaling`` follows HF ``rope_scaling``/``rope_parameters`` (``rope_type`` or ``type``): ``default``/``None``
+    plain RoPE; ``linear`` (``factor``: ``inv/factor``); ``llama3`` (``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_max_position_embeddings``); ``yarn`` (``factor``,
+    ``original_max_position_embeddings``, optional ``beta_fast``=32, ``beta_slow``=1, ``truncate``=True; YaRN
+    arXiv:2309.00071 as in transformers ``_compute_yarn_parameters``). Its cos/sin scale is
+    :func:`rope_attention_factor`.
     """
-    inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
-    inv = inv.astype(np.float32)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type in (None, "default"):
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    pos_freqs = (np.float32(theta) ** exponent).astype(np.float32)
+    inv = (1.0 / pos_freqs).astype(np.float32)
+    rope_type = _rope_type(scaling)
+    if rope_type == "default":
         return inv
-    if rope_type != "llama3":
-        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported (supported: default, llama3)")
+    if rope_type not in _ROPE_REQUIRED:
+        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported "
+                         f"(supported: default, {', '.join(_ROPE_REQUIRED)})")
+    missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling with rope_type={rope_type!r} is missing {missing}")
+    if rope_type == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "yarn":
+        factor = float(scaling["factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+        def correction_dim(rot):
+            return head_dim * math.log(old_ctx / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolation = (1 - ramp).astype(np.float32)
+        interpolation = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+        return (interpolation * (1 - extrapolation) + inv * extrapolation).astype(np.float32)
     factor = float(scaling["factor"])
     low = float(scaling["low_freq_factor"])
     high = float(scaling["high_freq_factor"])
@@ -152,11 +210,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray | jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos/sin ``[..., L, HD]`` for integer ``positions [..., L]``; computed in fp32 then cast to ``dtype``."""
+def rope_attention_factor(scaling: Mapping[str, Any] | None) -> float:
+    """The factor multiplying cos/sin: YaRN's ``attention_factor`` (explicit, or ``mscale``-derived
+    ``0.1 ln(factor) + 1``); 1 for every other rope type."""
+    if _rope_type(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = float(scaling["factor"]), scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray | jax.Array, dtype: Any,
+                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[..., L, HD]`` for integer ``positions [..., L]``, times ``scale`` (YaRN's attention factor);
+    computed in fp32 then cast to ``dtype``."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -172,17 +247,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+def attention_scores(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
     """GQA logits in fp32: ``q [B, Lq, NH, HD]``, ``k [B, Lk, KVH, HD]`` -> ``[B, KVH, G, Lq, Lk]``.
 
-    Query head ``h`` uses kv head ``h // G`` with ``G = NH / KVH`` (HF ``repeat_kv`` order). Scaled by
-    ``HD**-0.5``.
+    Query head ``h`` uses kv head ``h // G`` with ``G = NH / KVH`` (HF ``repeat_kv`` order). Scaled by ``scale``
+    (default ``HD**-0.5``; Gemma 3 uses ``query_pre_attn_scalar**-0.5``).
     """
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, lq, kvh, nh // kvh, hd)
     s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
-    return s * (hd ** -0.5)
+    return s * (hd ** -0.5 if scale is None else scale)
 
 
 def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
@@ -192,12 +267,23 @@ def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def sink_softmax(s: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of ``s [B, KVH, G, Lq, Lk]`` (fp32). With per-head ``sinks [NH]`` (gpt-oss,
+    DFlash ``attention_sink_bias``) one extra logit per head joins the normaliser and is dropped after:
+    ``p = exp(s) / (sum exp(s) + exp(sink))``."""
+    if sinks is None:
+        return jax.nn.softmax(s, axis=-1)
+    sk = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(s.shape[1], s.shape[2], 1, 1), (*s.shape[:-1], 1))
+    return jax.nn.softmax(jnp.concatenate([s, sk], axis=-1), axis=-1)[..., :-1]
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float | None = None,
+                     sinks: jax.Array | None = None) -> jax.Array:
     """Softmax attention with a boolean ``mask [B, Lq, Lk]`` (True = attend; B may be 1 to broadcast).
 
-    Masked logits get :data:`MASK_VALUE` (finite), so fully-masked rows are uniform, never NaN.
-    Returns ``[B, Lq, NH, HD]``.
+    Masked logits get :data:`MASK_VALUE` (finite), so fully-masked rows are uniform, never NaN. ``scale``: see
+    :func:`attention_scores`; ``sinks [NH]``: see :func:`sink_softmax`. Returns ``[B, Lq, NH, HD]``.
     """
-    s = attention_scores(q, k)
+    s = attention_scores(q, k, scale)
     s = jnp.where(mask[:, None, None], s, MASK_VALUE)
-    return attention_values(jax.nn.softmax(s, axis=-1), v)
+    return attention_values(sink_softmax(s, sinks), v)

@@ -1,7 +1,9 @@
-"""The frozen target LLM (Llama / Qwen2 / Qwen3 families) in Flax NNX, with hidden-state taps and a KV cache.
+"""The frozen target LLM in Flax NNX, with hidden-state taps and a KV cache.
 
-One decoder covers the three families: GQA attention, SwiGLU MLP, RMSNorm, RoPE (default or llama3 scaling),
-tied or separate ``lm_head``; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k before RoPE.
+One decoder covers the dense families (Llama / Qwen2 / Qwen3): GQA attention, SwiGLU MLP, RMSNorm, RoPE (default,
+llama3, linear or YaRN scaling), tied or separate ``lm_head``; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm
+on q and k before RoPE. Qwen3-MoE, gpt-oss and Gemma 3 are their differences from it (``models/families/``),
+built from :class:`Attention` and :func:`decoder_layer`; sliding-window layers get their own rope and mask.
 
 Tap convention (DFlash, reference §1.4): layer id ``k`` is the output of decoder layer ``k`` (HF
 ``hidden_states[k+1]``). HF quirk reproduced on purpose: the last entry ``hidden_states[Lt]`` is taken *after*
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import chex
 import jax
@@ -27,7 +29,10 @@ from flax import nnx, struct
 
 from dflash_jax.models import layers
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+DENSE_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = DENSE_ARCHS + ("qwen3_moe", "gpt_oss", "gemma3_text")  # the last three: models/families/
+QK_NORM_ARCHS = ("qwen3", "qwen3_moe", "gemma3_text")  # per-head RMSNorm on q and k before RoPE
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -53,9 +58,16 @@ class TargetConfig:
 
     ``attention_bias``: biases on q/k/v (Qwen2 always; Llama/Qwen3 when their config says so, in which case
     ``o_proj`` has a bias too, as in HF). ``qk_norm``: Qwen3 per-head RMSNorm on q and k before RoPE.
-    ``rope_scaling``: ``None`` (default RoPE) or an HF llama3 dict (``rope_type``, ``factor``,
-    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``). HF ``config.json`` and GGUF
-    metadata are parsed in :mod:`dflash_jax.models.hf_io` / :mod:`~dflash_jax.models.gguf_io`.
+    ``rope_scaling``: ``None`` (default RoPE) or an HF dict (llama3, linear or yarn; ``layers.rope_inv_freq``).
+    HF ``config.json`` and GGUF metadata are parsed in :mod:`dflash_jax.models.hf_io` /
+    :mod:`~dflash_jax.models.gguf_io`.
+
+    Fields used by the families of ``models/families/`` (defaults = the dense decoder): ``layer_types`` (per layer
+    ``full_attention`` | ``sliding_attention``; ``None`` = all full) with ``sliding_window`` ``W`` (key ``t`` is
+    visible from query ``q`` when ``q - W < t <= q``); ``local_rope_theta`` (sliding layers use plain RoPE at this
+    theta, Gemma 3); ``query_pre_attn_scalar`` (attention scale ``s**-0.5``, Gemma 3); ``hidden_act`` of the gated
+    MLP; MoE: ``moe_layers`` (indices of sparse layers), ``num_experts``, ``num_experts_per_tok``,
+    ``moe_intermediate_size``, ``norm_topk_prob``.
     """
 
     arch: str
@@ -71,10 +83,20 @@ class TargetConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    qk_norm: bool | None = None  # None = the family's rule (Qwen3 only)
+    qk_norm: bool | None = None  # None = the family's rule (QK_NORM_ARCHS)
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    hidden_act: str = "silu"
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
@@ -89,7 +111,28 @@ class TargetConfig:
         layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
         if self.qk_norm is None:
-            object.__setattr__(self, "qk_norm", self.arch == "qwen3")
+            object.__setattr__(self, "qk_norm", self.arch in QK_NORM_ARCHS)
+        name = type(self).__name__
+        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if len(self.layer_types) != self.num_layers or bad:
+                raise ValueError(f"{name}.layer_types must list {self.num_layers} entries of {LAYER_TYPES}, "
+                                 f"got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
+                raise ValueError(f"{name}.sliding_window must be a positive integer when layer_types has "
+                                 f"sliding_attention layers, got {self.sliding_window!r}")
+        if self.hidden_act not in layers.ACTIVATIONS:
+            raise ValueError(f"{name}.hidden_act={self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(layers.ACTIVATIONS)})")
+        if self.moe_layers:
+            if any(not 0 <= i < self.num_layers for i in self.moe_layers):
+                raise ValueError(f"{name}.moe_layers {self.moe_layers} outside [0, {self.num_layers})")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts or self.moe_intermediate_size < 1:
+                raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
+                                 f"{name}.num_experts ({self.num_experts})] and {name}.moe_intermediate_size "
+                                 f"({self.moe_intermediate_size}) >= 1")
 
     def __hash__(self):  # rope_scaling is a dict; hash the JSON form so the config can be a static jit argument
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -97,6 +140,17 @@ class TargetConfig:
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies ``[HD/2]`` float32 (``layers.rope_inv_freq``)."""
         return layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    def layer_type(self, i: int) -> str:
+        """``full_attention`` or ``sliding_attention`` for decoder layer ``i``."""
+        return "full_attention" if self.layer_types is None else self.layer_types[i]
+
+    def rope(self, layer_type: str = "full_attention") -> tuple[np.ndarray, float]:
+        """``(inv_freq [HD/2] float32, cos/sin scale)`` of the layers of ``layer_type`` (``local_rope_theta``
+        for Gemma's sliding layers)."""
+        if layer_type == "sliding_attention" and self.local_rope_theta is not None:
+            return layers.rope_inv_freq(self.head_dim, self.local_rope_theta), 1.0
+        return self.inv_freq(), layers.rope_attention_factor(self.rope_scaling)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,9 +168,14 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    """GQA self-attention projections (HF names); the attention itself is ``layers.masked_attention``."""
+    """GQA self-attention projections (HF names); the attention itself is ``layers.masked_attention``.
 
-    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+    ``norm_kw``: extra :class:`layers.RMSNorm` options of q/k-norm (Gemma's ``offset=1``); ``sinks``: a learned
+    per-head sink logit ``sinks [NH]`` (gpt-oss). The scale is ``query_pre_attn_scalar**-0.5`` when set.
+    """
+
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any,
+                 norm_kw: Mapping[str, Any] | None = None, sinks: bool = False):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         h, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
@@ -125,11 +184,27 @@ class Attention(nnx.Module):
         self.v_proj = layers.dense(h, kvh * hd, ("embed", "kv_heads"), use_bias=bias, **kw)
         self.o_proj = layers.dense(nh * hd, h, ("q_heads", "embed"), use_bias=bias and cfg.arch != "qwen2", **kw)
         if cfg.qk_norm:
-            self.q_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
-            self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.q_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, **(norm_kw or {}))
+            self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, **(norm_kw or {}))
         else:
             self.q_norm = self.k_norm = None
+        self.sinks = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.02), ("norm",))(
+            rngs.params(), (nh,), param_dtype)) if sinks else None
+        self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
         self.shape = (nh, kvh, hd)
+
+    def __call__(self, x, cos, sin, mask, past=None, write_pos=None):
+        """``x [B,S,H]`` (normed) -> ``(o_proj(attention) [B,S,H], (k, v))``. Without ``past`` the keys are the S
+        new tokens; with ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]``
+        (out-of-range writes dropped) and attention runs over the whole cache under ``mask [B,S,Lk]``."""
+        q, k, v = self.qkv(x, cos, sin)
+        if past is not None:
+            rows = jnp.arange(x.shape[0])[:, None]
+            k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
+            v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
+        sinks = None if self.sinks is None else self.sinks[...]
+        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
+        return self.o_proj(a.reshape(*x.shape[:2], -1)), (k, v)
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x [B,S,H]`` -> q ``[B,S,NH,HD]``, k/v ``[B,S,KVH,HD]``; qk-norm (Qwen3) then RoPE on q and k."""
@@ -142,24 +217,17 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, mask, past=None, write_pos=None):
-        """``x [B,S,H]`` (normed), ``mask [B,S,Lk]`` bool. Without ``past`` the keys are the S new tokens; with
-        ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]`` (out-of-range
-        writes dropped) and attention runs over the whole cache. Returns ``(o_proj(attn) [B,S,H], (k, v))``."""
-        q, k, v = self.qkv(x, cos, sin)
-        if past is not None:
-            rows = jnp.arange(x.shape[0])[:, None]
-            k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
-            v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
-        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return self.o_proj(a.reshape(*x.shape[:2], -1)), (k, v)
 
 
-def decoder_layer(cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> layers.DecoderBlock:
-    """One target decoder layer: the shared pre-norm block around :class:`Attention`."""
-    attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+def decoder_layer(cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any, mlp: nnx.Module | None = None,
+                  norm_kw: Mapping[str, Any] | None = None,
+                  attn_kw: Mapping[str, Any] | None = None) -> layers.DecoderBlock:
+    """One target decoder layer: the shared pre-norm block around :class:`Attention`. ``mlp``: a replacement MLP
+    (an MoE block) instead of the dense SwiGLU; ``norm_kw``: extra :class:`layers.RMSNorm` options of both norms;
+    ``attn_kw``: extra :class:`Attention` options."""
+    attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, **(attn_kw or {}))
     return layers.DecoderBlock(attn, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, rngs=rngs,
-                               param_dtype=param_dtype, dtype=dtype)
+                               param_dtype=param_dtype, dtype=dtype, mlp=mlp, norm_kw=norm_kw)
 
 
 def _as_int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -180,16 +248,29 @@ class TargetModel(nnx.Module):
         self.dtype = dtype
         embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
         self.embed_tokens = nnx.Param(embed_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
-        self.layers = nnx.List([decoder_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-                                for _ in range(cfg.num_layers)])
-        self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        if cfg.arch in DENSE_ARCHS:
+            family = None
+            self.layers = nnx.List([decoder_layer(cfg, **kw) for _ in range(cfg.num_layers)])
+        else:
+            from dflash_jax.models import families  # the families build their layers from this module's pieces
+
+            family = families.FAMILIES[cfg.arch]
+            self.layers = nnx.List([family.make_layer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.embed_scale = None if family is None else family.embed_scale(cfg)
+        self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype,
+                                   **({} if family is None else family.norm_kw))
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
             embed_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
 
     # -- shared pieces borrowed by the draft -------------------------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Embedding lookup ``[B,S] int -> [B,S,H]`` (compute dtype, no scaling, frozen)."""
-        return jax.lax.stop_gradient(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
+        """Embedding lookup ``[B,S] int -> [B,S,H]`` (compute dtype, frozen), times the family's embedding scale
+        in the parameter dtype (Gemma 3: ``sqrt(H)``, as HF's scaled embedding module)."""
+        e = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        if self.embed_scale is not None:
+            e = e * jnp.asarray(self.embed_scale, e.dtype)
+        return jax.lax.stop_gradient(e.astype(self.dtype))
 
     def lm_head_weight(self) -> jax.Array:
         """``[V,H]``: the tied embedding table or the separate ``lm_head`` (frozen)."""
@@ -209,15 +290,25 @@ class TargetModel(nnx.Module):
             raise ValueError(f"layer_ids {bad} out of range [0, {self.config.num_layers})")
         return ids
 
-    def _run(self, input_ids, positions, mask, layer_ids, cache=None):
-        """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``."""
+    def _run(self, input_ids, positions, mask, key_positions, layer_ids, cache=None):
+        """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``.
+
+        ``mask [B,S,Lk]`` is the full-attention mask; sliding layers also need ``key_positions [B|1, Lk]``:
+        key ``t`` is visible from query ``q`` when ``pos(q) - W < pos(t)`` (HF ``sliding_window_overlay``)."""
         ids = self._check_layer_ids(layer_ids)
-        cos, sin = layers.rope_cos_sin(positions, self.config.inv_freq(), self.dtype)
+        cfg = self.config
+        ctx = {}
+        for kind in sorted({cfg.layer_type(i) for i in range(cfg.num_layers)}):
+            inv_freq, scale = cfg.rope(kind)
+            m = mask
+            if kind == "sliding_attention":
+                m = mask & (key_positions[:, None, :] > positions[:, :, None] - cfg.sliding_window)
+            ctx[kind] = (*layers.rope_cos_sin(positions, inv_freq, self.dtype, scale), m)
         h = self.embed(input_ids)
         outs, ks, vs = {}, [], []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else (cache.k[i], cache.v[i])
-            h, (k, v) = layer(h, cos, sin, mask, past, positions)
+            h, (k, v) = layer(h, *ctx[cfg.layer_type(i)], past, positions)
             ks.append(k)
             vs.append(v)
             if i in ids:
@@ -247,7 +338,7 @@ class TargetModel(nnx.Module):
                        else _as_int_array("segment_ids", segment_ids, (b, s)))
         causal = jnp.tril(jnp.ones((s, s), bool))
         mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        taps, final, _ = self._run(input_ids, positions, mask, layer_ids)
+        taps, final, _ = self._run(input_ids, positions, mask, positions, layer_ids)
         return taps, final
 
     # -- KV-cache decoding -------------------------------------------------------------------------------
@@ -276,8 +367,9 @@ class TargetModel(nnx.Module):
         chex.assert_shape(cache.length, (b,))
         num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else _as_int_array("num_valid", num_valid, (b,))
         positions = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-        mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]
-        taps, final, (k, v) = self._run(input_ids, positions, mask, layer_ids, cache)
+        key_positions = jnp.arange(cache.k.shape[2])[None]
+        mask = key_positions[:, None, :] <= positions[:, :, None]
+        taps, final, (k, v) = self._run(input_ids, positions, mask, key_positions, layer_ids, cache)
         return taps, final, KVCache(k=k, v=v, length=cache.length + jnp.clip(num_valid, 0, n))
 
     @staticmethod

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from dflash_jax.models import layers
+from dflash_jax.models import families, layers
 from dflash_jax.models.target import Target, TargetConfig, TargetModel, make_target_model, resolve_dtype
 
 
@@ -39,10 +40,11 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
     """Materialise a ``TargetModel`` from named tensors without a random init.
 
     ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
-    naming file and tensor when it is missing or its shape differs). The model's shapes and logical axes come
-    from ``nnx.eval_shape`` (nothing allocated); each tensor, one at a time (host memory bounded by the largest
-    tensor), is cast to ``dtype`` on the host, transposed where needed and placed directly onto its sharding:
-    ``shardings`` (a state of ``NamedSharding`` matching the model) or, given only ``mesh``, the one rules table
+    naming file and tensor when it is missing or its shape differs); a family target reads through its
+    ``read_tensor`` (stacked experts, MXFP4). The model's shapes and logical axes come from ``nnx.eval_shape``
+    (nothing allocated); each tensor, one at a time (host memory bounded by the largest tensor), is cast to
+    ``dtype`` on the host, transposed where needed and placed directly onto its sharding: ``shardings`` (a state
+    of ``NamedSharding`` matching the model) or, given only ``mesh``, the one rules table
     (:func:`dflash_jax.train.sharding.state_shardings`); otherwise the default device. With several processes
     each process puts only its addressable shards (``jax.make_array_from_callback``).
     """
@@ -56,6 +58,8 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
         shardings = sharding.state_shardings(abs_state, mesh)
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
+    if cfg.arch in families.FAMILIES:
+        fetch = functools.partial(families.FAMILIES[cfg.arch].read_tensor, cfg, fetch)
     leaves = {}
     for path, var in nnx.to_flat_state(abs_state):
         name, transpose = hf_name(path)

@@ -13,8 +13,10 @@ of ``V`` numbers per token (V/H ~ 200x smaller for Qwen3) and without the top-k 
 
 **Resumable and atomic.** Each shard is written to a temporary name and renamed; the index is rewritten
 atomically after every shard and lists only finished shards. A resumed dump skips (consumes without running the
-target) the rows of the listed shards, so the input stream must be deterministic. ``index.json`` records
-``layer_ids``, ``hidden_size``, ``seq_len``, ``dtype``, the target identity and ``complete``.
+target) the rows of the listed shards, so the input stream must be deterministic; rows go through the target in
+fixed, padded groups of ``forward_batch`` rows of the whole stream, so a resumed dump is bit-equal to a one-go
+dump. ``index.json`` records ``layer_ids``, ``hidden_size``, ``seq_len``, ``dtype``, ``forward_batch``, the target
+identity and ``complete``.
 
 **Reading.** :class:`FeatureReader` validates the index against the training config (clear ValueError naming the
 field) and yields batches in a deterministic, resumable order (``state()`` / ``restore()``, like
@@ -113,7 +115,8 @@ def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: 
     settings = {"format": FORMAT, "layer_ids": list(layer_ids), "hidden_size": cfg.hidden_size,
                 "num_target_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "dtype": dtype,
                 "with_teacher_hidden": bool(with_teacher_hidden), "shard_size": int(shard_size), "target": identity}
-    index = {**settings, "seq_len": None, "shards": [], "num_rows": 0, "complete": False}
+    index = {**settings, "seq_len": None, "shards": [], "num_rows": 0, "complete": False,
+             "forward_batch": int(forward_batch)}
     if os.path.isfile(os.path.join(out_dir, INDEX)):
         old = read_index(out_dir)
         if not resume and old["shards"]:
@@ -121,18 +124,27 @@ def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: 
         for k, v in settings.items():
             if old.get(k) != v:
                 raise ValueError(f"cannot resume the dump in {out_dir!r}: {k} is {old.get(k)!r} there, {v!r} now")
-        index = old if resume else index
+        if old.get("forward_batch", forward_batch) != forward_batch:  # older dumps do not record it
+            raise ValueError(f"cannot resume the dump in {out_dir!r}: forward_batch is {old['forward_batch']} "
+                             f"there, {forward_batch} now (a resumed dump computes its rows in the same groups)")
+        index = dict(old, forward_batch=int(forward_batch)) if resume else index
     done_rows = index["num_rows"]
     np_dtype = _DTYPES[dtype]
     rows = _rows_of(batches)
-    for _ in range(done_rows):  # resume: consume the rows the finished shards already hold
+    # Rows go through the target in the fixed groups [g*forward_batch, (g+1)*forward_batch) of the whole stream,
+    # each padded to forward_batch rows: every row is computed by the same program at the same batch position
+    # whether the dump runs in one go or is resumed, so a resumed dump is bit-equal to a one-go dump. A resume
+    # recomputes the already dumped head of its first group and drops it.
+    redo = done_rows % forward_batch
+    for _ in range(done_rows - redo):  # resume: consume the rows of the groups the finished shards hold
         if next(rows, None) is None:
             raise ValueError(f"resume: the input stream has fewer rows than the {done_rows} already dumped")
     if max_rows is not None:
-        rows = itertools.islice(rows, max(int(max_rows) - done_rows, 0))
+        rows = itertools.islice(rows, max(int(max_rows) - done_rows + redo, 0))
 
     def forward(group: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        stacked = {k: np.stack([r[k] for r in group]) for k in BASE_KEYS}
+        padded = group + [group[-1]] * (forward_batch - len(group))
+        stacked = {k: np.stack([r[k] for r in padded]) for k in BASE_KEYS}
         taps, final = _target_features(model, jnp.asarray(stacked["input_ids"], jnp.int32),
                                        jnp.asarray(stacked["positions"], jnp.int32),
                                        jnp.asarray(stacked["segment_ids"], jnp.int32), layer_ids)
@@ -152,7 +164,7 @@ def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: 
         if group:
             yield from forward(group)
 
-    featured = feature_rows()
+    featured = itertools.islice(feature_rows(), redo, None)
     while shard := list(itertools.islice(featured, shard_size)):
         seq_len = int(shard[0]["input_ids"].shape[0])
         if index["seq_len"] not in (None, seq_len):

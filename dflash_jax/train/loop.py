@@ -4,7 +4,9 @@ is assembled by :mod:`dflash_jax.train.run`).
 
 Logged values are means over the steps since the previous log line (the window). The unlogged part of the window
 is stored in every checkpoint, so a resumed run writes exactly the metrics of an uninterrupted one (all keys but
-the wall-clock ones, :data:`~dflash_jax.train.rundir.TIMING_KEYS`).
+the wall-clock ones, :data:`~dflash_jax.train.rundir.TIMING_KEYS`). Means cover the steps whose update was
+applied; ``skipped_steps`` counts the others (non-finite loss or gradient), and ``train.max_consecutive_skips`` of
+them in a row stop the run (:class:`DivergedError`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flax import nnx
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
+from dflash_jax import paths
 from dflash_jax.data import pipeline
 from dflash_jax.train import features, optim, rundir, sharding
 from dflash_jax.train import run as run_lib
@@ -47,20 +50,23 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
     out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "grad_norm", "lr", "real_token_fraction")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
     out.update(skipped_updates=int(m["skipped_updates"]), tokens=int(m["tokens"]), epoch=int(stats.get("epoch", 0)),
-               skipped_samples=int(stats.get("skipped", 0)))
+               skipped_samples=int(stats.get("skipped", 0)), update_skipped=bool(m["update_skipped"]))
     return out
 
 
 def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, elapsed: float) -> dict[str, Any]:
-    """The metrics.jsonl record of the steps in ``window`` (means; last value of lr / counters)."""
+    """The metrics.jsonl record of the steps in ``window``: means over the steps whose update was applied
+    (``None`` when every update was skipped: a non-finite loss or gradient), ``skipped_steps`` = the others;
+    last value of lr / counters."""
     last = window[-1]
-    rec: dict[str, Any] = {"step": int(step)}
-    rec.update({k: float(np.mean([w[k] for w in window])) for k in _MEAN_KEYS})
+    applied = [w for w in window if not w.get("update_skipped", False)]
+    rec: dict[str, Any] = {"step": int(step), "skipped_steps": len(window) - len(applied)}
+    rec.update({k: float(np.mean([w[k] for w in applied])) if applied else None for k in _MEAN_KEYS})
     tokens = sum(w["tokens"] for w in window)
     rec["tokens_per_s"] = tokens / seconds if seconds > 0 else None
     rec.update(skipped_samples=last["skipped_samples"], lr=last["lr"], skipped_updates=last["skipped_updates"],
                epoch=last["epoch"], elapsed_s=round(elapsed, 3))
-    rec.update({k: np.mean([w[k] for w in window], axis=0).tolist() for k in _VECTOR_KEYS})
+    rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in _VECTOR_KEYS})
     return {k: rec[k] for k in rundir.METRIC_KEYS}
 
 
@@ -82,17 +88,19 @@ class RunResult:
 
 
 class _SigintFlag:
-    """SIGINT sets ``raised``; a second SIGINT raises KeyboardInterrupt at once. Installed only on the main thread."""
+    """SIGINT sets ``raised`` and restores the default action, so that a second SIGINT kills the process at once
+    (even inside a compile or a save; the newest complete checkpoint stays usable, an unfinished save is cleaned
+    up by the next run). Installed only on the main thread."""
 
     def __init__(self):
         self.raised = False
         self._previous = None
 
     def _handle(self, signum, frame):
-        if self.raised:
-            raise KeyboardInterrupt
         self.raised = True
-        log.warning("interrupt received: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        log.warning("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort at "
+                    "once; the newest complete checkpoint stays usable)")
 
     def __enter__(self) -> "_SigintFlag":
         if threading.current_thread() is threading.main_thread():
@@ -104,21 +112,60 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class DivergedError(RuntimeError):
+    """Training stopped: too many consecutive updates were skipped (non-finite loss or gradient)."""
+
+
+class _SkipGuard:
+    """Counts consecutive skipped updates (:class:`DivergedError` after ``limit``); the count is part of the
+    checkpointed data state, so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, limit: int, tc: config_lib.TrainSection, count: int = 0):
+        self.limit, self.tc, self.count = limit, tc, count
+
+    def observe(self, steps: Sequence[dict[str, Any]]) -> None:
+        for w in steps:
+            self.count = self.count + 1 if w.get("update_skipped", False) else 0
+
+    def check(self, step: int) -> None:
+        if self.count >= self.limit:
+            clip = f"train.clip_norm={self.tc.clip_norm}" + (" (clipping is off)" if not self.tc.clip_norm else "")
+            raise DivergedError(
+                f"training diverged: the last {self.count} updates (to step {step}) were skipped because the loss or "
+                f"gradient was not finite (train.max_consecutive_skips={self.limit}). The likely cause is a learning "
+                f"rate too high (train.lr={self.tc.lr:g}) or gradients too large ({clip}): lower train.lr, enable "
+                "or tighten train.clip_norm, and start over (--overwrite). No checkpoint or export was written for "
+                "the diverged state.")
+
+
 def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train a drafter as ``config`` says, writing the run directory (module docstring).
 
-    ``resume``: continue from the latest complete checkpoint in ``RUN/checkpoints`` (a fresh start if there is
-    none); the config fingerprint must match. ``overwrite``: replace a previous run. ``progress``: tqdm bar on
-    stderr. ``on_step(step)``: called after every step (tests inject interrupts with it). SIGINT (Ctrl-C) ends
-    the current step, saves a checkpoint and returns with ``interrupted=True``; a second SIGINT aborts.
+    ``resume``: continue from the newest good checkpoint in ``RUN/checkpoints`` (a fresh start if there is
+    none); the config fingerprint must match. ``overwrite``: replace a previous run (only a directory with
+    :data:`~dflash_jax.train.rundir.RUN_MARKERS`). ``progress``: tqdm bar on stderr. ``on_step(step)``: called
+    after every step (tests inject interrupts with it). SIGINT (Ctrl-C) ends the current step, saves a checkpoint
+    and returns with ``interrupted=True``; a second SIGINT kills the process at once. The run directory is locked
+    (:class:`dflash_jax.paths.DirLock`) for the whole call; :class:`DivergedError` after
+    ``train.max_consecutive_skips`` consecutive skipped updates.
     """
-    main = jax.process_index() == 0
-    t0 = time.perf_counter()
     run_dir = os.path.abspath(run_dir)
+    main = jax.process_index() == 0
     if main:
-        rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    sharding.barrier("dflash_jax:run_dir_prepared")
+        rundir.check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # refuse before creating the lock file
+    with paths.DirLock(run_dir, jax.process_index()), _SigintFlag() as sigint:
+        if main:
+            rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        return _train(config, run_dir, resume=resume, progress=progress, on_step=on_step, sigint=sigint)
+
+
+def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: bool,
+           on_step: Callable[[int], None] | None, sigint: _SigintFlag) -> RunResult:
+    """:func:`train` inside the run-directory lock and the SIGINT handler."""
+    main = jax.process_index() == 0
+    sharding.barrier("dflash_jax:run_dir_prepared")  # process 0 prepared (or replaced) the run directory
+    t0 = time.perf_counter()
     tc = config.train
 
     target, renderer, draft_cfg = run_lib.assemble(config, jax.device_count())
@@ -157,11 +204,13 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
     ckpt = run_lib.checkpointer(run_dir, config, draft_cfg, keep=tc.keep_checkpoints)
     window: list[dict[str, Any]] = []
     start = 0
+    guard = _SkipGuard(tc.max_consecutive_skips, tc)
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(step_lib.abstract_state(state, shardings))
         start, key = meta["step"], meta["rng"]
         iterator.restore(meta["data_state"]["iterator"])
         window = list(meta["data_state"]["window"])
+        guard.count = meta["data_state"].get("consecutive_skips", 0)
         log.info("resumed from step %d", start)
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
@@ -181,61 +230,69 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
     t_window = time.perf_counter()
 
     def drain() -> None:
-        window.extend(_host_step_metrics(m, s) for m, s in pending)
+        new = [_host_step_metrics(m, s) for m, s in pending]
         pending.clear()
+        window.extend(new)
+        guard.observe(new)
 
     def save(force: bool) -> None:
         drain()
-        ckpt.save(state, data_state={"iterator": iterator.state(), "window": window}, rng=key, force=force)
+        guard.check(step)  # never checkpoint a diverged state
+        ckpt.save(state, data_state={"iterator": iterator.state(), "window": window,
+                                     "consecutive_skips": guard.count}, rng=key, force=force)
 
     try:
-        with _SigintFlag() as sigint:
-            while step < tc.steps and not sigint.raised:
-                batch, stats = iterator.next()  # this process's rows
-                state_valid = False
-                state, metrics = step_fn(state, batch, key)
-                state_valid = True
-                step += 1
-                pending.append((metrics, stats))
-                if step % tc.log_every == 0 or step == tc.steps:
-                    drain()
-                    now = time.perf_counter()
-                    last = window_record(step, window, now - t_window, now - t0)
-                    window.clear()
-                    t_window = now
-                    sink.write(last)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
-                                        tau=f"{last['simulated_tau']:.3f}",
-                                        tok_s=f"{last['tokens_per_s'] or 0:.0f}")
-                if prompts and (step % tc.eval_every == 0 or step == tc.steps):
-                    params = sharding.to_host(state.params)  # a collective: on every process
-                    if main:  # decoding runs on process 0's own devices only (no collective inside)
-                        res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
-                        sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
-                                    "eval_num_prompts": res["num_prompts"],
-                                    "eval_per_position_acceptance": res["per_position_acceptance"],
-                                    "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
-                                    "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
-                    t_window = time.perf_counter()  # eval time is not training throughput
-                if step % tc.checkpoint_every == 0:
-                    save(force=False)
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(step)
-            interrupted = step < tc.steps
-    except KeyboardInterrupt:
+        while step < tc.steps and not sigint.raised:
+            batch, stats = iterator.next()  # this process's rows
+            state_valid = False
+            state, metrics = step_fn(state, batch, key)
+            state_valid = True
+            step += 1
+            pending.append((metrics, stats))
+            if step % tc.log_every == 0 or step == tc.steps:
+                drain()
+                now = time.perf_counter()
+                last = window_record(step, window, now - t_window, now - t0)
+                window.clear()
+                t_window = now
+                sink.write(last)
+                guard.check(step)
+                if bar is not None and last["loss"] is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
+                                    tau=f"{last['simulated_tau']:.3f}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
+            if prompts and (step % tc.eval_every == 0 or step == tc.steps):
+                params = sharding.to_host(state.params)  # a collective: on every process
+                if main:  # decoding runs on process 0's own devices only (no collective inside)
+                    res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
+                    sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
+                                "eval_num_prompts": res["num_prompts"],
+                                "eval_per_position_acceptance": res["per_position_acceptance"],
+                                "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
+                                "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
+                t_window = time.perf_counter()  # eval time is not training throughput
+            if step % tc.checkpoint_every == 0:
+                save(force=False)
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+        interrupted = step < tc.steps
+    except KeyboardInterrupt:  # raised by an on_step callback or a caller's own handler
         interrupted = True
         if not state_valid:
             log.error("interrupted inside a step; the last checkpoint is the newest state")
+    except DivergedError:
+        state_valid = False  # no final checkpoint, no export of the diverged state
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if state_valid:
-            save(force=True)
-        ckpt.close()
-        sink.close()
+        try:
+            if state_valid:
+                save(force=True)
+        finally:
+            ckpt.close()
+            sink.close()
 
     export_dir = None
     plot_paths: tuple[str, ...] = ()

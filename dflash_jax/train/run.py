@@ -130,12 +130,12 @@ def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, 
                                        train=train)
 
 
-def checkpointer(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig,
-                 keep: int | None) -> ckpt_lib.Checkpointer:
-    """The Orbax checkpointer of ``RUN/checkpoints`` with the run's fingerprint."""
+def checkpointer(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, keep: int | None,
+                 read_only: bool = False) -> ckpt_lib.Checkpointer:
+    """The Orbax checkpointer of ``RUN/checkpoints`` with the run's fingerprint (``read_only``: restore only)."""
     return ckpt_lib.Checkpointer(os.path.join(run_dir, rundir.CHECKPOINT_DIR),
                                  save_every=config.train.checkpoint_every, keep=keep,
-                                 fingerprint=fingerprint(config, draft_cfg))
+                                 fingerprint=fingerprint(config, draft_cfg), read_only=read_only)
 
 
 def load_run(run_dir: str) -> tuple[config_lib.Config, DraftConfig]:
@@ -156,7 +156,7 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Co
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
     tx, _ = optim.optimizer_from_config(config.train)
     _, state, shardings = step_lib.init_train_state(new_draft(draft_cfg, config.train), tx, mesh)
-    with checkpointer(run_dir, config, draft_cfg, keep=None) as ckpt:
+    with checkpointer(run_dir, config, draft_cfg, keep=None, read_only=True) as ckpt:
         state, meta = ckpt.restore(step_lib.abstract_state(state, shardings), step)
     return config, draft_cfg, state.params, meta["step"]
 

@@ -6,10 +6,11 @@ Run directory layout (``RUN``)::
     RUN/draft_config.json    the resolved drafter config (export ``config.json`` format)
     RUN/heldout.jsonl        held-out conversations (never trained on; ``dflash-jax eval`` prompts)
     RUN/metrics.jsonl        one JSON object per logged step (see :data:`METRIC_KEYS`) and per eval
-    RUN/checkpoints/<step>/  Orbax checkpoints (params, optimizer, data position, PRNG key)
+    RUN/checkpoints/<step>/  Orbax checkpoints (params, optimizer, data position, PRNG key, SHA-256 manifest)
     RUN/export/              the final drafter (``config.json`` + ``model.safetensors``, z-lab / vLLM / SGLang)
     RUN/plots/*.png          loss and simulated tau vs step, per-position acceptance, D-PACE weights per position
     RUN/tb/                  TensorBoard events (only when a SummaryWriter is importable)
+    RUN/.lock.<process>      the run-directory lock of each writing process (dflash_jax.paths.DirLock)
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Any, Sequence
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
+from dflash_jax import paths
 from dflash_jax.data import readers
 from dflash_jax.models.draft import DraftConfig
 
@@ -35,26 +36,34 @@ CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 PLOTS_DIR = "plots"
 TB_DIR = "tb"
+RUN_MARKERS = (CONFIG_FILE, DRAFT_CONFIG_FILE)  # what --overwrite requires before deleting a directory
 
 METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "tokens_per_s", "skipped_samples", "lr", "grad_norm",
-               "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates", "epoch",
-               "elapsed_s")
+               "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates",
+               "skipped_steps", "epoch", "elapsed_s")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
 
 
-def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty ``run_dir`` unless ``resume`` or ``overwrite``; ``overwrite`` deletes a previous run
-    (only a directory that holds ``config.yaml``, i.e. a dflash-jax run)."""
+def check_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse (ValueError, nothing touched) a non-empty ``run_dir`` (lock files aside) unless ``resume`` or
+    ``overwrite``; ``overwrite`` accepts only a real directory holding :data:`RUN_MARKERS`. Returns whether
+    ``run_dir`` holds a previous run that ``overwrite`` must delete."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite are exclusive")
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
-        if not overwrite:
-            raise ValueError(f"run dir {run_dir!r} is not empty; pass --resume to continue it or --overwrite to "
-                             "replace it")
-        if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
-            raise ValueError(f"--overwrite: {run_dir!r} holds no {CONFIG_FILE}, so it is not a dflash-jax run "
-                             "directory; refusing to delete it")
-        shutil.rmtree(run_dir)
+    if resume or not os.path.isdir(run_dir) or all(paths.is_lock_file(n) for n in os.listdir(run_dir)):
+        return False
+    if not overwrite:
+        raise ValueError(f"run dir {run_dir!r} is not empty; pass --resume to continue it or --overwrite to "
+                         "replace it")
+    paths.check_clearable(run_dir, RUN_MARKERS)
+    return True
+
+
+def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> None:
+    """:func:`check_run_dir`, then delete a previous run when ``overwrite`` (its lock files stay) and create
+    ``run_dir``."""
+    if check_run_dir(run_dir, resume=resume, overwrite=overwrite):
+        paths.clear_run_dir(run_dir, RUN_MARKERS)
     os.makedirs(run_dir, exist_ok=True)
 
 
@@ -80,12 +89,22 @@ def write_heldout(path: str, conversations: Sequence[readers.Conversation]) -> N
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The records of ``RUN/metrics.jsonl`` (empty if absent)."""
+    """The records of ``RUN/metrics.jsonl`` (empty if absent). A torn last line (a process killed while writing
+    it) is dropped with a warning; any other unparsable line is a ValueError naming the file and line."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path} line {i} is not a JSON record ({e}); fix or delete that line") from None
+            log.warning("%s: dropping the torn last line %d (%s), written by an interrupted process", path, i, e)
+    return records
 
 
 def truncate_metrics(run_dir: str, step: int) -> None:

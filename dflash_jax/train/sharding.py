@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dflash_jax.config import resolve_mesh_shape
 
@@ -30,6 +31,7 @@ BATCH_AXES: tuple[str, str] = ("data", "fsdp")
 # The ONE logical -> mesh rules table (MaxText-style). ``None`` = replicated.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    ("expert", "fsdp"),  # stacked MoE experts [E, ...]: expert-parallel (their leading dim takes fsdp from embed)
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
