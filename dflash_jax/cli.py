@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or target.random.")
     c.add_argument("--config", required=True, help="YAML config file or shipped config name")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
-    c.add_argument("--platform", default="cpu", choices=["cpu", "tpu", "cuda"], help="default %(default)s")
+    c.add_argument("--platform", default="cpu", choices=["cpu", "tpu", "cuda"], help="cpu: compile and report memory / FLOPs; tpu, cuda: lower with "
+                   "jax.export (default %(default)s)")
     c.add_argument("--target-config", help="an HF config.json (or its directory) giving the target's dimensions")
     c.add_argument("--devices", type=int, help="simulate this many CPU devices (must be the first JAX use in the "
                    "process)")

@@ -386,8 +386,8 @@ def validate_runtime(
         shape = resolve_mesh_shape(config.mesh.shape, num_devices)
         k = config.train.grad_accum
         _check(config.data.batch_size % (k * shape[0] * shape[1]) == 0,
-               f"data.batch_size ({config.data.batch_size}) must be a multiple of train.grad_accum ({k}) x mesh "
-               f"data*fsdp ({shape[0] * shape[1]}): every micro-batch splits over data*fsdp")
+               f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
+               f"({shape[0] * shape[1]}) x train.grad_accum ({k}): every micro-batch splits over data*fsdp")
     if vocab_size is not None and d.mask_token_id is not None:
         _check(d.mask_token_id < vocab_size,
                f"draft.mask_token_id ({d.mask_token_id}) must be < the target vocab_size ({vocab_size})")

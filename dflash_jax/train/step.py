@@ -310,6 +310,7 @@ class TrainStep:
         self.state_shardings = state_shardings
         self.jitted = jit_train_step(draft, target_graphdef, state_shardings, self.target_shardings, tx=tx,
                                      schedule=schedule, cfg=cfg, mesh=mesh)
+        self._compiled: set[tuple] = set()  # batch signatures compiled (multi-process: see __call__)
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Validate a batch and put its host arrays on the mesh (already-placed arrays pass through)."""
@@ -319,4 +320,13 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.jitted(state, self.target_state, self.place_batch(batch), key)
+        batch = self.place_batch(batch)
+        if jax.process_count() > 1:
+            # Processes finish compiling at different times, and the first collective of the step gives up
+            # when its peers are late (gloo's connect timeout); compile first, meet, then run.
+            sig = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+            if sig not in self._compiled:
+                self.jitted.lower(state, self.target_state, batch, key).compile()
+                sharding.barrier("dflash_jax:train_step_compiled")
+                self._compiled.add(sig)
+        return self.jitted(state, self.target_state, batch, key)
