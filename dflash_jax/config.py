@@ -492,9 +492,14 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_resolved(config: Config, run_dir: str | os.PathLike) -> str:
-    """Write the fully resolved ``config`` to ``run_dir/config.yaml``; returns the path."""
+    """Write the fully resolved ``config`` to ``run_dir/config.yaml`` atomically (a temporary file renamed over
+    it: a process killed while writing leaves the previous file, never a truncated one); returns the path."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False, default_flow_style=None)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path

@@ -22,13 +22,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "multiprocess_cpu.sh")
 TIMEOUT_S = 900
 # 4 steps, a checkpoint at step 2, an in-training eval at steps 2 and 4, metrics every step.
-SHORT = ["--set", "train.steps=4", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-         "--set", "train.eval_every=2", "--set", "eval.num_prompts=1", "--set", "eval.max_new_tokens=4"]
+SHORT = [
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "eval.num_prompts=1",
+    "--set",
+    "eval.max_new_tokens=4",
+]
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"))
+    }
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -42,18 +57,58 @@ def _free_port() -> int:
 def _train_one_process(run_dir, args) -> None:
     """``dflash-jax train`` as one process on 4 simulated CPU devices."""
     env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-m", "dflash_jax.cli", "train", "--config", "tiny", "--run-dir",
-                           str(run_dir), "--no-progress", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dflash_jax.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            *args,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _train_two_processes(run_dir, args, logs) -> None:
     """``dflash-jax train`` as 2 processes x 2 simulated CPU devices; both must exit 0."""
     env = dict(_env(), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", SCRIPT, "-n", "2", "-d", "2", "-p", str(_free_port()), "-l", str(logs), "--",
-                           "train", "--config", "tiny", "--run-dir", str(run_dir), "--no-progress", *args],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            "bash",
+            SCRIPT,
+            "-n",
+            "2",
+            "-d",
+            "2",
+            "-p",
+            str(_free_port()),
+            "-l",
+            str(logs),
+            "--",
+            "train",
+            "--config",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            *args,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     tails = "\n".join(open(os.path.join(logs, f)).read()[-2000:] for f in sorted(os.listdir(logs)))
     assert proc.returncode == 0, proc.stderr + tails
     for i in (0, 1):  # each process printed its summary: it reached the end
@@ -83,7 +138,7 @@ def _assert_same_run(ref_dir, run_dir) -> None:
     assert sorted(ref) == sorted(out)
     for k, a in ref.items():
         a, b = a.astype(np.float32), out[k].astype(np.float32)
-        assert np.all(np.abs(a - b) <= 2.0 ** -7 * np.maximum(np.abs(a), np.abs(b))), k
+        assert np.all(np.abs(a - b) <= 2.0**-7 * np.maximum(np.abs(a), np.abs(b))), k
         assert np.mean(a != b) <= 1e-3, k
 
 
@@ -105,11 +160,20 @@ def test_two_processes_online_equal_one_process_with_eval_checkpoint_and_resume(
 
 def test_two_processes_offline_equal_one_process(tmp_path, capsys):
     feats = str(tmp_path / "features")
-    assert cli.main(["dump-features", "--config", "tiny", "--out", feats, "--set", "train.steps=4",
-                     "--dtype", "float32"]) == 0
+    assert (
+        cli.main(["dump-features", "--config", "tiny", "--out", feats, "--set", "train.steps=4", "--dtype", "float32"])
+        == 0
+    )
     capsys.readouterr()
-    args = [*SHORT, "--set", "mesh.shape=[1,4,1]", "--set", "train.mode=offline",
-            "--set", f"train.features_dir={feats}"]
+    args = [
+        *SHORT,
+        "--set",
+        "mesh.shape=[1,4,1]",
+        "--set",
+        "train.mode=offline",
+        "--set",
+        f"train.features_dir={feats}",
+    ]
     _train_one_process(tmp_path / "ref", args)
     _train_two_processes(tmp_path / "run", args, tmp_path / "logs")
     _assert_same_run(tmp_path / "ref", tmp_path / "run")
