@@ -3,7 +3,7 @@
 A training row of length ``S`` gets ``N`` blocks of ``bs`` slots. Block ``n`` starts at anchor ``a_n``: slot 0
 holds the given token ``input_ids[a_n]`` and slot ``k`` predicts ``input_ids[a_n + k]`` (unshifted labels); the
 KD teacher for slot ``k`` is the target's output at position ``a_n + k - 1``. Everything follows nvidia-modelopt
-0.47.0 ``HFDFlashModel`` (reference §2.3, §2.6, §2.9, §2.10), with two deliberate differences:
+0.47.0 ``HFDFlashModel`` (``hf_dflash.py``; docs/design.md §4.5, §4.7, §4.8), with two deliberate differences:
 
 1. **Static block count.** The reference uses the data-dependent ``N = min(num_anchors, max_b c_b - 1)`` (``c_b``
    = valid anchor positions of row ``b``; note the ``-1``), i.e. a new shape on almost every step. Here
@@ -62,7 +62,7 @@ def block_slot_positions(anchors: jax.Array, block_size: int) -> jax.Array:
 def sample_anchors(
     key: jax.Array, loss_mask: jax.Array, block_size: int, num_anchors: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Random anchors ``(anchors [B, num_anchors] int32, keep [B, num_anchors] bool)`` (reference §2.3).
+    """Random anchors ``(anchors [B, num_anchors] int32, keep [B, num_anchors] bool)`` (docs/design.md §4.5).
 
     Valid anchor positions: ``loss_mask [B, S] > 0.5`` and ``p <= max(S - bs, 0)``. Each row keeps a uniformly
     random subset of its valid positions of size ``min(count, num_anchors)``, sorted ascending and left-packed;
@@ -101,7 +101,7 @@ def block_targets(
     block_size: int,
     segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Labels ``[B,N,bs]`` int32 and loss mask ``[B,N,bs]`` float32 of every block slot (reference §2.9).
+    """Labels ``[B,N,bs]`` int32 and loss mask ``[B,N,bs]`` float32 of every block slot (docs/design.md §4.8).
 
     Slot ``k`` predicts ``input_ids[a + k]`` (clamped to ``S-1``); ``mask = keep * (a+k < S) * (k > 0) *
     loss_mask[a+k]``. With ``segment_ids [B,S]`` the slot is also masked unless ``segment_ids[a+k] ==
@@ -147,8 +147,9 @@ def teacher_positions(anchors: jax.Array, block_size: int, seq_len: int) -> jax.
 
 
 def gather_teacher_logits(base_logits: jax.Array, anchors: jax.Array, block_size: int) -> jax.Array:
-    """Teacher logits per slot, ``base_logits [B,S,V]`` at :func:`teacher_positions` -> ``[B,N,bs,V]`` (§2.10).
-    Any ``[B,S,X]`` works: the train step gathers the target's final hidden ``[B,S,H]`` the same way."""
+    """Teacher logits per slot, ``base_logits [B,S,V]`` at :func:`teacher_positions` -> ``[B,N,bs,V]``
+    (docs/design.md §4.8). Any ``[B,S,X]`` works: the train step gathers the target's final hidden ``[B,S,H]`` the
+    same way."""
     if base_logits.ndim != 3:
         raise ValueError(f"base_logits must be [B, S, V], got shape {base_logits.shape}")
     check_shape("anchors", anchors, (base_logits.shape[0], None))
@@ -158,7 +159,7 @@ def gather_teacher_logits(base_logits: jax.Array, anchors: jax.Array, block_size
 def draft_position_ids(
     seq_len: int, anchors: jax.Array, block_size: int, positions: jax.Array | None = None
 ) -> jax.Array:
-    """RoPE positions of context + draft queries, int32 ``[B, S + N*bs]`` (reference §2.6).
+    """RoPE positions of context + draft queries, int32 ``[B, S + N*bs]`` (docs/design.md §4.7).
 
     Context ``0..S-1`` then ``a_n .. a_n+bs-1`` per block (dropped blocks, anchor 0: ``0..bs-1``). With packed
     ``positions [B,S]`` (restarting per segment) the context is ``positions`` and block ``n`` gets
@@ -180,7 +181,7 @@ def draft_position_ids(
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
-    """Target layers feeding the draft (reference §1.4): ``[Lt // 2]`` for one draft layer, else
+    """Target layers feeding the draft (docs/design.md §4.1): ``[Lt // 2]`` for one draft layer, else
     ``round(start + i*span/(Ld-1))`` with ``start = min(1, Lt-1)``, ``end = max(start, Lt-3)`` and Python's
     round-half-to-even. Duplicates are possible for tiny targets."""
     _check_positive("num_draft_layers", num_draft_layers)

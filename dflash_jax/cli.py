@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in RUN_DIR "
                    "(the metrics equal an uninterrupted run's)")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in RUN_DIR and start over")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only; also the case "
+                   "when stderr is not a terminal, e.g. redirected to a log file)")
 
     e = sub.add_parser("eval", formatter_class=fmt, help="speculative-decoding evaluation (tau, speedup, lossless "
                        "check)",
@@ -73,13 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint) or an exported drafter directory (config.json + model.safetensors)")
     e.add_argument("--target", help="target: HF checkpoint dir, .gguf file or 'smollm2' (default: the run's "
                    "target.path; required for a bare export directory)")
-    e.add_argument("--prompts", help="chat file (ShareGPT/OpenAI JSON or JSONL) or 'sharegpt'; each conversation is "
-                   "cut before its first assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)")
-    e.add_argument("--num-prompts", type=int, help="number of prompts (default: eval.num_prompts)")
+    e.add_argument("--prompts", help="chat file (ShareGPT/OpenAI JSON or JSONL; user-only rows are fine), a plain "
+                   "text file with one prompt per line, or 'sharegpt'; each conversation is cut before its first "
+                   "assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)")
+    e.add_argument("--num-prompts", type=int, help="number of prompts (default: all of a --prompts FILE, else "
+                   "eval.num_prompts)")
     e.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: eval.max_new_tokens)")
     e.add_argument("--temperature", type=float, help="0 = greedy, > 0 = speculative sampling "
                    "(default: eval.temperature)")
-    e.add_argument("--prompt-len", type=int, help="keep the last N prompt tokens (default: eval.prompt_len)")
+    e.add_argument("--prompt-len", type=int, help="keep the last N tokens of longer prompts, counted and warned "
+                   "(default: eval.prompt_len; null = max_position_embeddings - max_new_tokens - block_size)")
     e.add_argument("--check-lossless", action="store_true", help="greedy only: compare every output with plain "
                    "target decoding; exit 3 on a mismatch")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0; default %(default)s)")
@@ -149,6 +153,8 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         logging.getLogger("absl").setLevel(logging.WARNING)
+        # "Unable to initialize backend 'tpu': ... libtpu.so" on every command of a machine without a TPU
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def _print_json(obj: Any) -> None:
@@ -213,36 +219,69 @@ def _eval_draft(draft_dir: str, target_arg: str | None):
     return None, draft_cfg, params, config_lib.TargetSection(path=target_arg), None
 
 
+def _eval_prompt_conversations(path: str, n: int | None) -> list:
+    """The first ``n`` (None = all) prompt conversations of ``path`` (:func:`~dflash_jax.data.readers.read_prompts`;
+    ``sharegpt``: the package's conversations), each cut before its first assistant turn; read before any model
+    loads, so a bad file fails in seconds."""
+    from dflash_jax.data import pipeline, readers
+
+    if path != readers.SHAREGPT_PACKAGE and not os.path.isfile(path):
+        raise ValueError(f"--prompts {path!r} is not a file")
+    items = readers.read_conversations(path) if path == readers.SHAREGPT_PACKAGE else readers.read_prompts(path)
+    out, skipped = [], []
+    for item in items:
+        prefix = None if isinstance(item, readers.Skip) else pipeline.prompt_of(item)
+        if prefix is None:
+            skipped.append(str(item) if isinstance(item, readers.Skip) else "no user turn before an assistant turn")
+            continue
+        out.append(prefix)
+        if n is not None and len(out) >= 4 * n:  # spare ones for prompts the template rejects
+            break
+    if skipped:
+        log.warning("--prompts %s: skipped %d records (first: %s)", path, len(skipped), skipped[0])
+    if not out:
+        raise ValueError(f"--prompts {path!r} holds no usable prompt (a chat record with a user turn, or a line of "
+                         f"plain text){': ' + skipped[0] if skipped else ''}")
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dflash_jax import config as config_lib
-    from dflash_jax.data import chat
+    from dflash_jax.data import chat, readers
     from dflash_jax.eval.report import write_report
     from dflash_jax.train import run, rundir
 
-    config, draft_cfg, params, target_section, run_dir = _eval_draft(args.draft, args.target)
+    for name in ("num_prompts", "max_new_tokens", "prompt_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    is_run = rundir.is_run_dir(args.draft)
+    prompts_path = args.prompts or (os.path.join(args.draft, rundir.HELDOUT_FILE) if is_run else "sharegpt")
+    if not args.prompts and is_run and os.path.isfile(prompts_path) and os.path.getsize(prompts_path) == 0:
+        raise ValueError(f"{prompts_path} holds no prompts (the run had data.heldout=0); pass --prompts FILE")
+    config = run.load_run(args.draft)[0] if is_run else None
     ev = config.eval if config is not None else config_lib.EvalSection()
-    ev = dataclasses.replace(ev, **{k: v for k, v in (("num_prompts", args.num_prompts),
-                                                      ("max_new_tokens", args.max_new_tokens),
+    # --prompts FILE: the whole file unless --num-prompts; the held-out set and 'sharegpt': eval.num_prompts.
+    whole = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE
+    num = args.num_prompts if args.num_prompts is not None else (None if whole else ev.num_prompts)
+    ev = dataclasses.replace(ev, **{k: v for k, v in (("max_new_tokens", args.max_new_tokens),
                                                       ("temperature", args.temperature),
                                                       ("prompt_len", args.prompt_len)) if v is not None})
-    for name in ("num_prompts", "max_new_tokens", "prompt_len"):
-        if getattr(ev, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ev, name)}")
-    if ev.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {ev.temperature}")
+    conversations = _eval_prompt_conversations(prompts_path, num)
+    out = args.out or os.path.join(args.draft, "eval")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} exists and is not a directory")
+
+    config, draft_cfg, params, target_section, run_dir = _eval_draft(args.draft, args.target)
     target = run.build_target(target_section)
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template if config else None)
-    prompts_path = args.prompts or (os.path.join(run_dir, rundir.HELDOUT_FILE) if run_dir else "sharegpt")
-    if prompts_path != "sharegpt" and not os.path.isfile(prompts_path):
-        raise ValueError(f"--prompts {prompts_path!r} is not a file")
-    conversations = _first_conversations(prompts_path, ev.num_prompts)
-    prompts = run.eval_prompts(renderer, conversations, ev.num_prompts, ev.prompt_len)
+    prompts = run.eval_prompts(renderer, conversations, num)
     if not prompts:
-        raise ValueError(f"--prompts {prompts_path!r} holds no conversation with a user turn before an assistant turn")
+        raise ValueError(f"--prompts {prompts_path!r}: the chat template rendered none of its prompts")
     result = run.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
-    out = args.out or os.path.join(args.draft, "eval")
     paths = write_report(result, out)
     summary = {k: v for k, v in result.items() if k != "per_prompt"}
     summary.update(report=paths["json"], prompts=prompts_path)
@@ -252,19 +291,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_MISMATCH
     return 0
-
-
-def _first_conversations(path: str, n: int) -> list:
-    """Up to ``4 * n`` usable conversations of ``path`` (read lazily; prompts are filtered afterwards)."""
-    from dflash_jax.data import readers
-
-    out = []
-    for item in readers.read_conversations(path):
-        if not isinstance(item, readers.Skip):
-            out.append(item)
-            if len(out) >= 4 * n:
-                break
-    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:

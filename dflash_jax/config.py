@@ -3,7 +3,8 @@
 Every error is a ``ValueError`` naming the dotted key: unknown keys, wrong types, out-of-range values and
 cross-field violations (``data.seq_len % draft.block_size``, ``draft.sliding_window < draft.block_size``, …).
 :func:`validate_runtime` adds the checks that need the machine or the loaded target (mesh size vs device count,
-mask id vs vocabulary, layer ids vs target depth); the YAML checks stay device-free.
+layer ids vs target depth); the YAML checks stay device-free. The mask id meets the target vocabulary in
+:class:`~dflash_jax.models.draft.DraftConfig` only.
 
 YAML note: PyYAML reads ``6e-4`` (no dot) as a string; float keys accept such numeric strings.
 """
@@ -11,6 +12,7 @@ YAML note: PyYAML reads ``6e-4`` (no dot) as a string; float keys accept such nu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -22,7 +24,7 @@ import yaml
 
 from dflash_jax import losses
 from dflash_jax.models import draft as draft_lib
-from dflash_jax.models import families
+from dflash_jax.models import hf_io
 from dflash_jax.models.target import TargetConfig
 
 Dtype = Literal["float32", "bfloat16"]
@@ -33,11 +35,11 @@ class RandomTargetConfig(TargetConfig):
     """A random-init target (``target.path: random``; tests and CI): a :class:`TargetConfig` (every field, checked
     by it) with small defaults, plus the init ``seed``.
 
-    A family arch (``qwen3_moe``, ``gpt_oss``, ``gemma3_text``) fills the fields that its ``config.json`` parser
-    (``models/families/``) derives and that are left at their defaults here, so a random target is built like a
-    loaded one: MoE on every layer (``num_experts``/``num_experts_per_tok``/``moe_intermediate_size``); every
-    ``sliding_window_pattern``-th layer full attention and the others sliding with ``sliding_window`` (gpt-oss,
-    Gemma 3).
+    Its fields pass through the ``config.json`` parser (:func:`~dflash_jax.models.hf_io.config_from_hf`), which fills
+    those left at their defaults here, so a random target is built like a loaded one (Qwen2's q/k/v biases; for the
+    families of ``models/families/``: MoE on every layer with ``num_experts``/``num_experts_per_tok``/
+    ``moe_intermediate_size``, every ``sliding_window_pattern``-th layer full attention and the others sliding with
+    ``sliding_window``, Gemma's norms and scales).
     """
 
     __hash__ = TargetConfig.__hash__
@@ -65,15 +67,15 @@ class RandomTargetConfig(TargetConfig):
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
                              f"{name}.num_experts ({self.num_experts})]")
-        if self.arch in families.FAMILIES:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name, value in families.FAMILIES[self.arch].config_fields(self._hf_config()).items():
-                if getattr(self, name) == defaults[name]:
-                    object.__setattr__(self, name, value)
-        super().__post_init__()
+        super().__post_init__()  # the fields as given (errors name this class)
+        parsed = hf_io.config_from_hf(self._hf_config())
+        for f in dataclasses.fields(TargetConfig):  # the derived fields (not the dims above) left at their defaults
+            if f.name not in _RANDOM_DIMS and getattr(self, f.name) == f.default:
+                object.__setattr__(self, f.name, getattr(parsed, f.name))
+        super().__post_init__()  # the filled fields
 
     def _hf_config(self) -> dict:
-        """These dims as an HF ``config.json`` dict (the input of a family's ``config_fields``)."""
+        """These dims as an HF ``config.json`` dict (the input of the parser)."""
         return dict(model_type=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
@@ -82,6 +84,9 @@ class RandomTargetConfig(TargetConfig):
                     num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
                     norm_topk_prob=True, sliding_window=self.sliding_window,
                     sliding_window_pattern=self.sliding_window_pattern, query_pre_attn_scalar=self.head_dim)
+
+
+_RANDOM_DIMS = set(RandomTargetConfig.__annotations__)  # the random target's own dims: never filled by the parser
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class TargetSection:
 
 @dataclass(frozen=True)
 class DraftSection:
-    """Draft architecture (reference §1.3: the dims are explicit, never inherited from the target)."""
+    """Draft architecture (docs/design.md §4.2: the dims are explicit, never inherited from the target)."""
 
     num_layers: int = 1
     block_size: int = 8
@@ -106,7 +111,7 @@ class DraftSection:
     intermediate_size: int = 128
     rope_theta: float | None = None  # null = the target's
     rms_norm_eps: float = 1e-6
-    mask_token_id: int | None = None  # null = tokenizer's mask, else pad, else unk token (resolved at run time)
+    mask_token_id: int | None = None  # null = the mask-token rule of docs/design.md §4.6 (train/run.py)
     target_layer_ids: tuple[int, ...] | None = None  # null = build_target_layer_ids(Lt, num_layers)
     sliding_window: int | None = None
     causal: bool = False
@@ -187,7 +192,9 @@ class EvalSection:
     max_new_tokens: int = 64
     num_prompts: int = 8
     temperature: float = 0.0
-    prompt_len: int = 256
+    # Longest prompt kept (its last tokens; cuts are counted and warned). null = all the target's context allows:
+    # max_position_embeddings - max_new_tokens - draft.block_size.
+    prompt_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -260,12 +267,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+def _unknown_key(message: str, key: str, names: Any) -> str:
+    """``message`` plus the closest known key (difflib, ``train.step`` -> ``steps``) and the section's keys."""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{message}{hint} (known in this section: {', '.join(sorted(names))})"
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            raise ValueError(f"unknown config key {prefix}{k} (known in this section: {', '.join(sorted(names))})")
+            raise ValueError(_unknown_key(f"unknown config key {prefix}{k}", k, names))
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
@@ -338,14 +352,14 @@ def validate(config: Config) -> Config:
            f"mesh.replicated_tolerance must be in [0, 1], got {m.replicated_tolerance}")
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
-    _check(ev.prompt_len >= 1, f"eval.prompt_len must be >= 1, got {ev.prompt_len}")
+    _check(ev.prompt_len is None or ev.prompt_len >= 1, f"eval.prompt_len must be >= 1 or null, got {ev.prompt_len}")
     _check(ev.temperature >= 0, f"eval.temperature must be >= 0, got {ev.temperature}")
-    _check(0 <= ev.num_prompts <= da.heldout,
+    _check(ev.num_prompts >= 0, f"eval.num_prompts must be >= 0, got {ev.num_prompts}")
+    _check(da.heldout == 0 or ev.num_prompts <= da.heldout,  # heldout 0: no in-training eval (train logs a note)
            f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}")
 
     if t.path == "random":
-        validate_runtime(config, num_devices=None, vocab_size=t.random.vocab_size,
-                         num_target_layers=t.random.num_layers)
+        validate_runtime(config, num_devices=None, num_target_layers=t.random.num_layers)
     return config
 
 
@@ -376,11 +390,10 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 def validate_runtime(
     config: Config,
     num_devices: int | None,
-    vocab_size: int | None = None,
     num_target_layers: int | None = None,
 ) -> Config:
     """Checks against the machine and the loaded target: mesh size == ``num_devices`` (``jax.device_count()``),
-    the batch divides over ``data*fsdp``, ``mask_token_id < vocab_size``, layer ids ``< num_target_layers``."""
+    the batch divides over ``data*fsdp``, layer ids ``< num_target_layers``."""
     d = config.draft
     if num_devices is not None:
         shape = resolve_mesh_shape(config.mesh.shape, num_devices)
@@ -388,9 +401,6 @@ def validate_runtime(
         _check(config.data.batch_size % (k * shape[0] * shape[1]) == 0,
                f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
                f"({shape[0] * shape[1]}) x train.grad_accum ({k}): every micro-batch splits over data*fsdp")
-    if vocab_size is not None and d.mask_token_id is not None:
-        _check(d.mask_token_id < vocab_size,
-               f"draft.mask_token_id ({d.mask_token_id}) must be < the target vocab_size ({vocab_size})")
     if num_target_layers is not None:
         _check(d.num_layers <= num_target_layers,
                f"draft.num_layers ({d.num_layers}) must be <= the target's {num_target_layers} layers")
@@ -426,7 +436,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         for i, part in enumerate(parts):
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             if part not in hints:
-                raise ValueError(f"--set: unknown config key {'.'.join(parts[: i + 1])}")
+                raise ValueError(_unknown_key(f"--set: unknown config key {'.'.join(parts[: i + 1])}", part, hints))
             if i == len(parts) - 1:
                 node[part] = value
             else:

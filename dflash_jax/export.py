@@ -1,4 +1,4 @@
-"""Export and import of DFlash drafters in the z-lab / vLLM / SGLang / ModelOpt format (reference §4.3).
+"""Export and import of DFlash drafters in the z-lab / vLLM / SGLang / ModelOpt format (docs/design.md §4.11).
 
 A checkpoint is a directory with ``model.safetensors`` (torch ``[out, in]`` layout, names ``fc.weight``,
 ``hidden_norm.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``layers.{i}.self_attn.{q,k}_norm.weight``,
@@ -96,7 +96,7 @@ def draft_from_params(config: DraftConfig, params: nnx.State, *, dtype: Any = jn
 
 
 def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
-    """The exported ``config.json`` (reference §4.3), ``rope_theta`` = the theta the draft really uses."""
+    """The exported ``config.json`` (docs/design.md §4.11), ``rope_theta`` = the theta the draft really uses."""
     dflash_config = {"mask_token_id": config.mask_token_id, "target_layer_ids": list(config.target_layer_ids),
                      "causal": bool(config.causal)}
     out = {

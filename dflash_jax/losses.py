@@ -140,8 +140,8 @@ def position_weights(ce: jax.Array, mask: jax.Array, objective: str, alpha: floa
     """Loss weights ``W [..., bs]`` (float32) from the hard CE ``ce [..., bs]`` and mask ``[..., bs]``.
 
     ``"dpace"`` with ``bs > 1``: ``W = mask * [1, w_1..w_{bs-1}]`` with ``w = dpace_weights(exp(-ce[..., 1:]),
-    alpha, mask[..., 1:])`` (reference §2.11); otherwise (``"decay"``, or ``bs == 1``) ``W = mask * decay(bs, gamma)``
-    (gamma is ignored by ``"dpace"``, as in the reference). Detached.
+    alpha, mask[..., 1:])`` (docs/design.md §4.9); otherwise (``"decay"``, or ``bs == 1``)
+    ``W = mask * decay(bs, gamma)`` (gamma is ignored by ``"dpace"``, as in the reference). Detached.
     """
     _check_objective(objective)
     mask = mask.astype(jnp.float32)

@@ -29,19 +29,12 @@ from flax import nnx  # noqa: E402
 from dflash_jax.blocks import build_target_layer_ids  # noqa: E402
 from dflash_jax.models.target import TargetConfig, resolve_dtype  # noqa: E402
 from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path  # noqa: E402
+from dflash_jax.train.cost import prefill_flops  # noqa: E402
 
 QWEN3_8B = TargetConfig(arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                         rms_norm_eps=1e-6, qk_norm=True, max_position_embeddings=40960)
 NOMINAL_PEAK_TFLOPS = {("H100", "bfloat16"): 989.0, ("H200", "bfloat16"): 989.0}
-
-
-def prefill_flops(c: TargetConfig, b: int, s: int) -> float:
-    """The module docstring's formula."""
-    p_mm = c.num_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                           + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
-    attn = 4 * b * s * s * c.num_attention_heads * c.head_dim * c.num_layers
-    return 2 * b * s * p_mm + attn + 2 * b * c.hidden_size * c.vocab_size
 
 
 def measured_matmul_tflops(dtype, n: int, iters: int = 3) -> float:

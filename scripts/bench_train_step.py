@@ -9,13 +9,8 @@ the reference's training forward/backward + clip + torch AdamW step (HFDFlashMod
 draft weights, same injected anchors; fp32 on CPU) and prints ``ratio_vs_reference=<ref_time/our_time>`` last.
 The timed steps (:func:`time_ours`, :func:`time_reference`) are also the ones ``scripts/gpu_bench.py`` runs.
 
-FLOPs per step (multiply-add = 2; "model FLOPs": rematerialisation not counted; Q = N*bs, T = #taps):
-    target  = 2*B*S*P_tgt + 4*B*S^2*NH_t*HD_t*L_t                      (online only; bench_target.prefill_flops)
-    draft   = 2*B*S*T*H*H + L_d*(2*B*S*H*2*KVH*HD + 2*B*Q*H*(2*NH*HD + 2*KVH*HD) + 2*B*Q*3*H*I + 4*B*Q*K*NH*HD)
-              with K = S + bs keys per query (block-sparse; the reference's dense mask computes K = S + Q)
-    lm_head = 2*B*Q*H*V
-    F = target + 3*draft + 2*lm_head + teacher                          (backward = 2x forward; lm_head is frozen)
-    teacher = lm_head with KD (Q teacher rows), 0 without; the reference's HF forward computes 2*B*S*H*V always
+FLOPs per step: :func:`dflash_jax.train.cost.train_flops` (the formula is in that module's docstring and
+docs/benchmarks.md).
 MFU = F / time / peak (nominal bf16 peak for H100/H200, else a measured matmul; see bench_target.py).
 """
 
@@ -34,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops, prefill_flops  # noqa: E402
+from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops  # noqa: E402
 from dflash_jax import blocks  # noqa: E402
 from dflash_jax.config import LossSection  # noqa: E402
 from dflash_jax.models import layers  # noqa: E402
@@ -42,6 +37,7 @@ from dflash_jax.models.draft import DFlashDraft, DraftConfig  # noqa: E402
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype  # noqa: E402
 from dflash_jax.train import optim, sharding  # noqa: E402
 from dflash_jax.train import step as st  # noqa: E402
+from dflash_jax.train.cost import train_flops  # noqa: E402
 
 SHAPES = {
     # CPU: a small Qwen3-like target (6 layers) and 2-layer draft; seconds per step on 2 cores.
@@ -57,23 +53,6 @@ SHAPES = {
                        head_dim=128, intermediate=6144, target_layers=28, draft_layers=5),
 }
 DECAY_GAMMA = 7.0  # the decay objective's gamma in overhead comparisons (paper/ModelOpt advice for bs 16)
-
-
-def train_flops(tc: TargetConfig, dc: DraftConfig, b: int, s: int, n: int, kd: bool, *, dense_attention: bool = False,
-                full_teacher: bool = False) -> float:
-    """The module docstring's formula. ``dense_attention``: draft attention over all ``S + N*bs`` keys (the
-    reference's dense mask) instead of ``S + bs``; ``full_teacher``: the target's logits at all ``S`` positions (the
-    reference's HF forward) instead of the ``N*bs`` teacher rows of KD."""
-    bs, h, q = dc.block_size, dc.hidden_size, n * dc.block_size
-    target = prefill_flops(tc, b, s) - 2 * b * tc.hidden_size * tc.vocab_size  # no logits in the step
-    nh, kvh, hd, i = dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim, dc.intermediate_size
-    keys = s + (q if dense_attention else bs)
-    per_layer = (2 * b * s * h * 2 * kvh * hd + 2 * b * q * h * (2 * nh * hd + 2 * kvh * hd) + 2 * b * q * 3 * h * i
-                 + 4 * b * q * keys * nh * hd)
-    draft = 2 * b * s * dc.num_features * h * h + dc.num_layers * per_layer
-    lm_head = 2 * b * q * h * dc.vocab_size
-    teacher = 2 * b * s * h * dc.vocab_size if full_teacher else (lm_head if kd else 0)
-    return target + 3 * draft + 2 * lm_head + teacher
 
 
 def make_configs(shape: dict) -> tuple[TargetConfig, DraftConfig]:

@@ -72,8 +72,9 @@ done
 
 for OBJ in dpace decay; do
   for T in 0 1; do
+    # --prompt-len 128: the last 128 prompt tokens, as the recorded results used (config default: full context)
     timed "eval_${OBJ}_T$T" "$BIN/dflash-jax" eval --draft "$OUT/$OBJ" --num-prompts "$NUM_PROMPTS" \
-      --max-new-tokens "$MAX_NEW" --temperature "$T" --seed 0 --out "$OUT/$OBJ/eval_T$T"
+      --max-new-tokens "$MAX_NEW" --temperature "$T" --seed 0 --prompt-len 128 --out "$OUT/$OBJ/eval_T$T"
   done
 done
 

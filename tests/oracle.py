@@ -2,7 +2,7 @@
 
 This is the only module that imports the reference. The import is lazy (first call of :func:`hf_dflash`, ~6-12 s)
 and skips the calling test cleanly when torch / modelopt are absent. ``HFDFlashModel`` methods are called unbound
-with a ``SimpleNamespace`` standing in for ``self`` (reference doc §7.3a). All wrappers work in float32.
+with a ``SimpleNamespace`` standing in for ``self`` (docs/design.md §5). All wrappers work in float32.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def ref_build_target_layer_ids(num_target_layers, num_draft_layers) -> list[int]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model-level oracle (reference §7.3b): a tiny fp32 target converted to DFlash, injected anchors
+# Model-level oracle (docs/design.md §5): a tiny fp32 target converted to DFlash, injected anchors
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -136,11 +136,12 @@ def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, 
                           attention_sink=False, seed=1234):
     """A tiny fp32 HF ``family`` ("qwen3" or "llama") target converted with ``mtsp.convert(.., "dflash")``.
 
-    Every draft dim is explicit (§1.3); the target uses the same ``rope_theta`` so that the reference exporter,
-    which writes the target's theta, describes the draft truthfully. Draft norm weights are set to ``1 + 0.1*randn`` so that parity also
-    exercises them. ``attention_sink``: ``dflash_attention_sink`` with sink logits ``0.5*randn`` (run eagerly: the
-    reference's lazily ``torch.compile``d sink function is swapped for its own eager implementation, which its
-    docstring calls numerically interchangeable). Returns the converted model in train mode.
+    Every draft dim is explicit (docs/design.md §4.2); the target uses the same ``rope_theta`` so that the reference
+    exporter, which writes the target's theta, describes the draft truthfully. Draft norm weights are set to
+    ``1 + 0.1*randn`` so that parity also exercises them. ``attention_sink``: ``dflash_attention_sink`` with sink
+    logits ``0.5*randn`` (run eagerly: the reference's lazily ``torch.compile``d sink function is swapped for its own
+    eager implementation, which its docstring calls numerically interchangeable). Returns the converted model in
+    train mode.
     """
     torch = _torch()
     import modelopt.torch.speculative as mtsp
@@ -239,7 +240,7 @@ def ref_export(model, out_dir) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Speculative-decoding oracle (reference §4.1-§4.2): pseudo_speculative_generate, AcceptanceRateValidation
+# Speculative-decoding oracle (docs/design.md §4.10): pseudo_speculative_generate, AcceptanceRateValidation
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -106,7 +106,8 @@ def test_parameters_shapes_count_and_logical_axes():
 
 
 def dense_mask(anchors, keep, segment_ids, bs, window, causal):
-    """Independent numpy statement of the reference's dense training mask (§1.8), packed-segment aware."""
+    """Independent numpy statement of the reference's dense training mask (docs/design.md §4.4), packed-segment
+    aware."""
     b, n = anchors.shape
     s = segment_ids.shape[1]
     q = n * bs

@@ -121,3 +121,11 @@ def test_random_target_configs(arch):
         assert cfg.moe_layers == (0, 1, 2, 3) and (cfg.num_experts, cfg.num_experts_per_tok) == (4, 2)
     with pytest.raises(ValueError, match="target.random.num_experts_per_tok"):
         config_lib.load_config("tiny", [f"target.random.arch={arch}", "target.random.num_experts_per_tok=5"])
+
+
+def test_random_target_fields_come_from_the_hf_parser():
+    """A random target's derived fields are the config.json parser's (Qwen2: q/k/v biases), its dims stay its own."""
+    qwen2 = config_lib.RandomTargetConfig(arch="qwen2")
+    assert qwen2.attention_bias and not qwen2.qk_norm and (qwen2.num_experts, qwen2.sliding_window) == (4, 8)
+    explicit = config_lib.RandomTargetConfig(arch="gpt_oss", layer_types=("full_attention",) * 4, attention_bias=False)
+    assert explicit.layer_types == ("full_attention",) * 4 and explicit.moe_layers == (0, 1, 2, 3)

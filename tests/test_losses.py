@@ -1,4 +1,4 @@
-"""Unit tests of dflash_jax.losses: golden values (reference doc §2.14), properties, bad input, chunked loss."""
+"""Unit tests of dflash_jax.losses: golden values (docs/design.md §4.9), properties, bad input, chunked loss."""
 
 from __future__ import annotations
 
@@ -133,12 +133,12 @@ def test_decay_weights_golden():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# block_loss: the reference's _compute_loss golden case (reference doc §2.14), no torch needed
+# block_loss: the reference's _compute_loss golden case (docs/design.md §4.9), no torch needed
 # ---------------------------------------------------------------------------------------------------------
 
 
 def golden_case():
-    """V=5, S=8, bs=4, anchors [1, 4]: logits, labels, mask and teacher logits as in reference doc §2.14."""
+    """V=5, S=8, bs=4, anchors [1, 4]: logits, labels, mask and teacher logits as in docs/design.md §4.9."""
     input_ids = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]], jnp.int32)
     loss_mask = jnp.array([[1, 1, 1, 1, 0, 1, 1, 1]], jnp.float32)
     anchors, keep = jnp.array([[1, 4]], jnp.int32), jnp.array([[True, True]])

@@ -1,7 +1,7 @@
 """Draft-model parity with the installed reference (nvidia-modelopt 0.47.0 ``DFlashModule``), fp32, CPU.
 
 Tiny Qwen3 and Llama targets (one per family, module-scoped), explicit draft dims, injected anchors with a dropped
-block and a kept anchor at 0 (reference §7.3b). The JAX draft is fed the reference's own target hidden states and
+block and a kept anchor at 0 (docs/design.md §5). The JAX draft is fed the reference's own target hidden states and
 weights; logits of kept blocks must agree to 1e-5 abs, the loss to 1e-6 rel and every draft parameter gradient to
 1e-4 rel (L2). Dropped blocks are compared only through the loss/gradients: the reference gives their fully-masked
 rows uniform attention over all keys, ours an exact zero, and both carry zero weight.

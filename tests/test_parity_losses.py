@@ -119,7 +119,7 @@ def test_position_ids_parity():
 
 
 def test_attention_mask_oracle_example():
-    """The §1.8 example, which pins the oracle wrapper that the draft-model tests use."""
+    """The docs/design.md §4.4 mask example, which pins the oracle wrapper that the draft-model tests use."""
     mask = oracle.ref_attention_mask(8, np.array([[0, 2]]), np.array([[True, False]]), 4)
     assert mask.shape == (1, 8, 16) and mask.dtype == bool
     np.testing.assert_array_equal(mask[0, :4], np.tile([0] * 8 + [1] * 4 + [0] * 4, (4, 1)))

@@ -2,7 +2,7 @@
 
 A tiny Qwen3 target converted by the reference is saved with ``save_pretrained`` and loaded by our HF loader; a
 drafter trained here (so that drafts are accepted often, but not always) is loaded into the reference strictly.
-Our cached loop must then agree with the reference's cache-free definitions (§4.1-§4.2):
+Our cached loop must then agree with the reference's cache-free definitions (docs/design.md §4.10):
 
 * the z-lab loop built on ``pseudo_speculative_generate``: identical tokens and accepted count per step;
 * ``AcceptanceRateValidation.validate_online`` (which also appends its uncounted correction token, so its

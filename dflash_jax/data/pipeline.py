@@ -11,8 +11,9 @@ stream runs on across epoch boundaries (no partial batches, nothing dropped).
 Batch (all numpy, ``S = seq_len``): ``input_ids [B,S] int32``, ``loss_mask [B,S] float32`` (0 on pad),
 ``segment_ids [B,S] int32``, ``positions [B,S] int32``.
 
-* packing: examples are appended greedily to a row while they fit; the next example that does not fit starts a
-  new row. ``segment_ids`` = 1..k per row, 0 on pad; ``positions`` restart at 0 in every segment (the pad tail
+* packing: a conversation longer than ``S`` becomes several examples cut at assistant-turn ends, each with as
+  much earlier context as fits (:func:`split_example`); examples are appended greedily to a row while they fit;
+  the next example that does not fit starts a new row. ``segment_ids`` = 1..k per row, 0 on pad; ``positions`` restart at 0 in every segment (the pad tail
   continues the last segment's count; it is masked everywhere).
 * padding (``packing=False``): one example per row, right-padded; ``segment_ids`` = 1 on real tokens and 0 on
   pad, ``positions = arange(S)``, i.e. exactly the reference's collated rows.
@@ -44,7 +45,8 @@ class TokenizedDataset:
     seq_len: int
     skipped: int = 0
     skip_reasons: tuple[str, ...] = ()
-    truncated: int = 0
+    truncated: int = 0  # conversations with assistant tokens that no example trains on
+    split: int = 0  # conversations split into several examples (split_long)
 
     def heldout_prompts(self, n: int) -> list[Conversation]:
         """The first ``n`` held-out conversations cut before their first assistant turn (never trained on)."""
@@ -54,15 +56,43 @@ class TokenizedDataset:
 
 
 def prompt_of(conv: Conversation) -> Conversation | None:
-    """``conv`` cut before its first assistant turn, or None if no user turn precedes that turn (or none exists)."""
-    first = next((i for i, (r, _) in enumerate(conv) if r == "assistant"), None)
-    if first is None or not any(r == "user" for r, _ in conv[:first]):
+    """``conv`` cut before its first assistant turn (all of it when it has none), or None if that holds no user
+    turn."""
+    first = next((i for i, (r, _) in enumerate(conv) if r == "assistant"), len(conv))
+    if not any(r == "user" for r, _ in conv[:first]):
         return None
     return conv[:first]
 
 
 def _has_prompt(conv: Conversation) -> bool:
     return prompt_of(conv) is not None
+
+
+def split_example(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[list[Example], bool]:
+    """A rendered conversation longer than ``seq_len`` as several examples cut at assistant-turn ends.
+
+    ``ids int32 [L]``, ``mask float32 [L]`` (1 on assistant tokens). Each example ends where an assistant turn
+    (a run of mask 1) ends and holds as many whole new turns as fit, preceded by as much earlier text as fits
+    (context, masked 0: every assistant token is trained by exactly one example). A turn longer than ``seq_len``
+    alone gives one example of its first tokens after ``seq_len // 2`` context tokens (its rest is dropped).
+    Returns ``(examples, cut)``; ``cut`` says whether some assistant token is in no example's loss.
+    """
+    edges = np.diff(np.concatenate([[0], (mask > 0).astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    out, cut, k = [], False, 0
+    while k < len(ends):
+        first = int(starts[k])
+        fit = k + int(np.searchsorted(ends[k:], first + seq_len, side="right"))  # turns k..fit-1 fit
+        if fit > k:
+            end = int(ends[fit - 1])
+            begin, k = max(0, end - seq_len), fit
+        else:
+            begin = max(0, first - seq_len // 2)
+            end, cut, k = begin + seq_len, True, k + 1
+        m = mask[begin:end].copy()
+        m[: max(0, first - begin)] = 0  # context: trained by an earlier example, or not assistant text
+        out.append((ids[begin:end], m))
+    return out, cut
 
 
 def build_dataset(
@@ -73,13 +103,15 @@ def build_dataset(
     fmt: str = "auto",
     max_conversations: int | None = None,
     heldout: int = 0,
+    split_long: bool = False,
 ) -> TokenizedDataset:
     """Read, render and batch-tokenise ``path`` once.
 
     The first ``heldout`` usable conversations that have a user turn before their first assistant turn are held
     out; the next ``max_conversations`` (None = all) usable ones are training examples, truncated to
-    ``seq_len`` tokens. Unusable records (see :func:`read_conversations`), conversations the template rejects
-    and examples with no assistant token inside ``seq_len`` are counted skips; the first few reasons are logged.
+    ``seq_len`` tokens, or with ``split_long`` (packing) split at assistant-turn ends (:func:`split_example`).
+    Unusable records (see :func:`read_conversations`), conversations the template rejects and examples with no
+    assistant token inside ``seq_len`` are counted skips; the first few reasons are logged.
     """
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
@@ -116,23 +148,33 @@ def build_dataset(
             texts.append(text)
             spans.append(sp)
             records.append(record)
-    examples, truncated = [], 0
-    encoded = renderer.encode(texts, spans, max_tokens=seq_len + 1)  # one extra token tells "was truncated"
+    examples, truncated, split, kept = [], 0, 0, 0
+    # one extra token tells "was truncated"; splitting needs every token
+    encoded = renderer.encode(texts, spans, max_tokens=None if split_long else seq_len + 1)
     for record, (ids, mask) in zip(records, encoded):
+        if split_long and len(ids) > seq_len and mask.any():
+            pieces, cut = split_example(ids, mask, seq_len)
+            examples.extend(pieces)
+            truncated += cut
+            split += len(pieces) > 1
+            kept += 1
+            continue
         if not mask[:seq_len].any():
             skip(Skip(record, f"no assistant token within the first seq_len={seq_len} tokens"))
             continue
         truncated += len(ids) > seq_len
         examples.append((ids[:seq_len], mask[:seq_len]))
+        kept += 1
     if len(held) < heldout:
         raise ValueError(f"data.heldout={heldout} but only {len(held)} conversations with a prompt were found")
     if not examples:
         raise ValueError(f"data.path {path!r} gave no usable training conversation (skipped {skipped}: {reasons})")
     log.info(
-        "data: %d training conversations (%d truncated to %d tokens), %d held out, %d skipped",
-        len(examples), truncated, seq_len, len(held), skipped,
+        "data: %d training conversations as %d examples (%d split at assistant-turn ends, %d with assistant tokens "
+        "cut by seq_len=%d), %d held out, %d skipped",
+        kept, len(examples), split, truncated, seq_len, len(held), skipped,
     )
-    return TokenizedDataset(tuple(examples), tuple(held), seq_len, skipped, tuple(reasons), truncated)
+    return TokenizedDataset(tuple(examples), tuple(held), seq_len, skipped, tuple(reasons), truncated, split)
 
 
 def build_iterator(data: Any, renderer: ChatRenderer, pad_id: int = 0, process_index: int = 0,
@@ -140,7 +182,7 @@ def build_iterator(data: Any, renderer: ChatRenderer, pad_id: int = 0, process_i
     """The training stream for a ``config.DataSection``: :func:`build_dataset` + :class:`DataIterator`
     (seed ``data.shuffle_seed``), yielding process ``process_index``'s rows of every global batch."""
     dataset = build_dataset(data.path, renderer, seq_len=data.seq_len, fmt=data.format,
-                            max_conversations=data.max_conversations, heldout=data.heldout)
+                            max_conversations=data.max_conversations, heldout=data.heldout, split_long=data.packing)
     return DataIterator(dataset, data.batch_size, packing=data.packing, seed=data.shuffle_seed, pad_id=pad_id,
                         process_index=process_index, process_count=process_count)
 
@@ -181,7 +223,7 @@ class DataIterator:
     the global batch of ``batch_size`` rows (all of them when ``process_count`` is 1; every process packs the
     same global rows, only its own are laid out); ``stats`` (of the global batch): ``real_token_fraction``
     (non-pad / B·S), ``loss_token_fraction``, ``conversations`` (segments in the batch), ``epoch``, ``skipped``,
-    ``skip_reasons``, ``truncated``.
+    ``skip_reasons``, ``truncated``, ``split``.
     ``state()`` is a JSON dict ``{epoch, index, seed, num_examples, batch_size, packing}``.
     """
 
@@ -245,6 +287,7 @@ class DataIterator:
             "skipped": self.dataset.skipped,
             "skip_reasons": list(self.dataset.skip_reasons),
             "truncated": self.dataset.truncated,
+            "split": self.dataset.split,
         }
         return batch, stats
 

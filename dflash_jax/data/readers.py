@@ -70,8 +70,9 @@ def _openai_text(content: Any) -> Any:
     return content
 
 
-def parse_record(obj: Any, fmt: str = "auto") -> Conversation | str:
-    """One decoded JSON record → a :data:`Conversation`, or the reason it is unusable (a string)."""
+def parse_record(obj: Any, fmt: str = "auto", require_assistant: bool = True) -> Conversation | str:
+    """One decoded JSON record → a :data:`Conversation`, or the reason it is unusable (a string);
+    ``require_assistant=False`` accepts records without an assistant turn (eval prompts)."""
     if not isinstance(obj, dict):
         return f"record is {type(obj).__name__}, not an object"
     if fmt == "auto":
@@ -100,7 +101,7 @@ def parse_record(obj: Any, fmt: str = "auto") -> Conversation | str:
         if problem:
             return problem
         out.append((role, text.strip()))
-    if not any(role == "assistant" for role, _ in out):
+    if require_assistant and not any(role == "assistant" for role, _ in out):
         return "no assistant turn"
     return tuple(out)
 
@@ -208,14 +209,32 @@ def _records(f: BinaryIO) -> Iterator[tuple[int, Any, str | None]]:
     return _jsonl_records(f)
 
 
-def read_indexed(path: str | os.PathLike, fmt: str = "auto") -> Iterator[tuple[int, Union[Conversation, Skip]]]:
+def read_indexed(path: str | os.PathLike, fmt: str = "auto", require_assistant: bool = True
+                 ) -> Iterator[tuple[int, Union[Conversation, Skip]]]:
     """Like :func:`read_conversations`, with each item's record index (0-based array element or file line)."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
     with _open_source(path) as f:
         for idx, obj, error in _records(f):
-            parsed = error if error is not None else parse_record(obj, fmt)
+            parsed = error if error is not None else parse_record(obj, fmt, require_assistant)
             yield idx, Skip(idx, parsed) if isinstance(parsed, str) else parsed
+
+
+def read_prompts(path: str | os.PathLike) -> Iterator[Union[Conversation, Skip]]:
+    """Eval prompts of ``path``: chat records as :func:`read_conversations` reads them, user-only ones included
+    (the caller cuts each before its first assistant turn), or, when the file's first non-blank character is
+    neither ``[`` nor ``{``, plain text with one user prompt per non-blank line."""
+    with _open_source(path) as f:
+        plain = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()[:1] not in (b"[", b"{")
+    if not plain:
+        yield from (item for _, item in read_indexed(path, require_assistant=False))
+        return
+    with _open_source(path) as f:
+        for i, raw in enumerate(f):
+            text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+            if text.strip():
+                problem = _text_problem(text, f"line {i + 1}")
+                yield Skip(i, problem) if problem else (("user", text.strip()),)
 
 
 def read_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[Union[Conversation, Skip]]:

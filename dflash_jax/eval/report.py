@@ -1,6 +1,6 @@
 """Speculative-decoding evaluation: input checks, per-prompt runs, metrics, JSON and histogram PNG.
 
-Metrics (z-lab / vLLM definition, reference §4.2): one verify step commits ``a + 1`` tokens (``a`` accepted
+Metrics (z-lab / vLLM definition, docs/design.md §4.10): one verify step commits ``a + 1`` tokens (``a`` accepted
 drafts plus the target's bonus/correction token, at most ``bs``).
 
 * ``tau``: mean tokens committed per target verify forward, pooled over all steps of all prompts
@@ -57,14 +57,16 @@ def _check_prompts(prompts: Sequence[np.ndarray], vocab_size: int) -> list[np.nd
 def evaluate(
     target, draft_model, draft_cfg, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
     temperature: float = 0.0, seed: int = 0, check_lossless: bool = False, block_size: int | None = None,
-    max_cache_len: int | None = None, eos_token_ids: Sequence[int] | None = None,
+    max_cache_len: int | None = None, max_prompt_len: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Speculative decoding of every prompt with ``draft_model`` (a ``DFlashDraft``) against ``target`` (a
     ``Target``), plus plain target decoding of the same prompts for the speedup baseline.
 
     ``block_size``: verified block (default ``draft_cfg.block_size``; smaller = fewer speculative tokens).
     ``max_cache_len`` (default ``target.config.max_position_embeddings``): prompts longer than
-    ``max_cache_len - max_new_tokens - block_size`` are truncated from the left with a warning.
+    ``min(max_prompt_len, max_cache_len - max_new_tokens - block_size)`` keep their last tokens; one warning
+    says how many prompts and tokens were cut, and ``truncated_prompts`` / ``truncated_prompt_tokens`` count them.
     ``eos_token_ids`` (default the target's) stop generation. ``check_lossless`` (greedy only) compares every
     speculative output with the plain target's; at ``temperature > 0`` ``lossless`` is ``None``.
     Returns a JSON-ready dict (see the module docstring for the metric definitions).
@@ -86,16 +88,20 @@ def evaluate(
     if limit < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} + block_size={bs} leaves no room for a prompt in a "
                          f"cache of max_cache_len={cache_len}")
+    why = f"max_cache_len {cache_len} - max_new_tokens {max_new_tokens} - block_size {bs}"
+    if max_prompt_len is not None and max_prompt_len < limit:
+        limit, why = int(max_prompt_len), "the prompt length limit (eval.prompt_len / --prompt-len)"
+    long = [i for i, p in enumerate(prompts) if p.size > limit]
+    dropped = sum(prompts[i].size - limit for i in long)
+    if long:
+        warnings.warn(f"{len(long)} of {len(prompts)} prompts (prompts{long[:8]}{'...' if len(long) > 8 else ''}) "
+                      f"have more than {limit} tokens ({why}); keeping their last {limit} tokens drops {dropped} "
+                      "prompt tokens, including the start of each (system turn, instructions)", stacklevel=2)
     eos = tuple(tc.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
 
-    per_prompt, mismatches, truncated = [], [], 0
+    per_prompt, mismatches = [], []
     for i, prompt in enumerate(prompts):
-        if prompt.size > limit:
-            warnings.warn(f"prompts[{i}] has {prompt.size} tokens, more than the cache allows ({limit} = "
-                          f"max_cache_len {cache_len} - max_new_tokens {max_new_tokens} - block_size {bs}); "
-                          "keeping its last tokens", stacklevel=2)
-            prompt = prompt[-limit:]
-            truncated += 1
+        prompt = prompt[-limit:]
         bucket = speculative.bucket_length(prompt.size, limit)
         kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=seed + i,
                   eos_token_ids=eos, bucket=bucket)
@@ -120,7 +126,7 @@ def evaluate(
         })
     return summarize(per_prompt, bs, mismatches=mismatches, check_lossless=check_lossless and temperature == 0.0,
                      extra={"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-                            "truncated_prompts": truncated})
+                            "truncated_prompts": len(long), "truncated_prompt_tokens": int(dropped)})
 
 
 def summarize(per_prompt: list[dict], block_size: int, *, mismatches: list[int], check_lossless: bool,

@@ -1,6 +1,6 @@
 """DFlash speculative decoding in JAX (greedy and speculative sampling) and the plain-target baseline.
 
-One verification step (z-lab loop; reference ``pseudo_speculative_generate`` §4.1, acceptance §4.2):
+One verification step (z-lab loop; ModelOpt ``pseudo_speculative_generate``, docs/design.md §4.10):
 
 * state: the target KV cache and the draft context cache both hold the ``L`` committed positions ``0..L-1``;
   the last committed token ``x_L`` sits at position ``L`` and has **no** taps in either cache yet;
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,7 @@
 """The DFlash draft model (Flax NNX): feature fusion, KV-injection decoder layers, block-sparse attention.
 
-Numerics follow the reference ``DFlashModule`` (nvidia-modelopt 0.47.0; ``docs`` reference §1.5-§1.10):
+Numerics follow the reference ``DFlashModule`` (nvidia-modelopt 0.47.0 ``modeling_dflash.py``; docs/design.md
+§4.3-§4.4):
 
 * fusion ``C = hidden_norm(fc(target_hidden))`` ``[B, S, T*H] -> [B, S, H]``, computed once, shared by all layers;
 * per layer: ``q`` from the block only, ``k``/``v`` from ``[C ; block]`` through the same ``k_proj``/``v_proj``,
@@ -48,7 +49,8 @@ def check_draft_fields(cfg: Any, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
-    """Every dimension of the draft, explicit (the reference's silent Qwen3Config defaults are a trap, §1.3).
+    """Every dimension of the draft, explicit (the reference's silent Qwen3Config defaults are a trap,
+    docs/design.md §4.2).
 
     ``hidden_size``/``vocab_size`` must equal the target's; ``target_layer_ids`` index the target's decoder layers
     (feature ``lid`` is HF ``hidden_states[lid + 1]``) and their count ``T`` sets ``fc``'s input width ``T*H``.
@@ -101,7 +103,7 @@ class DraftConfig:
                              f"[0, num_target_layers={self.num_target_layers})")
         if not self.mask_token_id < self.vocab_size:
             raise ValueError(f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
-                             f"{self.vocab_size})")
+                             f"{self.vocab_size}) (a row of the target's embedding table)")
         if not self.initializer_range > 0:
             raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
         try:
@@ -153,9 +155,10 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     ``[B, N*bs, NH, HD]`` in ``v``'s dtype.
 
     Equals ``softmax(q k^T / sqrt(HD) + M) v`` over keys ``[ctx ; all blocks]`` with the reference's dense mask ``M``
-    (§1.8), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal ``[N, bs, bs]`` score parts
-    share one max and one normaliser (fp32). A row with no visible key yields 0 with zero gradient. ``sinks [NH]``
-    adds one logit per head to every normaliser (``layers.sink_softmax``; reference ``_sink_attention_impl``).
+    (docs/design.md §4.4), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal
+    ``[N, bs, bs]`` score parts share one max and one normaliser (fp32). A row with no visible key yields 0 with zero
+    gradient. ``sinks [NH]`` adds one logit per head to every normaliser (``layers.sink_softmax``; reference
+    ``_sink_attention_impl``).
     """
     b, q_len, nh, hd = q.shape
     n, bs = blk_mask.shape[1], blk_mask.shape[2]
@@ -192,7 +195,7 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
 
 def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, block_size: int,
                    sliding_window: int | None, causal: bool) -> tuple[jax.Array, jax.Array]:
-    """Visibility for the training forward (reference §1.8, generalised to packed segments).
+    """Visibility for the training forward (docs/design.md §4.4, generalised to packed segments).
 
     ``anchors/keep [B, N]``, ``segment_ids [B, S]`` -> ``ctx_mask [B, N*bs, S]``: context ``t`` is visible to slot
     ``j`` of block ``n`` iff ``keep[n]``, ``t < a_n``, ``segment_ids[t] == segment_ids[a_n]`` and (with a window
@@ -220,7 +223,7 @@ def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, 
 
 
 class DraftAttention(nnx.Module):
-    """KV-injection attention: ``q`` from the block, ``k/v`` from ``[context ; block]`` (reference §1.6)."""
+    """KV-injection attention: ``q`` from the block, ``k/v`` from ``[context ; block]`` (docs/design.md §4.3)."""
 
     def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         kw = dict(rngs=rngs, use_bias=cfg.attention_bias, std=cfg.initializer_range, param_dtype=param_dtype,
@@ -268,7 +271,8 @@ def _apply_layer(layer, *args):
 
 
 class DFlashDraft(nnx.Module):
-    """The DFlash drafter. Parameters: ``fc``, ``hidden_norm``, ``layers[i]``, ``norm`` (export names, §1.2).
+    """The DFlash drafter. Parameters: ``fc``, ``hidden_norm``, ``layers[i]``, ``norm`` (export names,
+    docs/design.md §4.2).
 
     ``param_dtype`` is the storage dtype of parameters; ``dtype`` the compute dtype (e.g. bf16 with fp32 params).
     Build inside :func:`dflash_jax.models.layers.unsharded_init` to get logically-annotated, unplaced parameters.
@@ -292,7 +296,7 @@ class DFlashDraft(nnx.Module):
         return layers.rope_cos_sin(positions, inv_freq, self.dtype, layers.rope_attention_factor(scaling))
 
     def fuse(self, target_hidden: jax.Array) -> jax.Array:
-        """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (§1.5)."""
+        """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (docs/design.md §4.3)."""
         blocks.check_shape("target_hidden", target_hidden, (None, None, None))
         if target_hidden.shape[-1] != self.cfg.num_features * self.cfg.hidden_size:
             raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "

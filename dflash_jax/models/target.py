@@ -5,7 +5,7 @@ llama3, linear or YaRN scaling), tied or separate ``lm_head``; Qwen2 adds q/k/v 
 on q and k before RoPE. Qwen3-MoE, gpt-oss and Gemma 3 are their differences from it (``models/families/``),
 built from :class:`Attention` and :func:`decoder_layer`; sliding-window layers get their own rope and mask.
 
-Tap convention (DFlash, reference §1.4): layer id ``k`` is the output of decoder layer ``k`` (HF
+Tap convention (DFlash, docs/design.md §4.1): layer id ``k`` is the output of decoder layer ``k`` (HF
 ``hidden_states[k+1]``). HF quirk reproduced on purpose: the last entry ``hidden_states[Lt]`` is taken *after*
 the final norm, so id ``Lt-1`` yields the normed final state.
 

@@ -127,7 +127,7 @@ def compile_report(
     if platform not in PLATFORMS:
         raise ValueError(f"--platform must be one of {PLATFORMS}, got {platform!r}")
     tcfg = target_config(config, config_json)
-    config_lib.validate_runtime(config, jax.device_count(), tcfg.vocab_size, tcfg.num_layers)
+    config_lib.validate_runtime(config, jax.device_count(), num_target_layers=tcfg.num_layers)
     mesh = sharding.make_mesh(config.mesh.shape)
     jitted, args = abstract_step(config, tcfg, mesh)
     report: dict[str, Any] = {

@@ -130,6 +130,13 @@ def is_complete_step_dir(path: str) -> bool:
         os.path.isdir(os.path.join(path, item)) and os.listdir(os.path.join(path, item)) for item in ITEMS)
 
 
+def complete_steps(directory: str) -> list[int]:
+    """The complete step directories under ``directory`` (ascending; none if it is absent), read without Orbax."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if is_complete_step_dir(os.path.join(directory, n)))
+
+
 def _files(step_dir: str) -> dict[str, str]:
     """``{path relative to step_dir: absolute path}`` of every file under ``step_dir`` but the manifest and
     Orbax's ``_CHECKPOINT_METADATA`` (rewritten with the commit time after the manifest is sealed)."""

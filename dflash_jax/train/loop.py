@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -28,12 +29,14 @@ from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import paths
 from dflash_jax.data import pipeline
-from dflash_jax.train import features, optim, rundir, sharding
+from dflash_jax.train import checkpoint as ckpt_lib
+from dflash_jax.train import cost, features, optim, rundir, sharding
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
+_WARMUP_STEPS = 2  # timed steps after the first (compiling) one, for the plan's step-time estimate and ETA
 _MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
 
@@ -50,7 +53,8 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
     out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "grad_norm", "lr", "real_token_fraction")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
     out.update(skipped_updates=int(m["skipped_updates"]), tokens=int(m["tokens"]), epoch=int(stats.get("epoch", 0)),
-               skipped_samples=int(stats.get("skipped", 0)), update_skipped=bool(m["update_skipped"]))
+               skipped_samples=int(stats.get("skipped", 0)), split_conversations=int(stats.get("split", 0)),
+               truncated_conversations=int(stats.get("truncated", 0)), update_skipped=bool(m["update_skipped"]))
     return out
 
 
@@ -64,8 +68,8 @@ def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, e
     rec.update({k: float(np.mean([w[k] for w in applied])) if applied else None for k in _MEAN_KEYS})
     tokens = sum(w["tokens"] for w in window)
     rec["tokens_per_s"] = tokens / seconds if seconds > 0 else None
-    rec.update(skipped_samples=last["skipped_samples"], lr=last["lr"], skipped_updates=last["skipped_updates"],
-               epoch=last["epoch"], elapsed_s=round(elapsed, 3))
+    rec.update({k: last[k] for k in ("skipped_samples", "split_conversations", "truncated_conversations", "lr",
+                                     "skipped_updates", "epoch")}, elapsed_s=round(elapsed, 3))
     rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in _VECTOR_KEYS})
     return {k: rec[k] for k in rundir.METRIC_KEYS}
 
@@ -143,10 +147,12 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
     """Train a drafter as ``config`` says, writing the run directory (module docstring).
 
     ``resume``: continue from the newest good checkpoint in ``RUN/checkpoints`` (a fresh start if there is
-    none); the config fingerprint must match. ``overwrite``: replace a previous run (only a directory with
-    :data:`~dflash_jax.train.rundir.RUN_MARKERS`). ``progress``: tqdm bar on stderr. ``on_step(step)``: called
-    after every step (tests inject interrupts with it). SIGINT (Ctrl-C) ends the current step, saves a checkpoint
-    and returns with ``interrupted=True``; a second SIGINT kills the process at once. The run directory is locked
+    none); the config must match the run's (:func:`~dflash_jax.train.run.check_resume`, checked before the target
+    loads; a larger ``train.steps`` extends the run). ``overwrite``: replace a previous run (only a directory with
+    :data:`~dflash_jax.train.rundir.RUN_MARKERS`). ``progress``: tqdm bar on stderr when it is a terminal, else
+    (and with ``progress=False``) one log line per ``train.log_every``. ``on_step(step)``: called after every step
+    (tests inject interrupts with it). SIGINT (Ctrl-C) ends the current step, saves a checkpoint and returns with
+    ``interrupted=True``; a second SIGINT kills the process at once. The run directory is locked
     (:class:`dflash_jax.paths.DirLock`) for the whole call; :class:`DivergedError` after
     ``train.max_consecutive_skips`` consecutive skipped updates.
     """
@@ -166,6 +172,9 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     main = jax.process_index() == 0
     sharding.barrier("dflash_jax:run_dir_prepared")  # process 0 prepared (or replaced) the run directory
     t0 = time.perf_counter()
+    if resume and rundir.is_run_dir(run_dir):  # before the target loads: a refused resume fails in seconds
+        steps = ckpt_lib.complete_steps(os.path.join(run_dir, rundir.CHECKPOINT_DIR))
+        run_lib.check_resume(run_dir, config, steps[-1] if steps else None)
     tc = config.train
 
     target, renderer, draft_cfg = run_lib.assemble(config, jax.device_count())
@@ -184,8 +193,11 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
         heldout = pipeline.build_dataset(config.data.path, renderer, seq_len=config.data.seq_len,
                                          fmt=config.data.format, max_conversations=1,
                                          heldout=config.data.heldout).heldout
-    prompts = (run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts, config.eval.prompt_len)
-               if tc.eval_every and config.eval.num_prompts else [])
+    prompts = (run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)
+               if tc.eval_every and config.eval.num_prompts and heldout else [])
+    if tc.eval_every and not heldout:
+        log.warning("data.heldout=0: no held-out prompts, so in-training eval (train.eval_every) is off; evaluate "
+                    "afterwards with dflash-jax eval --draft RUN --prompts FILE")
 
     mesh = sharding.make_mesh(config.mesh.shape)
     tx, schedule = optim.optimizer_from_config(tc)
@@ -211,7 +223,7 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
         iterator.restore(meta["data_state"]["iterator"])
         window = list(meta["data_state"]["window"])
         guard.count = meta["data_state"].get("consecutive_skips", 0)
-        log.info("resumed from step %d", start)
+        log.info("resumed from step %d of %d", start, tc.steps)
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
     if main:
@@ -220,8 +232,14 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     sharding.barrier("dflash_jax:run_files_written")
 
     sink = rundir.MetricsSink(run_dir, main)
+    if main:
+        flops = cost.train_flops(target.config, draft_cfg, config.data.batch_size, config.data.seq_len,
+                                 config.draft.num_anchors, config.loss.kd, online=tc.mode == "online")
+        log.info(cost.plan_line(steps=tc.steps, start=start, batch=config.data.batch_size,
+                                seq_len=config.data.seq_len, flops=flops))
+    warmup: list[float] = []  # seconds of the first steps (data + step, synchronised)
     bar = None
-    if progress and main:
+    if progress and main and sys.stderr.isatty():  # a log file gets the plain lines below, not a redrawn bar
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -243,11 +261,18 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
 
     try:
         while step < tc.steps and not sigint.raised:
+            t_step = time.perf_counter()
             batch, stats = iterator.next()  # this process's rows
             state_valid = False
             state, metrics = step_fn(state, batch, key)
             state_valid = True
             step += 1
+            if len(warmup) <= _WARMUP_STEPS:
+                jax.block_until_ready(metrics["loss"])
+                warmup.append(time.perf_counter() - t_step)
+                if len(warmup) == _WARMUP_STEPS + 1 and main:
+                    log.info(cost.eta_line(step_s=float(np.median(warmup[1:])), measured=_WARMUP_STEPS,
+                                           first_s=warmup[0], steps_left=tc.steps - step))
             pending.append((metrics, stats))
             if step % tc.log_every == 0 or step == tc.steps:
                 drain()
@@ -257,7 +282,11 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
                 t_window = now
                 sink.write(last)
                 guard.check(step)
-                if bar is not None and last["loss"] is not None:
+                if bar is None and main:
+                    log.info("step %d/%d loss %s acc %s tau %s tok/s %.0f", step, tc.steps,
+                             *(f"{last[k]:.4f}" if last[k] is not None else "n/a (updates skipped)"
+                               for k in ("loss", "accuracy", "simulated_tau")), last["tokens_per_s"] or 0)
+                elif bar is not None and last["loss"] is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
                                     tau=f"{last['simulated_tau']:.3f}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
             if prompts and (step % tc.eval_every == 0 or step == tc.steps):

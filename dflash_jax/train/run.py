@@ -56,9 +56,7 @@ def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat
     vocab, eos = target.config.vocab_size, set(target.eos_token_ids)
     tok = renderer.tokenizer
     eos |= {i for i in (tok.token_to_id(t) for t in (renderer.eos_token, "<|im_end|>") if t) if i is not None}
-    if configured is not None:
-        if not 0 <= configured < vocab:
-            raise ValueError(f"draft.mask_token_id ({configured}) must be in [0, target vocab_size={vocab})")
+    if configured is not None:  # its range is DraftConfig's check (build_draft_config)
         if configured in eos:
             raise ValueError(f"draft.mask_token_id ({configured}) is an end-of-sequence token of the target; "
                              "choose an id the target never emits")
@@ -86,16 +84,42 @@ def build_draft_config(section: config_lib.DraftSection, target: Target, mask_to
             if f.name not in _SECTION_ONLY and getattr(section, f.name) is not None}
     dims.update(mask_token_id=mask_token_id, max_position_embeddings=tc.max_position_embeddings)
     dims.setdefault("rope_theta", tc.rope_theta)
-    return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
+    try:
+        return DraftConfig.from_target(tc.hidden_size, tc.vocab_size, tc.num_layers, **dims)
+    except ValueError as err:  # name the config key, not the class
+        raise ValueError(str(err).replace("DraftConfig.", "draft.")) from None
+
+
+def check_inputs(config: config_lib.Config) -> None:
+    """The input files a config names, checked before any model loads (ValueError naming the key): ``data.path``
+    readable, ``data.chat_template`` / ``draft.init`` / ``train.features_dir`` (offline) present (``target.path``:
+    :func:`build_target` checks it before loading)."""
+    da = config.data
+    if da.path != readers.SHAREGPT_PACKAGE:
+        if not os.path.isfile(da.path):
+            raise ValueError(f"data.path {da.path!r} is not a file (a ShareGPT/OpenAI JSON or JSONL chat file, or "
+                             f"'{readers.SHAREGPT_PACKAGE}')")
+        try:
+            with open(da.path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ValueError(f"data.path {da.path!r} cannot be read: {e}") from None
+    for key, path, isdir in (("data.chat_template", da.chat_template, False), ("draft.init", config.draft.init, True),
+                             ("train.features_dir", config.train.features_dir if config.train.mode == "offline"
+                              else None, True)):
+        if path is not None and not (os.path.isdir(path) if isdir else os.path.isfile(path)):
+            raise ValueError(f"{key} {path!r} is not a {'directory' if isdir else 'file'}")
 
 
 def assemble(config: config_lib.Config, num_devices: int | None = None
              ) -> tuple[Target, chat.ChatRenderer, DraftConfig]:
-    """``(target, renderer, draft_cfg)`` of a config: the loaded target (checked against the config by
-    :func:`~dflash_jax.config.validate_runtime`, with the mesh when ``num_devices`` is given), its chat renderer
-    (``data.chat_template``) and the drafter config with the mask token resolved."""
+    """``(target, renderer, draft_cfg)`` of a config: its inputs checked (:func:`check_inputs`), the loaded target
+    (checked against the config by :func:`~dflash_jax.config.validate_runtime`, with the mesh when
+    ``num_devices`` is given), its chat renderer (``data.chat_template``) and the drafter config with the mask
+    token resolved."""
+    check_inputs(config)
     target = build_target(config.target)
-    config_lib.validate_runtime(config, num_devices, target.config.vocab_size, target.config.num_layers)
+    config_lib.validate_runtime(config, num_devices, num_target_layers=target.config.num_layers)
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
     mask_id = resolve_mask_token_id(config.draft.mask_token_id, target, renderer)
     return target, renderer, build_draft_config(config.draft, target, mask_id)
@@ -120,14 +144,53 @@ def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str 
     return draft
 
 
+# train keys a resume must keep: the optimizer's math and the data order. train.steps may grow (extend_run docs).
+_FIXED_TRAIN = ("lr", "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "b1", "b2", "eps",
+                "seed", "compute_dtype", "param_dtype", "mode")
+
+
+def _fixed_train(train: config_lib.TrainSection) -> dict[str, Any]:
+    return {k: getattr(train, k) for k in _FIXED_TRAIN}
+
+
 def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, Any]:
-    """What must not change across ``--resume`` (mesh shape and logging/checkpoint cadence may)."""
-    t = config.train
-    train = {k: getattr(t, k) for k in ("steps", "lr", "warmup_steps", "warmup_ratio", "schedule", "weight_decay",
-                                        "clip_norm", "b1", "b2", "eps", "seed", "compute_dtype", "param_dtype",
-                                        "mode")}
+    """What must not change across ``--resume`` (:func:`resumable_keys` may)."""
     return ckpt_lib.config_fingerprint(target=config.target, draft=draft_cfg, loss=config.loss, data=config.data,
-                                       train=train)
+                                       train=_fixed_train(config.train))
+
+
+def resumable_keys() -> list[str]:
+    """The config keys whose value ``--resume`` accepts a change of."""
+    train = [f"train.{f.name}" for f in dataclasses.fields(config_lib.TrainSection)
+             if f.name not in _FIXED_TRAIN and f.name != "steps"]
+    return ["train.steps (larger: extends the run)", *train, "mesh.shape", "eval.*", "draft.init"]
+
+
+def check_resume(run_dir: str, config: config_lib.Config, step: int | None = None) -> None:
+    """Before any model loads: ValueError unless ``config`` may continue the run saved in ``run_dir`` (its
+    ``config.yaml``; the checkpoint's own fingerprint is checked again on restore) and, when the checkpoint
+    ``step`` is known, ``train.steps >= step``. The message lists the keys that may change.
+
+    Extending a run (``--resume --set train.steps=N`` with a larger N): the learning-rate schedule is recomputed
+    for the new total (same warmup, decay to 0 at step N) and continues from the current step, so the steps
+    already taken keep the old schedule's values and the remaining ones follow the new schedule's tail."""
+    saved, _ = load_run(run_dir)
+    draft = config.draft
+    if draft.mask_token_id is None:  # config.yaml holds the id the run resolved from null
+        draft = dataclasses.replace(draft, mask_token_id=saved.draft.mask_token_id)
+    keys = ("--resume may change only: " + ", ".join(resumable_keys()) +
+            "; to change anything else start a new run (another --run-dir, or --overwrite)")
+    try:
+        ckpt_lib.check_fingerprint(
+            ckpt_lib.config_fingerprint(target=saved.target, draft=saved.draft, loss=saved.loss, data=saved.data,
+                                        train=_fixed_train(saved.train)),
+            ckpt_lib.config_fingerprint(target=config.target, draft=draft, loss=config.loss, data=config.data,
+                                        train=_fixed_train(config.train)))
+    except ValueError as e:
+        raise ValueError(f"--resume {run_dir}: {e}. {keys}") from None
+    if step is not None and config.train.steps < step:
+        raise ValueError(f"--resume {run_dir}: train.steps={config.train.steps} is below the checkpoint's step "
+                         f"{step}; a resume can only continue or extend a run. {keys}")
 
 
 def checkpointer(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, keep: int | None,
@@ -161,11 +224,11 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Co
     return config, draft_cfg, state.params, meta["step"]
 
 
-def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation], n: int,
-                 prompt_len: int) -> list[np.ndarray]:
-    """Token ids (int32) of the first ``n`` usable prompts: each conversation cut before its first assistant turn
-    (:func:`~dflash_jax.data.pipeline.prompt_of`), rendered with the generation prompt, last ``prompt_len``
-    tokens kept."""
+def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation],
+                 n: int | None = None) -> list[np.ndarray]:
+    """Token ids (int32) of the first ``n`` (None = all) usable prompts: each conversation cut before its first
+    assistant turn (:func:`~dflash_jax.data.pipeline.prompt_of`; a user-only one is taken whole), rendered with
+    the generation prompt. Length limits are applied (and counted) by :func:`run_eval`."""
     out = []
     for conv in conversations:
         prefix = pipeline.prompt_of(conv)
@@ -176,7 +239,7 @@ def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Co
         except chat.RenderError:
             continue
         if ids.size:
-            out.append(ids[-prompt_len:])
+            out.append(ids)
         if len(out) == n:
             break
     return out
@@ -184,9 +247,11 @@ def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Co
 
 def run_eval(target: Target, draft_cfg: DraftConfig, params: Any, prompts: Sequence[np.ndarray],
              section: config_lib.EvalSection, *, seed: int = 0, check_lossless: bool = False) -> dict[str, Any]:
-    """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree)."""
+    """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree); prompts
+    longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result."""
     from dflash_jax.eval.report import evaluate
 
     draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
     return evaluate(target, draft, draft_cfg, prompts, max_new_tokens=section.max_new_tokens,
-                    temperature=section.temperature, seed=seed, check_lossless=check_lossless)
+                    temperature=section.temperature, seed=seed, check_lossless=check_lossless,
+                    max_prompt_len=section.prompt_len)

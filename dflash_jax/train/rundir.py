@@ -2,7 +2,7 @@
 
 Run directory layout (``RUN``)::
 
-    RUN/config.yaml          the resolved config (what ``--resume`` reloads)
+    RUN/config.yaml          the resolved config, mask token id included (what ``--resume`` reloads)
     RUN/draft_config.json    the resolved drafter config (export ``config.json`` format)
     RUN/heldout.jsonl        held-out conversations (never trained on; ``dflash-jax eval`` prompts)
     RUN/metrics.jsonl        one JSON object per logged step (see :data:`METRIC_KEYS`) and per eval
@@ -15,6 +15,7 @@ Run directory layout (``RUN``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,9 +39,9 @@ PLOTS_DIR = "plots"
 TB_DIR = "tb"
 RUN_MARKERS = (CONFIG_FILE, DRAFT_CONFIG_FILE)  # what --overwrite requires before deleting a directory
 
-METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "tokens_per_s", "skipped_samples", "lr", "grad_norm",
-               "real_token_fraction", "position_accuracy", "position_weight_mean", "skipped_updates",
-               "skipped_steps", "epoch", "elapsed_s")
+METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "tokens_per_s", "skipped_samples", "split_conversations",
+               "truncated_conversations", "lr", "grad_norm", "real_token_fraction", "position_accuracy",
+               "position_weight_mean", "skipped_updates", "skipped_steps", "epoch", "elapsed_s")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
 
 
@@ -74,8 +75,9 @@ def is_run_dir(path: str) -> bool:
 
 def write_run_files(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig,
                     heldout: Sequence[readers.Conversation]) -> None:
-    """``config.yaml``, ``draft_config.json`` and ``heldout.jsonl`` of a run."""
-    config_lib.save_resolved(config, run_dir)
+    """``config.yaml`` (with the resolved ``draft.mask_token_id``), ``draft_config.json`` and ``heldout.jsonl``."""
+    resolved = dataclasses.replace(config.draft, mask_token_id=draft_cfg.mask_token_id)
+    config_lib.save_resolved(dataclasses.replace(config, draft=resolved), run_dir)
     with open(os.path.join(run_dir, DRAFT_CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(export_lib.config_to_json(draft_cfg, "float32"), f, indent=2)
     write_heldout(os.path.join(run_dir, HELDOUT_FILE), heldout)

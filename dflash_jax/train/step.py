@@ -6,12 +6,12 @@ donated:
 
 1. target features: (online) the frozen target's forward -> taps ``[B,S,T*H]`` + final hidden ``[B,S,H]``;
    (offline) the batch's ``target_hidden`` and optional ``teacher_hidden``;
-2. anchors ``sample_anchors(fold_in(key, step))`` -> labels / mask ``block_targets`` (reference §2.3, §2.9);
-3. noise ids: the anchor token at slot 0 of kept blocks, ``mask_token_id`` elsewhere (§2.5), embedded with the
+2. anchors ``sample_anchors(fold_in(key, step))`` -> labels / mask ``block_targets`` (docs/design.md §4.5, §4.8);
+3. noise ids: the anchor token at slot 0 of kept blocks, ``mask_token_id`` elsewhere (§4.6), embedded with the
    target's table;
 4. draft forward in the draft module's compute dtype (fp32 master params cast once; gradients flow back to fp32);
 5. chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises the
-   ``[B, N*bs, V]`` fp32 logits); KD teacher = final hidden at ``teacher_positions`` (§2.10);
+   ``[B, N*bs, V]`` fp32 logits); KD teacher = final hidden at ``teacher_positions`` (§4.8);
 6. gradients; if the loss or the gradient norm is non-finite the update is skipped (params and optimizer state
    untouched, ``skipped_updates`` += 1), otherwise optax (clip + AdamW) updates the params.
 
@@ -91,7 +91,8 @@ class StepConfig:
 
 def noise_ids(input_ids: jax.Array, anchors: jax.Array, keep: jax.Array, block_size: int,
               mask_token_id: int) -> jax.Array:
-    """Draft input ids ``[B, N*bs]`` int32: ``input_ids[a_n]`` at slot 0 of kept blocks, the mask id elsewhere (§2.5)."""
+    """Draft input ids ``[B, N*bs]`` int32: ``input_ids[a_n]`` at slot 0 of kept blocks, the mask id elsewhere
+    (docs/design.md §4.6)."""
     b, s = input_ids.shape
     n = anchors.shape[1]
     anchor_tok = jnp.take_along_axis(input_ids.astype(jnp.int32), jnp.clip(anchors, 0, s - 1), axis=1)
