@@ -170,6 +170,10 @@ class TrainSection:
     mode: Literal["online", "offline"] = "online"
     features_dir: str | None = None  # offline features (train.mode: offline)
     remat: bool = False
+    # Attention implementation of the target and the draft (README "Attention"): auto = the measured choice per
+    # backend; dense = the parity baseline; chunked = XLA online softmax, O(queries x chunk) memory; pallas =
+    # fused kernels (splash / Mosaic on TPU, Triton on GPU; interpreted, slowly, on CPU).
+    attention: Literal["auto", "dense", "chunked", "pallas"] = "auto"
     max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
     grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size rows in all), inside the one jit
 

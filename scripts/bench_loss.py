@@ -49,6 +49,13 @@ def median_seconds(fns: dict, warmup: int, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def speedup_lines(step_s: dict, baseline: str = "dense") -> list[str]:
+    """``<name>_speedup_vs_<baseline>=<x>`` for every other entry of ``step_s`` (none without the baseline)."""
+    if baseline not in step_s:
+        return []
+    return [f"{name}_speedup_vs_{baseline}={step_s[baseline] / t:.2f}" for name, t in step_s.items() if name != baseline]
+
+
 def make_case(b: int, n: int, bs: int, v: int, seed: int = 0):
     """Random logits ``[B,N,bs,V]`` and a batch of ``S = N*bs`` tokens with N sorted distinct anchors per row."""
     rng = np.random.default_rng(seed)

@@ -3,6 +3,7 @@
     python scripts/bench_train_step.py                         # CPU shape (default), float32
     python scripts/bench_train_step.py --compare-reference     # + the reference (modelopt 0.47.0, torch) same shapes
     python scripts/bench_train_step.py --shape qwen3-8b --dtype bfloat16 --kd   # one performance-issue shape
+    python scripts/bench_train_step.py --attention dense,auto  # implementations side by side (round-robin timing)
 
 Prints steps/s, draft tokens/s (B*N*bs per second), MFU and peak memory; with ``--compare-reference`` it then times
 the reference's training forward/backward + clip + torch AdamW step (HFDFlashModel, same shapes, same target and
@@ -29,10 +30,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench_loss import median_seconds, speedup_lines  # noqa: E402
 from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops  # noqa: E402
 from dflash_jax import blocks  # noqa: E402
 from dflash_jax.config import LossSection  # noqa: E402
 from dflash_jax.models import layers  # noqa: E402
+from dflash_jax.models.attention import IMPLEMENTATIONS, resolve as resolve_attention  # noqa: E402
 from dflash_jax.models.draft import DFlashDraft, DraftConfig  # noqa: E402
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype  # noqa: E402
 from dflash_jax.train import optim, sharding  # noqa: E402
@@ -100,13 +103,21 @@ def _timed(fn, steps: int, warmup: int, sync) -> list[float]:
     return times
 
 
-def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = "1,1,1", steps: int = 10,
-              warmup: int = 1, kd: bool = False, chunk_blocks: int | None = 64, objective: str = "dpace",
-              remat: bool = False, draft_params=None) -> dict:
-    """Compile and time the dflash_jax train step (``jax.block_until_ready`` on the whole output) at ``shape``.
+def time_ours(shape: dict, target_model, *, steps: int = 10, warmup: int = 1, **kw) -> dict:
+    """Compile and time the dflash_jax train step (``jax.block_until_ready`` on the whole output) at ``shape``
+    (``kw``: :func:`build_ours`). Returns ``compile_s`` (first call), ``step_s`` (median), ``times``, ``loss``
+    (first step) and ``flops``."""
+    one, rec = build_ours(shape, target_model, **kw)
+    times = _timed(one, steps, warmup, jax.block_until_ready)
+    return dict(rec, step_s=statistics.median(times), times=times)
 
-    ``dtype``: draft compute dtype (fp32 master params); ``draft_params``: an ``nnx.State`` to start from.
-    Returns ``compile_s`` (first call), ``step_s`` (median), ``times``, ``loss`` (first step) and ``flops``.
+
+def build_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = "1,1,1", kd: bool = False,
+               chunk_blocks: int | None = 64, objective: str = "dpace", remat: bool = False, draft_params=None,
+               attention: str = "auto"):
+    """The compiled dflash_jax train step at ``shape`` as ``(one, record)``: ``one()`` runs a step; ``record`` has
+    ``compile_s`` (first call), ``loss`` (first step) and ``flops``. ``dtype``: draft compute dtype (fp32 master
+    params); ``draft_params``: an ``nnx.State`` to start from; ``attention``: ``train.attention`` of both models.
     """
     tc, dc = make_configs(shape)
     mesh_shape = tuple(int(x) for x in mesh.split(","))
@@ -118,7 +129,8 @@ def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = 
     tx, sched = optim.make_optimizer(lr=6e-4, steps=1000, schedule="constant", clip_norm=1.0)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
     cfg = st.StepConfig(num_anchors=shape["anchors"], loss=LossSection(
-        objective=objective, gamma=DECAY_GAMMA if objective == "decay" else 0.0, kd=kd, chunk_blocks=chunk_blocks))
+        objective=objective, gamma=DECAY_GAMMA if objective == "decay" else 0.0, kd=kd, chunk_blocks=chunk_blocks),
+        attention=attention)
     step = st.TrainStep(draft=draft, state_shardings=shardings, target=target_model, tx=tx, schedule=sched, cfg=cfg,
                         mesh=mesh)
     batch = step.place_batch(make_batch(shape))
@@ -132,9 +144,8 @@ def time_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str = 
     t0 = time.perf_counter()
     _, m = jax.block_until_ready(one())
     compile_s, loss = time.perf_counter() - t0, float(m["loss"])
-    times = _timed(one, steps, warmup, jax.block_until_ready)
-    return dict(compile_s=compile_s, step_s=statistics.median(times), times=times, loss=loss,
-                flops=train_flops(tc, dc, shape["batch"], shape["seq"], shape["anchors"], kd))
+    return one, dict(compile_s=compile_s, loss=loss,
+                     flops=train_flops(tc, dc, shape["batch"], shape["seq"], shape["anchors"], kd))
 
 
 def build_reference(shape: dict, *, dtype: str = "float32", device: str = "cpu", workdir: str | None = None):
@@ -241,7 +252,13 @@ def main(argv=None):
     p.add_argument("--chunk-blocks", type=int, default=64)
     p.add_argument("--kd", action="store_true", help="KD objective (teacher logits from the target)")
     p.add_argument("--compare-reference", action="store_true")
+    p.add_argument("--attention", default="auto",
+                   help="comma list of train.attention values timed one after the other (e.g. dense,auto)")
     args = p.parse_args(argv)
+    impls = args.attention.split(",")
+    bad = [a for a in impls if a not in IMPLEMENTATIONS]
+    if bad:
+        p.error(f"--attention: {bad} not in {IMPLEMENTATIONS}")
     if args.compare_reference and args.dtype != "float32":
         p.error("--compare-reference compares float32 on both sides (same weights); see scripts/gpu_bench.py")
     shape = SHAPES[args.shape]
@@ -250,7 +267,7 @@ def main(argv=None):
     print(f"device={dev.platform}:{dev.device_kind} n_devices={jax.device_count()} cpu={platform.machine()} "
           f"x{os.cpu_count()} jax={jax.__version__} python={platform.python_version()}")
     print("shape=" + " ".join(f"{k}={v}" for k, v in shape.items()) + f" dtype={args.dtype} mesh={args.mesh}"
-          f" kd={args.kd}")
+          f" kd={args.kd} auto_attention={resolve_attention('auto', keys=shape['seq'])}")
 
     ref_model, draft_params = None, None
     with tempfile.TemporaryDirectory() as workdir:
@@ -258,14 +275,21 @@ def main(argv=None):
             ref_model, target_model, draft_params = build_reference(shape, workdir=workdir)
         else:
             target_model = make_target_model(tc, seed=0, dtype=args.dtype)
-        ours = time_ours(shape, target_model, dtype=args.dtype, mesh=args.mesh, steps=args.steps, kd=args.kd,
-                         chunk_blocks=args.chunk_blocks, draft_params=draft_params)
-    step_s, flops = ours["step_s"], ours["flops"]
+        built = {impl: build_ours(shape, target_model, dtype=args.dtype, mesh=args.mesh, kd=args.kd,
+                                  chunk_blocks=args.chunk_blocks, draft_params=draft_params, attention=impl)
+                 for impl in impls}
+        medians = median_seconds({impl: lambda one=one: jax.block_until_ready(one()) for impl, (one, _) in
+                                  built.items()}, warmup=0, repeats=args.steps)  # round-robin
+        runs = {impl: dict(rec, step_s=medians[impl]) for impl, (_, rec) in built.items()}
     tokens = shape["batch"] * shape["anchors"] * shape["block"]
+    for impl, r in runs.items():
+        print(f"ours[attention={impl}]: compile+first_s={r['compile_s']:.2f} step_s={r['step_s']:.4f} "
+              f"steps_per_s={1 / r['step_s']:.3f} draft_tokens_per_s={tokens / r['step_s']:.1f} loss={r['loss']:.6f}")
+    print("\n".join(speedup_lines(medians)))
+    ours = runs[impls[-1]]
+    step_s, flops = ours["step_s"], ours["flops"]
     peak, peak_src = nominal_or_measured_peak(args.dtype)
     mem_kind, mem_gib = peak_memory()
-    print(f"ours: compile+first_s={ours['compile_s']:.2f} step_s={step_s:.4f} steps_per_s={1 / step_s:.3f} "
-          f"draft_tokens_per_s={tokens / step_s:.1f} loss={ours['loss']:.6f}")
     print(f"flops_per_step={flops / 1e12:.4f}T achieved_tflops={flops / step_s / 1e12:.3f} "
           f"mfu={100 * flops / step_s / 1e12 / peak:.1f}% of {peak:.2f} TFLOP/s ({peak_src}) "
           f"peak_{mem_kind}_gib={mem_gib:.3f}")

@@ -43,6 +43,7 @@ from bench_loss import median_seconds  # noqa: E402
 from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops  # noqa: E402
 
 from dflash_jax import blocks, losses  # noqa: E402
+from dflash_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dflash_jax.models.target import make_target_model, resolve_dtype  # noqa: E402
 
 CONFIGS = ("qwen3-1.7b", "qwen3-8b")
@@ -98,12 +99,13 @@ def loss_overhead_jax(shape: dict, *, steps: int, warmup: int, chunk_blocks: int
     return median_seconds({obj: fn_of(obj) for obj in ("dpace", "decay")}, warmup, steps)
 
 
-def run_jax(config: str, *, steps: int, warmup: int, remat: bool) -> dict:
-    """Time the dflash_jax train step at ``config`` (this process: jax only)."""
+def run_jax(config: str, *, steps: int, warmup: int, remat: bool, attention: str = "auto") -> dict:
+    """Time the dflash_jax train step at ``config`` with ``train.attention = attention`` (this process: jax only)."""
     shape = _check_config(config)
     tc, _ = bts.make_configs(shape)
     target = make_target_model(tc, seed=0, dtype=DTYPE)
-    ours = bts.time_ours(shape, target, dtype=DTYPE, steps=steps, warmup=warmup, kd=KD, remat=remat)
+    ours = bts.time_ours(shape, target, dtype=DTYPE, steps=steps, warmup=warmup, kd=KD, remat=remat,
+                         attention=attention)
     mem_kind, mem_gib = bts.peak_memory()  # before the loss-only programs below allocate anything
     del target
     loss_s = loss_overhead_jax(shape, steps=steps, warmup=warmup)
@@ -114,7 +116,7 @@ def run_jax(config: str, *, steps: int, warmup: int, remat: bool) -> dict:
     import optax
 
     return dict(system="jax", config=config, step_s=ours["step_s"], times=ours["times"], compile_s=ours["compile_s"],
-                loss=ours["loss"], remat=remat, peak_mem_gib=mem_gib, peak_mem_kind=mem_kind,
+                loss=ours["loss"], remat=remat, attention=attention, peak_mem_gib=mem_gib, peak_mem_kind=mem_kind,
                 loss_dpace_s=loss_s["dpace"], loss_decay_s=loss_s["decay"],
                 dpace_overhead_pct=100 * (loss_s["dpace"] - loss_s["decay"]) / ours["step_s"],
                 matmul_ceiling_tflops=ceiling,
@@ -149,13 +151,14 @@ def run_reference(config: str, *, steps: int, warmup: int) -> dict:
                               modelopt=version("nvidia-modelopt"), python=platform.python_version()))
 
 
-def run(system: str, config: str, out: str | None, *, steps: int = 10, warmup: int = 2, remat: bool = False) -> dict:
+def run(system: str, config: str, out: str | None, *, steps: int = 10, warmup: int = 2, remat: bool = False,
+        attention: str = "auto") -> dict:
     """Run one system at one config, print its line, and write the JSON record to ``out`` (if given)."""
     if system not in SYSTEMS:
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
-    rec = (run_jax(config, steps=steps, warmup=warmup, remat=remat) if system == "jax"
+    rec = (run_jax(config, steps=steps, warmup=warmup, remat=remat, attention=attention) if system == "jax"
            else run_reference(config, steps=steps, warmup=warmup))
     rec.update(steps=steps, warmup=warmup, shape=bts.SHAPES[config], dtype=DTYPE, kd=KD,
                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
@@ -182,8 +185,9 @@ def report(records: list[dict]) -> list[str]:
     lines.append("  model FLOPs (block-sparse K = S+bs, KD teacher at the Q rows) give both systems' MFU; "
                  "reference_executed adds what the reference computes (K = S+Q, teacher logits at all S)")
     by_config: dict[str, dict[str, dict]] = {}
-    for r in records:
-        by_config.setdefault(r["config"], {})[r["system"]] = r
+    for r in records:  # a jax record with a non-default attention is reported beside the default one
+        impl = r.get("attention", "auto")
+        by_config.setdefault(r["config"], {})[r["system"] if impl == "auto" else f"{r['system']}[{impl}]"] = r
     order = [c for c in CONFIGS + DRY_RUN_CONFIGS if c in by_config]
     for config in order:
         recs, shape = by_config[config], bts.SHAPES[config]
@@ -196,14 +200,15 @@ def report(records: list[dict]) -> list[str]:
                      f"{f['reference_executed'] / 1e12:.4g}T matmul_ceiling_tflops="
                      + (f"{ceiling:.1f}" if ceiling else "n/a") + " nominal_peak_tflops="
                      + (f"{nominal:.0f}" if nominal else "n/a"))
-        for system in SYSTEMS:
+        for system in SYSTEMS + tuple(sorted(k for k in recs if k not in SYSTEMS)):
             r = recs.get(system)
             if r is None:
                 lines.append(f"{system}: MISSING (the process failed or timed out)")
                 continue
             v = r["versions"]
             extra = (f" executed_mfu_vs_ceiling={_fmt_mfu(f['reference_executed'], r['step_s'], ceiling)}"
-                     if system == "reference" else f" remat={r['remat']} compile_s={r['compile_s']:.1f}")
+                     if system == "reference" else f" remat={r['remat']} attention={r.get('attention', 'auto')} "
+                                                   f"compile_s={r['compile_s']:.1f}")
             lines.append(
                 f"{system}: device={r['device']} step_ms={1e3 * r['step_s']:.2f} (median of {r['steps']}, "
                 f"{r['warmup']} warm-up) draft_tokens_per_s={tokens / r['step_s']:.1f} "
@@ -236,6 +241,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile step")
     p.add_argument("--remat", action="store_true", help="jax: rematerialise each draft layer (activation memory)")
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="jax: train.attention")
     p.add_argument("--report", metavar="DIR", help="print the side-by-side report of DIR/*.json")
     args = p.parse_args(argv)
     if args.report:
@@ -250,7 +256,8 @@ def main(argv=None) -> None:
         return
     if not (args.system and args.config):
         p.error("give --system and --config (or --report DIR)")
-    run(args.system, args.config, args.out, steps=args.steps, warmup=args.warmup, remat=args.remat)
+    run(args.system, args.config, args.out, steps=args.steps, warmup=args.warmup, remat=args.remat,
+        attention=args.attention)
 
 
 if __name__ == "__main__":

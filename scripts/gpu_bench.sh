@@ -62,6 +62,9 @@ for c in $CONFIGS; do
     timeout "$T_JAX" "$PY" scripts/gpu_bench.py --system jax --config "$c" --out "$OUT/$c.jax.json" --remat \
       || status=1
   fi
+  echo "## $c: jax, train.attention=dense (beside auto)"
+  timeout "$T_JAX" "$PY" scripts/gpu_bench.py --system jax --config "$c" --out "$OUT/$c.jax-dense.json" \
+    --attention dense || echo "## $c: jax dense failed or timed out (no jax[dense] line in the report)"
   echo "## $c: reference"
   timeout "$T_REF" "$PY" scripts/gpu_bench.py --system reference --config "$c" --out "$OUT/$c.reference.json" \
     || status=1

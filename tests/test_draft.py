@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from dflash_jax.models import layers
-from dflash_jax.models.draft import DFlashDraft, DraftCache, DraftConfig, block_sparse_attention, training_masks
+from dflash_jax.models.attention import block_sparse_attention, masked_attention
+from dflash_jax.models.draft import DFlashDraft, DraftCache, DraftConfig, training_masks
 
 BS = 4
 BASE = dict(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -136,17 +137,18 @@ def test_block_sparse_attention_equals_dense_mask(window, causal):
     q = jax.random.normal(ks[0], (b, n * BS, nh, hd))
     kb, vb = (jax.random.normal(k, (b, n * BS, kvh, hd)) for k in ks[1:3])
     kc, vc = (jax.random.normal(k, (b, s, kvh, hd)) for k in ks[3:5])
-    ctx_mask, blk_mask = training_masks(jnp.asarray(anchors), jnp.asarray(keep), jnp.asarray(seg), BS, window, causal)
+    mask = training_masks(jnp.asarray(anchors), jnp.asarray(keep), jnp.asarray(seg), BS, window, causal, "dense")
+    ctx_mask = mask.ctx.visible()
     dense = jnp.asarray(dense_mask(anchors, keep, seg, BS, window, causal))
     np.testing.assert_array_equal(np.asarray(ctx_mask), np.asarray(dense[..., :s]))
     visible = np.asarray(dense.any(-1))
     assert (~visible).sum() == BS  # exactly the dropped block's rows are fully masked
 
     def sparse(q, kb, vb, kc, vc):
-        return block_sparse_attention(q, kb, vb, kc, vc, ctx_mask, blk_mask)
+        return block_sparse_attention(q, kb, vb, kc, vc, mask)
 
     def reference(q, kb, vb, kc, vc):
-        return layers.masked_attention(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), dense)
+        return masked_attention(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), dense)
 
     def weighted_grads(fn, w):
         return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2, 3, 4)))(q, kb, vb, kc, vc)

@@ -59,6 +59,15 @@ def test_report_ratio_targets_and_mfu():
     assert "mfu_vs_ceiling=84.2%" in text  # 100 * F / 0.2 s / 1e12 / 800 TFLOP/s = 84.24 %
 
 
+def test_report_lists_a_dense_attention_run_beside_auto():
+    dense = dict(_rec("jax", "qwen3-8b", 0.3, 50.0), attention="dense")
+    lines = gpu_bench.report([_rec("reference", "qwen3-8b", 0.36, 40.0), _rec("jax", "qwen3-8b", 0.2, 30.0), dense])
+    jax_lines = [ln for ln in lines if ln.startswith("jax")]
+    assert [ln.split(":")[0] for ln in jax_lines] == ["jax", "jax[dense]"]
+    assert "attention=dense" in jax_lines[1] and "attention=auto" in jax_lines[0]
+    assert lines[-1] == "ratio_vs_reference=1.800"  # the targets compare the default (auto) run
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="system"):
         gpu_bench.run("tpu", "tiny", None)

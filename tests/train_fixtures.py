@@ -33,11 +33,12 @@ def draft_model(seed: int = 1, dtype=jnp.float32) -> DFlashDraft:
         return DFlashDraft(DRAFT_CFG, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=dtype)
 
 
-def step_config(num_anchors: int = 3, mode: str = "online", grad_accum: int = 1, **loss_kw) -> st.StepConfig:
+def step_config(num_anchors: int = 3, mode: str = "online", attention: str = "auto", grad_accum: int = 1,
+                **loss_kw) -> st.StepConfig:
     """Step settings for the tiny draft (block size, mask id, layer ids come from ``DRAFT_CFG``); hard CE unless
     ``kd=True``."""
-    return st.StepConfig(num_anchors=num_anchors, mode=mode, grad_accum=grad_accum,
-                         loss=LossSection(**{"kd": False, **loss_kw}))
+    return st.StepConfig(num_anchors=num_anchors, mode=mode, loss=LossSection(**{"kd": False, **loss_kw}),
+                         attention=attention, grad_accum=grad_accum)
 
 
 def mesh_of(shape) -> jax.sharding.Mesh:

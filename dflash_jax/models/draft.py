@@ -11,7 +11,8 @@ Numerics follow the reference ``DFlashModule`` (nvidia-modelopt 0.47.0 ``modelin
 
 Training attention never builds the reference's dense ``[B, 1, N*bs, S+N*bs]`` mask: a query of block ``n`` sees
 (a) context keys by the per-block prefix rule and (b) the keys of its own block, so the scores are a ``[Q, S]``
-part plus a block-diagonal ``[N, bs, bs]`` part, normalised by one shared softmax (:func:`block_sparse_attention`).
+part plus a block-diagonal ``[N, bs, bs]`` part, normalised by one shared softmax
+(:func:`dflash_jax.models.attention.block_sparse_attention`; the mask is described by positions, never built).
 Fully masked rows (dropped blocks) give an exactly zero attention output and zero gradient, never NaN.
 """
 
@@ -21,13 +22,12 @@ import dataclasses
 import json
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from dflash_jax import blocks
-from dflash_jax.models import layers
+from dflash_jax.models import attention, layers
 
 
 def check_draft_fields(cfg: Any, name: str) -> None:
@@ -146,75 +146,25 @@ class DraftCache:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array,
-                           ctx_mask: jax.Array, blk_mask: jax.Array, sinks: jax.Array | None = None) -> jax.Array:
-    """Attention of ``N`` query blocks over shared context keys plus each block's own keys.
-
-    Shapes: ``q [B, N*bs, NH, HD]``, ``k_blk/v_blk [B, N*bs, KVH, HD]``, ``k_ctx/v_ctx [B, S, KVH, HD]``,
-    ``ctx_mask [B, N*bs, S]`` and ``blk_mask [B, N, bs, bs]`` booleans (True = attend). Returns
-    ``[B, N*bs, NH, HD]`` in ``v``'s dtype.
-
-    Equals ``softmax(q k^T / sqrt(HD) + M) v`` over keys ``[ctx ; all blocks]`` with the reference's dense mask ``M``
-    (docs/design.md §4.4), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal
-    ``[N, bs, bs]`` score parts share one max and one normaliser (fp32). A row with no visible key yields 0 with zero
-    gradient. ``sinks [NH]`` adds one logit per head to every normaliser (``layers.sink_softmax``; reference
-    ``_sink_attention_impl``).
-    """
-    b, q_len, nh, hd = q.shape
-    n, bs = blk_mask.shape[1], blk_mask.shape[2]
-    kvh = k_ctx.shape[2]
-    chex.assert_shape(blk_mask, (b, n, bs, bs))
-    chex.assert_shape(ctx_mask, (b, n * bs, k_ctx.shape[1]))
-    chex.assert_shape([k_blk, v_blk], (b, q_len, kvh, hd))
-    chex.assert_equal_shape([k_ctx, v_ctx])
-
-    s_ctx = layers.attention_scores(q, k_ctx)  # [B, KVH, G, Q, S]
-    s_blk = layers.attention_scores(q.reshape(b * n, bs, nh, hd), k_blk.reshape(b * n, bs, kvh, hd))
-    s_blk = s_blk.reshape(b, n, kvh, nh // kvh, bs, bs)  # [B, N, KVH, G, bs, bs]
-    m_ctx = ctx_mask[:, None, None]
-    m_blk = blk_mask[:, :, None, None]
-    s_ctx = jnp.where(m_ctx, s_ctx, layers.MASK_VALUE)
-    s_blk = jnp.where(m_blk, s_blk, layers.MASK_VALUE)
-    row_max = jnp.maximum(s_ctx.max(-1).reshape(b, kvh, nh // kvh, n, bs),
-                          jnp.moveaxis(s_blk.max(-1), 1, 3))  # [B, KVH, G, N, bs]
-    sk = None if sinks is None else sinks.astype(jnp.float32).reshape(kvh, nh // kvh, 1, 1)
-    if sk is not None:
-        row_max = jnp.maximum(row_max, sk)
-    row_max = jax.lax.stop_gradient(row_max)
-    p_ctx = jnp.where(m_ctx, jnp.exp(s_ctx - row_max.reshape(b, kvh, nh // kvh, q_len)[..., None]), 0.0)
-    p_blk = jnp.where(m_blk, jnp.exp(s_blk - jnp.moveaxis(row_max, 3, 1)[..., None]), 0.0)
-    denom = p_ctx.sum(-1).reshape(b, kvh, nh // kvh, n, bs) + jnp.moveaxis(p_blk.sum(-1), 1, 3)
-    if sk is not None:
-        denom = denom + jnp.exp(sk - row_max)
-    inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
-    p_ctx = p_ctx * inv.reshape(b, kvh, nh // kvh, q_len)[..., None]
-    p_blk = (p_blk * jnp.moveaxis(inv, 3, 1)[..., None]).reshape(b * n, kvh, nh // kvh, bs, bs)
-    out_blk = layers.attention_values(p_blk, v_blk.reshape(b * n, bs, kvh, hd)).reshape(b, q_len, nh, hd)
-    return layers.attention_values(p_ctx, v_ctx) + out_blk
-
-
 def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, block_size: int,
-                   sliding_window: int | None, causal: bool) -> tuple[jax.Array, jax.Array]:
-    """Visibility for the training forward (docs/design.md §4.4, generalised to packed segments).
+                   sliding_window: int | None, causal: bool, impl: str = "auto") -> attention.BlockMask:
+    """Visibility for the training forward (docs/design.md §4.4, generalised to packed segments), as positions.
 
-    ``anchors/keep [B, N]``, ``segment_ids [B, S]`` -> ``ctx_mask [B, N*bs, S]``: context ``t`` is visible to slot
-    ``j`` of block ``n`` iff ``keep[n]``, ``t < a_n``, ``segment_ids[t] == segment_ids[a_n]`` and (with a window
-    ``W``) ``a_n + j - W < t``; ``blk_mask [B, N, bs, bs]``: ``keep[n]`` (and key slot <= query slot if ``causal``).
+    ``anchors/keep [B, N]``, ``segment_ids [B, S]``: context ``t`` is visible to slot ``j`` of block ``n`` iff
+    ``keep[n]``, ``t < a_n``, ``segment_ids[t] == segment_ids[a_n]`` and (with a window ``W``) ``a_n + j - W < t``;
+    a block sees its own keys iff ``keep[n]`` (key slot <= query slot if ``causal``). ``impl``: the attention
+    implementation (``attention.IMPLEMENTATIONS``).
     """
     b, n = anchors.shape
     s = segment_ids.shape[1]
-    t = jnp.arange(s)[None, None, None, :]
-    a = anchors[:, :, None, None]
-    j = jnp.arange(block_size)[None, None, :, None]
+    per_slot = lambda x: jnp.repeat(x.astype(jnp.int32), block_size, axis=1)  # noqa: E731  [B, N] -> [B, N*bs]
     seg_a = jnp.take_along_axis(segment_ids, jnp.clip(anchors, 0, s - 1), axis=1)
-    visible = (t < a) & (segment_ids[:, None, None, :] == seg_a[:, :, None, None]) & keep[:, :, None, None]
+    hi = per_slot(jnp.where(keep, anchors, 0))
+    lo = jnp.full_like(hi, -1)
     if sliding_window is not None:
-        visible = visible & (t > a + j - sliding_window)
-    ctx_mask = jnp.broadcast_to(visible, (b, n, block_size, s)).reshape(b, n * block_size, s)
-    blk_mask = jnp.broadcast_to(keep[:, :, None, None], (b, n, block_size, block_size))
-    if causal:
-        blk_mask = blk_mask & jnp.tril(jnp.ones((block_size, block_size), bool))
-    return ctx_mask, blk_mask
+        lo = per_slot(anchors) + jnp.tile(jnp.arange(block_size, dtype=jnp.int32), n)[None] - sliding_window
+    ctx = attention.RangeMask(q_seg=per_slot(seg_a), k_seg=segment_ids.astype(jnp.int32), lo=lo, hi=hi)
+    return attention.BlockMask(ctx=ctx, keep=keep, causal=causal, impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,15 +196,16 @@ class DraftAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         return layers.apply_rope(k, cos, sin), v
 
-    def __call__(self, x, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask):
-        """``x [B, Q, H]`` (normed block stream), context K/V ``[B, S, KVH, HD]``, block cos/sin ``[B, Q, HD]`` ->
+    def __call__(self, x, k_ctx, v_ctx, cos, sin, mask):
+        """``x [B, Q, H]`` (normed block stream), context K/V ``[B, S, KVH, HD]``, block cos/sin ``[B, Q, HD]``,
+        ``mask`` an ``attention.BlockMask`` ->
         ``(out [B, Q, H], None)`` (the :class:`~dflash_jax.models.layers.DecoderBlock` contract)."""
         b, q_len, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, q_len, self.num_heads, self.head_dim))
         q = layers.apply_rope(q, cos, sin)
         k_blk, v_blk = self.key_values(x, cos, sin)
         sinks = None if self.attention_sink_bias is None else self.attention_sink_bias[...]
-        out = block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, ctx_mask, blk_mask, sinks)
+        out = attention.block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, mask, sinks)
         return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim)), None
 
 
@@ -303,22 +254,24 @@ class DFlashDraft(nnx.Module):
                              f"{self.cfg.num_features}*{self.cfg.hidden_size}")
         return self.hidden_norm(self.fc(target_hidden.astype(self.dtype)))
 
-    def _decode(self, h, kv_of_layer, cos, sin, ctx_mask, blk_mask):
+    def _decode(self, h, kv_of_layer, cos, sin, mask):
         h = h.astype(self.dtype)
         apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for i, layer in enumerate(self.layers):
             k_ctx, v_ctx = kv_of_layer(i, layer)
-            h, _ = apply(layer, h, k_ctx, v_ctx, cos, sin, ctx_mask, blk_mask)
+            h, _ = apply(layer, h, k_ctx, v_ctx, cos, sin, mask)
         return self.norm(h)
 
     def __call__(self, noise_emb: jax.Array, target_hidden: jax.Array, anchors: jax.Array, keep: jax.Array, *,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 attention_impl: str = "auto") -> jax.Array:
         """Training forward -> post-``norm`` hidden ``[B, N*bs, H]`` (logits: ``hidden @ lm_head.T``).
 
         ``noise_emb [B, N*bs, H]`` (target-embedded anchor token at slot 0 of kept blocks, mask token elsewhere),
         ``target_hidden [B, S, T*H]``, ``anchors [B, N]`` int32, ``keep [B, N]`` bool. ``positions [B, S]``
         (default ``arange(S)``) restart per packed segment; ``segment_ids [B, S]`` (default all 1) gate the
-        context. Block ``n`` slot ``j`` sits at position ``positions[a_n] + j``.
+        context. Block ``n`` slot ``j`` sits at position ``positions[a_n] + j``. ``attention_impl``: one of
+        ``attention.IMPLEMENTATIONS`` (``train.attention``).
         """
         cfg = self.cfg
         bs = cfg.block_size
@@ -333,9 +286,9 @@ class DFlashDraft(nnx.Module):
         ctx = self.fuse(target_hidden)
         cos, sin = self._cos_sin(blocks.draft_position_ids(s, anchors, bs, positions))  # [B, S + N*bs, HD]
         cos_c, sin_c, cos_b, sin_b = cos[:, :s], sin[:, :s], cos[:, s:], sin[:, s:]
-        ctx_mask, blk_mask = training_masks(anchors, keep, segment_ids, bs, cfg.sliding_window, cfg.causal)
+        mask = training_masks(anchors, keep, segment_ids, bs, cfg.sliding_window, cfg.causal, attention_impl)
         return self._decode(noise_emb, lambda i, layer: layer.self_attn.key_values(ctx, cos_c, sin_c),
-                            cos_b, sin_b, ctx_mask, blk_mask)
+                            cos_b, sin_b, mask)
 
     # ----------------------------------------------------------------------------------------------------
     # Inference (speculative decoding): context K/V cache + one block at a time
@@ -388,12 +341,12 @@ class DFlashDraft(nnx.Module):
         blocks.check_shape("block_start", block_start, (b,))
         j = jnp.arange(bs, dtype=jnp.int32)
         cos, sin = self._cos_sin(block_start[:, None] + j[None])
-        t = jnp.arange(max_len)[None, None, :]
-        ctx_mask = jnp.broadcast_to(t < cache.length[:, None, None], (b, bs, max_len))
+        lo = jnp.full((b, bs), -1, jnp.int32)
         if cfg.sliding_window is not None:
-            ctx_mask = ctx_mask & (t > block_start[:, None, None] + j[None, :, None] - cfg.sliding_window)
-        blk_mask = jnp.ones((b, 1, bs, bs), bool)
-        if cfg.causal:
-            blk_mask = blk_mask & jnp.tril(jnp.ones((bs, bs), bool))
-        return self._decode(noise_emb, lambda i, layer: (cache.k[i], cache.v[i]), cos, sin, ctx_mask, blk_mask)
+            lo = block_start[:, None] + j[None] - cfg.sliding_window
+        zeros = jnp.zeros((b, max_len), jnp.int32)
+        ctx = attention.RangeMask(q_seg=zeros[:, :bs], k_seg=zeros, lo=lo,
+                                  hi=jnp.broadcast_to(cache.length[:, None], (b, bs)))
+        mask = attention.BlockMask(ctx=ctx, keep=jnp.ones((b, 1), bool), causal=cfg.causal, impl="dense")
+        return self._decode(noise_emb, lambda i, layer: (cache.k[i], cache.v[i]), cos, sin, mask)
 

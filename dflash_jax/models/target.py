@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from dflash_jax.models import layers
+from dflash_jax.models import attention, layers
 
 DENSE_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_ARCHS = DENSE_ARCHS + ("qwen3_moe", "gpt_oss", "gemma3_text")  # the last three: models/families/
@@ -168,7 +168,7 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    """GQA self-attention projections (HF names); the attention itself is ``layers.masked_attention``.
+    """GQA self-attention projections (HF names); the attention itself is ``attention.attend``.
 
     ``norm_kw``: extra :class:`layers.RMSNorm` options of q/k-norm (Gemma's ``offset=1``); ``sinks``: a learned
     per-head sink logit ``sinks [NH]`` (gpt-oss). The scale is ``query_pre_attn_scalar**-0.5`` when set.
@@ -196,14 +196,15 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, past=None, write_pos=None):
         """``x [B,S,H]`` (normed) -> ``(o_proj(attention) [B,S,H], (k, v))``. Without ``past`` the keys are the S
         new tokens; with ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]``
-        (out-of-range writes dropped) and attention runs over the whole cache under ``mask [B,S,Lk]``."""
+        (out-of-range writes dropped) and attention runs over the whole cache under ``mask [B,S,Lk]`` (bool, or an
+        ``attention.SelfMask`` describing the packed causal mask without building it)."""
         q, k, v = self.qkv(x, cos, sin)
         if past is not None:
             rows = jnp.arange(x.shape[0])[:, None]
             k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
             v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
         sinks = None if self.sinks is None else self.sinks[...]
-        a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
+        a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
         return self.o_proj(a.reshape(*x.shape[:2], -1)), (k, v)
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -293,7 +294,8 @@ class TargetModel(nnx.Module):
     def _run(self, input_ids, positions, mask, key_positions, layer_ids, cache=None):
         """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``.
 
-        ``mask [B,S,Lk]`` is the full-attention mask; sliding layers also need ``key_positions [B|1, Lk]``:
+        ``mask [B,S,Lk]`` (or an ``attention.SelfMask``) is the full-attention mask; sliding layers also need
+        ``key_positions [B|1, Lk]``:
         key ``t`` is visible from query ``q`` when ``pos(q) - W < pos(t)`` (HF ``sliding_window_overlay``)."""
         ids = self._check_layer_ids(layer_ids)
         cfg = self.config
@@ -302,7 +304,7 @@ class TargetModel(nnx.Module):
             inv_freq, scale = cfg.rope(kind)
             m = mask
             if kind == "sliding_attention":
-                m = mask & (key_positions[:, None, :] > positions[:, :, None] - cfg.sliding_window)
+                m = attention.windowed(mask, cfg.sliding_window, positions, key_positions)
             ctx[kind] = (*layers.rope_cos_sin(positions, inv_freq, self.dtype, scale), m)
         h = self.embed(input_ids)
         outs, ks, vs = {}, [], []
@@ -319,13 +321,15 @@ class TargetModel(nnx.Module):
         kv = None if cache is None else (jnp.stack(ks), jnp.stack(vs))
         return jax.lax.stop_gradient(taps), jax.lax.stop_gradient(final), kv
 
-    def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = ()):
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = (),
+                 attention_impl: str = "auto"):
         """Full causal forward.
 
         ``input_ids [B,S]`` int; ``positions [B,S]`` (default ``arange(S)``); ``segment_ids [B,S]`` (default
         ones): token ``q`` attends key ``t <= q`` of the same segment (packing; padding = segment 0).
         Returns ``taps [B,S,len(layer_ids)*H]`` (layer_ids order, id k = output of decoder layer k; id
         ``Lt-1`` is post final norm) and ``final_hidden [B,S,H]`` (after the final norm), both frozen.
+        ``attention_impl``: one of ``attention.IMPLEMENTATIONS`` (``train.attention``).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -336,8 +340,11 @@ class TargetModel(nnx.Module):
                      else _as_int_array("positions", positions, (b, s)))
         segment_ids = (jnp.ones((b, s), jnp.int32) if segment_ids is None
                        else _as_int_array("segment_ids", segment_ids, (b, s)))
-        causal = jnp.tril(jnp.ones((s, s), bool))
-        mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if attention.resolve(attention_impl, keys=s) == "dense":
+            causal = jnp.tril(jnp.ones((s, s), bool))
+            mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        else:  # described, never materialised
+            mask = attention.SelfMask(segment_ids, impl=attention_impl)
         taps, final, _ = self._run(input_ids, positions, mask, positions, layer_ids)
         return taps, final
 

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -87,6 +88,12 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
                                  transform_non_params=lambda _: NamedSharding(mesh, P()))
 
 
+def as_float32(tree: Any) -> Any:
+    """``tree`` with every leaf cast to float32 (the optimizer's working precision; a no-op on fp32 leaves)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
 def init_opt_state(tx: optax.GradientTransformation, params: Any, shardings: Any) -> Any:
-    """``tx.init(params)`` compiled with explicit output ``shardings`` (from :func:`opt_state_shardings`)."""
-    return jax.jit(tx.init, out_shardings=shardings)(params)
+    """``tx.init(params)`` in float32 (Adam moments stay fp32 whatever the parameters' dtype), compiled with
+    explicit output ``shardings`` (from :func:`opt_state_shardings`)."""
+    return jax.jit(lambda p: tx.init(as_float32(p)), out_shardings=shardings)(params)

@@ -126,16 +126,16 @@ def assemble(config: config_lib.Config, num_devices: int | None = None
 
 
 def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str | None = None) -> DFlashDraft:
-    """A drafter with fp32 master parameters (seed ``train.seed``) in ``train.compute_dtype``; ``init``: an
-    exported drafter (``draft.init``) whose config must equal ``draft_cfg``, loaded as the starting weights."""
-    if train.param_dtype != "float32":
-        raise ValueError(f"train.param_dtype must be float32 (the step keeps fp32 master weights), got "
-                         f"{train.param_dtype!r}; use train.compute_dtype for bf16 compute")
+    """A drafter with ``train.param_dtype`` parameters (seed ``train.seed``; float32 = master weights, bfloat16 =
+    the reference's bf16 parameters, with fp32 optimizer moments either way) computing in ``train.compute_dtype``;
+    ``init``: an exported drafter (``draft.init``) whose config must equal ``draft_cfg``, loaded as the starting
+    weights."""
+    param_dtype = getattr(jnp, train.param_dtype)
     with layers.unsharded_init():
-        draft = DFlashDraft(draft_cfg, rngs=nnx.Rngs(train.seed), param_dtype=jnp.float32,
+        draft = DFlashDraft(draft_cfg, rngs=nnx.Rngs(train.seed), param_dtype=param_dtype,
                             dtype=getattr(jnp, train.compute_dtype), remat=train.remat)
     if init is not None:
-        init_cfg, params = export_lib.import_draft(init)
+        init_cfg, params = export_lib.import_draft(init, param_dtype=param_dtype)
         diffs = [f"{f.name}: {getattr(init_cfg, f.name)!r} there, {getattr(draft_cfg, f.name)!r} here"
                  for f in dataclasses.fields(DraftConfig) if getattr(init_cfg, f.name) != getattr(draft_cfg, f.name)]
         if diffs:

@@ -42,12 +42,14 @@ from dflash_jax import config as config_lib
 from dflash_jax.models.draft import DraftConfig
 from dflash_jax.train import optim, sharding
 
+PARAM_DTYPES = ("float32", "bfloat16")  # train.param_dtype: fp32 master weights, or bf16 params (fp32 moments)
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
 class TrainState:
-    """``step`` int32 ``[]`` (batches consumed), ``params`` fp32 master draft ``nnx.State``, ``opt_state`` (optax),
+    """``step`` int32 ``[]`` (batches consumed), ``params`` draft ``nnx.State`` (fp32 master weights, or bf16 with
+    ``train.param_dtype: bfloat16``), ``opt_state`` (optax, fp32 moments),
     ``skipped_updates`` int32 ``[]`` (non-finite steps whose update was skipped)."""
 
     step: jax.Array
@@ -63,14 +65,16 @@ class StepConfig:
 
     ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section (objective,
     alpha, gamma, ``kd`` = soft CE against the target's distribution, ``chunk_blocks`` = blocks per vocabulary-loss
-    chunk, None: all ``num_anchors`` in one chunk). ``grad_accum``: micro-batches per step (:func:`train_step`).
-    ``mode``: ``online`` (target forward inside the step) or
-    ``offline`` (features in the batch). Values are validated where they are born (:func:`dflash_jax.config.validate`).
+    chunk, None: all ``num_anchors`` in one chunk). ``mode``: ``online`` (target forward inside the step) or
+    ``offline`` (features in the batch). ``attention``: the target's and the draft's attention implementation
+    (``train.attention``). ``grad_accum``: micro-batches per step (:func:`train_step`). Values are validated where
+    they are born (:func:`dflash_jax.config.validate`).
     """
 
     num_anchors: int
     loss: config_lib.LossSection = config_lib.LossSection()
     mode: str = "online"
+    attention: str = "auto"
     grad_accum: int = 1
 
     @property
@@ -81,7 +85,7 @@ class StepConfig:
     def from_config(cls, config: config_lib.Config) -> "StepConfig":
         """The step settings of a run configuration."""
         return cls(num_anchors=config.draft.num_anchors, loss=config.loss, mode=config.train.mode,
-                   grad_accum=config.train.grad_accum)
+                   attention=config.train.attention, grad_accum=config.train.grad_accum)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
         b = input_ids.shape[0]
         if cfg.mode == "online":
             taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
-                                 layer_ids=draft_cfg.target_layer_ids)
+                                 layer_ids=draft_cfg.target_layer_ids, attention_impl=cfg.attention)
         else:
             taps, final = mb["target_hidden"], mb.get("teacher_hidden")
         labels, mask = blocks.block_targets(input_ids, mb["loss_mask"], mb["anchors"], mb["keep"], bs, segment_ids)
@@ -152,7 +156,8 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
 
         def numerator(params):
             draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
-            hidden = draft(noise_emb, taps, mb["anchors"], mb["keep"], positions=positions, segment_ids=segment_ids)
+            hidden = draft(noise_emb, taps, mb["anchors"], mb["keep"], positions=positions, segment_ids=segment_ids,
+                           attention_impl=cfg.attention)
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
             partials = losses.block_partials_from_hidden(
                 hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
@@ -171,18 +176,23 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     else:
         micro = jax.tree.map(lambda x: micro_batches(x, k), rows)
 
+        def micro_grad(mb):  # gradients summed in fp32 whatever the params' dtype
+            g, p = numerator_grad(state.params, mb)
+            return optim.as_float32(g), p
+
         def accumulate(acc, mb):
-            return jax.tree.map(jnp.add, acc, numerator_grad(state.params, mb)), None
+            return jax.tree.map(jnp.add, acc, micro_grad(mb)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(numerator_grad, state.params, first))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(micro_grad, first))
         (num_grads, partials), _ = jax.lax.scan(accumulate, zeros, micro)
         scale = losses.numerator_scale(partials)
         grads = jax.tree.map(lambda g: g * scale, num_grads)
     loss, metrics = losses.reduce_partials(partials)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds the result to the params' dtype.
+    updates, new_opt = tx.update(optim.as_float32(grads), state.opt_state, optim.as_float32(state.params))
     new_params = optax.apply_updates(state.params, updates)
     applied = state.step - state.skipped_updates  # optimizer updates so far = the schedule's count
     skipped = state.skipped_updates + (~finite).astype(jnp.int32)
@@ -208,15 +218,16 @@ def split_draft(draft: nnx.Module) -> tuple[nnx.GraphDef, Any]:
 
 def init_train_state(draft: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
                      ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """The initial state of a drafter (built with fp32 ``param_dtype``): params by the rules table, optimizer
-    state on matching shardings. ``draft``: a module (its params are placed), or a zero-argument function building
-    one: then its params are created directly in their shardings (``jax.jit(init, out_shardings=...)``), never
-    whole on one device. Returns ``(draft_graphdef, state, state_shardings)``."""
+    """The initial state of a drafter (built with one ``param_dtype``: float32 master weights, or bfloat16
+    parameters): params by the rules table, fp32 optimizer state on matching shardings. ``draft``: a module (its
+    params are placed), or a zero-argument function building one: then its params are created directly in their
+    shardings (``jax.jit(init, out_shardings=...)``), never whole on one device. Returns
+    ``(draft_graphdef, state, state_shardings)``."""
     build = None if isinstance(draft, nnx.Module) else draft
     graphdef, params = split_draft(nnx.eval_shape(build) if build is not None else draft)
-    bad = [jnp.dtype(x.dtype).name for x in jax.tree.leaves(params) if x.dtype != jnp.float32]
-    if bad:
-        raise ValueError(f"draft params must be float32 master weights (param_dtype=float32), got {sorted(set(bad))}")
+    dtypes = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)})
+    if len(dtypes) != 1 or dtypes[0] not in PARAM_DTYPES:
+        raise ValueError(f"draft params must all be one of {PARAM_DTYPES} (param_dtype), got {dtypes}")
     shardings = train_state_shardings(tx, params, mesh)
     if build is not None:
         params = jax.jit(lambda: split_draft(build())[1], out_shardings=shardings.params)()
@@ -322,12 +333,13 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
         batch = self.place_batch(batch)
-        if jax.process_count() > 1:
-            # Processes finish compiling at different times, and the first collective of the step gives up
-            # when its peers are late (gloo's connect timeout); compile first, meet, then run.
-            sig = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
-            if sig not in self._compiled:
-                self.jitted.lower(state, self.target_state, batch, key).compile()
-                sharding.barrier("dflash_jax:train_step_compiled")
-                self._compiled.add(sig)
-        return self.jitted(state, self.target_state, batch, key)
+        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
+            if jax.process_count() > 1:
+                # Processes finish compiling at different times, and the first collective of the step gives up
+                # when its peers are late (gloo's connect timeout); compile first, meet, then run.
+                sig = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+                if sig not in self._compiled:
+                    self.jitted.lower(state, self.target_state, batch, key).compile()
+                    sharding.barrier("dflash_jax:train_step_compiled")
+                    self._compiled.add(sig)
+            return self.jitted(state, self.target_state, batch, key)
