@@ -1,4 +1,5 @@
-"""``dflash-jax``: train, evaluate, export and import DFlash drafters, dump offline features, run benchmarks.
+"""``dflash-jax``: train, evaluate, export and import DFlash drafters, dump offline features, regenerate training
+data with the target, run benchmarks.
 
 Every subcommand explains its options with ``--help``. Errors in the user's input (config, paths, run
 directories) print one ``error: ...`` line and exit with status 2.
@@ -123,6 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard (default %(default)s)")
     d.add_argument("--forward-batch", type=int, default=8, help="rows per target forward (default %(default)s)")
     d.add_argument("--no-resume", action="store_true", help="fail instead of continuing an existing dump")
+
+    r = sub.add_parser("regenerate", formatter_class=fmt, help="replace the data's assistant turns by the target's "
+                       "own answers (target-aligned training data)",
+                       description="Keep the user turns of every conversation of data.path and regenerate each "
+                       "assistant turn with the target (turn by turn, its chat template and stop tokens), batched "
+                       "with a KV cache on the configured mesh. Writes OpenAI-format JSONL with provenance per row; "
+                       "train on it with --set data.path=OUT. Prints ONE JSON summary last (rows, skips by reason, "
+                       "tokens/s). Atomic: OUT appears when finished; an interrupted run continues with --resume.")
+    r.add_argument("--config", required=True, help="YAML config file or shipped config name (its target and data "
+                   "sections are used)")
+    r.add_argument("--out", required=True, help="output JSONL (must not exist; OUT.partial while running)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    r.add_argument("--max-new-tokens", type=int, default=256, help="token limit of one answer (default %(default)s)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling (default %(default)s)")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 "
+                   "(default %(default)s = off)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed; each row's key is fold_in(seed, record, turn) "
+                   "(default %(default)s)")
+    r.add_argument("--num-conversations", type=int, help="regenerate the first N usable conversations (default: "
+                   "data.max_conversations + data.heldout, or all when data.max_conversations is null)")
+    r.add_argument("--batch-size", type=int, default=16, help="conversations generated together (default "
+                   "%(default)s; padded to a multiple of mesh data*fsdp)")
+    r.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens; a longer first prompt is a counted "
+                   "skip, a longer later one ends the conversation (default: data.seq_len)")
+    r.add_argument("--resume", action="store_true", help="continue OUT.partial after its last complete row")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     c = sub.add_parser("compile", formatter_class=fmt, help="compile the train step at the config's shapes without "
                        "weights: per-device memory and FLOPs, or TPU/CUDA lowering",
@@ -361,6 +388,39 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    from flax import nnx
+
+    from dflash_jax import config as config_lib
+    from dflash_jax.data import chat
+    from dflash_jax.data import regenerate as regen
+    from dflash_jax.train import run, sharding
+
+    config = config_lib.load_config(args.config, args.overrides)
+    data = config.data
+    num = args.num_conversations
+    if num is None and data.max_conversations is not None:
+        num = data.max_conversations + data.heldout
+    if num is not None and num < 1:
+        raise ValueError(f"--num-conversations must be >= 1, got {num}")
+    sampling = regen.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed, batch_size=args.batch_size,
+                              max_prompt_len=args.max_prompt_len or data.seq_len)
+    sampling.check()
+    regen.check_output(args.out, args.resume)
+    if data.path != "sharegpt" and not os.path.isfile(data.path):
+        raise ValueError(f"data.path {data.path!r} is not a file")
+    mesh = sharding.make_mesh(config.mesh.shape)
+    target = run.build_target(config.target)
+    renderer = chat.ChatRenderer.from_target(target, data.chat_template)
+    with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        summary = regen.regenerate(target, renderer, data.path, args.out, sampling, fmt=data.format,
+                                   num_conversations=num, resume=args.resume, mesh=mesh,
+                                   progress=not args.no_progress)
+    _print_json(summary)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -384,7 +444,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
-            "dump-features": cmd_dump_features, "compile": cmd_compile, "bench": cmd_bench}
+            "dump-features": cmd_dump_features, "compile": cmd_compile, "regenerate": cmd_regenerate,
+            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -122,13 +123,23 @@ class DraftSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    """D-PACE (``alpha``) or static decay (``gamma``; 0 = uniform) objective, CE or KD (``kd``)."""
+    """The loss pieces of ``dflash_jax.losses`` (docs/losses.md): the position weighting ``objective`` (D-PACE family:
+    ``alpha``; ``decay``: ``gamma``, 0 = uniform), the ``per_token`` loss (``kd``/``kl``/... compare with the target's
+    distribution), the D-PACE ``confidence`` source and the ``normalization``; ``chunk_blocks`` blocks per fused
+    vocabulary chunk."""
 
-    objective: Literal["dpace", "decay"] = "dpace"
+    objective: Literal["dpace", "dpace_cumulative", "dpace_continuation", "decay", "uniform"] = "dpace"
     alpha: float = 0.5
     gamma: float = 0.0
-    kd: bool = True
-    chunk_blocks: int | None = None  # null = whole vocabulary logits at once
+    per_token: Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"] = "kd"
+    normalization: Literal["modelopt", "batch", "tokens"] = "modelopt"
+    confidence: Literal["data", "loss"] = "data"
+    chunk_blocks: int | None = None  # null = all blocks in one chunk
+
+    @property
+    def kd(self) -> bool:
+        """Whether the per-token loss needs the target's distribution (the step gathers teacher hidden states)."""
+        return self.per_token != "ce"
 
 
 @dataclass(frozen=True)
@@ -271,6 +282,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+# Keys of earlier releases: what replaced them, said in the unknown-key error.
+_REPLACED = {"loss.kd": "loss.per_token (kd: true -> per_token: kd; kd: false -> per_token: ce)"}
+
+
 def _unknown_key(message: str, key: str, names: Any) -> str:
     """``message`` plus the closest known key (difflib, ``train.step`` -> ``steps``) and the section's keys."""
     close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
@@ -282,8 +297,11 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
-        if k not in names:
-            raise ValueError(_unknown_key(f"unknown config key {prefix}{k}", k, names))
+        if k in names:
+            continue
+        if prefix + k in _REPLACED:
+            raise ValueError(f"config key {prefix}{k} was replaced by {_REPLACED[prefix + k]}")
+        raise ValueError(_unknown_key(f"unknown config key {prefix}{k}", k, names))
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
@@ -314,13 +332,17 @@ def validate(config: Config) -> Config:
         _check(len(set(ids)) == len(ids) and min(ids) >= 0,
                f"draft.target_layer_ids must be distinct and >= 0, got {list(ids)}")
 
-    try:
-        losses.check_alpha(lo.alpha)
-    except ValueError as err:
-        raise ValueError(f"loss.{err}") from None
+    _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {lo.alpha}")
     _check(lo.gamma >= 0.0, f"loss.gamma must be >= 0, got {lo.gamma}")
-    _check(lo.objective != "dpace" or d.block_size > 1,
-           f"draft.block_size must be > 1 with loss.objective dpace, got {d.block_size}")
+    dpace = lo.objective.startswith("dpace")
+    _check(not dpace or d.block_size > 1,
+           f"draft.block_size must be > 1 with loss.objective {lo.objective}, got {d.block_size}")
+    if lo.gamma != 0.0 and lo.objective != "decay":  # ModelOpt warns likewise (decay factor ignored under dpace)
+        warnings.warn(f"loss.gamma={lo.gamma} is ignored by loss.objective {lo.objective} (only decay uses it)",
+                      UserWarning, stacklevel=2)
+    if lo.confidence != "data" and not dpace:
+        warnings.warn(f"loss.confidence={lo.confidence} is ignored by loss.objective {lo.objective} (only the D-PACE "
+                      "family uses confidences)", UserWarning, stacklevel=2)
     _check(lo.chunk_blocks is None or lo.chunk_blocks >= 1, f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}")
 
     _check(bool(da.path), "data.path must not be empty")

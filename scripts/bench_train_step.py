@@ -46,6 +46,9 @@ SHAPES = {
     # CPU: a small Qwen3-like target (6 layers) and 2-layer draft; seconds per step on 2 cores.
     "cpu": dict(batch=2, seq=256, block=8, anchors=16, vocab=4096, hidden=256, heads=4, kv_heads=2, head_dim=64,
                 intermediate=768, target_layers=6, draft_layers=2),
+    # The CPU shape with a longer sequence, more blocks and a 32k vocabulary (the loss's share grows with N*bs*V).
+    "cpu-large": dict(batch=2, seq=1024, block=8, anchors=64, vocab=32768, hidden=256, heads=4, kv_heads=2,
+                      head_dim=64, intermediate=768, target_layers=6, draft_layers=2),
     # CI-sized smoke shape of scripts/gpu_bench.py --dry-run (same code path as the GPU shapes, milliseconds).
     "tiny": dict(batch=1, seq=128, block=8, anchors=8, vocab=1024, hidden=64, heads=4, kv_heads=2, head_dim=16,
                  intermediate=128, target_layers=4, draft_layers=2),
@@ -129,8 +132,8 @@ def build_ours(shape: dict, target_model, *, dtype: str = "float32", mesh: str =
     tx, sched = optim.make_optimizer(lr=6e-4, steps=1000, schedule="constant", clip_norm=1.0)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
     cfg = st.StepConfig(num_anchors=shape["anchors"], loss=LossSection(
-        objective=objective, gamma=DECAY_GAMMA if objective == "decay" else 0.0, kd=kd, chunk_blocks=chunk_blocks),
-        attention=attention)
+        objective=objective, gamma=DECAY_GAMMA if objective == "decay" else 0.0, per_token="kd" if kd else "ce",
+        chunk_blocks=chunk_blocks), attention=attention)
     step = st.TrainStep(draft=draft, state_shardings=shardings, target=target_model, tx=tx, schedule=sched, cfg=cfg,
                         mesh=mesh)
     batch = step.place_batch(make_batch(shape))

@@ -1,6 +1,7 @@
 """Strict YAML config: shipped configs, unknown keys, types, ranges, cross-field checks, overrides, saving."""
 
 import os
+import warnings
 
 import pytest
 import yaml
@@ -57,14 +58,18 @@ def test_defaults_are_valid_and_empty_sections_allowed():
     ({"draft": {"num_layers": True}}, "draft.num_layers must be an integer"),
     ({"loss": {"alpha": "half"}}, "loss.alpha must be a number"),
     ({"loss": {"alpha": None}}, "loss.alpha must be a number, got None"),
-    ({"loss": {"objective": "kl"}}, r"loss.objective must be one of \['dpace', 'decay'\], got 'kl'"),
+    ({"loss": {"objective": "kl"}}, r"loss.objective must be one of \['dpace', .*'uniform'\], got 'kl'"),
+    ({"loss": {"per_token": "mse"}}, r"loss.per_token must be one of \['ce', 'kd', .*'tv'\], got 'mse'"),
+    ({"loss": {"normalization": "mean"}}, r"loss.normalization must be one of \['modelopt', 'batch', 'tokens'\]"),
+    ({"loss": {"confidence": "teacher"}}, r"loss.confidence must be one of \['data', 'loss'\]"),
+    ({"loss": {"kd": True}}, r"config key loss.kd was replaced by loss.per_token \(kd: true -> per_token: kd"),
     ({"mesh": {"shape": [2, 2]}}, "mesh.shape must be a list of 3 values"),
     ({"mesh": {"shape": [2, "x", 2]}}, r"mesh.shape\[1\] must be an integer"),
     ({"draft": {"target_layer_ids": 3}}, "draft.target_layer_ids must be a list"),
     ({"data": {"path": 5}}, "data.path must be a string"),
     ({"loss": []}, "loss must be a mapping"),
-    ({"loss": {"alpha": 1.5}}, r"loss.alpha must be a scalar in \(0, 1\], got 1.5"),
-    ({"loss": {"alpha": 0}}, r"loss.alpha must be a scalar in \(0, 1\], got 0.0"),
+    ({"loss": {"alpha": 1.5}}, r"loss.alpha must be in \[0, 1\], got 1.5"),
+    ({"loss": {"alpha": -0.1}}, r"loss.alpha must be in \[0, 1\], got -0.1"),
     ({"loss": {"gamma": -1}}, "loss.gamma must be >= 0"),
     ({"loss": {"chunk_blocks": 0}}, "loss.chunk_blocks must be >= 1"),
     ({"data": {"seq_len": 100}, "draft": {"block_size": 8}}, r"data.seq_len \(100\) must be a positive multiple of draft.block_size \(8\)"),
@@ -130,7 +135,7 @@ def test_overrides():
     assert c.draft.target_layer_ids == (1,) and c.train.lr == 1e-3 and c.target.random.seed == 5
     assert parse_override("data.path= a=b.jsonl") == ("data.path", "a=b.jsonl")
     raw = {"loss": {"alpha": 0.5}}
-    assert apply_overrides(raw, ["loss.kd=false"]) == {"loss": {"alpha": 0.5, "kd": False}}
+    assert apply_overrides(raw, ["loss.per_token=ce"]) == {"loss": {"alpha": 0.5, "per_token": "ce"}}
     assert raw == {"loss": {"alpha": 0.5}}  # not mutated
     with pytest.raises(ValueError, match="unknown config key loss.alhpa"):
         load_config("tiny", ["loss.alhpa=0.3"])
@@ -140,7 +145,7 @@ def test_overrides():
         parse_override("loss.alpha")
     with pytest.raises(ValueError, match="loss.alpha.x"):
         apply_overrides({}, ["loss.alpha.x=1"])
-    with pytest.raises(ValueError, match=r"loss.alpha must be a scalar in \(0, 1\], got 2.0"):
+    with pytest.raises(ValueError, match=r"loss.alpha must be in \[0, 1\], got 2.0"):
         load_config("tiny", ["loss.alpha=2"])
 
 
@@ -163,3 +168,29 @@ def test_load_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a mapping of sections"):
         load_config(bad)
+
+
+def test_loss_names_match_the_loss_module():
+    """config.py stays jax-free, so its Literal choices repeat dflash_jax.losses' names: they must agree."""
+    import typing
+
+    from dflash_jax import losses
+    from dflash_jax.config import LossSection
+
+    hints = typing.get_type_hints(LossSection)
+    assert typing.get_args(hints["objective"]) == losses.OBJECTIVES
+    assert typing.get_args(hints["per_token"]) == losses.PER_TOKEN_LOSSES
+    assert typing.get_args(hints["normalization"]) == losses.NORMALIZATIONS
+    assert typing.get_args(hints["confidence"]) == losses.CONFIDENCES
+
+
+def test_ignored_loss_keys_warn():
+    with pytest.warns(UserWarning, match="loss.gamma=4.0 is ignored by loss.objective dpace"):
+        load_config("tiny", ["loss.gamma=4"])
+    with pytest.warns(UserWarning, match="loss.confidence=loss is ignored by loss.objective decay"):
+        load_config("tiny", ["loss.objective=decay", "loss.confidence=loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("tiny", "smollm2-135m", "qwen3-8b"):  # the shipped configs set nothing that is ignored
+            load_config(name)
+        load_config("tiny", ["loss.objective=decay", "loss.gamma=4"])

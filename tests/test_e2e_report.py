@@ -23,12 +23,21 @@ def _metrics(sim_tau):
             for s in range(2, 12, 2)]
 
 
-def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1)):
+def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1), regen_taus=None):
     os.makedirs(root / "features")
     (root / "features" / "index.json").write_text(json.dumps({"num_rows": 12}))
     (root / "timings.jsonl").write_text("\n".join(json.dumps({"phase": p, "wall_s": 60.0}) for p in (
         "dump", "train_dpace", "train_decay", "eval_dpace_T0")) + "\n")
-    for obj, taus, sim in (("dpace", dpace_taus, 1.2), ("decay", decay_taus, 1.1)):
+    arms = [("dpace", dpace_taus, 1.2), ("decay", decay_taus, 1.1)]
+    if regen_taus is not None:
+        arms.append(("dpace_regen", regen_taus, 1.3))
+        gen = {"target": "Target(llama)", "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": 0,
+               "batch_size": 16, "max_prompt_len": 256}
+        rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                 "source": {"path": "sharegpt", "record": i}, "generator": gen, "truncated_answers": i % 2,
+                 "dropped_turns": 0} for i in range(5)]
+        (root / "regen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for obj, taus, sim in arms:
         (root / obj).mkdir()
         (root / obj / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in _metrics(sim)) + "\n")
         for t in (0, 1):
@@ -76,3 +85,17 @@ def test_report_replicates(tmp_path):
     text = out.read_text()
     assert "## Replicates" in text
     assert f"| `{rep}` | 1.100 / 1.200 | -8.3 % |" in text
+
+
+def test_report_regenerated_data_arm(tmp_path):
+    run = _run_dir(tmp_path / "run", regen_taus=(1.5, 1.2, 1.4))
+    out = tmp_path / "results.md"
+    report.main(["--run", str(run), "--out", str(out)])
+    text = out.read_text()
+    assert "## Target-aligned data" in text
+    assert "first usable ShareGPT conversations (5 rows written)" in text and "5 answers, 2 of them cut at the limit" in text
+    # paired per prompt vs the D-PACE arm: (0.1 + 0 + 0.1) / 3, s.e. 0.0577 / sqrt(3)
+    assert "**greedy: +5.1 %** (per-prompt paired Δτ = +0.067 ± 0.033 s.e.; within noise" in text
+    assert "| SmolLM2's own answers | 1.300 | 0.100 | 1.367 | 1.367 |" in text
+    assert "## Target-aligned data" not in report.render(report.load_run(str(_run_dir(tmp_path / "plain"))),
+                                                         "r", "cpu", "c", "results")

@@ -50,6 +50,7 @@ def test_run_dir_outputs(full_run):
     for r in train:
         assert set(rundir.METRIC_KEYS) <= set(r)
         assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert 1.0 <= r["accept_length"] <= bs
         assert len(r["position_accuracy"]) == len(r["position_weight_mean"]) == bs
         # tau_t = 1 + sum_k prod_{i<=k} acc_{t,i} per step; the window mean lies between 1 + mean acc_1 and
         # 1 + sum_k min_{i<=k} (mean acc_i), from the logged per-slot means (slot 0 is never predicted)
@@ -181,14 +182,15 @@ def test_warm_start_from_export(full_run):
 
 
 def test_window_record_means_and_keys():
-    w = [dict(loss=1.0, accuracy=0.5, simulated_tau=1.5, grad_norm=2.0, real_token_fraction=1.0, lr=0.1,
+    w = [dict(loss=1.0, accuracy=0.5, simulated_tau=1.5, accept_length=2.0, grad_norm=2.0, real_token_fraction=1.0, lr=0.1,
               position_accuracy=[0.0, 1.0], position_weight_mean=[0.0, 1.0], skipped_updates=0, tokens=10,
               epoch=0, skipped_samples=3, split_conversations=2, truncated_conversations=1),
-         dict(loss=3.0, accuracy=0.7, simulated_tau=1.7, grad_norm=4.0, real_token_fraction=0.5, lr=0.2,
+         dict(loss=3.0, accuracy=0.7, simulated_tau=1.7, accept_length=1.0, grad_norm=4.0, real_token_fraction=0.5, lr=0.2,
               position_accuracy=[0.0, 0.5], position_weight_mean=[0.0, 0.5], skipped_updates=1, tokens=30,
               epoch=1, skipped_samples=3, split_conversations=2, truncated_conversations=1)]
     r = loop.window_record(8, w, seconds=2.0, elapsed=5.0)
     assert list(r) == list(rundir.METRIC_KEYS)
     assert r["loss"] == 2.0 and r["grad_norm"] == 3.0 and r["tokens_per_s"] == 20.0 and r["lr"] == 0.2
+    assert r["accept_length"] == 1.5
     assert r["position_accuracy"] == [0.0, 0.75] and r["skipped_updates"] == 1 and r["real_token_fraction"] == 0.75
     json.dumps(r)

@@ -184,8 +184,10 @@ def test_block_loss_metrics_golden():
     np.testing.assert_allclose(m["weight_sum"], 5.0, rtol=1e-6)
     _, m = block_loss(logits, labels, mask, objective="decay", gamma=4.0)
     np.testing.assert_allclose(m["position_weight_mean"], [0.0, 1.0, np.exp(-0.25), np.exp(-0.5)], rtol=1e-6)
-    assert set(m) == {"accuracy", "position_accuracy", "weight_sum", "simulated_tau", "num_tokens",
-                      "position_weight_mean"}
+    assert set(m) == {"accuracy", "position_accuracy", "weight_sum", "simulated_tau", "accept_length",
+                      "num_tokens", "position_weight_mean"}
+    # block 0: slot 1 correct, slot 2 wrong -> run 1; block 1: slot 1 wrong -> run 0; mean 1 + 0.5
+    np.testing.assert_allclose(m["accept_length"], 1.5)
 
 
 def random_blocks(key, b=2, n=3, bs=4, v=11, mask_p=0.7):
@@ -283,7 +285,7 @@ def test_block_size_one():
 def test_bad_inputs():
     logits, labels, mask, teacher = random_blocks(jax.random.key(13))
     with pytest.raises(ValueError, match="alpha"):
-        block_loss(logits, labels, mask, alpha=0.0)
+        block_loss(logits, labels, mask, alpha=-0.1)
     with pytest.raises(ValueError, match="alpha"):
         jax.jit(lambda x: block_loss(x, labels, mask, alpha=2.0))(logits)
     with pytest.raises(ValueError, match="labels"):
@@ -304,6 +306,14 @@ def test_bad_inputs():
         block_loss(logits, labels, mask, teacher_logits=teacher[..., :5])
     with pytest.raises(ValueError, match="objective"):
         block_loss(logits, labels, mask, objective="kl")
+    with pytest.raises(ValueError, match="per_token"):
+        block_loss(logits, labels, mask, per_token="kl")  # needs a teacher
+    with pytest.raises(ValueError, match="per_token"):
+        block_loss(logits, labels, mask, teacher_logits=teacher, per_token="ce")
+    with pytest.raises(ValueError, match="normalization"):
+        block_loss(logits, labels, mask, normalization="mean")
+    with pytest.raises(ValueError, match="confidence"):
+        block_loss(logits, labels, mask, confidence="teacher")
 
 
 def test_traced_slot0_mask_is_ignored():

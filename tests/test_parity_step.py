@@ -52,7 +52,7 @@ def test_two_steps_match_reference_adamw(tmp_path):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx, sched = optim.make_optimizer(lr=LR, steps=10, schedule="constant", weight_decay=WD, clip_norm=CLIP)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
-    step_cfg = st.StepConfig(num_anchors=ANCHORS.shape[1], loss=LossSection(kd=True))
+    step_cfg = st.StepConfig(num_anchors=ANCHORS.shape[1], loss=LossSection(per_token="kd"))
     train_step = st.TrainStep(draft=draft, state_shardings=shardings, target=target.model, tx=tx, schedule=sched,
                               cfg=step_cfg, mesh=mesh)
 
@@ -70,10 +70,11 @@ def test_two_steps_match_reference_adamw(tmp_path):
         theirs = oracle.ref_draft_state(ref_model)
         assert set(ours) == set(theirs)
         for name, want in theirs.items():
-            # 1e-5 relative per tensor (L2); per element 1e-6 absolute = 1e-3 * lr, since Adam moves a parameter
-            # whose gradient is ~0 up to rounding by up to lr * g / (|g| + eps), amplifying that rounding.
+            # 1e-5 relative per tensor (L2); per element 2e-6 absolute = 2e-3 * lr, since Adam moves a parameter
+            # whose gradient is ~0 up to rounding by up to lr * g / (|g| + eps), amplifying that rounding (the fused
+            # loss scales its gradient by 1/den after the vocabulary matmul: ~5e-7 relative L2 from autodiff's order).
             err = np.linalg.norm(ours[name] - want)
             assert err <= 1e-5 * np.linalg.norm(want), (name, step, err, np.linalg.norm(want))
-            np.testing.assert_allclose(ours[name], want, rtol=0, atol=1e-6, err_msg=f"{name} step {step}")
+            np.testing.assert_allclose(ours[name], want, rtol=0, atol=2e-6, err_msg=f"{name} step {step}")
     moved = np.abs(to_torch_tensors(state.params)["fc.weight"] - initial["fc.weight"])
     assert moved.max() > LR  # two real updates happened (the comparison is not vacuous)

@@ -41,7 +41,7 @@ def _compiled(mesh_shape, kd):
         draft = DFlashDraft(DC, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.bfloat16)
     tx, sched = optim.make_optimizer(lr=1e-3, steps=10)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
-    cfg = st.StepConfig(num_anchors=N, loss=LossSection(kd=kd))
+    cfg = st.StepConfig(num_anchors=N, loss=LossSection(per_token="kd" if kd else "ce"))
     ts = st.TrainStep(draft=draft, state_shardings=shardings, target=make_target_model(TC, dtype="bfloat16"), tx=tx,
                       schedule=sched, cfg=cfg, mesh=mesh)
     rng = np.random.default_rng(0)

@@ -118,8 +118,8 @@ def test_batch_without_valid_anchor():
 def test_offline_features_equal_online_kd():
     """The step fed precomputed taps + teacher hidden equals the online step (KD objective)."""
     target = tf.target_model()
-    online = _built((1, 1, 1), kd=True)
-    offline = _built((1, 1, 1), kd=True, mode="offline")
+    online = _built((1, 1, 1), per_token="kd")
+    offline = _built((1, 1, 1), per_token="kd", mode="offline")
     b = tf.batch(b=8, seed=3)
     taps, final = target(jnp.asarray(b["input_ids"]), positions=jnp.asarray(b["positions"]),
                          segment_ids=jnp.asarray(b["segment_ids"]), layer_ids=tf.LAYER_IDS)
@@ -219,7 +219,7 @@ def test_grad_accum_equals_the_full_batch(mesh_shape):
     grad norm and params after 3 steps within 1e-6; also on a batch whose first micro-batch alone has no loss
     weight (its own zero-loss rule would fire: the global one must not) and on an all-masked batch (global zero
     loss: params untouched)."""
-    one, two = _built((1, 1, 1), kd=True), _built(mesh_shape, kd=True, grad_accum=2)
+    one, two = _built((1, 1, 1), per_token="kd"), _built(mesh_shape, per_token="kd", grad_accum=2)
     half = tf.batch(seed=7)
     half["loss_mask"][0::2] = 0.0  # micro-batch 0 of K=2 = rows 0, 2, 4, 6: no weight at all
     empty = tf.batch(seed=8)

@@ -398,4 +398,4 @@ def test_build_target_model_names_tensor_on_shape_mismatch():
 def test_kvcache_is_a_pytree(target):
     c = target.model.init_cache(2, 8)
     assert isinstance(jax.tree.map(lambda x: x, c), KVCache)
-    assert c.k.shape == (CFG.num_layers, 2, 8, CFG.num_key_value_heads, CFG.head_dim)
+    assert c.k.shape == (CFG.num_layers, 2, CFG.num_key_value_heads, 8, CFG.head_dim)

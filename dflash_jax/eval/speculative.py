@@ -16,14 +16,13 @@ One verification step (z-lab loop; ModelOpt ``pseudo_speculative_generate``, doc
   ``L + a + 1`` and append the target taps of positions ``L..L+a`` to the draft context cache.
 
 Shapes are static: batch 1, prompts right-padded to a bucket ``P`` (power of two), caches of
-``P + max_new_tokens + bs`` slots, a ``lax.while_loop`` over steps. One executable per (kind, bucket,
-max_new_tokens, block size, temperature); executables are compiled ahead of time so timings exclude compiles.
+``P + max_new_tokens + bs`` slots, a ``lax.while_loop`` over steps. One executable per (bucket, max_new_tokens,
+block size, temperature); executables are compiled ahead of time so timings exclude compiles. Plain decoding (the
+baseline) is the batched loop of :mod:`dflash_jax.generate` with one row.
 """
 
 from __future__ import annotations
 
-import functools
-import time
 from typing import NamedTuple
 
 import jax
@@ -31,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-MIN_BUCKET = 8
+from dflash_jax import generate
+from dflash_jax.generate import bucket_length  # also public here: eval/report.py buckets prompts
 
 
 class DecodeOutput(NamedTuple):
@@ -47,13 +47,6 @@ class DecodeOutput(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------
 # Pure pieces
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _pick(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """Token ids from ``logits [..., V]``: argmax at ``temperature == 0``, else a sample of softmax(z/T)."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
 
 
 def verify_block(
@@ -85,20 +78,8 @@ def verify_block(
     return a, bonus
 
 
-def _prefill(target, prompt, num_valid, max_len, layer_ids, key, temperature):
-    """Target prefill of ``prompt [1, P]`` (``num_valid`` real tokens): returns (taps, cache, first token id scalar)."""
-    cache = target.init_cache(1, max_len)
-    taps, hidden, cache = target.decode(prompt, cache, layer_ids=layer_ids, num_valid=num_valid)
-    last = jnp.take_along_axis(hidden, (num_valid - 1)[:, None, None], axis=1)[:, 0]  # [1, H]
-    return taps, cache, _pick(target.logits(last)[0], key, temperature)
-
-
 def _write(out: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice(out, values, (start,))
-
-
-def _is_eos(values: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-    return jnp.isin(values, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
 def speculative_decode_fn(
@@ -117,11 +98,12 @@ def speculative_decode_fn(
     layer_ids = cfg.target_layer_ids
     max_len = p_len + max_new_tokens + bs
     key, k0 = jax.random.split(key)
-    taps, tcache, first = _prefill(target, prompt, num_valid, max_len, layer_ids, k0, temperature)
+    taps, tcache, logits = generate.prefill(target, prompt, num_valid, max_len, layer_ids)
+    first = generate.sample_logits(logits[0], k0, temperature)
     dcache = draft.extend_cache(draft.init_cache(1, max_len), taps, jnp.arange(p_len)[None], num_valid=num_valid)
     out = jnp.zeros((max_new_tokens + bs,), jnp.int32).at[0].set(first)
     accepted = jnp.zeros((max_new_tokens,), jnp.int32)
-    done = (max_new_tokens <= 1) | _is_eos(first, eos_token_ids)
+    done = (max_new_tokens <= 1) | generate.is_eos(first, eos_token_ids)
     init = (tcache, dcache, first, num_valid[0], out, jnp.int32(1), accepted, jnp.int32(0), done, key)
 
     def body(carry):
@@ -130,7 +112,7 @@ def speculative_decode_fn(
         block = jnp.full((1, cfg.block_size), cfg.mask_token_id, jnp.int32).at[0, 0].set(last)
         hidden = draft.propose(dcache, target.embed(block), pos[None])
         d_logits = target.logits(hidden[0, 1:bs])  # [bs-1, V] fp32
-        drafts = _pick(d_logits, k_draft, temperature)
+        drafts = generate.sample_logits(d_logits, k_draft, temperature)
         ver = jnp.concatenate([last[None], drafts])[None]  # [1, bs]
         t_taps, t_hidden, tcache = target.decode(ver, tcache, layer_ids=layer_ids)
         a, bonus = verify_block(d_logits, drafts, target.logits(t_hidden[0]), k_ver, temperature)
@@ -139,79 +121,16 @@ def speculative_decode_fn(
         dcache = draft.extend_cache(dcache, t_taps, (pos + jnp.arange(bs))[None], num_valid=(a + 1)[None])
         out = _write(out, n_gen, new)
         n_gen = n_gen + a + 1
-        done = (n_gen >= max_new_tokens) | jnp.any(_is_eos(new, eos_token_ids) & (jnp.arange(bs) <= a))
+        done = (n_gen >= max_new_tokens) | jnp.any(generate.is_eos(new, eos_token_ids) & (jnp.arange(bs) <= a))
         return (tcache, dcache, bonus, pos + a + 1, out, n_gen, accepted.at[step].set(a), step + 1, done, key)
 
     carry = jax.lax.while_loop(lambda c: ~c[8], body, init)
     return carry[4], carry[5], carry[6], carry[7]
 
 
-def plain_decode_fn(
-    t_state, prompt, num_valid, key, *, t_graph, max_new_tokens: int, temperature: float,
-    eos_token_ids: tuple[int, ...],
-):
-    """Traceable plain (one token per target forward) decoding; same sampling and stopping rules.
-
-    Returns ``(tokens [max_new_tokens] int32, num_generated int32)``.
-    """
-    target = nnx.merge(t_graph, t_state)
-    max_len = prompt.shape[1] + max_new_tokens + 1
-    key, k0 = jax.random.split(key)
-    _, cache, first = _prefill(target, prompt, num_valid, max_len, (), k0, temperature)
-    out = jnp.zeros((max_new_tokens,), jnp.int32).at[0].set(first)
-    done = (max_new_tokens <= 1) | _is_eos(first, eos_token_ids)
-
-    def body(carry):
-        cache, last, out, n_gen, _, key = carry
-        key, k = jax.random.split(key)
-        _, hidden, cache = target.decode(last[None, None], cache)
-        tok = _pick(target.logits(hidden[0, 0]), k, temperature)
-        out = out.at[n_gen].set(tok)
-        return cache, tok, out, n_gen + 1, (n_gen + 1 >= max_new_tokens) | _is_eos(tok, eos_token_ids), key
-
-    carry = jax.lax.while_loop(lambda c: ~c[4], body, (cache, first, out, jnp.int32(1), done, key))
-    return carry[2], carry[3]
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Host drivers: bucketing, ahead-of-time compilation, timing
+# Host drivers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def bucket_length(n: int, limit: int | None = None) -> int:
-    """Smallest power of two ``>= max(n, MIN_BUCKET)``, capped at ``limit`` (if given)."""
-    b = max(MIN_BUCKET, 1 << max(int(n) - 1, 0).bit_length())
-    return b if limit is None else min(b, int(limit))
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted(kind: str, statics: tuple):
-    fn = speculative_decode_fn if kind == "spec" else plain_decode_fn
-    return jax.jit(functools.partial(fn, **dict(statics)))
-
-
-_COMPILED: dict = {}
-
-
-def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((x.shape, str(x.dtype)) for x in leaves)
-
-
-def _run(kind: str, statics: dict, states: tuple, prompt, num_valid, key):
-    """Compile (cached per graph/shape/static settings) and time one run; returns host outputs and seconds.
-
-    ``statics`` holds the graph defs and every static setting; ``states`` the model states (traced)."""
-    args = (*states, prompt, num_valid, key)
-    frozen = tuple(sorted(statics.items()))
-    sig = (kind, frozen, _signature(states), prompt.shape)
-    if sig not in _COMPILED:
-        if len(_COMPILED) >= 64:
-            _COMPILED.clear()
-        _COMPILED[sig] = _jitted(kind, frozen).lower(*args).compile()
-    start = time.perf_counter()
-    out = jax.block_until_ready(_COMPILED[sig](*args))
-    return jax.device_get(out), time.perf_counter() - start
 
 
 def _pad_prompt(prompt: np.ndarray, bucket: int) -> tuple[jax.Array, jax.Array]:
@@ -239,7 +158,8 @@ def speculative_generate(
     statics = dict(t_graph=t_graph, d_graph=d_graph, max_new_tokens=int(max_new_tokens),
                    block_size=int(block_size or draft_model.cfg.block_size), temperature=float(temperature),
                    eos_token_ids=eos)
-    (toks, n, acc, steps), secs = _run("spec", statics, (t_state, d_state), prompt_j, nv, jax.random.key(seed))
+    (toks, n, acc, steps), secs = generate.run_compiled(speculative_decode_fn, statics,
+                                                        (t_state, d_state, prompt_j, nv, jax.random.key(seed)))
     return DecodeOutput(_truncate(toks, n, max_new_tokens, eos), np.asarray(acc[: int(steps)], np.int32), secs)
 
 
@@ -247,11 +167,10 @@ def plain_generate(
     target_model, prompt: np.ndarray, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
     eos_token_ids=(), bucket: int | None = None,
 ) -> DecodeOutput:
-    """Plain target decoding of one ``prompt [n]``: the speedup baseline and the lossless reference."""
-    graph, state = nnx.split(target_model)
-    prompt_j, nv = _pad_prompt(prompt, bucket or bucket_length(len(prompt)))
-    eos = tuple(int(e) for e in eos_token_ids)
-    statics = dict(t_graph=graph, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                   eos_token_ids=eos)
-    (toks, n), secs = _run("plain", statics, (state,), prompt_j, nv, jax.random.key(seed))
-    return DecodeOutput(_truncate(toks, n, max_new_tokens, eos), np.zeros((0,), np.int32), secs)
+    """Plain target decoding of one ``prompt [n]`` (the batched loop of :mod:`dflash_jax.generate` with one row):
+    the speedup baseline and the lossless reference."""
+    out = generate.Generator(target_model)([prompt], max_new_tokens, temperature=temperature,
+                                           keys=generate.row_keys(seed, [0]), eos_token_ids=eos_token_ids,
+                                           prompt_bucket=bucket or bucket_length(len(prompt)),
+                                           capacity=max_new_tokens)
+    return DecodeOutput(out.tokens[0], np.zeros((0,), np.int32), out.seconds)

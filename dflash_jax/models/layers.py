@@ -247,23 +247,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def attention_scores(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
-    """GQA logits in fp32: ``q [B, Lq, NH, HD]``, ``k [B, Lk, KVH, HD]`` -> ``[B, KVH, G, Lq, Lk]``.
+def attention_scores(q: jax.Array, k: jax.Array, scale: float | None = None, heads_first: bool = False) -> jax.Array:
+    """GQA logits in fp32: ``q [B, Lq, NH, HD]``, ``k [B, Lk, KVH, HD]`` (``[B, KVH, Lk, HD]`` with
+    ``heads_first``, the KV-cache layout) -> ``[B, KVH, G, Lq, Lk]``.
 
     Query head ``h`` uses kv head ``h // G`` with ``G = NH / KVH`` (HF ``repeat_kv`` order). Scaled by ``scale``
     (default ``HD**-0.5``; Gemma 3 uses ``query_pre_attn_scalar**-0.5``).
     """
     b, lq, nh, hd = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if heads_first else 2]
     qg = q.reshape(b, lq, kvh, nh // kvh, hd)
-    s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bqkgd,bktd->bkgqt" if heads_first else "bqkgd,btkd->bkgqt", qg, k,
+                   preferred_element_type=jnp.float32)
     return s * (hd ** -0.5 if scale is None else scale)
 
 
-def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
-    """``p [B, KVH, G, Lq, Lk]`` (probabilities) x ``v [B, Lk, KVH, HD]`` -> ``[B, Lq, NH, HD]`` (v's dtype)."""
+def attention_values(p: jax.Array, v: jax.Array, heads_first: bool = False) -> jax.Array:
+    """``p [B, KVH, G, Lq, Lk]`` (probabilities) x ``v [B, Lk, KVH, HD]`` (``[B, KVH, Lk, HD]`` with
+    ``heads_first``) -> ``[B, Lq, NH, HD]`` (v's dtype)."""
     b, kvh, g, lq, _ = p.shape
-    out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgqt,bktd->bqkgd" if heads_first else "bkgqt,btkd->bqkgd", p.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
     return out.reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
 
 
@@ -278,12 +282,13 @@ def sink_softmax(s: jax.Array, sinks: jax.Array | None) -> jax.Array:
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float | None = None,
-                     sinks: jax.Array | None = None) -> jax.Array:
+                     sinks: jax.Array | None = None, heads_first: bool = False) -> jax.Array:
     """Softmax attention with a boolean ``mask [B, Lq, Lk]`` (True = attend; B may be 1 to broadcast).
 
     Masked logits get :data:`MASK_VALUE` (finite), so fully-masked rows are uniform, never NaN. ``scale``: see
-    :func:`attention_scores`; ``sinks [NH]``: see :func:`sink_softmax`. Returns ``[B, Lq, NH, HD]``.
+    :func:`attention_scores`; ``sinks [NH]``: see :func:`sink_softmax`; ``heads_first``: k/v in the KV-cache layout
+    ``[B, KVH, Lk, HD]``. Returns ``[B, Lq, NH, HD]``.
     """
-    s = attention_scores(q, k, scale)
+    s = attention_scores(q, k, scale, heads_first)
     s = jnp.where(mask[:, None, None], s, MASK_VALUE)
-    return attention_values(sink_softmax(s, sinks), v)
+    return attention_values(sink_softmax(s, sinks), v, heads_first)

@@ -160,7 +160,8 @@ class TargetConfig:
 
 @struct.dataclass
 class KVCache:
-    """Fixed-size KV cache: ``k, v [L, B, max_len, KVH, HD]``; ``length [B] int32`` = committed tokens per row."""
+    """Fixed-size KV cache: ``k, v [L, B, KVH, max_len, HD]`` (heads before positions: the attention dots read it
+    without a relayout); ``length [B] int32`` = committed tokens per row."""
 
     k: jax.Array
     v: jax.Array
@@ -194,18 +195,26 @@ class Attention(nnx.Module):
         self.shape = (nh, kvh, hd)
 
     def __call__(self, x, cos, sin, mask, past=None, write_pos=None):
-        """``x [B,S,H]`` (normed) -> ``(o_proj(attention) [B,S,H], (k, v))``. Without ``past`` the keys are the S
-        new tokens; with ``past = (k, v) [B,max_len,KVH,HD]`` the new k/v are scattered at ``write_pos [B,S]``
-        (out-of-range writes dropped) and attention runs over the whole cache under ``mask [B,S,Lk]`` (bool, or an
-        ``attention.SelfMask`` describing the packed causal mask without building it)."""
+        """``x [B,S,H]`` (normed) -> ``(o_proj(attention) [B,S,H], kv)``. Without ``past`` the keys are the S new
+        tokens, ``mask [B,S,Lk]`` is bool or an ``attention.SelfMask`` (the packed causal mask without building it),
+        and ``kv = (k, v)`` of those tokens. With ``past = (k, v, i)``, the whole cache ``k, v [L,B,KVH,max_len,HD]``
+        and this layer's index ``i``, the new k/v are scattered into layer ``i`` at ``write_pos [B,S]`` (out-of-range
+        writes dropped; in place: a decode step copies no cache), attention runs over that layer's cache under the
+        bool ``mask [B,S,max_len]``, and ``kv`` is the updated ``(k, v)`` of all layers."""
         q, k, v = self.qkv(x, cos, sin)
+        kv = (k, v)
         if past is not None:
             rows = jnp.arange(x.shape[0])[:, None]
-            k = past[0].at[rows, write_pos].set(k.astype(past[0].dtype), mode="drop")
-            v = past[1].at[rows, write_pos].set(v.astype(past[1].dtype), mode="drop")
+            kv = tuple(c.at[past[2], rows, :, write_pos].set(new.astype(c.dtype), mode="drop")
+                       for c, new in zip(past[:2], (k, v)))
+            k, v = kv[0][past[2]], kv[1][past[2]]
         sinks = None if self.sinks is None else self.sinks[...]
-        a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
-        return self.o_proj(a.reshape(*x.shape[:2], -1)), (k, v)
+        if past is None:
+            a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
+        else:
+            a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks,
+                                        heads_first=True)
+        return self.o_proj(a.reshape(*x.shape[:2], -1)), kv
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x [B,S,H]`` -> q ``[B,S,NH,HD]``, k/v ``[B,S,KVH,HD]``; qk-norm (Qwen3) then RoPE on q and k."""
@@ -307,18 +316,15 @@ class TargetModel(nnx.Module):
                 m = attention.windowed(mask, cfg.sliding_window, positions, key_positions)
             ctx[kind] = (*layers.rope_cos_sin(positions, inv_freq, self.dtype, scale), m)
         h = self.embed(input_ids)
-        outs, ks, vs = {}, [], []
+        outs, kv = {}, None if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
-            past = None if cache is None else (cache.k[i], cache.v[i])
-            h, (k, v) = layer(h, *ctx[cfg.layer_type(i)], past, positions)
-            ks.append(k)
-            vs.append(v)
+            h, new_kv = layer(h, *ctx[cfg.layer_type(i)], None if kv is None else (*kv, i), positions)
+            kv = None if cache is None else new_kv
             if i in ids:
                 outs[i] = h
         final = self.norm(h)
         outs[self.config.num_layers - 1] = final  # HF quirk: hidden_states[Lt] is post final norm
         taps = jnp.concatenate([outs[i] for i in ids], axis=-1) if ids else h[..., :0]
-        kv = None if cache is None else (jnp.stack(ks), jnp.stack(vs))
         return jax.lax.stop_gradient(taps), jax.lax.stop_gradient(final), kv
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = (),
@@ -350,11 +356,11 @@ class TargetModel(nnx.Module):
 
     # -- KV-cache decoding -------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """Empty cache ``k, v [L,batch,max_len,KVH,HD]`` (default compute dtype), ``length = 0``."""
+        """Empty cache ``k, v [L,batch,KVH,max_len,HD]`` (default compute dtype), ``length = 0``."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be positive")
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
         dt = self.dtype if dtype is None else dtype
         return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), length=jnp.zeros((batch,), jnp.int32))
 
@@ -374,7 +380,7 @@ class TargetModel(nnx.Module):
         chex.assert_shape(cache.length, (b,))
         num_valid = jnp.full((b,), n, jnp.int32) if num_valid is None else _as_int_array("num_valid", num_valid, (b,))
         positions = cache.length[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-        key_positions = jnp.arange(cache.k.shape[2])[None]
+        key_positions = jnp.arange(cache.k.shape[3])[None]
         mask = key_positions[:, None, :] <= positions[:, :, None]
         taps, final, (k, v) = self._run(input_ids, positions, mask, key_positions, layer_ids, cache)
         return taps, final, KVCache(k=k, v=v, length=cache.length + jnp.clip(num_valid, 0, n))
@@ -412,12 +418,6 @@ def _logits_jit(model, input_ids):
     return model.logits(model(input_ids)[1])
 
 
-@nnx.jit
-def _greedy_step_jit(model, input_ids, cache):
-    _, h, cache = model.decode(input_ids, cache)
-    return jnp.argmax(model.logits(h[:, -1]), axis=-1).astype(jnp.int32), cache
-
-
 class Target:
     """A loaded frozen target: model + tokenizer + chat template (what :func:`load_target` returns)."""
 
@@ -431,6 +431,7 @@ class Target:
         self.bos_token_id = config.bos_token_id
         self.eos_token_ids = config.eos_token_ids
         self.source = source
+        self._generator = None  # generate.Generator, built on the first greedy_generate
 
     def __repr__(self):
         c = self.config
@@ -446,17 +447,16 @@ class Target:
         return _taps_jit(self.model, jnp.asarray(input_ids), tuple(int(i) for i in layer_ids))
 
     def greedy_generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, stop_ids=None) -> list[int]:
-        """Greedy continuation of one prompt with the KV cache (prefill, then one token per step); stops after a
-        token in ``stop_ids`` (default ``eos_token_ids``), which is included in the result."""
+        """Greedy continuation of one prompt with the KV cache; stops after a token in ``stop_ids`` (default
+        ``eos_token_ids``), which is included in the result. Runs the batched loop of :mod:`dflash_jax.generate`
+        (one executable per power-of-two bucket of the prompt length and of ``max_new_tokens``)."""
+        from dflash_jax import generate
+
         prompt = np.asarray(prompt_ids, np.int32)
         if prompt.ndim != 1 or prompt.size == 0 or max_new_tokens <= 0:
             raise ValueError("greedy_generate: prompt_ids must be a non-empty 1-D sequence and max_new_tokens > 0")
-        stop = set(self.eos_token_ids if stop_ids is None else stop_ids)
-        cache = self.model.init_cache(1, prompt.size + max_new_tokens)
-        tok, cache = _greedy_step_jit(self.model, jnp.asarray(prompt[None]), cache)
-        out = [int(tok[0])]
-        while len(out) < max_new_tokens and out[-1] not in stop:
-            tok, cache = _greedy_step_jit(self.model, tok[:, None], cache)
-            out.append(int(tok[0]))
-        return out
+        if self._generator is None:
+            self._generator = generate.Generator(self.model)
+        stop = self.eos_token_ids if stop_ids is None else stop_ids
+        return self._generator([prompt], int(max_new_tokens), eos_token_ids=stop).tokens[0].tolist()
 

@@ -37,7 +37,7 @@ from dflash_jax.train import step as step_lib
 log = logging.getLogger(__name__)
 
 _WARMUP_STEPS = 2  # timed steps after the first (compiling) one, for the plan's step-time estimate and ETA
-_MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "grad_norm", "real_token_fraction")
+_MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
 
 
@@ -50,7 +50,8 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
     """One step's metrics as plain Python values (float64-exact copies of the float32 device values; the step
     computes them on the global batch, replicated, so every process reads the same numbers)."""
     m = jax.device_get(m)
-    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "grad_norm", "lr", "real_token_fraction")}
+    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr",
+                                   "real_token_fraction")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
     out.update(skipped_updates=int(m["skipped_updates"]), tokens=int(m["tokens"]), epoch=int(stats.get("epoch", 0)),
                skipped_samples=int(stats.get("skipped", 0)), split_conversations=int(stats.get("split", 0)),

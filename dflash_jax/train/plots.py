@@ -1,6 +1,7 @@
 """PNG plots of a run's ``metrics.jsonl`` records (matplotlib, Agg backend; no display needed).
 
-* ``loss_tau.png``: training loss and simulated tau vs step (eval tau as points when logged);
+* ``loss_tau.png``: training loss, simulated tau and the per-block acceptance length vs step (eval tau as points
+  when logged);
 * ``position_acceptance.png``: per-position accuracy of draft slots 1..bs-1 at the first and last logged step,
   and the eval per-position acceptance when logged;
 * ``dpace_weights.png``: mean loss weight (D-PACE ``w_j``, or the decay weight) of every slot vs step.
@@ -32,6 +33,9 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     ax_loss.plot(steps, [r["loss"] for r in train], color="tab:red")
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
     ax_tau.plot(steps, [r["simulated_tau"] for r in train], color="tab:blue", label="simulated tau (train batch)")
+    if all("accept_length" in r for r in train):  # runs logged before the metric existed lack it
+        ax_tau.plot(steps, [r["accept_length"] for r in train], "--", color="tab:purple",
+                    label="accept length (train batch, per block)")
     if evals:
         ax_tau.plot([r["step"] for r in evals], [r["eval_tau"] for r in evals], "o", color="tab:green",
                     label="eval tau (speculative decoding)")

@@ -39,9 +39,9 @@ PLOTS_DIR = "plots"
 TB_DIR = "tb"
 RUN_MARKERS = (CONFIG_FILE, DRAFT_CONFIG_FILE)  # what --overwrite requires before deleting a directory
 
-METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "tokens_per_s", "skipped_samples", "split_conversations",
-               "truncated_conversations", "lr", "grad_norm", "real_token_fraction", "position_accuracy",
-               "position_weight_mean", "skipped_updates", "skipped_steps", "epoch", "elapsed_s")
+METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "accept_length", "tokens_per_s", "skipped_samples",
+               "split_conversations", "truncated_conversations", "lr", "grad_norm", "real_token_fraction",
+               "position_accuracy", "position_weight_mean", "skipped_updates", "skipped_steps", "epoch", "elapsed_s")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
 
 

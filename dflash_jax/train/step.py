@@ -10,8 +10,9 @@ donated:
 3. noise ids: the anchor token at slot 0 of kept blocks, ``mask_token_id`` elsewhere (§4.6), embedded with the
    target's table;
 4. draft forward in the draft module's compute dtype (fp32 master params cast once; gradients flow back to fp32);
-5. chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises the
-   ``[B, N*bs, V]`` fp32 logits); KD teacher = final hidden at ``teacher_positions`` (§4.8);
+5. fused chunked-vocabulary loss ``losses.block_loss_from_hidden`` with the target's ``lm_head`` (never materialises
+   the ``[B, N*bs, V]`` fp32 logits; its gradient is computed in the forward pass); KD teacher = final hidden at
+   ``teacher_positions`` (§4.8);
 6. gradients; if the loss or the gradient norm is non-finite the update is skipped (params and optimizer state
    untouched, ``skipped_updates`` += 1), otherwise optax (clip + AdamW) updates the params.
 
@@ -63,12 +64,12 @@ class StepConfig:
     """The step's own settings; block size, mask id and target layer ids are read from the draft's
     :class:`~dflash_jax.models.draft.DraftConfig`, never copied here.
 
-    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section (objective,
-    alpha, gamma, ``kd`` = soft CE against the target's distribution, ``chunk_blocks`` = blocks per vocabulary-loss
-    chunk, None: all ``num_anchors`` in one chunk). ``mode``: ``online`` (target forward inside the step) or
-    ``offline`` (features in the batch). ``attention``: the target's and the draft's attention implementation
-    (``train.attention``). ``grad_accum``: micro-batches per step (:func:`train_step`). Values are validated where
-    they are born (:func:`dflash_jax.config.validate`).
+    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
+    :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
+    docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
+    ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
+    target's and the draft's attention implementation (``train.attention``). ``grad_accum``: micro-batches per step
+    (:func:`train_step`). Values are validated where they are born (:func:`dflash_jax.config.validate`).
     """
 
     num_anchors: int
@@ -161,10 +162,11 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
             partials = losses.block_partials_from_hidden(
                 hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
-                teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+                teacher_hidden=teacher, per_token=lo.per_token, normalization=lo.normalization,
+                confidence=lo.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
             # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
             # K > 1: it is known only after the last micro-batch and applied to the summed gradients.
-            scale = losses.numerator_scale(partials) if k == 1 else 1.0
+            scale = losses.numerator_scale(partials, lo.normalization) if k == 1 else 1.0
             return jnp.sum(partials["weighted_loss"]) * scale, partials
 
         return jax.grad(numerator, has_aux=True)(params)
@@ -186,9 +188,9 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
         first = jax.tree.map(lambda x: x[0], micro)
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(micro_grad, first))
         (num_grads, partials), _ = jax.lax.scan(accumulate, zeros, micro)
-        scale = losses.numerator_scale(partials)
+        scale = losses.numerator_scale(partials, lo.normalization)
         grads = jax.tree.map(lambda g: g * scale, num_grads)
-    loss, metrics = losses.reduce_partials(partials)
+    loss, metrics = losses.reduce_partials(partials, lo.normalization)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds the result to the params' dtype.
