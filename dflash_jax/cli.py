@@ -151,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue OUT.partial after its last complete row")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    c = sub.add_parser("compile", formatter_class=fmt, help="compile the train step at the config's shapes without "
+                       "weights: per-device memory and FLOPs, or TPU/CUDA lowering",
+                       description="Build the whole train step from abstract shapes (no weights loaded) on the "
+                       "configured mesh and compile it: --platform cpu prints per-device argument/output/temp/code "
+                       "bytes, FLOPs and compile time; tpu or cuda lowers it with jax.export for that platform "
+                       "(no accelerator needed). Target dimensions: --target-config, target.path's config.json, "
+                       "or target.random.")
+    c.add_argument("--config", required=True, help="YAML config file or shipped config name")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    c.add_argument("--platform", default="cpu", choices=["cpu", "tpu", "cuda"], help="cpu: compile and report memory / FLOPs; tpu, cuda: lower with "
+                   "jax.export (default %(default)s)")
+    c.add_argument("--target-config", help="an HF config.json (or its directory) giving the target's dimensions")
+    c.add_argument("--devices", type=int, help="simulate this many CPU devices (must be the first JAX use in the "
+                   "process)")
+
     b = sub.add_parser("bench", formatter_class=fmt, help="run a benchmark script (scripts/bench_NAME.py)",
                        description="Run scripts/bench_NAME.py with the remaining arguments "
                        f"(available: {', '.join(_bench_names()) or 'none found'}). "
@@ -360,6 +375,19 @@ def cmd_dump_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    import jax
+
+    if args.devices is not None:
+        jax.config.update("jax_num_cpu_devices", int(args.devices))
+    from dflash_jax import config as config_lib
+    from dflash_jax.train import aot
+
+    config = config_lib.load_config(args.config, args.overrides)
+    _print_json(aot.compile_report(config, platform=args.platform, config_json=args.target_config))
+    return 0
+
+
 def cmd_regenerate(args: argparse.Namespace) -> int:
     from flax import nnx
 
@@ -416,7 +444,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
-            "dump-features": cmd_dump_features, "regenerate": cmd_regenerate, "bench": cmd_bench}
+            "dump-features": cmd_dump_features, "compile": cmd_compile, "regenerate": cmd_regenerate,
+            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -186,13 +186,18 @@ class TrainSection:
     # fused kernels (splash / Mosaic on TPU, Triton on GPU; interpreted, slowly, on CPU).
     attention: Literal["auto", "dense", "chunked", "pallas"] = "auto"
     max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
+    grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size rows in all), inside the one jit
 
 
 @dataclass(frozen=True)
 class MeshSection:
-    """Device mesh ``[data, fsdp, tensor]``; the product must equal the device count."""
+    """Device mesh ``[data, fsdp, tensor]``; the product must equal the device count. ``replicated_tolerance``:
+    with ``fsdp * tensor > 1``, the largest fraction of parameter bytes (target + drafter) allowed to stay whole on
+    every device because no rule shards them on this mesh (a dimension its axis does not divide); more is
+    refused before training (MaxText's sharding tolerance)."""
 
     shape: tuple[int, int, int] = (1, 1, 1)
+    replicated_tolerance: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,8 @@ def validate(config: Config) -> Config:
     for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
+    _check(tr.grad_accum >= 1 and da.batch_size % tr.grad_accum == 0,
+           f"train.grad_accum ({tr.grad_accum}) must be >= 1 and divide data.batch_size ({da.batch_size})")
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
     _check(tr.warmup_steps is None or tr.warmup_ratio is None,
            "train.warmup_steps and train.warmup_ratio are exclusive: set one, leave the other null")
@@ -367,6 +374,8 @@ def validate(config: Config) -> Config:
            "train.features_dir must be set when train.mode is offline")
 
     check_mesh_shape(m.shape)
+    _check(0.0 <= m.replicated_tolerance <= 1.0,
+           f"mesh.replicated_tolerance must be in [0, 1], got {m.replicated_tolerance}")
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
     _check(ev.prompt_len is None or ev.prompt_len >= 1, f"eval.prompt_len must be >= 1 or null, got {ev.prompt_len}")
@@ -414,9 +423,10 @@ def validate_runtime(
     d = config.draft
     if num_devices is not None:
         shape = resolve_mesh_shape(config.mesh.shape, num_devices)
-        _check(config.data.batch_size % (shape[0] * shape[1]) == 0,
+        k = config.train.grad_accum
+        _check(config.data.batch_size % (k * shape[0] * shape[1]) == 0,
                f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
-               f"({shape[0] * shape[1]})")
+               f"({shape[0] * shape[1]}) x train.grad_accum ({k}): every micro-batch splits over data*fsdp")
     if num_target_layers is not None:
         _check(d.num_layers <= num_target_layers,
                f"draft.num_layers ({d.num_layers}) must be <= the target's {num_target_layers} layers")
@@ -518,9 +528,14 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_resolved(config: Config, run_dir: str | os.PathLike) -> str:
-    """Write the fully resolved ``config`` to ``run_dir/config.yaml``; returns the path."""
+    """Write the fully resolved ``config`` to ``run_dir/config.yaml`` atomically (a temporary file renamed over
+    it: a process killed while writing leaves the previous file, never a truncated one); returns the path."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False, default_flow_style=None)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path

@@ -536,6 +536,15 @@ def block_loss_from_hidden(
     return reduce_partials(partials, normalization)
 
 
+def numerator_scale(partials: Mapping[str, jax.Array], normalization: str = "modelopt") -> jax.Array:
+    """``d loss / d sum(weighted_loss)`` of :func:`reduce_partials` at (summed, detached) ``partials``: ``1 / den``
+    where active, exactly 0 on the zero-loss branch. The weights are detached, so the loss gradient is this factor
+    times the gradient of the numerator: gradient accumulation sums the numerators' gradients over micro-batches and
+    scales once (docs/losses.md, accumulation contract)."""
+    den, active = normalizer(jax.lax.stop_gradient(dict(partials)), normalization)
+    return jnp.where(active, 1.0 / jnp.where(active, den, 1.0), 0.0)
+
+
 def block_partials_from_hidden(
     hidden: jax.Array,
     lm_head: jax.Array,

@@ -33,11 +33,12 @@ def draft_model(seed: int = 1, dtype=jnp.float32) -> DFlashDraft:
         return DFlashDraft(DRAFT_CFG, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=dtype)
 
 
-def step_config(num_anchors: int = 3, mode: str = "online", attention: str = "auto", **loss_kw) -> st.StepConfig:
+def step_config(num_anchors: int = 3, mode: str = "online", attention: str = "auto", grad_accum: int = 1,
+                **loss_kw) -> st.StepConfig:
     """Step settings for the tiny draft (block size, mask id, layer ids come from ``DRAFT_CFG``); hard CE unless
     ``per_token="kd"`` (or another loss piece)."""
     return st.StepConfig(num_anchors=num_anchors, mode=mode, loss=LossSection(**{"per_token": "ce", **loss_kw}),
-                         attention=attention)
+                         attention=attention, grad_accum=grad_accum)
 
 
 def mesh_of(shape) -> jax.sharding.Mesh:

@@ -177,12 +177,14 @@ def build_dataset(
     return TokenizedDataset(tuple(examples), tuple(held), seq_len, skipped, tuple(reasons), truncated, split)
 
 
-def build_iterator(data: Any, renderer: ChatRenderer, pad_id: int = 0) -> DataIterator:
+def build_iterator(data: Any, renderer: ChatRenderer, pad_id: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> DataIterator:
     """The training stream for a ``config.DataSection``: :func:`build_dataset` + :class:`DataIterator`
-    (seed ``data.shuffle_seed``)."""
+    (seed ``data.shuffle_seed``), yielding process ``process_index``'s rows of every global batch."""
     dataset = build_dataset(data.path, renderer, seq_len=data.seq_len, fmt=data.format,
                             max_conversations=data.max_conversations, heldout=data.heldout, split_long=data.packing)
-    return DataIterator(dataset, data.batch_size, packing=data.packing, seed=data.shuffle_seed, pad_id=pad_id)
+    return DataIterator(dataset, data.batch_size, packing=data.packing, seed=data.shuffle_seed, pad_id=pad_id,
+                        process_index=process_index, process_count=process_count)
 
 
 def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -217,8 +219,11 @@ def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0)
 class DataIterator:
     """Deterministic, resumable batch stream over a :class:`TokenizedDataset`.
 
-    ``next() -> (batch, stats)``; ``stats``: ``real_token_fraction`` (non-pad / B·S), ``loss_token_fraction``,
-    ``conversations`` (segments in the batch), ``epoch``, ``skipped``, ``skip_reasons``, ``truncated``, ``split``.
+    ``next() -> (batch, stats)``: ``batch`` holds process ``process_index``'s rows ``[p*B/P, (p+1)*B/P)`` of
+    the global batch of ``batch_size`` rows (all of them when ``process_count`` is 1; every process packs the
+    same global rows, only its own are laid out); ``stats`` (of the global batch): ``real_token_fraction``
+    (non-pad / B·S), ``loss_token_fraction``, ``conversations`` (segments in the batch), ``epoch``, ``skipped``,
+    ``skip_reasons``, ``truncated``, ``split``.
     ``state()`` is a JSON dict ``{epoch, index, seed, num_examples, batch_size, packing}``.
     """
 
@@ -227,6 +232,8 @@ class DataIterator:
     packing: bool = True
     seed: int = 0
     pad_id: int = 0
+    process_index: int = 0
+    process_count: int = 1
     epoch: int = 0
     index: int = 0
     _order: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -234,6 +241,9 @@ class DataIterator:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size % self.process_count or not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"data.batch_size {self.batch_size} must be divisible by the process count "
+                             f"{self.process_count} (process index {self.process_index})")
 
     def _perm(self) -> np.ndarray:
         if self._order is None:
@@ -266,10 +276,12 @@ class DataIterator:
             self._advance()
             if not self.packing and len(rows) == self.batch_size:
                 break
-        batch = make_batch(rows, s, self.pad_id)
+        per = self.batch_size // self.process_count
+        batch = make_batch(rows[self.process_index * per:(self.process_index + 1) * per], s, self.pad_id)
+        cells = len(rows) * s
         stats = {
-            "real_token_fraction": float((batch["segment_ids"] > 0).mean()),
-            "loss_token_fraction": float(batch["loss_mask"].mean()),
+            "real_token_fraction": sum(len(ids) for row in rows for ids, _ in row) / cells,
+            "loss_token_fraction": float(sum(np.sum(mask) for row in rows for _, mask in row)) / cells,
             "conversations": sum(len(r) for r in rows),
             "epoch": self.epoch,
             "skipped": self.dataset.skipped,

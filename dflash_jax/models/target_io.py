@@ -41,22 +41,21 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
 
     ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
     naming file and tensor when it is missing or its shape differs); a family target reads through its
-    ``read_tensor`` (stacked experts, MXFP4). Each array is cast to ``dtype`` on the
-    host, transposed where needed and placed with ``jax.device_put`` directly onto its sharding: ``shardings``
-    (a state of ``NamedSharding`` matching the model) or, given only ``mesh``, ``nnx.get_named_sharding`` of
-    the logical axes under the caller's ``nnx.logical_axis_rules``; otherwise the default device.
+    ``read_tensor`` (stacked experts, MXFP4). The model's shapes and logical axes come from ``nnx.eval_shape``
+    (nothing allocated); each tensor, one at a time (host memory bounded by the largest tensor), is cast to
+    ``dtype`` on the host, transposed where needed and placed directly onto its sharding: ``shardings`` (a state
+    of ``NamedSharding`` matching the model) or, given only ``mesh``, the one rules table
+    (:func:`dflash_jax.train.sharding.state_shardings`); otherwise the default device. With several processes
+    each process puts only its addressable shards (``jax.make_array_from_callback``).
     """
     dt = resolve_dtype(dtype)
     with layers.unsharded_init():
         abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
     graphdef, abs_state = nnx.split(abs_model)
     if shardings is None and mesh is not None:
-        try:
-            shardings = nnx.get_named_sharding(abs_state, mesh)
-        except ValueError as e:
-            raise ValueError(f"mesh: cannot map the target's logical axes onto {mesh.axis_names} ({e}); call "
-                             "load_target inside nnx.logical_axis_rules(dflash_jax.train.sharding.LOGICAL_AXIS_RULES) "
-                             "or pass shardings=") from e
+        from dflash_jax.train import sharding
+
+        shardings = sharding.state_shardings(abs_state, mesh)
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
     if cfg.arch in families.FAMILIES:
@@ -72,7 +71,8 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
         arr = np.ascontiguousarray(arr.T) if transpose else arr
         sh = sh_flat.get(path)
         sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-        leaves[path] = jax.device_put(arr, sh)
+        leaves[path] = (jax.device_put(arr) if sh is None
+                        else jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx]))
     state = nnx.from_flat_state([(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abs_state)])
     return nnx.merge(graphdef, state)
 

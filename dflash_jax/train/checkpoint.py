@@ -49,6 +49,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dflash_jax.train import sharding
 from dflash_jax.train.step import TrainState
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ class Checkpointer:
         if self._writer:
             os.makedirs(self.directory, exist_ok=True)
             self._remove_leftovers()
+        sharding.barrier("dflash_jax:checkpoint_leftovers_removed")
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -12,6 +12,7 @@ them in a row stop the run (:class:`DivergedError`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
@@ -44,15 +46,16 @@ _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any], tokens: int) -> dict[str, Any]:
-    """One step's metrics as plain Python values (float64-exact copies of the float32 device values)."""
+def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """One step's metrics as plain Python values (float64-exact copies of the float32 device values; the step
+    computes them on the global batch, replicated, so every process reads the same numbers)."""
     m = jax.device_get(m)
-    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr")}
+    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr",
+                                   "real_token_fraction")}
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
-    out.update(skipped_updates=int(m["skipped_updates"]), real_token_fraction=float(stats["real_token_fraction"]),
-               tokens=int(tokens), epoch=int(stats.get("epoch", 0)), skipped_samples=int(stats.get("skipped", 0)),
-               split_conversations=int(stats.get("split", 0)), truncated_conversations=int(stats.get("truncated", 0)),
-               update_skipped=bool(m["update_skipped"]))
+    out.update(skipped_updates=int(m["skipped_updates"]), tokens=int(m["tokens"]), epoch=int(stats.get("epoch", 0)),
+               skipped_samples=int(stats.get("skipped", 0)), split_conversations=int(stats.get("split", 0)),
+               truncated_conversations=int(stats.get("truncated", 0)), update_skipped=bool(m["update_skipped"]))
     return out
 
 
@@ -140,22 +143,6 @@ class _SkipGuard:
                 "the diverged state.")
 
 
-def _process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's rows of a global host batch (all of them on one process)."""
-    if jax.process_count() == 1:
-        return batch
-    rows = sharding.process_rows(len(batch["input_ids"]))
-    return {k: v[rows] for k, v in batch.items()}
-
-
-def _gather(tree: Any) -> Any:
-    if jax.process_count() == 1:
-        return sharding.to_host(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train a drafter as ``config`` says, writing the run directory (module docstring).
@@ -184,6 +171,7 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
            on_step: Callable[[int], None] | None, sigint: _SigintFlag) -> RunResult:
     """:func:`train` inside the run-directory lock and the SIGINT handler."""
     main = jax.process_index() == 0
+    sharding.barrier("dflash_jax:run_dir_prepared")  # process 0 prepared (or replaced) the run directory
     t0 = time.perf_counter()
     if resume and rundir.is_run_dir(run_dir):  # before the target loads: a refused resume fails in seconds
         steps = ckpt_lib.complete_steps(os.path.join(run_dir, rundir.CHECKPOINT_DIR))
@@ -194,13 +182,15 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     log.info("target %r; drafter %s; mask_token_id %d", target, draft_cfg, draft_cfg.mask_token_id)
 
     if tc.mode == "online":
-        iterator = pipeline.build_iterator(config.data, renderer)
+        iterator = pipeline.build_iterator(config.data, renderer, process_index=jax.process_index(),
+                                           process_count=jax.process_count())
         heldout = iterator.dataset.heldout
     else:
         iterator = features.FeatureReader(tc.features_dir, layer_ids=draft_cfg.target_layer_ids,
                                           hidden_size=draft_cfg.hidden_size, batch_size=config.data.batch_size,
                                           seq_len=config.data.seq_len, with_teacher_hidden=config.loss.kd,
-                                          seed=config.data.shuffle_seed)
+                                          seed=config.data.shuffle_seed, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
         heldout = pipeline.build_dataset(config.data.path, renderer, seq_len=config.data.seq_len,
                                          fmt=config.data.format, max_conversations=1,
                                          heldout=config.data.heldout).heldout
@@ -212,8 +202,15 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
 
     mesh = sharding.make_mesh(config.mesh.shape)
     tx, schedule = optim.optimizer_from_config(tc)
-    draft = run_lib.new_draft(draft_cfg, tc, config.draft.init)
-    _, state, shardings = step_lib.init_train_state(draft, tx, mesh)
+    # A fresh drafter is created directly in its shardings (the step reads only the abstract module's graph,
+    # config and compute dtype); a warm start (draft.init) is read on the host and placed.
+    build_draft = functools.partial(run_lib.new_draft, draft_cfg, tc, config.draft.init)
+    draft = build_draft() if config.draft.init else nnx.eval_shape(build_draft)
+    _, state, shardings = step_lib.init_train_state(draft if config.draft.init else build_draft, tx, mesh)
+    target_params = nnx.state(target.model, nnx.Param)
+    sharding.check_replication({"target": target_params, "draft": state.params},
+                               {"target": sharding.state_shardings(target_params, mesh), "draft": shardings.params},
+                               mesh, config.mesh.replicated_tolerance)
     step_fn = step_lib.TrainStep(draft=draft, state_shardings=shardings, target=target.model, tx=tx,
                                  schedule=schedule, cfg=step_lib.StepConfig.from_config(config), mesh=mesh)
     key = jax.random.key(tc.seed)
@@ -233,6 +230,7 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     if main:
         rundir.truncate_metrics(run_dir, start)
         rundir.write_run_files(run_dir, config, draft_cfg, heldout)
+    sharding.barrier("dflash_jax:run_files_written")
 
     sink = rundir.MetricsSink(run_dir, main)
     if main:
@@ -246,12 +244,12 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    pending: list[tuple[Any, dict[str, Any], int]] = []  # device metrics not yet fetched
+    pending: list[tuple[Any, dict[str, Any]]] = []  # device metrics not yet fetched
     step, last, interrupted, state_valid = start, None, False, True
     t_window = time.perf_counter()
 
     def drain() -> None:
-        new = [_host_step_metrics(m, s, n) for m, s, n in pending]
+        new = [_host_step_metrics(m, s) for m, s in pending]
         pending.clear()
         window.extend(new)
         guard.observe(new)
@@ -265,10 +263,9 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     try:
         while step < tc.steps and not sigint.raised:
             t_step = time.perf_counter()
-            batch, stats = iterator.next()
-            tokens = int((batch["segment_ids"] > 0).sum())
+            batch, stats = iterator.next()  # this process's rows
             state_valid = False
-            state, metrics = step_fn(state, _process_rows(batch), key)
+            state, metrics = step_fn(state, batch, key)
             state_valid = True
             step += 1
             if len(warmup) <= _WARMUP_STEPS:
@@ -277,7 +274,7 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
                 if len(warmup) == _WARMUP_STEPS + 1 and main:
                     log.info(cost.eta_line(step_s=float(np.median(warmup[1:])), measured=_WARMUP_STEPS,
                                            first_s=warmup[0], steps_left=tc.steps - step))
-            pending.append((metrics, stats, tokens))
+            pending.append((metrics, stats))
             if step % tc.log_every == 0 or step == tc.steps:
                 drain()
                 now = time.perf_counter()
@@ -294,12 +291,14 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
                     bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
                                     tau=f"{last['simulated_tau']:.3f}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
             if prompts and (step % tc.eval_every == 0 or step == tc.steps):
-                res = run_lib.run_eval(target, draft_cfg, state.params, prompts, config.eval, seed=tc.seed)
-                sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
-                            "eval_num_prompts": res["num_prompts"],
-                            "eval_per_position_acceptance": res["per_position_acceptance"],
-                            "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
-                            "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
+                params = sharding.to_host(state.params)  # a collective: on every process
+                if main:  # decoding runs on process 0's own devices only (no collective inside)
+                    res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
+                    sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
+                                "eval_num_prompts": res["num_prompts"],
+                                "eval_per_position_acceptance": res["per_position_acceptance"],
+                                "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
+                                "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
                 t_window = time.perf_counter()  # eval time is not training throughput
             if step % tc.checkpoint_every == 0:
                 save(force=False)
@@ -327,14 +326,15 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
 
     export_dir = None
     plot_paths: tuple[str, ...] = ()
+    params = None if interrupted else sharding.to_host(state.params)  # a collective: on every process
     if main:
-        if not interrupted:
-            export_dir = str(export_lib.export_draft(draft_cfg, _gather(state.params),
-                                                     os.path.join(run_dir, rundir.EXPORT_DIR)))
+        if params is not None:
+            export_dir = str(export_lib.export_draft(draft_cfg, params, os.path.join(run_dir, rundir.EXPORT_DIR)))
         from dflash_jax.train import plots
 
         plot_paths = tuple(plots.write_plots(rundir.read_metrics(run_dir),
                                                 os.path.join(run_dir, rundir.PLOTS_DIR)))
+    sharding.barrier("dflash_jax:run_finished")  # the others return once the export and plots exist
     if interrupted:
         log.warning("interrupted at step %d; checkpoint saved in %s; continue with --resume", step, run_dir)
     return RunResult(run_dir=run_dir, step=step, interrupted=interrupted, last=last, export_dir=export_dir,

@@ -137,10 +137,35 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     def leaf(x):
         if isinstance(x, nnx.Variable):
             logical = x.get_metadata().get("out_sharding")
-            return x.replace(NamedSharding(mesh, logical_to_mesh_spec(logical, _array_shape(x[...]), mesh)))
+            return x.replace(NamedSharding(mesh, logical_to_mesh_spec(logical, _array_shape(x.get_value()), mesh)))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_replication(params: Mapping[str, Any], shardings: Mapping[str, Any], mesh: Mesh, tolerance: float) -> None:
+    """Refuse a mesh that leaves large parameters whole on every device.
+
+    ``params`` / ``shardings``: name -> parameter tree (concrete or abstract) / its ``NamedSharding`` tree. With
+    ``fsdp * tensor > 1``, the leaves whose sharding uses neither axis are counted; if their bytes exceed
+    ``tolerance`` of all parameter bytes, ValueError naming the largest ones (``mesh.replicated_tolerance``)."""
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        return
+    total, whole = 0, []
+    for name, tree in params.items():
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        for (path, x), sh in zip(leaves, jax.tree.leaves(shardings[name])):
+            nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+            total += nbytes
+            if not {a for axes in sh.spec if axes for a in ((axes,) if isinstance(axes, str) else axes)} & {
+                    "fsdp", "tensor"}:
+                whole.append((nbytes, name + jax.tree_util.keystr(path)))
+    kept = sum(n for n, _ in whole)
+    if total and kept > tolerance * total:
+        top = ", ".join(f"{p} ({n / 2**20:.1f} MiB)" for n, p in sorted(whole, reverse=True)[:5])
+        raise ValueError(f"mesh.shape {list(mesh.shape.values())} leaves {kept / total:.1%} of the parameter bytes "
+                         f"unsharded on every device (mesh.replicated_tolerance = {tolerance:.1%}); largest: {top}. "
+                         "Choose fsdp/tensor sizes that divide these dimensions, or raise mesh.replicated_tolerance")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -190,5 +215,27 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-    """Gather a (possibly sharded) pytree to host numpy arrays (single-process)."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    """Host numpy copies of a (possibly sharded) pytree's leaves, each the whole global value.
+
+    Leaves that span other processes' devices are gathered with ``multihost_utils.process_allgather``, a
+    collective: with several processes every process must call this with the same tree. Leaves this process
+    holds whole (numpy, or arrays on its own devices) are copied locally."""
+    leaves, treedef = jax.tree.flatten(tree)
+    remote = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    out = [None if i in remote else np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)]
+    if remote:
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
+        for i, x in zip(remote, gathered):
+            out[i] = np.asarray(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``barrier(name)`` (no-op on one process): after process 0 changes
+    shared state (run directory, checkpoints) and before the others rely on it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

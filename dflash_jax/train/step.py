@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -68,14 +68,15 @@ class StepConfig:
     :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
     docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
     ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
-    target's and the draft's attention implementation (``train.attention``). Values are validated where they are
-    born (:func:`dflash_jax.config.validate`).
+    target's and the draft's attention implementation (``train.attention``). ``grad_accum``: micro-batches per step
+    (:func:`train_step`). Values are validated where they are born (:func:`dflash_jax.config.validate`).
     """
 
     num_anchors: int
     loss: config_lib.LossSection = config_lib.LossSection()
     mode: str = "online"
     attention: str = "auto"
+    grad_accum: int = 1
 
     @property
     def chunk_blocks(self) -> int:
@@ -85,7 +86,7 @@ class StepConfig:
     def from_config(cls, config: config_lib.Config) -> "StepConfig":
         """The step settings of a run configuration."""
         return cls(num_anchors=config.draft.num_anchors, loss=config.loss, mode=config.train.mode,
-                   attention=config.train.attention)
+                   attention=config.train.attention, grad_accum=config.train.grad_accum)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,6 +110,12 @@ def _where_tree(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """``[B, ...] -> [k, B/k, ...]``, micro-batch ``i`` = rows ``i, i+k, i+2k, ...``: with the batch split
+    contiguously over the devices, every micro-batch keeps an equal share of each device's rows (no transfer)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
 def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
                draft_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, draft_cfg: DraftConfig, cfg: StepConfig, compute_dtype: Any
@@ -117,40 +124,73 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
     ``teacher_hidden [B,S,H]``; optionally injected ``anchors [B,num_anchors]`` int32 + ``keep`` bool instead of
     sampling. ``key``: the run's base PRNG key (folded with ``state.step``). ``compute_dtype``: the draft
-    module's compute dtype (fp32 master params are cast to it for the forward; gradients come back in fp32)."""
-    target = nnx.merge(target_graphdef, target_state)
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    segment_ids, positions = batch["segment_ids"], batch["positions"]
-    b, s = input_ids.shape
-    bs, n, lo = draft_cfg.block_size, cfg.num_anchors, cfg.loss
-    if cfg.mode == "online":
-        taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
-                             layer_ids=draft_cfg.target_layer_ids, attention_impl=cfg.attention)
-    else:
-        taps, final = batch["target_hidden"], batch.get("teacher_hidden")
+    module's compute dtype (fp32 master params are cast to it for the forward; gradients come back in fp32).
 
+    Gradient accumulation (``cfg.grad_accum = K > 1``): anchors are sampled on the whole batch, then ``lax.scan``
+    runs the target and draft over K micro-batches (:func:`micro_batches`), summing the gradients of the loss
+    numerator ``sum(W*l)`` and the unnormalised partials; the batch-global reduction and the gradient scale
+    (:func:`~dflash_jax.losses.numerator_scale`, zero-loss rule included) are applied once to the sums, so the
+    step equals the K = 1 step up to float summation order."""
+    target = nnx.merge(target_graphdef, target_state)
+    bs, n, lo, k = draft_cfg.block_size, cfg.num_anchors, cfg.loss, cfg.grad_accum
     if "anchors" in batch:  # injected (parity tests, replaying a run): [B, num_anchors] int32 + keep bool
         anchors, keep = batch["anchors"].astype(jnp.int32), batch["keep"].astype(bool)
     else:
-        anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), loss_mask, bs, n)
-    labels, mask = blocks.block_targets(input_ids, loss_mask, anchors, keep, bs, segment_ids)
-    noise_emb = target.embed(noise_ids(input_ids, anchors, keep, bs, draft_cfg.mask_token_id))
+        anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), batch["loss_mask"], bs, n)
     lm_head = target.lm_head_weight()
-    teacher = None
-    if lo.kd:
-        teacher = jax.lax.stop_gradient(blocks.gather_teacher_logits(final, anchors, bs))
 
-    def loss_fn(params):
-        draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
-        hidden = draft(noise_emb, taps, anchors, keep, positions=positions, segment_ids=segment_ids,
-                       attention_impl=cfg.attention)
-        hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
-        return losses.block_loss_from_hidden(
-            hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
-            teacher_hidden=teacher, per_token=lo.per_token, normalization=lo.normalization,
-            confidence=lo.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+    def numerator_grad(params: Any, mb: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        """Gradient w.r.t. ``params`` of ``sum(W*l)`` over the rows of ``mb`` (times the loss scale when K = 1:
+        the loss gradient itself), and their loss partials."""
+        input_ids, segment_ids, positions = mb["input_ids"], mb["segment_ids"], mb["positions"]
+        b = input_ids.shape[0]
+        if cfg.mode == "online":
+            taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
+                                 layer_ids=draft_cfg.target_layer_ids, attention_impl=cfg.attention)
+        else:
+            taps, final = mb["target_hidden"], mb.get("teacher_hidden")
+        labels, mask = blocks.block_targets(input_ids, mb["loss_mask"], mb["anchors"], mb["keep"], bs, segment_ids)
+        noise_emb = target.embed(noise_ids(input_ids, mb["anchors"], mb["keep"], bs, draft_cfg.mask_token_id))
+        teacher = None
+        if lo.kd:
+            teacher = jax.lax.stop_gradient(blocks.gather_teacher_logits(final, mb["anchors"], bs))
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        def numerator(params):
+            draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
+            hidden = draft(noise_emb, taps, mb["anchors"], mb["keep"], positions=positions, segment_ids=segment_ids,
+                           attention_impl=cfg.attention)
+            hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
+            partials = losses.block_partials_from_hidden(
+                hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
+                teacher_hidden=teacher, per_token=lo.per_token, normalization=lo.normalization,
+                confidence=lo.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+            # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
+            # K > 1: it is known only after the last micro-batch and applied to the summed gradients.
+            scale = losses.numerator_scale(partials, lo.normalization) if k == 1 else 1.0
+            return jnp.sum(partials["weighted_loss"]) * scale, partials
+
+        return jax.grad(numerator, has_aux=True)(params)
+
+    rows = {key_: v for key_, v in batch.items() if key_ not in ("anchors", "keep")}
+    rows.update(anchors=anchors, keep=keep)
+    if k == 1:
+        grads, partials = numerator_grad(state.params, rows)
+    else:
+        micro = jax.tree.map(lambda x: micro_batches(x, k), rows)
+
+        def micro_grad(mb):  # gradients summed in fp32 whatever the params' dtype
+            g, p = numerator_grad(state.params, mb)
+            return optim.as_float32(g), p
+
+        def accumulate(acc, mb):
+            return jax.tree.map(jnp.add, acc, micro_grad(mb)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(micro_grad, first))
+        (num_grads, partials), _ = jax.lax.scan(accumulate, zeros, micro)
+        scale = losses.numerator_scale(partials, lo.normalization)
+        grads = jax.tree.map(lambda g: g * scale, num_grads)
+    loss, metrics = losses.reduce_partials(partials, lo.normalization)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds the result to the params' dtype.
@@ -160,8 +200,10 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     skipped = state.skipped_updates + (~finite).astype(jnp.int32)
     new_state = TrainState(step=state.step + 1, params=_where_tree(finite, new_params, state.params),
                            opt_state=_where_tree(finite, new_opt, state.opt_state), skipped_updates=skipped)
+    real = (batch["segment_ids"] > 0).astype(jnp.float32)  # the global batch's real tokens, on every process
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=jnp.asarray(schedule(applied), jnp.float32),
-                   skipped_updates=skipped, update_skipped=~finite)
+                   skipped_updates=skipped, update_skipped=~finite, tokens=real.sum().astype(jnp.int32),
+                   real_token_fraction=real.mean())
     return new_state, metrics
 
 
@@ -176,17 +218,23 @@ def split_draft(draft: nnx.Module) -> tuple[nnx.GraphDef, Any]:
     return graphdef, params
 
 
-def init_train_state(draft: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
+def init_train_state(draft: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
                      ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """Split ``draft`` (built with one ``param_dtype``: float32 master weights, or bfloat16 parameters), place its
-    params by the rules table and initialise the fp32 optimizer state on matching shardings. Returns
+    """The initial state of a drafter (built with one ``param_dtype``: float32 master weights, or bfloat16
+    parameters): params by the rules table, fp32 optimizer state on matching shardings. ``draft``: a module (its
+    params are placed), or a zero-argument function building one: then its params are created directly in their
+    shardings (``jax.jit(init, out_shardings=...)``), never whole on one device. Returns
     ``(draft_graphdef, state, state_shardings)``."""
-    graphdef, params = split_draft(draft)
+    build = None if isinstance(draft, nnx.Module) else draft
+    graphdef, params = split_draft(nnx.eval_shape(build) if build is not None else draft)
     dtypes = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)})
     if len(dtypes) != 1 or dtypes[0] not in PARAM_DTYPES:
         raise ValueError(f"draft params must all be one of {PARAM_DTYPES} (param_dtype), got {dtypes}")
     shardings = train_state_shardings(tx, params, mesh)
-    params = sharding.place(params, shardings.params)
+    if build is not None:
+        params = jax.jit(lambda: split_draft(build())[1], out_shardings=shardings.params)()
+    else:
+        params = sharding.place(params, shardings.params)
     opt_state = optim.init_opt_state(tx, params, shardings.opt_state)
     rep = sharding.replicated(mesh)
     state = TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state,
@@ -238,9 +286,25 @@ def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfi
         if kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
             raise ValueError(f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
                              f"got {tuple(np.shape(batch['teacher_hidden']))}")
-    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.grad_accum
     if b * jax.process_count() % n_batch:
-        raise ValueError(f"global batch size {b * jax.process_count()} is not divisible by data*fsdp = {n_batch}")
+        raise ValueError(f"global batch size {b * jax.process_count()} is not divisible by data*fsdp x grad_accum "
+                         f"= {n_batch}")
+
+
+def jit_train_step(draft: nnx.Module, target_graphdef: nnx.GraphDef, state_shardings: TrainState,
+                   target_shardings: Any, *, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   cfg: StepConfig, mesh: Mesh) -> Any:
+    """:func:`train_step` under ``jax.jit`` with explicit shardings, ``(state, target_state, batch, key)`` ->
+    ``(state, metrics)``, the state donated. ``draft`` may be abstract (``nnx.eval_shape``): only its graph,
+    config and compute dtype are read (:class:`TrainStep` and the ahead-of-time ``dflash-jax compile``)."""
+    draft_graphdef, _ = split_draft(draft)
+    rep = sharding.replicated(mesh)
+    fn = functools.partial(train_step, draft_graphdef=draft_graphdef, target_graphdef=target_graphdef, tx=tx,
+                           schedule=schedule, draft_cfg=draft.cfg, cfg=cfg, compute_dtype=draft.dtype)
+    return jax.jit(fn, in_shardings=(state_shardings, target_shardings, NamedSharding(mesh, P(sharding.BATCH_AXES)),
+                                     rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 class TrainStep:
@@ -254,17 +318,13 @@ class TrainStep:
     def __init__(self, *, draft: nnx.Module, state_shardings: TrainState, target: nnx.Module,
                  tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig, mesh: Mesh):
         self.cfg, self.draft_cfg, self.mesh = cfg, draft.cfg, mesh
-        draft_graphdef, _ = split_draft(draft)
         target_graphdef, target_state = nnx.split(target, nnx.Param)
         self.target_shardings = sharding.state_shardings(target_state, mesh)
         self.target_state = sharding.place(target_state, self.target_shardings)
         self.state_shardings = state_shardings
-        rep = sharding.replicated(mesh)
-        fn = functools.partial(train_step, draft_graphdef=draft_graphdef, target_graphdef=target_graphdef, tx=tx,
-                               schedule=schedule, draft_cfg=draft.cfg, cfg=cfg, compute_dtype=draft.dtype)
-        self.jitted = jax.jit(fn, in_shardings=(state_shardings, self.target_shardings,
-                                                NamedSharding(mesh, P(sharding.BATCH_AXES)), rep),
-                              out_shardings=(state_shardings, rep), donate_argnums=(0,))
+        self.jitted = jit_train_step(draft, target_graphdef, state_shardings, self.target_shardings, tx=tx,
+                                     schedule=schedule, cfg=cfg, mesh=mesh)
+        self._compiled: set[tuple] = set()  # batch signatures compiled (multi-process: see __call__)
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Validate a batch and put its host arrays on the mesh (already-placed arrays pass through)."""
@@ -274,5 +334,14 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = self.place_batch(batch)
         with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
-            return self.jitted(state, self.target_state, self.place_batch(batch), key)
+            if jax.process_count() > 1:
+                # Processes finish compiling at different times, and the first collective of the step gives up
+                # when its peers are late (gloo's connect timeout); compile first, meet, then run.
+                sig = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+                if sig not in self._compiled:
+                    self.jitted.lower(state, self.target_state, batch, key).compile()
+                    sharding.barrier("dflash_jax:train_step_compiled")
+                    self._compiled.add(sig)
+            return self.jitted(state, self.target_state, batch, key)
