@@ -187,9 +187,7 @@ def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> lis
     _check_positive("num_draft_layers", num_draft_layers)
     _check_positive("num_target_layers", num_target_layers)
     if num_target_layers < num_draft_layers:
-        raise ValueError(
-            f"num_target_layers ({num_target_layers}) must be >= num_draft_layers ({num_draft_layers})"
-        )
+        raise ValueError(f"num_target_layers ({num_target_layers}) must be >= num_draft_layers ({num_draft_layers})")
     if num_draft_layers == 1:
         return [num_target_layers // 2]
     start = min(1, num_target_layers - 1)

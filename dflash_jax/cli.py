@@ -21,8 +21,10 @@ EXIT_INTERRUPTED = 130  # train stopped by Ctrl-C after saving a checkpoint
 
 log = logging.getLogger("dflash_jax")
 
-_SET_HELP = ("override one config key, e.g. --set train.steps=50 --set mesh.shape=[2,2,2] "
-             "(value parsed as YAML; repeatable; unknown keys are errors)")
+_SET_HELP = (
+    "override one config key, e.g. --set train.steps=50 --set mesh.shape=[2,2,2] "
+    "(value parsed as YAML; repeatable; unknown keys are errors)"
+)
 
 
 def _scripts_dir() -> str:
@@ -35,149 +37,258 @@ def _bench_names() -> list[str]:
     d = _scripts_dir()
     if not os.path.isdir(d):
         return []
-    return sorted(f[len("bench_"):-3] for f in os.listdir(d) if f.startswith("bench_") and f.endswith(".py"))
+    return sorted(f[len("bench_") : -3] for f in os.listdir(d) if f.startswith("bench_") and f.endswith(".py"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dflash-jax`` (one subparser per command)."""
     fmt = argparse.HelpFormatter
     p = argparse.ArgumentParser(
-        prog="dflash-jax", formatter_class=fmt,
-        description="JAX/Flax NNX trainer for DFlash speculative-decoding drafters with the D-PACE loss.")
+        prog="dflash-jax",
+        formatter_class=fmt,
+        description="JAX/Flax NNX trainer for DFlash speculative-decoding drafters with the D-PACE loss.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (including Orbax/absl messages)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", formatter_class=fmt, help="train a drafter (progress bar, metrics, checkpoints, "
-                       "plots, export)",
-                       description="Train a drafter. Writes RUN_DIR/{config.yaml, draft_config.json, heldout.jsonl, "
-                       "metrics.jsonl, checkpoints/, export/, plots/} (and tb/ when TensorBoard is installed). "
-                       "Ctrl-C saves a checkpoint and exits with status 130 (Ctrl-C again aborts at once); continue "
-                       "with --resume. Exits with status 4 if training diverges (train.max_consecutive_skips).")
-    t.add_argument("--config", help="YAML config file or shipped config name (tiny, smollm2-135m, qwen3-8b); "
-                   "optional with --resume (default: RUN_DIR/config.yaml)")
-    t.add_argument("--run-dir", required=True, help="run directory (must be empty or absent unless --resume or "
-                   "--overwrite)")
+    t = sub.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train a drafter (progress bar, metrics, checkpoints, plots, export)",
+        description="Train a drafter. Writes RUN_DIR/{config.yaml, draft_config.json, heldout.jsonl, "
+        "metrics.jsonl, checkpoints/, export/, plots/} (and tb/ when TensorBoard is installed). "
+        "Ctrl-C saves a checkpoint and exits with status 130 (Ctrl-C again aborts at once); continue "
+        "with --resume. Exits with status 4 if training diverges (train.max_consecutive_skips).",
+    )
+    t.add_argument(
+        "--config",
+        help="YAML config file or shipped config name (tiny, smollm2-135m, qwen3-8b); "
+        "optional with --resume (default: RUN_DIR/config.yaml)",
+    )
+    t.add_argument(
+        "--run-dir", required=True, help="run directory (must be empty or absent unless --resume or --overwrite)"
+    )
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in RUN_DIR "
-                   "(the metrics equal an uninterrupted run's)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in RUN_DIR (the metrics equal an uninterrupted run's)",
+    )
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in RUN_DIR and start over")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only; also the case "
-                   "when stderr is not a terminal, e.g. redirected to a log file)")
+    t.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (log lines only; also the case "
+        "when stderr is not a terminal, e.g. redirected to a log file)",
+    )
 
-    e = sub.add_parser("eval", formatter_class=fmt, help="speculative-decoding evaluation (tau, speedup, lossless "
-                       "check)",
-                       description="Speculative decoding with the drafter against its target on held-out prompts. "
-                       "Prints ONE JSON object last (tau, speedup, num_prompts, per-position acceptance, ...) and "
-                       "writes OUT/eval.json + OUT/acceptance_histogram.png. Exits with status 3 if "
-                       "--check-lossless finds a mismatch. Defaults come from the run's config eval section.")
-    e.add_argument("--draft", required=True, help="a training run directory (uses RUN/export, else its latest "
-                   "checkpoint) or an exported drafter directory (config.json + model.safetensors)")
-    e.add_argument("--target", help="target: HF checkpoint dir, .gguf file or 'smollm2' (default: the run's "
-                   "target.path; required for a bare export directory)")
-    e.add_argument("--prompts", help="chat file (ShareGPT/OpenAI JSON or JSONL; user-only rows are fine), a plain "
-                   "text file with one prompt per line, or 'sharegpt'; each conversation is cut before its first "
-                   "assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)")
-    e.add_argument("--num-prompts", type=int, help="number of prompts (default: all of a --prompts FILE, else "
-                   "eval.num_prompts)")
+    e = sub.add_parser(
+        "eval",
+        formatter_class=fmt,
+        help="speculative-decoding evaluation (tau, speedup, lossless check)",
+        description="Speculative decoding with the drafter against its target on held-out prompts. "
+        "Prints ONE JSON object last (tau, speedup, num_prompts, per-position acceptance, ...) and "
+        "writes OUT/eval.json + OUT/acceptance_histogram.png. Exits with status 3 if "
+        "--check-lossless finds a mismatch. Defaults come from the run's config eval section.",
+    )
+    e.add_argument(
+        "--draft",
+        required=True,
+        help="a training run directory (uses RUN/export, else its latest "
+        "checkpoint) or an exported drafter directory (config.json + model.safetensors)",
+    )
+    e.add_argument(
+        "--target",
+        help="target: HF checkpoint dir, .gguf file or 'smollm2' (default: the run's "
+        "target.path; required for a bare export directory)",
+    )
+    e.add_argument(
+        "--prompts",
+        help="chat file (ShareGPT/OpenAI JSON or JSONL; user-only rows are fine), a plain "
+        "text file with one prompt per line, or 'sharegpt'; each conversation is cut before its first "
+        "assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)",
+    )
+    e.add_argument(
+        "--num-prompts", type=int, help="number of prompts (default: all of a --prompts FILE, else eval.num_prompts)"
+    )
     e.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: eval.max_new_tokens)")
-    e.add_argument("--temperature", type=float, help="0 = greedy, > 0 = speculative sampling "
-                   "(default: eval.temperature)")
-    e.add_argument("--prompt-len", type=int, help="keep the last N tokens of longer prompts, counted and warned "
-                   "(default: eval.prompt_len; null = max_position_embeddings - max_new_tokens - block_size)")
-    e.add_argument("--check-lossless", action="store_true", help="greedy only: compare every output with plain "
-                   "target decoding; exit 3 on a mismatch")
+    e.add_argument(
+        "--temperature", type=float, help="0 = greedy, > 0 = speculative sampling (default: eval.temperature)"
+    )
+    e.add_argument(
+        "--prompt-len",
+        type=int,
+        help="keep the last N tokens of longer prompts, counted and warned "
+        "(default: eval.prompt_len; null = max_position_embeddings - max_new_tokens - block_size)",
+    )
+    e.add_argument(
+        "--check-lossless",
+        action="store_true",
+        help="greedy only: compare every output with plain target decoding; exit 3 on a mismatch",
+    )
     e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0; default %(default)s)")
     e.add_argument("--out", help="report directory (default: DRAFT/eval)")
 
-    x = sub.add_parser("export", formatter_class=fmt, help="export a run's checkpoint for vLLM / SGLang / z-lab",
-                       description="Write config.json + model.safetensors (z-lab / ModelOpt / vLLM / SGLang layout) "
-                       "from a training run's checkpoint.")
+    x = sub.add_parser(
+        "export",
+        formatter_class=fmt,
+        help="export a run's checkpoint for vLLM / SGLang / z-lab",
+        description="Write config.json + model.safetensors (z-lab / ModelOpt / vLLM / SGLang layout) "
+        "from a training run's checkpoint.",
+    )
     x.add_argument("--run-dir", required=True, help="training run directory")
-    x.add_argument("--out", required=True, help="output directory: new, empty or a previous export (replaced "
-                   "atomically); never the run directory or a directory holding other files")
+    x.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, empty or a previous export (replaced "
+        "atomically); never the run directory or a directory holding other files",
+    )
     x.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
-    x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="weight dtype of the export (default %(default)s)")
+    x.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32", "float16"],
+        help="weight dtype of the export (default %(default)s)",
+    )
 
-    i = sub.add_parser("import", formatter_class=fmt, help="read and check a z-lab / ModelOpt / dflash-jax drafter",
-                       description="Load an exported drafter (z-lab, ModelOpt or dflash-jax config.json + "
-                       "model.safetensors), validate it, print its config as JSON and optionally re-write it in "
-                       "the dflash-jax layout. Warm-start training from it with draft.init.")
+    i = sub.add_parser(
+        "import",
+        formatter_class=fmt,
+        help="read and check a z-lab / ModelOpt / dflash-jax drafter",
+        description="Load an exported drafter (z-lab, ModelOpt or dflash-jax config.json + "
+        "model.safetensors), validate it, print its config as JSON and optionally re-write it in "
+        "the dflash-jax layout. Warm-start training from it with draft.init.",
+    )
     i.add_argument("src", help="directory with config.json + model.safetensors")
-    i.add_argument("--out", help="re-export here (normalised config.json, chosen dtype): a new, empty or previous "
-                   "export directory")
-    i.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="weight dtype of the re-export (default %(default)s)")
+    i.add_argument(
+        "--out", help="re-export here (normalised config.json, chosen dtype): a new, empty or previous export directory"
+    )
+    i.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32", "float16"],
+        help="weight dtype of the re-export (default %(default)s)",
+    )
 
-    d = sub.add_parser("dump-features", formatter_class=fmt, help="write target features for train.mode: offline",
-                       description="Run the target over the configured data and write its tap hidden states (and "
-                       "the final hidden state when loss.kd) as safetensors shards + index.json. Resumable: "
-                       "re-running continues a partial dump. Then train with --set train.mode=offline "
-                       "--set train.features_dir=DIR.")
+    d = sub.add_parser(
+        "dump-features",
+        formatter_class=fmt,
+        help="write target features for train.mode: offline",
+        description="Run the target over the configured data and write its tap hidden states (and "
+        "the final hidden state when loss.kd) as safetensors shards + index.json. Resumable: "
+        "re-running continues a partial dump. Then train with --set train.mode=offline "
+        "--set train.features_dir=DIR.",
+    )
     d.add_argument("--config", required=True, help="YAML config file or shipped config name")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
     d.add_argument("--out", help="feature directory (default: train.features_dir)")
-    d.add_argument("--max-rows", type=int, help="rows to dump (default: train.steps * data.batch_size, what "
-                   "training consumes)")
-    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="storage dtype (default %(default)s)")
+    d.add_argument(
+        "--max-rows", type=int, help="rows to dump (default: train.steps * data.batch_size, what training consumes)"
+    )
+    d.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="storage dtype (default %(default)s)"
+    )
     d.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard (default %(default)s)")
     d.add_argument("--forward-batch", type=int, default=8, help="rows per target forward (default %(default)s)")
     d.add_argument("--no-resume", action="store_true", help="fail instead of continuing an existing dump")
 
-    r = sub.add_parser("regenerate", formatter_class=fmt, help="replace the data's assistant turns by the target's "
-                       "own answers (target-aligned training data)",
-                       description="Keep the user turns of every conversation of data.path and regenerate each "
-                       "assistant turn with the target (turn by turn, its chat template and stop tokens), batched "
-                       "with a KV cache on the configured mesh. Writes OpenAI-format JSONL with provenance per row; "
-                       "train on it with --set data.path=OUT. Prints ONE JSON summary last (rows, skips by reason, "
-                       "tokens/s). Atomic: OUT appears when finished; an interrupted run continues with --resume.")
-    r.add_argument("--config", required=True, help="YAML config file or shipped config name (its target and data "
-                   "sections are used)")
+    r = sub.add_parser(
+        "regenerate",
+        formatter_class=fmt,
+        help="replace the data's assistant turns by the target's own answers (target-aligned training data)",
+        description="Keep the user turns of every conversation of data.path and regenerate each "
+        "assistant turn with the target (turn by turn, its chat template and stop tokens), batched "
+        "with a KV cache on the configured mesh. Writes OpenAI-format JSONL with provenance per row; "
+        "train on it with --set data.path=OUT. Prints ONE JSON summary last (rows, skips by reason, "
+        "tokens/s). Atomic: OUT appears when finished; an interrupted run continues with --resume.",
+    )
+    r.add_argument(
+        "--config",
+        required=True,
+        help="YAML config file or shipped config name (its target and data sections are used)",
+    )
     r.add_argument("--out", required=True, help="output JSONL (must not exist; OUT.partial while running)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
     r.add_argument("--max-new-tokens", type=int, default=256, help="token limit of one answer (default %(default)s)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling (default %(default)s)")
-    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 "
-                   "(default %(default)s = off)")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed; each row's key is fold_in(seed, record, turn) "
-                   "(default %(default)s)")
-    r.add_argument("--num-conversations", type=int, help="regenerate the first N usable conversations (default: "
-                   "data.max_conversations + data.heldout, or all when data.max_conversations is null)")
-    r.add_argument("--batch-size", type=int, default=16, help="conversations generated together (default "
-                   "%(default)s; padded to a multiple of mesh data*fsdp)")
-    r.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens; a longer first prompt is a counted "
-                   "skip, a longer later one ends the conversation (default: data.seq_len)")
+    r.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling mass when temperature > 0 (default %(default)s = off)",
+    )
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed; each row's key is fold_in(seed, record, turn) (default %(default)s)",
+    )
+    r.add_argument(
+        "--num-conversations",
+        type=int,
+        help="regenerate the first N usable conversations (default: "
+        "data.max_conversations + data.heldout, or all when data.max_conversations is null)",
+    )
+    r.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="conversations generated together (default %(default)s; padded to a multiple of mesh data*fsdp)",
+    )
+    r.add_argument(
+        "--max-prompt-len",
+        type=int,
+        help="longest prompt in tokens; a longer first prompt is a counted "
+        "skip, a longer later one ends the conversation (default: data.seq_len)",
+    )
     r.add_argument("--resume", action="store_true", help="continue OUT.partial after its last complete row")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    c = sub.add_parser("compile", formatter_class=fmt, help="compile the train step at the config's shapes without "
-                       "weights: per-device memory and FLOPs, or TPU/CUDA lowering",
-                       description="Build the whole train step from abstract shapes (no weights loaded) on the "
-                       "configured mesh and compile it: --platform cpu prints per-device argument/output/temp/code "
-                       "bytes, FLOPs and compile time; tpu or cuda lowers it with jax.export for that platform "
-                       "(no accelerator needed). Target dimensions: --target-config, target.path's config.json, "
-                       "or target.random.")
+    c = sub.add_parser(
+        "compile",
+        formatter_class=fmt,
+        help="compile the train step at the config's shapes without "
+        "weights: per-device memory and FLOPs, or TPU/CUDA lowering",
+        description="Build the whole train step from abstract shapes (no weights loaded) on the "
+        "configured mesh and compile it: --platform cpu prints per-device argument/output/temp/code "
+        "bytes, FLOPs and compile time; tpu or cuda lowers it with jax.export for that platform "
+        "(no accelerator needed). Target dimensions: --target-config, target.path's config.json, "
+        "or target.random.",
+    )
     c.add_argument("--config", required=True, help="YAML config file or shipped config name")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
-    c.add_argument("--platform", default="cpu", choices=["cpu", "tpu", "cuda"], help="cpu: compile and report memory / FLOPs; tpu, cuda: lower with "
-                   "jax.export (default %(default)s)")
+    c.add_argument(
+        "--platform",
+        default="cpu",
+        choices=["cpu", "tpu", "cuda"],
+        help="cpu: compile and report memory / FLOPs; tpu, cuda: lower with jax.export (default %(default)s)",
+    )
     c.add_argument("--target-config", help="an HF config.json (or its directory) giving the target's dimensions")
-    c.add_argument("--devices", type=int, help="simulate this many CPU devices (must be the first JAX use in the "
-                   "process)")
+    c.add_argument(
+        "--devices", type=int, help="simulate this many CPU devices (must be the first JAX use in the process)"
+    )
 
-    b = sub.add_parser("bench", formatter_class=fmt, help="run a benchmark script (scripts/bench_NAME.py)",
-                       description="Run scripts/bench_NAME.py with the remaining arguments "
-                       f"(available: {', '.join(_bench_names()) or 'none found'}). "
-                       "Try: dflash-jax bench NAME --help.")
+    b = sub.add_parser(
+        "bench",
+        formatter_class=fmt,
+        help="run a benchmark script (scripts/bench_NAME.py)",
+        description="Run scripts/bench_NAME.py with the remaining arguments "
+        f"(available: {', '.join(_bench_names()) or 'none found'}). "
+        "Try: dflash-jax bench NAME --help.",
+    )
     b.add_argument("name", nargs="?", help="benchmark name; omit to list them")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return p
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if not verbose:
         logging.getLogger("absl").setLevel(logging.WARNING)
         # "Unable to initialize backend 'tpu': ... libtpu.so" on every command of a machine without a TPU
@@ -205,17 +316,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         path = os.path.join(args.run_dir, rundir.CONFIG_FILE)
     config = config_lib.load_config(path, args.overrides)
     try:
-        result = loop.train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+        result = loop.train(
+            config, args.run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
     except loop.DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     records = [r for r in rundir.read_metrics(result.run_dir) if r.get("loss") is not None]
-    summary = {"run_dir": result.run_dir, "step": result.step, "interrupted": result.interrupted,
-               "export": result.export_dir, "plots": list(result.plots)}
+    summary = {
+        "run_dir": result.run_dir,
+        "step": result.step,
+        "interrupted": result.interrupted,
+        "export": result.export_dir,
+        "plots": list(result.plots),
+    }
     if records:
-        summary.update(first_simulated_tau=records[0]["simulated_tau"], simulated_tau=records[-1]["simulated_tau"],
-                       first_loss=records[0]["loss"], loss=records[-1]["loss"])
+        summary.update(
+            first_simulated_tau=records[0]["simulated_tau"],
+            simulated_tau=records[-1]["simulated_tau"],
+            first_loss=records[0]["loss"],
+            loss=records[-1]["loss"],
+        )
     _print_json(summary)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
@@ -234,12 +355,17 @@ def _eval_draft(draft_dir: str, target_arg: str | None):
         else:
             log.info("%s has no export/; evaluating its latest checkpoint", draft_dir)
             _, draft_cfg, params, _ = run.restore_params(draft_dir)
-        section = config.target if target_arg is None else config_lib.TargetSection(path=target_arg,
-                                                                                    dtype=config.target.dtype)
+        section = (
+            config.target
+            if target_arg is None
+            else config_lib.TargetSection(path=target_arg, dtype=config.target.dtype)
+        )
         return config, draft_cfg, params, section, draft_dir
     if not os.path.isfile(os.path.join(draft_dir, "config.json")):
-        raise ValueError(f"--draft {draft_dir!r} is neither a run directory ({rundir.CONFIG_FILE}) nor an exported "
-                         "drafter (config.json + model.safetensors)")
+        raise ValueError(
+            f"--draft {draft_dir!r} is neither a run directory ({rundir.CONFIG_FILE}) nor an exported "
+            "drafter (config.json + model.safetensors)"
+        )
     if target_arg is None:
         raise ValueError("--target is required when --draft is an export directory (not a run directory)")
     draft_cfg, params = export_lib.import_draft(draft_dir)
@@ -267,8 +393,10 @@ def _eval_prompt_conversations(path: str, n: int | None) -> list:
     if skipped:
         log.warning("--prompts %s: skipped %d records (first: %s)", path, len(skipped), skipped[0])
     if not out:
-        raise ValueError(f"--prompts {path!r} holds no usable prompt (a chat record with a user turn, or a line of "
-                         f"plain text){': ' + skipped[0] if skipped else ''}")
+        raise ValueError(
+            f"--prompts {path!r} holds no usable prompt (a chat record with a user turn, or a line of "
+            f"plain text){': ' + skipped[0] if skipped else ''}"
+        )
     return out
 
 
@@ -294,9 +422,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # --prompts FILE: the whole file unless --num-prompts; the held-out set and 'sharegpt': eval.num_prompts.
     whole = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE
     num = args.num_prompts if args.num_prompts is not None else (None if whole else ev.num_prompts)
-    ev = dataclasses.replace(ev, **{k: v for k, v in (("max_new_tokens", args.max_new_tokens),
-                                                      ("temperature", args.temperature),
-                                                      ("prompt_len", args.prompt_len)) if v is not None})
+    ev = dataclasses.replace(
+        ev,
+        **{
+            k: v
+            for k, v in (
+                ("max_new_tokens", args.max_new_tokens),
+                ("temperature", args.temperature),
+                ("prompt_len", args.prompt_len),
+            )
+            if v is not None
+        },
+    )
     conversations = _eval_prompt_conversations(prompts_path, num)
     out = args.out or os.path.join(args.draft, "eval")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -314,8 +451,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary.update(report=paths["json"], prompts=prompts_path)
     _print_json(summary)
     if result["lossless"] is False:
-        print(f"error: speculative output differs from plain decoding for prompts {result['mismatches']}",
-              file=sys.stderr)
+        print(
+            f"error: speculative output differs from plain decoding for prompts {result['mismatches']}", file=sys.stderr
+        )
         return EXIT_MISMATCH
     return 0
 
@@ -331,8 +469,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     with paths.DirLock(args.run_dir) if into_run else contextlib.nullcontext():  # one writer per run directory
         _, draft_cfg, params, step = run.restore_params(args.run_dir, args.step)
         out = export_lib.export_draft(draft_cfg, params, args.out, dtype=args.dtype, protect=[args.run_dir])
-    _print_json({"export": str(out), "step": step, "dtype": args.dtype,
-                 "config": export_lib.config_to_json(draft_cfg, args.dtype)})
+    _print_json(
+        {
+            "export": str(out),
+            "step": step,
+            "dtype": args.dtype,
+            "config": export_lib.config_to_json(draft_cfg, args.dtype),
+        }
+    )
     return 0
 
 
@@ -366,12 +510,21 @@ def cmd_dump_features(args: argparse.Namespace) -> int:
     if max_rows < 1:
         raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
     with paths.DirLock(out):  # one writer per feature directory
-        index = features.dump_features(target, pipeline.build_iterator(config.data, renderer), out,
-                                       draft_cfg.target_layer_ids, with_teacher_hidden=config.loss.kd,
-                                       shard_size=args.shard_size, resume=not args.no_resume, dtype=args.dtype,
-                                       max_rows=max_rows, forward_batch=args.forward_batch)
-    _print_json({"features_dir": out, **{k: v for k, v in index.items() if k != "shards"},
-                 "num_shards": len(index["shards"])})
+        index = features.dump_features(
+            target,
+            pipeline.build_iterator(config.data, renderer),
+            out,
+            draft_cfg.target_layer_ids,
+            with_teacher_hidden=config.loss.kd,
+            shard_size=args.shard_size,
+            resume=not args.no_resume,
+            dtype=args.dtype,
+            max_rows=max_rows,
+            forward_batch=args.forward_batch,
+        )
+    _print_json(
+        {"features_dir": out, **{k: v for k, v in index.items() if k != "shards"}, "num_shards": len(index["shards"])}
+    )
     return 0
 
 
@@ -403,9 +556,14 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         num = data.max_conversations + data.heldout
     if num is not None and num < 1:
         raise ValueError(f"--num-conversations must be >= 1, got {num}")
-    sampling = regen.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed, batch_size=args.batch_size,
-                              max_prompt_len=args.max_prompt_len or data.seq_len)
+    sampling = regen.Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_prompt_len=args.max_prompt_len or data.seq_len,
+    )
     sampling.check()
     regen.check_output(args.out, args.resume)
     if data.path != "sharegpt" and not os.path.isfile(data.path):
@@ -414,9 +572,18 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     target = run.build_target(config.target)
     renderer = chat.ChatRenderer.from_target(target, data.chat_template)
     with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        summary = regen.regenerate(target, renderer, data.path, args.out, sampling, fmt=data.format,
-                                   num_conversations=num, resume=args.resume, mesh=mesh,
-                                   progress=not args.no_progress)
+        summary = regen.regenerate(
+            target,
+            renderer,
+            data.path,
+            args.out,
+            sampling,
+            fmt=data.format,
+            num_conversations=num,
+            resume=args.resume,
+            mesh=mesh,
+            progress=not args.no_progress,
+        )
     _print_json(summary)
     return 0
 
@@ -443,9 +610,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
-            "dump-features": cmd_dump_features, "compile": cmd_compile, "regenerate": cmd_regenerate,
-            "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "import": cmd_import,
+    "dump-features": cmd_dump_features,
+    "compile": cmd_compile,
+    "regenerate": cmd_regenerate,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,6 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from dflash_jax import losses
 from dflash_jax.models import draft as draft_lib
 from dflash_jax.models import hf_io
 from dflash_jax.models.target import TargetConfig
@@ -66,8 +65,10 @@ class RandomTargetConfig(TargetConfig):
         if self.sliding_window_pattern < 1:
             raise ValueError(f"{name}.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
-                             f"{name}.num_experts ({self.num_experts})]")
+            raise ValueError(
+                f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
+                f"{name}.num_experts ({self.num_experts})]"
+            )
         super().__post_init__()  # the fields as given (errors name this class)
         parsed = hf_io.config_from_hf(self._hf_config())
         for f in dataclasses.fields(TargetConfig):  # the derived fields (not the dims above) left at their defaults
@@ -77,14 +78,26 @@ class RandomTargetConfig(TargetConfig):
 
     def _hf_config(self) -> dict:
         """These dims as an HF ``config.json`` dict (the input of the parser)."""
-        return dict(model_type=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                    num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-                    head_dim=self.head_dim, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
-                    tie_word_embeddings=self.tie_word_embeddings, num_local_experts=self.num_experts,
-                    num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
-                    norm_topk_prob=True, sliding_window=self.sliding_window,
-                    sliding_window_pattern=self.sliding_window_pattern, query_pre_attn_scalar=self.head_dim)
+        return dict(
+            model_type=self.arch,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            num_local_experts=self.num_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            moe_intermediate_size=self.moe_intermediate_size,
+            norm_topk_prob=True,
+            sliding_window=self.sliding_window,
+            sliding_window_pattern=self.sliding_window_pattern,
+            query_pre_attn_scalar=self.head_dim,
+        )
 
 
 _RANDOM_DIMS = set(RandomTargetConfig.__annotations__)  # the random target's own dims: never filled by the parser
@@ -320,69 +333,108 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(config: Config) -> Config:
     """Range and cross-field checks that need no devices; returns ``config``; ValueError naming the key."""
-    t, d, lo, da, tr, m, ev = config.target, config.draft, config.loss, config.data, config.train, config.mesh, config.eval
+    t, d, lo, da, tr, m, ev = (
+        config.target,
+        config.draft,
+        config.loss,
+        config.data,
+        config.train,
+        config.mesh,
+        config.eval,
+    )
     _check(bool(t.path), "target.path must not be empty")  # target.random checks itself (TargetConfig)
 
     draft_lib.check_draft_fields(d, "draft")
     _check(d.num_anchors >= 1, f"draft.num_anchors must be >= 1, got {d.num_anchors}")
     if d.target_layer_ids is not None:
         ids = d.target_layer_ids
-        _check(len(ids) == d.num_layers,
-               f"draft.target_layer_ids must have draft.num_layers={d.num_layers} entries, got {list(ids)}")
-        _check(len(set(ids)) == len(ids) and min(ids) >= 0,
-               f"draft.target_layer_ids must be distinct and >= 0, got {list(ids)}")
+        _check(
+            len(ids) == d.num_layers,
+            f"draft.target_layer_ids must have draft.num_layers={d.num_layers} entries, got {list(ids)}",
+        )
+        _check(
+            len(set(ids)) == len(ids) and min(ids) >= 0,
+            f"draft.target_layer_ids must be distinct and >= 0, got {list(ids)}",
+        )
 
     _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {lo.alpha}")
     _check(lo.gamma >= 0.0, f"loss.gamma must be >= 0, got {lo.gamma}")
     dpace = lo.objective.startswith("dpace")
-    _check(not dpace or d.block_size > 1,
-           f"draft.block_size must be > 1 with loss.objective {lo.objective}, got {d.block_size}")
+    _check(
+        not dpace or d.block_size > 1,
+        f"draft.block_size must be > 1 with loss.objective {lo.objective}, got {d.block_size}",
+    )
     if lo.gamma != 0.0 and lo.objective != "decay":  # ModelOpt warns likewise (decay factor ignored under dpace)
-        warnings.warn(f"loss.gamma={lo.gamma} is ignored by loss.objective {lo.objective} (only decay uses it)",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"loss.gamma={lo.gamma} is ignored by loss.objective {lo.objective} (only decay uses it)",
+            UserWarning,
+            stacklevel=2,
+        )
     if lo.confidence != "data" and not dpace:
-        warnings.warn(f"loss.confidence={lo.confidence} is ignored by loss.objective {lo.objective} (only the D-PACE "
-                      "family uses confidences)", UserWarning, stacklevel=2)
-    _check(lo.chunk_blocks is None or lo.chunk_blocks >= 1, f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}")
+        warnings.warn(
+            f"loss.confidence={lo.confidence} is ignored by loss.objective {lo.objective} (only the D-PACE "
+            "family uses confidences)",
+            UserWarning,
+            stacklevel=2,
+        )
+    _check(
+        lo.chunk_blocks is None or lo.chunk_blocks >= 1,
+        f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}",
+    )
 
     _check(bool(da.path), "data.path must not be empty")
-    _check(da.seq_len >= d.block_size and da.seq_len % d.block_size == 0,
-           f"data.seq_len ({da.seq_len}) must be a positive multiple of draft.block_size ({d.block_size})")
+    _check(
+        da.seq_len >= d.block_size and da.seq_len % d.block_size == 0,
+        f"data.seq_len ({da.seq_len}) must be a positive multiple of draft.block_size ({d.block_size})",
+    )
     _check(da.batch_size >= 1, f"data.batch_size must be >= 1, got {da.batch_size}")
-    _check(da.max_conversations is None or da.max_conversations >= 1,
-           f"data.max_conversations must be >= 1 or null, got {da.max_conversations}")
+    _check(
+        da.max_conversations is None or da.max_conversations >= 1,
+        f"data.max_conversations must be >= 1 or null, got {da.max_conversations}",
+    )
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
 
     for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
-    _check(tr.grad_accum >= 1 and da.batch_size % tr.grad_accum == 0,
-           f"train.grad_accum ({tr.grad_accum}) must be >= 1 and divide data.batch_size ({da.batch_size})")
+    _check(
+        tr.grad_accum >= 1 and da.batch_size % tr.grad_accum == 0,
+        f"train.grad_accum ({tr.grad_accum}) must be >= 1 and divide data.batch_size ({da.batch_size})",
+    )
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
-    _check(tr.warmup_steps is None or tr.warmup_ratio is None,
-           "train.warmup_steps and train.warmup_ratio are exclusive: set one, leave the other null")
-    _check(tr.warmup_steps is None or tr.warmup_steps >= 0,
-           f"train.warmup_steps must be >= 0 (clamped to train.steps), got {tr.warmup_steps}")
-    _check(tr.warmup_ratio is None or 0.0 <= tr.warmup_ratio < 1.0,
-           f"train.warmup_ratio must be in [0, 1), got {tr.warmup_ratio}")
+    _check(
+        tr.warmup_steps is None or tr.warmup_ratio is None,
+        "train.warmup_steps and train.warmup_ratio are exclusive: set one, leave the other null",
+    )
+    _check(
+        tr.warmup_steps is None or tr.warmup_steps >= 0,
+        f"train.warmup_steps must be >= 0 (clamped to train.steps), got {tr.warmup_steps}",
+    )
+    _check(
+        tr.warmup_ratio is None or 0.0 <= tr.warmup_ratio < 1.0,
+        f"train.warmup_ratio must be in [0, 1), got {tr.warmup_ratio}",
+    )
     _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0, got {tr.weight_decay}")
     _check(tr.clip_norm >= 0, f"train.clip_norm must be >= 0 (0 = off), got {tr.clip_norm}")
     _check(0 <= tr.b1 < 1, f"train.b1 must be in [0, 1), got {tr.b1}")
     _check(0 <= tr.b2 < 1, f"train.b2 must be in [0, 1), got {tr.b2}")
     _check(tr.eps > 0, f"train.eps must be > 0, got {tr.eps}")
-    _check(tr.mode != "offline" or bool(tr.features_dir),
-           "train.features_dir must be set when train.mode is offline")
+    _check(tr.mode != "offline" or bool(tr.features_dir), "train.features_dir must be set when train.mode is offline")
 
     check_mesh_shape(m.shape)
-    _check(0.0 <= m.replicated_tolerance <= 1.0,
-           f"mesh.replicated_tolerance must be in [0, 1], got {m.replicated_tolerance}")
+    _check(
+        0.0 <= m.replicated_tolerance <= 1.0,
+        f"mesh.replicated_tolerance must be in [0, 1], got {m.replicated_tolerance}",
+    )
 
     _check(ev.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {ev.max_new_tokens}")
     _check(ev.prompt_len is None or ev.prompt_len >= 1, f"eval.prompt_len must be >= 1 or null, got {ev.prompt_len}")
     _check(ev.temperature >= 0, f"eval.temperature must be >= 0, got {ev.temperature}")
     _check(ev.num_prompts >= 0, f"eval.num_prompts must be >= 0, got {ev.num_prompts}")
-    _check(da.heldout == 0 or ev.num_prompts <= da.heldout,  # heldout 0: no in-training eval (train logs a note)
-           f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}")
+    _check(
+        da.heldout == 0 or ev.num_prompts <= da.heldout,  # heldout 0: no in-training eval (train logs a note)
+        f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}",
+    )
 
     if t.path == "random":
         validate_runtime(config, num_devices=None, num_target_layers=t.random.num_layers)
@@ -393,8 +445,10 @@ def check_mesh_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """``mesh.shape`` as ints: 3 entries ``[data, fsdp, tensor]``, each >= 1 or at most one ``-1``."""
     shape = tuple(int(s) for s in shape)
     _check(len(shape) == 3, f"mesh.shape must have 3 entries [data, fsdp, tensor], got {list(shape)}")
-    _check(all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
-           f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(shape)}")
+    _check(
+        all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
+        f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(shape)}",
+    )
     return shape
 
 
@@ -404,12 +458,15 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     shape = check_mesh_shape(shape)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        _check(num_devices % known == 0,
-               f"mesh.shape {list(shape)}: {num_devices} devices are not divisible by {known}")
+        _check(
+            num_devices % known == 0, f"mesh.shape {list(shape)}: {num_devices} devices are not divisible by {known}"
+        )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
-    _check(math.prod(shape) == num_devices,
-           f"mesh.shape {list(shape)} has {math.prod(shape)} devices, but this machine has {num_devices} "
-           f"(jax.device_count())")
+    _check(
+        math.prod(shape) == num_devices,
+        f"mesh.shape {list(shape)} has {math.prod(shape)} devices, but this machine has {num_devices} "
+        f"(jax.device_count())",
+    )
     return shape
 
 
@@ -424,15 +481,21 @@ def validate_runtime(
     if num_devices is not None:
         shape = resolve_mesh_shape(config.mesh.shape, num_devices)
         k = config.train.grad_accum
-        _check(config.data.batch_size % (k * shape[0] * shape[1]) == 0,
-               f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
-               f"({shape[0] * shape[1]}) x train.grad_accum ({k}): every micro-batch splits over data*fsdp")
+        _check(
+            config.data.batch_size % (k * shape[0] * shape[1]) == 0,
+            f"data.batch_size ({config.data.batch_size}) must be a multiple of mesh data*fsdp "
+            f"({shape[0] * shape[1]}) x train.grad_accum ({k}): every micro-batch splits over data*fsdp",
+        )
     if num_target_layers is not None:
-        _check(d.num_layers <= num_target_layers,
-               f"draft.num_layers ({d.num_layers}) must be <= the target's {num_target_layers} layers")
-        _check(d.target_layer_ids is None or max(d.target_layer_ids) < num_target_layers,
-               f"draft.target_layer_ids {list(d.target_layer_ids or ())} must be < the target's "
-               f"{num_target_layers} layers")
+        _check(
+            d.num_layers <= num_target_layers,
+            f"draft.num_layers ({d.num_layers}) must be <= the target's {num_target_layers} layers",
+        )
+        _check(
+            d.target_layer_ids is None or max(d.target_layer_ids) < num_target_layers,
+            f"draft.target_layer_ids {list(d.target_layer_ids or ())} must be < the target's "
+            f"{num_target_layers} layers",
+        )
     return config
 
 

@@ -57,8 +57,9 @@ def to_torch_tensors(params: nnx.State) -> dict[str, np.ndarray]:
     return out
 
 
-def from_torch_tensors(config: DraftConfig, tensors: Mapping[str, np.ndarray],
-                       param_dtype: Any = jnp.float32) -> nnx.State:
+def from_torch_tensors(
+    config: DraftConfig, tensors: Mapping[str, np.ndarray], param_dtype: Any = jnp.float32
+) -> nnx.State:
     """``{export name: array}`` (torch layout) -> draft params; every key and shape is checked.
 
     Raises ``ValueError`` listing unknown keys, missing keys and wrong shapes (``embed_tokens``/``lm_head``/
@@ -79,8 +80,10 @@ def from_torch_tensors(config: DraftConfig, tensors: Mapping[str, np.ndarray],
             if tuple(tensors[name].shape) != want:
                 wrong.append(f"{name}: got {tuple(tensors[name].shape)}, expected {want}")
     if unknown or missing or wrong:
-        raise ValueError("draft checkpoint does not match the config: "
-                         f"unknown keys {unknown}; missing keys {missing}; wrong shapes {wrong}")
+        raise ValueError(
+            "draft checkpoint does not match the config: "
+            f"unknown keys {unknown}; missing keys {missing}; wrong shapes {wrong}"
+        )
     new = []
     for name, (path, var, transpose) in expected.items():
         arr = np.asarray(tensors[name])
@@ -97,8 +100,11 @@ def draft_from_params(config: DraftConfig, params: nnx.State, *, dtype: Any = jn
 
 def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
     """The exported ``config.json`` (docs/design.md §4.11), ``rope_theta`` = the theta the draft really uses."""
-    dflash_config = {"mask_token_id": config.mask_token_id, "target_layer_ids": list(config.target_layer_ids),
-                     "causal": bool(config.causal)}
+    dflash_config = {
+        "mask_token_id": config.mask_token_id,
+        "target_layer_ids": list(config.target_layer_ids),
+        "causal": bool(config.causal),
+    }
     out = {
         "architectures": ["DFlashDraftModel"],
         "model_type": "qwen3",
@@ -162,8 +168,10 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
     if use_swa:
         window = dc.get("swa_window_size", d.get("sliding_window"))
         if window is None:
-            raise ValueError("config.json 'dflash_config.use_swa' is true but 'dflash_config.swa_window_size' "
-                             "(or 'sliding_window') is missing")
+            raise ValueError(
+                "config.json 'dflash_config.use_swa' is true but 'dflash_config.swa_window_size' "
+                "(or 'sliding_window') is missing"
+            )
     hidden = int(_field(d, "hidden_size"))
     heads = int(_field(d, "num_attention_heads"))
     return DraftConfig(
@@ -174,8 +182,7 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
         head_dim=int(d.get("head_dim") or hidden // heads),
         intermediate_size=int(_field(d, "intermediate_size")),
         vocab_size=int(_field(d, "vocab_size")),
-        num_target_layers=int(dc["num_target_layers"] if "num_target_layers" in dc else
-                              _field(d, "num_target_layers")),
+        num_target_layers=int(dc["num_target_layers"] if "num_target_layers" in dc else _field(d, "num_target_layers")),
         target_layer_ids=tuple(_field(dc, "target_layer_ids", "config.json dflash_config")),
         block_size=int(dc["block_size"] if "block_size" in dc else _field(d, "block_size")),
         mask_token_id=int(_field(dc, "mask_token_id", "config.json dflash_config")),
@@ -191,8 +198,13 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
     )
 
 
-def export_draft(config: DraftConfig, params: nnx.State, out_dir: str | os.PathLike, dtype: str = "bfloat16",
-                 protect: Sequence[str] = ()) -> Path:
+def export_draft(
+    config: DraftConfig,
+    params: nnx.State,
+    out_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+    protect: Sequence[str] = (),
+) -> Path:
     """Write ``model.safetensors`` + ``config.json`` to ``out_dir`` atomically (temp dir beside it, then rename).
 
     ``dtype`` in ``{"float32", "bfloat16", "float16"}``. ``out_dir`` must be absent, empty or a previous export

@@ -26,11 +26,11 @@ from types import SimpleNamespace
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from dflash_jax import block_loss, block_loss_from_hidden, block_targets  # noqa: E402
+from dflash_jax import block_loss, block_loss_from_hidden, block_targets
 
 BIG_ELEMENTS = 2**26  # shapes with more logits than this use --big-repeats
 
@@ -53,7 +53,9 @@ def speedup_lines(step_s: dict, baseline: str = "dense") -> list[str]:
     """``<name>_speedup_vs_<baseline>=<x>`` for every other entry of ``step_s`` (none without the baseline)."""
     if baseline not in step_s:
         return []
-    return [f"{name}_speedup_vs_{baseline}={step_s[baseline] / t:.2f}" for name, t in step_s.items() if name != baseline]
+    return [
+        f"{name}_speedup_vs_{baseline}={step_s[baseline] / t:.2f}" for name, t in step_s.items() if name != baseline
+    ]
 
 
 def make_case(b: int, n: int, bs: int, v: int, seed: int = 0):
@@ -71,10 +73,16 @@ def make_case(b: int, n: int, bs: int, v: int, seed: int = 0):
 def jax_step(case, objective: str):
     input_ids, loss_mask, anchors, keep, logits = case
     bs = logits.shape[2]
-    labels, mask = block_targets(jnp.asarray(input_ids, jnp.int32), jnp.asarray(loss_mask),
-                                 jnp.asarray(anchors, jnp.int32), jnp.asarray(keep), bs)
-    step = jax.jit(jax.value_and_grad(
-        lambda x: block_loss(x, labels, mask, objective=objective, gamma=4.0), has_aux=True))
+    labels, mask = block_targets(
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(loss_mask),
+        jnp.asarray(anchors, jnp.int32),
+        jnp.asarray(keep),
+        bs,
+    )
+    step = jax.jit(
+        jax.value_and_grad(lambda x: block_loss(x, labels, mask, objective=objective, gamma=4.0), has_aux=True)
+    )
     x = jnp.asarray(logits)
     return lambda: jax.block_until_ready(step(x))
 
@@ -82,14 +90,24 @@ def jax_step(case, objective: str):
 def jax_hidden_step(case, objective: str, hidden_size: int, chunk_blocks: int):
     input_ids, loss_mask, anchors, keep, logits = case
     b, n, bs, v = logits.shape
-    labels, mask = block_targets(jnp.asarray(input_ids, jnp.int32), jnp.asarray(loss_mask),
-                                 jnp.asarray(anchors, jnp.int32), jnp.asarray(keep), bs)
+    labels, mask = block_targets(
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(loss_mask),
+        jnp.asarray(anchors, jnp.int32),
+        jnp.asarray(keep),
+        bs,
+    )
     key_h, key_w = jax.random.split(jax.random.key(0))
     hidden = jax.random.normal(key_h, (b, n, bs, hidden_size))
     lm_head = jax.random.normal(key_w, (v, hidden_size)) * hidden_size**-0.5
-    step = jax.jit(jax.value_and_grad(
-        lambda h: block_loss_from_hidden(h, lm_head, labels, mask, objective=objective, gamma=4.0,
-                                         chunk_blocks=chunk_blocks), has_aux=True))
+    step = jax.jit(
+        jax.value_and_grad(
+            lambda h: block_loss_from_hidden(
+                h, lm_head, labels, mask, objective=objective, gamma=4.0, chunk_blocks=chunk_blocks
+            ),
+            has_aux=True,
+        )
+    )
     return lambda: jax.block_until_ready(step(hidden))
 
 
@@ -99,11 +117,11 @@ def torch_step(case, objective: str):
 
     input_ids, loss_mask, anchors, keep, logits = case
     b, n, bs, v = logits.shape
-    self = SimpleNamespace(dflash_block_size=bs, dflash_loss_objective=objective, dflash_dpace_alpha=0.5,
-                           dflash_loss_decay_factor=4.0)
+    self = SimpleNamespace(
+        dflash_block_size=bs, dflash_loss_objective=objective, dflash_dpace_alpha=0.5, dflash_loss_decay_factor=4.0
+    )
     x = torch.from_numpy(logits.reshape(b, n * bs, v)).requires_grad_(True)
-    args = (torch.from_numpy(input_ids), torch.from_numpy(anchors), torch.from_numpy(keep),
-            torch.from_numpy(loss_mask))
+    args = (torch.from_numpy(input_ids), torch.from_numpy(anchors), torch.from_numpy(keep), torch.from_numpy(loss_mask))
 
     def run():
         x.grad = None
@@ -135,15 +153,18 @@ def main() -> None:
 
     reference = not args.skip_reference and have_reference()
     if reference:
-        import torch
         import modelopt
+        import torch
 
-        ref_versions = (f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                        f"modelopt {modelopt.__version__}")
+        ref_versions = (
+            f", torch {torch.__version__} ({torch.get_num_threads()} threads), modelopt {modelopt.__version__}"
+        )
     else:
         ref_versions = ", reference: not available"
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}){ref_versions}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}){ref_versions}"
+    )
     print(f"{'shape BxNxbsxV':>20} {'implementation':>26} {'objective':>9} {'median ms':>10}")
     results: dict[tuple[str, str, str], float] = {}
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
@@ -156,8 +177,9 @@ def main() -> None:
             steps[("jax block_loss", objective)] = jax_step(case, objective)
             if reference:
                 steps[("torch _compute_loss", objective)] = torch_step(case, objective)
-        steps[(f"jax from_hidden H={args.hidden}", "dpace")] = jax_hidden_step(case, "dpace", args.hidden,
-                                                                              args.chunk_blocks)
+        steps[(f"jax from_hidden H={args.hidden}", "dpace")] = jax_hidden_step(
+            case, "dpace", args.hidden, args.chunk_blocks
+        )
         for (impl, objective), seconds in median_seconds(steps, args.warmup, repeats).items():
             results[(name, impl, objective)] = seconds
             print(f"{name:>20} {impl:>26} {objective:>9} {seconds * 1e3:10.1f}", flush=True)

@@ -21,19 +21,30 @@ import os
 import platform
 import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from dflash_jax.blocks import build_target_layer_ids  # noqa: E402
-from dflash_jax.models.target import TargetConfig, resolve_dtype  # noqa: E402
-from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path  # noqa: E402
-from dflash_jax.train.cost import prefill_flops  # noqa: E402
+from dflash_jax.blocks import build_target_layer_ids
+from dflash_jax.models.target import TargetConfig, resolve_dtype
+from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path
+from dflash_jax.train.cost import prefill_flops
 
-QWEN3_8B = TargetConfig(arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                        rms_norm_eps=1e-6, qk_norm=True, max_position_embeddings=40960)
+QWEN3_8B = TargetConfig(
+    arch="qwen3",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    qk_norm=True,
+    max_position_embeddings=40960,
+)
 NOMINAL_PEAK_TFLOPS = {("H100", "bfloat16"): 989.0, ("H200", "bfloat16"): 989.0}
 
 
@@ -45,7 +56,7 @@ def measured_matmul_tflops(dtype, n: int, iters: int = 3) -> float:
     t = time.perf_counter()
     for _ in range(iters):
         f(a).block_until_ready()
-    return iters * 2 * n ** 3 / (time.perf_counter() - t) / 1e12
+    return iters * 2 * n**3 / (time.perf_counter() - t) / 1e12
 
 
 def main(argv=None):
@@ -93,15 +104,22 @@ def main(argv=None):
     if peak is None:
         peak, peak_src = measured_matmul_tflops(dtype, 2048 if dev.platform == "cpu" else 8192), "measured matmul"
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
-    print(f"device: {kind} ({dev.platform}), jax {jax.__version__}, python {platform.python_version()}, "
-          f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}")
-    print(f"model: {args.shape} ({cfg.arch}, L={cfg.num_layers}, H={cfg.hidden_size}, V={cfg.vocab_size}, "
-          f"{n_params / 1e6:.1f}M params), dtype {dtype_name}, taps {layer_ids}")
-    print(f"shape: batch {args.batch} x seq {seq}; load {load_s:.1f}s, compile+first {compile_s:.1f}s, "
-          f"steps {args.steps}")
+    print(
+        f"device: {kind} ({dev.platform}), jax {jax.__version__}, python {platform.python_version()}, "
+        f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    )
+    print(
+        f"model: {args.shape} ({cfg.arch}, L={cfg.num_layers}, H={cfg.hidden_size}, V={cfg.vocab_size}, "
+        f"{n_params / 1e6:.1f}M params), dtype {dtype_name}, taps {layer_ids}"
+    )
+    print(
+        f"shape: batch {args.batch} x seq {seq}; load {load_s:.1f}s, compile+first {compile_s:.1f}s, steps {args.steps}"
+    )
     print(f"prefill: {step * 1e3:.1f} ms/step (median), {args.batch * seq / step:,.0f} tokens/s")
-    print("FLOPs = 2*B*S*P_mm + 4*B*S^2*NH*HD*L + 2*B*H*V = "
-          f"{flops / 1e12:.4f} TFLOP/step -> {flops / step / 1e12:.3f} TFLOP/s")
+    print(
+        "FLOPs = 2*B*S*P_mm + 4*B*S^2*NH*HD*L + 2*B*H*V = "
+        f"{flops / 1e12:.4f} TFLOP/step -> {flops / step / 1e12:.3f} TFLOP/s"
+    )
     print(f"MFU: {100 * flops / step / 1e12 / peak:.1f}% of {peak:.2f} TFLOP/s ({peak_src}, {dtype_name})")
 
 

@@ -6,6 +6,7 @@ the per-prompt paired spread as the noise level.
 
     .venv/bin/python scripts/e2e_report.py --run runs/e2e-cpu --budget cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 OBJECTIVES = ("dpace", "decay")
 LABELS = {"dpace": "D-PACE (α 0.5)", "decay": "static decay (γ 4)"}
@@ -126,10 +127,9 @@ def plot_weights(data: dict, path: str) -> None:
     static = np.mean([r["position_weight_mean"] for r in data["decay"]["metrics"]], axis=0)
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in range(1, w.shape[1]):
-        line, = ax.plot(steps, w[:, k], label=f"slot {k}")
+        (line,) = ax.plot(steps, w[:, k], label=f"slot {k}")
         ax.axhline(static[k], color=line.get_color(), ls="--", lw=0.8)
-    ax.set(title="D-PACE mean weight per slot (dashed: static decay γ 4)", xlabel="step", ylabel="weight",
-           yscale="log")
+    ax.set(title="D-PACE mean weight per slot (dashed: static decay γ 4)", xlabel="step", ylabel="weight", yscale="log")
     _save(fig, [ax], path, ncol=2, fontsize=8)
 
 
@@ -143,8 +143,10 @@ def versions() -> str:
 
 def machine() -> str:
     """CPU model, visible cores, memory."""
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = next((int(line.split()[1]) // 2**20 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return f"{os.cpu_count()} CPU cores ({model}), {mem} GiB RAM, {platform.system()} {platform.release()}, no GPU"
 
@@ -157,8 +159,10 @@ def gains_row(name: str, data: dict) -> str:
     """One markdown row: real τ of both drafters and the relative gains (greedy, T=1, simulated)."""
     d, c = data["dpace"], data["decay"]
     sim = tail_mean(d["metrics"], "simulated_tau") / tail_mean(c["metrics"], "simulated_tau") - 1.0
-    cells = [f"{d['eval'][t]['tau']:.3f} / {c['eval'][t]['tau']:.3f} | "
-             f"{pct(paired_gain(d['eval'][t], c['eval'][t])[0])}" for t in TEMPERATURES]
+    cells = [
+        f"{d['eval'][t]['tau']:.3f} / {c['eval'][t]['tau']:.3f} | {pct(paired_gain(d['eval'][t], c['eval'][t])[0])}"
+        for t in TEMPERATURES
+    ]
     return f"| {name} | {' | '.join(cells)} | {pct(sim)} |"
 
 
@@ -199,18 +203,22 @@ def render_regen(data: dict) -> str:
     lines = []
     for t in TEMPERATURES:
         gain, d, se = paired_gain(regen["eval"][t], base["eval"][t])
-        lines.append(f"- **{'greedy' if t == 0 else 'T = 1'}: {pct(gain)}** (per-prompt paired Δτ = {d:+.3f} ± "
-                     f"{se:.3f} s.e.; {verdict(d, se, 'regenerated data', 'original data')})")
-    table = [f"| {name} | {tail_mean(arm['metrics'], 'simulated_tau'):.3f} | "
-             f"{tail_mean(arm['metrics'], 'accuracy'):.3f} | {arm['eval'][0]['tau']:.3f} | {arm['eval'][1]['tau']:.3f} |"
-             for name, arm in (("ShareGPT's answers (GPT-3.5)", base), ("SmolLM2's own answers", regen))]
+        lines.append(
+            f"- **{'greedy' if t == 0 else 'T = 1'}: {pct(gain)}** (per-prompt paired Δτ = {d:+.3f} ± "
+            f"{se:.3f} s.e.; {verdict(d, se, 'regenerated data', 'original data')})"
+        )
+    table = [
+        f"| {name} | {tail_mean(arm['metrics'], 'simulated_tau'):.3f} | "
+        f"{tail_mean(arm['metrics'], 'accuracy'):.3f} | {arm['eval'][0]['tau']:.3f} | {arm['eval'][1]['tau']:.3f} |"
+        for name, arm in (("ShareGPT's answers (GPT-3.5)", base), ("SmolLM2's own answers", regen))
+    ]
     minutes = f"; {tm['regenerate'] / 60:.1f} min" if "regenerate" in tm else ""
     return f"""
 ## Target-aligned data: D-PACE on the target's own answers vs on ShareGPT's
 
 `dflash-jax regenerate` kept the user turns of the first usable ShareGPT conversations ({len(rows)} rows written)
-and answered them with SmolLM2-135M-Instruct itself (T = {gen['temperature']}, at most {gen['max_new_tokens']} tokens an answer,
-prompts of at most {gen['max_prompt_len']} tokens: {answers} answers, {truncated} of them cut at the limit{minutes}).
+and answered them with SmolLM2-135M-Instruct itself (T = {gen["temperature"]}, at most {gen["max_new_tokens"]} tokens an answer,
+prompts of at most {gen["max_prompt_len"]} tokens: {answers} answers, {truncated} of them cut at the limit{minutes}).
 A D-PACE drafter was trained on that file exactly as the D-PACE arm above (same seed, steps and number of packed
 rows; its first 16 rows held out) and evaluated on the D-PACE arm's held-out prompts. Relative real τ gain of the
 regenerated-data drafter, paired per prompt:
@@ -224,7 +232,7 @@ regenerated-data drafter, paired per prompt:
 Regeneration command (as `scripts/run_e2e.sh` runs it; then the same dump / train / eval with
 `--set data.path=RUN/regen.jsonl` and `eval --prompts RUN/dpace/heldout.jsonl`):
 `dflash-jax regenerate --config smollm2-135m --set ... --out RUN/regen.jsonl --num-conversations {len(rows)}
---max-new-tokens {gen['max_new_tokens']} --batch-size {gen['batch_size']}`.
+--max-new-tokens {gen["max_new_tokens"]} --batch-size {gen["batch_size"]}`.
 """
 
 
@@ -237,14 +245,19 @@ def render(data: dict, run: str, budget: str, command: str, fig_rel: str, replic
         rows.append(
             f"| {LABELS[obj]} | {m[-1]['step']} | {tm[f'train_{obj}'] / 60:.1f} min | {tail_mean(m, 'loss'):.3f} | "
             f"{tail_mean(m, 'accuracy'):.3f} | {tail_mean(m, 'simulated_tau'):.3f} | {ev[0]['tau']:.3f} | "
-            f"{ev[1]['tau']:.3f} | {ev[0]['speedup']:.2f}× | {ev[1]['speedup']:.2f}× |")
+            f"{ev[1]['tau']:.3f} | {ev[0]['speedup']:.2f}× | {ev[1]['speedup']:.2f}× |"
+        )
     g = {t: paired_gain(data["dpace"]["eval"][t], data["decay"]["eval"][t]) for t in TEMPERATURES}
     v = {t: verdict(g[t][1], g[t][2], "D-PACE", "static decay") for t in TEMPERATURES}
-    sim_gain = tail_mean(data["dpace"]["metrics"], "simulated_tau") / tail_mean(data["decay"]["metrics"],
-                                                                                "simulated_tau") - 1.0
+    sim_gain = (
+        tail_mean(data["dpace"]["metrics"], "simulated_tau") / tail_mean(data["decay"]["metrics"], "simulated_tau")
+        - 1.0
+    )
     ev0 = data["dpace"]["eval"][0]
-    spread = {obj: {t: np.std([p["tau"] for p in data[obj]["eval"][t]["per_prompt"]], ddof=1) for t in TEMPERATURES}
-              for obj in OBJECTIVES}
+    spread = {
+        obj: {t: np.std([p["tau"] for p in data[obj]["eval"][t]["per_prompt"]], ddof=1) for t in TEMPERATURES}
+        for obj in OBJECTIVES
+    }
     total = sum(tm.values())
     w_dpace = np.mean([r["position_weight_mean"] for r in data["dpace"]["metrics"][-TAIL:]], axis=0)[1:]
     w_decay = np.mean([r["position_weight_mean"] for r in data["decay"]["metrics"]], axis=0)[1:]
@@ -252,7 +265,8 @@ def render(data: dict, run: str, budget: str, command: str, fig_rel: str, replic
     low_acceptance_note = (
         " With per-slot acceptance this low, every D-PACE factor α + (1 − α)·exp(−CE) is close to α = 0.5, so the\n"
         "D-PACE weights fall roughly like 0.5^(k−1), much faster than exp(−(k−1)/4): D-PACE spends its gradient on\n"
-        "the first slots, the only ones accepted at this scale (see the per-position acceptance figure).")
+        "the first slots, the only ones accepted at this scale (see the per-position acceptance figure)."
+    )
 
     return f"""# Results: D-PACE vs static decay, end to end on SmolLM2-135M-Instruct
 
@@ -263,22 +277,22 @@ Budget: `{budget}`. Total wall time {total / 60:.1f} min.
 ## Headline
 
 Relative real τ gain of D-PACE over static decay, same seed, data order and step budget, on the same
-{ev0['num_prompts']} held-out ShareGPT prompts:
+{ev0["num_prompts"]} held-out ShareGPT prompts:
 
 - **greedy: {pct(g[0][0])}** (per-prompt paired Δτ = {g[0][1]:+.3f} ± {g[0][2]:.3f} s.e.; {v[0]})
 - **T = 1: {pct(g[1][0])}** (per-prompt paired Δτ = {g[1][1]:+.3f} ± {g[1][2]:.3f} s.e.; {v[1]})
 - simulated τ on the last training batches: {pct(sim_gain)}
 
 The paper reports +8.5 … 12.8 % on Qwen3 / Llama targets with multi-layer drafters trained for many GPU hours.
-This is a {cfg['step']}-step, 1-layer drafter trained for minutes on a 2-core CPU, where the drafters accept
-{data['dpace']['eval'][0]['tau'] - 1:.2f} (D-PACE) and {data['decay']['eval'][0]['tau'] - 1:.2f} (decay) draft tokens per block
+This is a {cfg["step"]}-step, 1-layer drafter trained for minutes on a 2-core CPU, where the drafters accept
+{data["dpace"]["eval"][0]["tau"] - 1:.2f} (D-PACE) and {data["decay"]["eval"][0]["tau"] - 1:.2f} (decay) draft tokens per block
 (greedy); the numbers above say whether the claim shows at this scale (it need not), not whether
 it holds at the paper's scale. Per-prompt spread of τ (standard deviation over prompts): D-PACE
-{spread['dpace'][0]:.3f} greedy / {spread['dpace'][1]:.3f} T=1, decay {spread['decay'][0]:.3f} greedy /
-{spread['decay'][1]:.3f} T=1.
+{spread["dpace"][0]:.3f} greedy / {spread["dpace"][1]:.3f} T=1, decay {spread["decay"][0]:.3f} greedy /
+{spread["decay"][1]:.3f} T=1.
 
 Where the weight goes: mean weight of draft slots 1…7 at the end of training, D-PACE `{fmt(w_dpace)}`, static
-decay `{fmt(w_decay)}`.{low_acceptance_note if ev0['tau'] < 1.5 else ""}
+decay `{fmt(w_decay)}`.{low_acceptance_note if ev0["tau"] < 1.5 else ""}
 {render_replicates(data, replicates or {})}{render_regen(data)}
 ## Table
 
@@ -286,14 +300,14 @@ decay `{fmt(w_decay)}`.{low_acceptance_note if ev0['tau'] < 1.5 else ""}
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-- *final loss / acc / simulated τ*: mean of the last {TAIL} logged windows ({TAIL} × {cfg['step'] // len(data['dpace']['metrics'])} steps).
+- *final loss / acc / simulated τ*: mean of the last {TAIL} logged windows ({TAIL} × {cfg["step"] // len(data["dpace"]["metrics"])} steps).
   The two losses weight the draft slots differently (D-PACE: detached acceptance-aware weights; decay:
   exp(-(k-1)/γ)), so their values are not comparable with each other; accuracy and τ are.
 - *real τ*: tokens committed per target forward in real speculative decoding (`dflash-jax eval`), block 8,
-  {ev0['max_new_tokens']} new tokens per prompt, greedy (lossless by construction) and T = 1 (speculative sampling,
+  {ev0["max_new_tokens"]} new tokens per prompt, greedy (lossless by construction) and T = 1 (speculative sampling,
   seed 0). τ = 1 means no draft token accepted.
 - *speedup*: wall time of plain target decoding / speculative decoding, same prompts, same CPU, same process.
-  Plain decoding ran at {ev0['tokens_per_s_plain']:.1f} tokens/s. On a CPU the block-8 verification forward costs
+  Plain decoding ran at {ev0["tokens_per_s_plain"]:.1f} tokens/s. On a CPU the block-8 verification forward costs
   several times a one-token forward, so a speedup > 1 needs far higher τ than a few-minute drafter reaches.
 
 ## Figures
@@ -310,17 +324,17 @@ decay `{fmt(w_decay)}`.{low_acceptance_note if ev0['tau'] < 1.5 else ""}
 |---|---|---|
 | target | SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32) | the installed real model |
 | drafter | 1 layer, 4 heads (2 KV), head dim 64, MLP 768, tap layer 15 | `configs/smollm2-135m.yaml`; cheapest real drafter |
-| block size / anchors | 8 / 32 per row | recipe block with the smallest decay γ (4); 32 anchors: {tm['train_dpace'] / cfg['step']:.1f} s a step (D-PACE run, start-up included) |
+| block size / anchors | 8 / 32 per row | recipe block with the smallest decay γ (4); 32 anchors: {tm["train_dpace"] / cfg["step"]:.1f} s a step (D-PACE run, start-up included) |
 | sequence length / batch | 256 tokens packed / 4 rows | 1 k tokens a step |
-| data | first {data['feature_rows']} packed rows of the ShareGPT training split, dumped once (offline mode, bf16 features + teacher final hidden state for KD) | the target forward runs once, both drafters read the same rows in the same per-epoch order (seed 0) |
-| steps | {cfg['step']} ({cfg['epoch'] + 1} epochs over the dump), lr 2e-3 cosine, 20 warm-up, AdamW, clip 1 | the shipped recipe's lr; fits the budget |
+| data | first {data["feature_rows"]} packed rows of the ShareGPT training split, dumped once (offline mode, bf16 features + teacher final hidden state for KD) | the target forward runs once, both drafters read the same rows in the same per-epoch order (seed 0) |
+| steps | {cfg["step"]} ({cfg["epoch"] + 1} epochs over the dump), lr 2e-3 cosine, 20 warm-up, AdamW, clip 1 | the shipped recipe's lr; fits the budget |
 | objectives | `dpace` α 0.5 · `decay` γ 4 (recipe value for block 8; 7 for block 16, 5 for block 10) | the paper's comparison |
-| eval | {ev0['num_prompts']} held-out ShareGPT prompts (the first {ev0['num_prompts']} usable conversations with a prompt, held out of training by `data.heldout`), last ≤ 128 prompt tokens, {ev0['max_new_tokens']} new tokens | 4 evaluations in {sum(v for k, v in tm.items() if k.startswith('eval')) / 60:.1f} min |
+| eval | {ev0["num_prompts"]} held-out ShareGPT prompts (the first {ev0["num_prompts"]} usable conversations with a prompt, held out of training by `data.heldout`), last ≤ 128 prompt tokens, {ev0["max_new_tokens"]} new tokens | 4 evaluations in {sum(v for k, v in tm.items() if k.startswith("eval")) / 60:.1f} min |
 
 `--budget gpu` reruns the same comparison with every training row (≈ 1,700), 5,000 steps and 128 new tokens
 (needs a jax with a GPU/TPU backend installed in `.venv`).
 
-Phase wall times: {', '.join(f'{k} {v / 60:.1f} min' for k, v in tm.items())}.
+Phase wall times: {", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())}.
 
 ## Commands
 
@@ -330,8 +344,8 @@ Phase wall times: {', '.join(f'{k} {v / 60:.1f} min' for k, v in tm.items())}.
 .venv/bin/dflash-jax dump-features --config smollm2-135m --set ... --out {run}/features --max-rows ROWS
 .venv/bin/dflash-jax train --config smollm2-135m --set ... --set train.mode=offline \\
     --set train.features_dir={run}/features --set loss.objective={{dpace,decay}} --run-dir {run}/{{dpace,decay}}
-.venv/bin/dflash-jax eval --draft {run}/{{dpace,decay}} --num-prompts {ev0['num_prompts']} \\
-    --max-new-tokens {ev0['max_new_tokens']} --temperature {{0,1}} --seed 0
+.venv/bin/dflash-jax eval --draft {run}/{{dpace,decay}} --num-prompts {ev0["num_prompts"]} \\
+    --max-new-tokens {ev0["max_new_tokens"]} --temperature {{0,1}} --seed 0
 .venv/bin/python scripts/e2e_report.py --run {run} --budget {budget}
 ```
 
@@ -349,8 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="cpu", help="budget name shown in the report")
     ap.add_argument("--command", default="bash scripts/run_e2e.sh", help="the command shown in the report")
     ap.add_argument("--out", default="docs/results.md", help="markdown file to write")
-    ap.add_argument("--replicate", action="append", default=[],
-                    help="another run directory of the same budget (other seed); repeatable")
+    ap.add_argument(
+        "--replicate",
+        action="append",
+        default=[],
+        help="another run directory of the same budget (other seed); repeatable",
+    )
     args = ap.parse_args(argv)
     data = load_run(args.run)
     replicates = {rep: load_run(rep) for rep in args.replicate}

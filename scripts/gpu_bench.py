@@ -36,12 +36,12 @@ import sys
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]  # the sibling bench scripts and this checkout's dflash_jax
 
-import bench_train_step as bts  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+import bench_train_step as bts  # noqa: E402
 from bench_loss import median_seconds  # noqa: E402
 from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops  # noqa: E402
-
 from dflash_jax import blocks, losses  # noqa: E402
 from dflash_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dflash_jax.models.target import make_target_model, resolve_dtype  # noqa: E402
@@ -69,8 +69,9 @@ def flops(config: str) -> dict[str, float]:
     shape = _check_config(config)
     tc, dc = bts.make_configs(shape)
     args = (tc, dc, shape["batch"], shape["seq"], shape["anchors"], KD)
-    return dict(model=bts.train_flops(*args),
-                reference_executed=bts.train_flops(*args, dense_attention=True, full_teacher=True))
+    return dict(
+        model=bts.train_flops(*args), reference_executed=bts.train_flops(*args, dense_attention=True, full_teacher=True)
+    )
 
 
 def loss_overhead_jax(shape: dict, *, steps: int, warmup: int, chunk_blocks: int = 64) -> dict[str, float]:
@@ -79,21 +80,38 @@ def loss_overhead_jax(shape: dict, *, steps: int, warmup: int, chunk_blocks: int
     tc, dc = bts.make_configs(shape)
     b, n, bs, h, v = shape["batch"], shape["anchors"], shape["block"], shape["hidden"], shape["vocab"]
     batch = bts.make_batch(shape)
-    labels, mask = blocks.block_targets(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["loss_mask"]),
-                                        jnp.asarray(batch["anchors"]), jnp.asarray(batch["keep"]), bs,
-                                        jnp.asarray(batch["segment_ids"]))
+    labels, mask = blocks.block_targets(
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["loss_mask"]),
+        jnp.asarray(batch["anchors"]),
+        jnp.asarray(batch["keep"]),
+        bs,
+        jnp.asarray(batch["segment_ids"]),
+    )
     k_h, k_t, k_w = jax.random.split(jax.random.key(0), 3)
     dtype = resolve_dtype(DTYPE)
     hidden = jax.random.normal(k_h, (b, n, bs, h), dtype)
     teacher = jax.random.normal(k_t, (b, n, bs, h), dtype) if KD else None
-    lm_head = (jax.random.normal(k_w, (v, h), jnp.float32) * h ** -0.5).astype(dtype)
+    lm_head = (jax.random.normal(k_w, (v, h), jnp.float32) * h**-0.5).astype(dtype)
 
     def fn_of(objective):
         gamma = bts.DECAY_GAMMA if objective == "decay" else 0.0
-        grad = jax.jit(jax.value_and_grad(
-            lambda x: losses.block_loss_from_hidden(x, lm_head, labels, mask, objective=objective, gamma=gamma,
-                                                    teacher_hidden=teacher, chunk_blocks=chunk_blocks,
-                                                    compute_dtype=dtype), has_aux=True))
+        grad = jax.jit(
+            jax.value_and_grad(
+                lambda x: losses.block_loss_from_hidden(
+                    x,
+                    lm_head,
+                    labels,
+                    mask,
+                    objective=objective,
+                    gamma=gamma,
+                    teacher_hidden=teacher,
+                    chunk_blocks=chunk_blocks,
+                    compute_dtype=dtype,
+                ),
+                has_aux=True,
+            )
+        )
         return lambda: jax.block_until_ready(grad(hidden))
 
     return median_seconds({obj: fn_of(obj) for obj in ("dpace", "decay")}, warmup, steps)
@@ -104,8 +122,9 @@ def run_jax(config: str, *, steps: int, warmup: int, remat: bool, attention: str
     shape = _check_config(config)
     tc, _ = bts.make_configs(shape)
     target = make_target_model(tc, seed=0, dtype=DTYPE)
-    ours = bts.time_ours(shape, target, dtype=DTYPE, steps=steps, warmup=warmup, kd=KD, remat=remat,
-                         attention=attention)
+    ours = bts.time_ours(
+        shape, target, dtype=DTYPE, steps=steps, warmup=warmup, kd=KD, remat=remat, attention=attention
+    )
     mem_kind, mem_gib = bts.peak_memory()  # before the loss-only programs below allocate anything
     del target
     loss_s = loss_overhead_jax(shape, steps=steps, warmup=warmup)
@@ -115,23 +134,37 @@ def run_jax(config: str, *, steps: int, warmup: int, remat: bool, attention: str
     import flax
     import optax
 
-    return dict(system="jax", config=config, step_s=ours["step_s"], times=ours["times"], compile_s=ours["compile_s"],
-                loss=ours["loss"], remat=remat, attention=attention, peak_mem_gib=mem_gib, peak_mem_kind=mem_kind,
-                loss_dpace_s=loss_s["dpace"], loss_decay_s=loss_s["decay"],
-                dpace_overhead_pct=100 * (loss_s["dpace"] - loss_s["decay"]) / ours["step_s"],
-                matmul_ceiling_tflops=ceiling,
-                nominal_peak_tflops=next((p for (k, d), p in NOMINAL_PEAK_TFLOPS.items()
-                                          if k in dev.device_kind and d == DTYPE), None),
-                device=f"{dev.platform}:{dev.device_kind}",
-                versions=dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-                              python=platform.python_version()))
+    return dict(
+        system="jax",
+        config=config,
+        step_s=ours["step_s"],
+        times=ours["times"],
+        compile_s=ours["compile_s"],
+        loss=ours["loss"],
+        remat=remat,
+        attention=attention,
+        peak_mem_gib=mem_gib,
+        peak_mem_kind=mem_kind,
+        loss_dpace_s=loss_s["dpace"],
+        loss_decay_s=loss_s["decay"],
+        dpace_overhead_pct=100 * (loss_s["dpace"] - loss_s["decay"]) / ours["step_s"],
+        matmul_ceiling_tflops=ceiling,
+        nominal_peak_tflops=next(
+            (p for (k, d), p in NOMINAL_PEAK_TFLOPS.items() if k in dev.device_kind and d == DTYPE), None
+        ),
+        device=f"{dev.platform}:{dev.device_kind}",
+        versions=dict(
+            jax=jax.__version__, flax=flax.__version__, optax=optax.__version__, python=platform.python_version()
+        ),
+    )
 
 
 def run_reference(config: str, *, steps: int, warmup: int) -> dict:
     """Time the reference's train step at ``config`` (this process: torch only)."""
+    from importlib.metadata import version
+
     import torch
     import transformers
-    from importlib.metadata import version
 
     shape = _check_config(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,28 +177,60 @@ def run_reference(config: str, *, steps: int, warmup: int) -> dict:
         mem_kind, mem_gib = "host_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         name = platform.machine()
     step_s = ref["dpace"]["step_s"]
-    return dict(system="reference", config=config, step_s=step_s, times=ref["dpace"]["times"], loss=ref["loss"],
-                decay_step_s=ref["decay"]["step_s"], peak_mem_gib=mem_gib, peak_mem_kind=mem_kind,
-                dpace_overhead_pct=100 * (step_s - ref["decay"]["step_s"]) / step_s, device=f"{device}:{name}",
-                versions=dict(torch=torch.__version__, transformers=transformers.__version__,
-                              modelopt=version("nvidia-modelopt"), python=platform.python_version()))
+    return dict(
+        system="reference",
+        config=config,
+        step_s=step_s,
+        times=ref["dpace"]["times"],
+        loss=ref["loss"],
+        decay_step_s=ref["decay"]["step_s"],
+        peak_mem_gib=mem_gib,
+        peak_mem_kind=mem_kind,
+        dpace_overhead_pct=100 * (step_s - ref["decay"]["step_s"]) / step_s,
+        device=f"{device}:{name}",
+        versions=dict(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            modelopt=version("nvidia-modelopt"),
+            python=platform.python_version(),
+        ),
+    )
 
 
-def run(system: str, config: str, out: str | None, *, steps: int = 10, warmup: int = 2, remat: bool = False,
-        attention: str = "auto") -> dict:
+def run(
+    system: str,
+    config: str,
+    out: str | None,
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    remat: bool = False,
+    attention: str = "auto",
+) -> dict:
     """Run one system at one config, print its line, and write the JSON record to ``out`` (if given)."""
     if system not in SYSTEMS:
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
-    rec = (run_jax(config, steps=steps, warmup=warmup, remat=remat, attention=attention) if system == "jax"
-           else run_reference(config, steps=steps, warmup=warmup))
-    rec.update(steps=steps, warmup=warmup, shape=bts.SHAPES[config], dtype=DTYPE, kd=KD,
-               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    print(f"{system} {config}: step_ms={1e3 * rec['step_s']:.2f} loss={rec['loss']:.4f} "
-          f"peak_{rec['peak_mem_kind']}_gib={rec['peak_mem_gib']:.3f} "
-          f"dpace_overhead_pct={rec['dpace_overhead_pct']:.2f}",
-          flush=True)
+    rec = (
+        run_jax(config, steps=steps, warmup=warmup, remat=remat, attention=attention)
+        if system == "jax"
+        else run_reference(config, steps=steps, warmup=warmup)
+    )
+    rec.update(
+        steps=steps,
+        warmup=warmup,
+        shape=bts.SHAPES[config],
+        dtype=DTYPE,
+        kd=KD,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    print(
+        f"{system} {config}: step_ms={1e3 * rec['step_s']:.2f} loss={rec['loss']:.4f} "
+        f"peak_{rec['peak_mem_kind']}_gib={rec['peak_mem_gib']:.3f} "
+        f"dpace_overhead_pct={rec['dpace_overhead_pct']:.2f}",
+        flush=True,
+    )
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out + ".tmp", "w") as f:
@@ -182,8 +247,10 @@ def report(records: list[dict]) -> list[str]:
     """Lines of the side-by-side report from :func:`run` records (any order; several configs)."""
     lines = ["FLOPs per step (multiply-add = 2, Q = N*bs, T = #taps, K = keys per draft query):"]
     lines += ["  " + ln.strip() for ln in bts.__doc__.split("FLOPs per step")[1].splitlines()[1:7]]
-    lines.append("  model FLOPs (block-sparse K = S+bs, KD teacher at the Q rows) give both systems' MFU; "
-                 "reference_executed adds what the reference computes (K = S+Q, teacher logits at all S)")
+    lines.append(
+        "  model FLOPs (block-sparse K = S+bs, KD teacher at the Q rows) give both systems' MFU; "
+        "reference_executed adds what the reference computes (K = S+Q, teacher logits at all S)"
+    )
     by_config: dict[str, dict[str, dict]] = {}
     for r in records:  # a jax record with a non-default attention is reported beside the default one
         impl = r.get("attention", "auto")
@@ -196,19 +263,24 @@ def report(records: list[dict]) -> list[str]:
         ceiling = recs.get("jax", {}).get("matmul_ceiling_tflops")
         nominal = recs.get("jax", {}).get("nominal_peak_tflops")
         lines.append(f"== {config}: " + " ".join(f"{k}={v}" for k, v in shape.items()) + f" dtype={DTYPE} kd={KD}")
-        lines.append(f"flops_model={f['model'] / 1e12:.4g}T flops_reference_executed="
-                     f"{f['reference_executed'] / 1e12:.4g}T matmul_ceiling_tflops="
-                     + (f"{ceiling:.1f}" if ceiling else "n/a") + " nominal_peak_tflops="
-                     + (f"{nominal:.0f}" if nominal else "n/a"))
+        lines.append(
+            f"flops_model={f['model'] / 1e12:.4g}T flops_reference_executed="
+            f"{f['reference_executed'] / 1e12:.4g}T matmul_ceiling_tflops="
+            + (f"{ceiling:.1f}" if ceiling else "n/a")
+            + " nominal_peak_tflops="
+            + (f"{nominal:.0f}" if nominal else "n/a")
+        )
         for system in SYSTEMS + tuple(sorted(k for k in recs if k not in SYSTEMS)):
             r = recs.get(system)
             if r is None:
                 lines.append(f"{system}: MISSING (the process failed or timed out)")
                 continue
             v = r["versions"]
-            extra = (f" executed_mfu_vs_ceiling={_fmt_mfu(f['reference_executed'], r['step_s'], ceiling)}"
-                     if system == "reference" else f" remat={r['remat']} attention={r.get('attention', 'auto')} "
-                                                   f"compile_s={r['compile_s']:.1f}")
+            extra = (
+                f" executed_mfu_vs_ceiling={_fmt_mfu(f['reference_executed'], r['step_s'], ceiling)}"
+                if system == "reference"
+                else f" remat={r['remat']} attention={r.get('attention', 'auto')} compile_s={r['compile_s']:.1f}"
+            )
             lines.append(
                 f"{system}: device={r['device']} step_ms={1e3 * r['step_s']:.2f} (median of {r['steps']}, "
                 f"{r['warmup']} warm-up) draft_tokens_per_s={tokens / r['step_s']:.1f} "
@@ -217,17 +289,25 @@ def report(records: list[dict]) -> list[str]:
                 f"mfu_vs_nominal={_fmt_mfu(f['model'], r['step_s'], nominal)}{extra} "
                 f"peak_{r['peak_mem_kind']}_gib={r['peak_mem_gib']:.2f} "
                 f"dpace_overhead_pct={r['dpace_overhead_pct']:.2f} loss={r['loss']:.4f} "
-                + " ".join(f"{k}={x}" for k, x in v.items()))
+                + " ".join(f"{k}={x}" for k, x in v.items())
+            )
         if "jax" in recs and "reference" in recs:
             ratio = recs["reference"]["step_s"] / recs["jax"]["step_s"]
             mem = recs["jax"]["peak_mem_gib"] / recs["reference"]["peak_mem_gib"]
             speed_target = SPEED_TARGET.get(config)
-            verdict = "n/a (dry run)" if speed_target is None else (
-                f"target >= {speed_target}x: {'met' if ratio >= speed_target else 'NOT met'}")
-            lines.append(f"memory_ratio_jax_fp32_master_vs_reference_bf16={mem:.3f} (target <= {MEMORY_TARGET_RATIO} "
-                         f"at the same bf16 policy; the jax step keeps fp32 master weights + fp32 Adam state)")
-            lines.append(f"dpace_overhead_target_pct<={DPACE_OVERHEAD_TARGET_PCT}: jax "
-                         f"{'met' if recs['jax']['dpace_overhead_pct'] <= DPACE_OVERHEAD_TARGET_PCT else 'NOT met'}")
+            verdict = (
+                "n/a (dry run)"
+                if speed_target is None
+                else (f"target >= {speed_target}x: {'met' if ratio >= speed_target else 'NOT met'}")
+            )
+            lines.append(
+                f"memory_ratio_jax_fp32_master_vs_reference_bf16={mem:.3f} (target <= {MEMORY_TARGET_RATIO} "
+                f"at the same bf16 policy; the jax step keeps fp32 master weights + fp32 Adam state)"
+            )
+            lines.append(
+                f"dpace_overhead_target_pct<={DPACE_OVERHEAD_TARGET_PCT}: jax "
+                f"{'met' if recs['jax']['dpace_overhead_pct'] <= DPACE_OVERHEAD_TARGET_PCT else 'NOT met'}"
+            )
             lines.append(f"speed: {verdict}")
             lines.append(f"ratio_vs_reference={ratio:.3f}")
     return lines
@@ -256,8 +336,15 @@ def main(argv=None) -> None:
         return
     if not (args.system and args.config):
         p.error("give --system and --config (or --report DIR)")
-    run(args.system, args.config, args.out, steps=args.steps, warmup=args.warmup, remat=args.remat,
-        attention=args.attention)
+    run(
+        args.system,
+        args.config,
+        args.out,
+        steps=args.steps,
+        warmup=args.warmup,
+        remat=args.remat,
+        attention=args.attention,
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def step_flops(shape: dict, *, kd: bool, mode: str = "offline", dtype: str = "bf
     tx, sched = optim.make_optimizer(lr=6e-4, steps=1000, schedule="constant", clip_norm=1.0)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     state = st.TrainState(step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params), skipped_updates=scalar)
-    b, s, n, bs = shape["batch"], shape["seq"], shape["anchors"], shape["block"]
+    b, s, n = shape["batch"], shape["seq"], shape["anchors"]
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bts.make_batch(dict(shape, batch=1)).items()}
     batch = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype) for k, v in batch.items()}
     if mode == "offline":

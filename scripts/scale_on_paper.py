@@ -37,18 +37,37 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dflash_jax.blocks import build_target_layer_ids  # noqa: E402
-from dflash_jax.models.draft import DraftConfig  # noqa: E402
-from dflash_jax.models.target import TargetConfig  # noqa: E402
+from dflash_jax.blocks import build_target_layer_ids
+from dflash_jax.models.draft import DraftConfig
+from dflash_jax.models.target import TargetConfig
 
 GIB = 2**30
 COUNTERS_BYTES = 16  # TrainState.step, .skipped_updates, adam count, schedule count: int32 scalars
 FIT_FRACTION = 0.9
 
-QWEN3_8B = TargetConfig(arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6, qk_norm=True)
-LLAMA_70B = TargetConfig(arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=5e5)
+QWEN3_8B = TargetConfig(
+    arch="qwen3",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=1e6,
+    qk_norm=True,
+)
+LLAMA_70B = TargetConfig(
+    arch="llama",
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=5e5,
+)
 TARGETS = {"Qwen3-8B": QWEN3_8B, "70B (Llama-3.1-70B dims)": LLAMA_70B}
 # name: (JAX devices, HBM GiB per device). v5p-128 = 128 TensorCores = 64 megacore chips of 95 GB HBM2e.
 PLATFORMS = {"v5p-128 pod": (64, 95e9 / GIB), "8xH100 node": (8, 79.6)}
@@ -79,8 +98,12 @@ def sh(n: int, k: int) -> int:
 def layer_elems(h: int, nh: int, kvh: int, hd: int, i: int, qk_norm: bool, m: MeshShape) -> int:
     """Per-device parameter elements of one decoder layer (attention + SwiGLU + 2 norms, + q/k norms)."""
     f, t = m.fsdp, m.tensor
-    return (sh(h, f) * (sh(nh * hd, t) + 2 * sh(kvh * hd, t) + 3 * sh(i, t)) + sh(nh * hd, t) * sh(h, f)
-            + 2 * h + (2 * hd if qk_norm else 0))
+    return (
+        sh(h, f) * (sh(nh * hd, t) + 2 * sh(kvh * hd, t) + 3 * sh(i, t))
+        + sh(nh * hd, t) * sh(h, f)
+        + 2 * h
+        + (2 * hd if qk_norm else 0)
+    )
 
 
 def target_elems(tc: TargetConfig, m: MeshShape, layer_ids, kd: bool) -> int:
@@ -88,55 +111,87 @@ def target_elems(tc: TargetConfig, m: MeshShape, layer_ids, kd: bool) -> int:
     used = tc.num_layers if kd else max(layer_ids) + 1
     norm = kd or (tc.num_layers - 1) in layer_ids
     vocab = (1 if tc.tie_word_embeddings else 2) * sh(tc.vocab_size, m.tensor) * sh(tc.hidden_size, m.fsdp)
-    layer = layer_elems(tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim,
-                        tc.intermediate_size, tc.qk_norm, m)
+    layer = layer_elems(
+        tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim, tc.intermediate_size, tc.qk_norm, m
+    )
     return vocab + used * layer + (tc.hidden_size if norm else 0)
 
 
 def draft_elems(dc: DraftConfig, m: MeshShape) -> int:
     """Per-device elements of the draft parameters (``fc``, ``hidden_norm``, layers, ``norm``)."""
     h = dc.hidden_size
-    return (sh(dc.num_features * h, m.tensor) * sh(h, m.fsdp) + 2 * h
-            + dc.num_layers * layer_elems(h, dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim,
-                                          dc.intermediate_size, True, m))
+    return (
+        sh(dc.num_features * h, m.tensor) * sh(h, m.fsdp)
+        + 2 * h
+        + dc.num_layers
+        * layer_elems(h, dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim, dc.intermediate_size, True, m)
+    )
 
 
-def state_bytes(tc: TargetConfig, dc: DraftConfig, m: MeshShape, *, kd: bool = True,
-                target_bytes: int = 2) -> dict[str, int]:
+def state_bytes(
+    tc: TargetConfig, dc: DraftConfig, m: MeshShape, *, kd: bool = True, target_bytes: int = 2
+) -> dict[str, int]:
     """Per-device bytes: ``target`` params, ``draft_master`` (fp32), ``adam`` (mu + nu fp32), ``counters``,
     ``grads`` (fp32, transient) and ``persistent`` = target + draft_master + adam + counters."""
     d = draft_elems(dc, m)
-    out = dict(target=target_bytes * target_elems(tc, m, dc.target_layer_ids, kd), draft_master=4 * d, adam=8 * d,
-               counters=COUNTERS_BYTES, grads=4 * d)
+    out = dict(
+        target=target_bytes * target_elems(tc, m, dc.target_layer_ids, kd),
+        draft_master=4 * d,
+        adam=8 * d,
+        counters=COUNTERS_BYTES,
+        grads=4 * d,
+    )
     out["persistent"] = out["target"] + out["draft_master"] + out["adam"] + out["counters"]
     return out
 
 
-def activation_bytes(tc: TargetConfig, dc: DraftConfig, m: MeshShape, *, seq: int, anchors: int, batch: int = 1,
-                     chunk_blocks: int = 64) -> int:
+def activation_bytes(
+    tc: TargetConfig, dc: DraftConfig, m: MeshShape, *, seq: int, anchors: int, batch: int = 1, chunk_blocks: int = 64
+) -> int:
     """Estimated per-device activation bytes of one step (module docstring formula; bf16, no remat)."""
     b, s, t, bs = batch, seq, m.tensor, dc.block_size
     q = anchors * bs
-    h, nh, kvh, hd, i = (dc.hidden_size, dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim,
-                         dc.intermediate_size)
-    draft = dc.num_layers * (2 * b * (4 * q * h + q * (2 * nh * hd + 2 * kvh * hd) // t + 2 * s * kvh * hd // t
-                                      + 3 * q * i // t) + 4 * b * nh // t * q * (s + bs))
+    h, nh, kvh, hd, i = (
+        dc.hidden_size,
+        dc.num_attention_heads,
+        dc.num_key_value_heads,
+        dc.head_dim,
+        dc.intermediate_size,
+    )
+    draft = dc.num_layers * (
+        2 * b * (4 * q * h + q * (2 * nh * hd + 2 * kvh * hd) // t + 2 * s * kvh * hd // t + 3 * q * i // t)
+        + 4 * b * nh // t * q * (s + bs)
+    )
     loss = 3 * 4 * b * min(chunk_blocks, anchors) * bs * sh(tc.vocab_size, t)
-    th, tnh, tkvh, thd, ti = (tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim,
-                              tc.intermediate_size)
-    target = (2 * b * s * dc.num_features * th + 2 * b * s * (2 * th + (tnh + 2 * tkvh) * thd // t + 3 * ti // t)
-              + 4 * b * tnh // t * s * s)
+    th, tnh, tkvh, thd, ti = (
+        tc.hidden_size,
+        tc.num_attention_heads,
+        tc.num_key_value_heads,
+        tc.head_dim,
+        tc.intermediate_size,
+    )
+    target = (
+        2 * b * s * dc.num_features * th
+        + 2 * b * s * (2 * th + (tnh + 2 * tkvh) * thd // t + 3 * ti // t)
+        + 4 * b * tnh // t * s * s
+    )
     return draft + loss + target
 
 
 def draft_config_for(tc: TargetConfig, num_layers: int = 5, block_size: int = 16) -> DraftConfig:
     """The issue's draft: ``num_layers`` layers with the target's head / intermediate dims."""
-    return DraftConfig(hidden_size=tc.hidden_size, num_layers=num_layers, num_attention_heads=tc.num_attention_heads,
-                       num_key_value_heads=tc.num_key_value_heads, head_dim=tc.head_dim,
-                       intermediate_size=tc.intermediate_size, vocab_size=tc.vocab_size,
-                       num_target_layers=tc.num_layers,
-                       target_layer_ids=tuple(build_target_layer_ids(tc.num_layers, num_layers)),
-                       block_size=block_size)
+    return DraftConfig(
+        hidden_size=tc.hidden_size,
+        num_layers=num_layers,
+        num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=tc.num_key_value_heads,
+        head_dim=tc.head_dim,
+        intermediate_size=tc.intermediate_size,
+        vocab_size=tc.vocab_size,
+        num_target_layers=tc.num_layers,
+        target_layer_ids=tuple(build_target_layer_ids(tc.num_layers, num_layers)),
+        block_size=block_size,
+    )
 
 
 def meshes(n_devices: int, max_tensor: int = 8) -> list[MeshShape]:
@@ -159,8 +214,9 @@ def plan(tc: TargetConfig, n_devices: int, hbm_gib: float, *, seq: int = 3072, a
         st = state_bytes(tc, dc, m)
         act = activation_bytes(tc, dc, m, seq=seq, anchors=anchors)
         total = st["persistent"] + st["grads"] + act
-        row = dict(mesh=m, total=total / GIB, activations=act / GIB,
-                   **{k: v / GIB for k, v in st.items() if k != "counters"})
+        row = dict(
+            mesh=m, total=total / GIB, activations=act / GIB, **{k: v / GIB for k, v in st.items() if k != "counters"}
+        )
         key = (total <= FIT_FRACTION * hbm_gib * GIB, m.data, m.fsdp, -m.tensor)
         if best is None or key > best[0]:
             best = (key, row)
@@ -170,18 +226,22 @@ def plan(tc: TargetConfig, n_devices: int, hbm_gib: float, *, seq: int = 3072, a
 
 def table(seq: int = 3072, anchors: int = 512) -> list[str]:
     """Markdown rows of the plan for every platform x target."""
-    lines = ["| platform | target | draft params | mesh (data, fsdp, tensor) | global batch | target params | "
-             "draft fp32 master | Adam mu+nu | grads | activations (est.) | total / device | HBM / device |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| platform | target | draft params | mesh (data, fsdp, tensor) | global batch | target params | "
+        "draft fp32 master | Adam mu+nu | grads | activations (est.) | total / device | HBM / device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for pname, (n, hbm) in PLATFORMS.items():
         for tname, tc in TARGETS.items():
             r = plan(tc, n, hbm, seq=seq, anchors=anchors)
             m = r["mesh"]
             n_draft = draft_elems(draft_config_for(tc), MeshShape(1, 1, 1))
-            lines.append(f"| {pname} ({n} devices) | {tname} | {n_draft / 1e9:.2f} B | "
-                         f"({m.data}, {m.fsdp}, {m.tensor}) | {m.data * m.fsdp} | {r['target']:.1f} GiB | {r['draft_master']:.1f} GiB | "
-                         f"{r['adam']:.1f} GiB | {r['grads']:.1f} GiB | {r['activations']:.1f} GiB | "
-                         f"**{r['total']:.1f} GiB**{'' if r['fits'] else ' (does not fit)'} | {hbm:.1f} GiB |")
+            lines.append(
+                f"| {pname} ({n} devices) | {tname} | {n_draft / 1e9:.2f} B | "
+                f"({m.data}, {m.fsdp}, {m.tensor}) | {m.data * m.fsdp} | {r['target']:.1f} GiB | {r['draft_master']:.1f} GiB | "
+                f"{r['adam']:.1f} GiB | {r['grads']:.1f} GiB | {r['activations']:.1f} GiB | "
+                f"**{r['total']:.1f} GiB**{'' if r['fits'] else ' (does not fit)'} | {hbm:.1f} GiB |"
+            )
     return lines
 
 
@@ -190,8 +250,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=3072)
     p.add_argument("--anchors", type=int, default=512)
     args = p.parse_args(argv)
-    print(f"seq {args.seq}, {args.anchors} anchors x block 16, 5-layer draft with the target's dims, KD on, "
-          f"per-device batch 1, bf16 target + compute, fp32 master + Adam")
+    print(
+        f"seq {args.seq}, {args.anchors} anchors x block 16, 5-layer draft with the target's dims, KD on, "
+        f"per-device batch 1, bf16 target + compute, fp32 master + Adam"
+    )
     print("\n".join(table(args.seq, args.anchors)))
 
 

@@ -26,7 +26,8 @@ _forbidden_skips: list[str] = []
 
 def _enforced() -> bool:
     return os.environ.get("DFLASH_JAX_REQUIRE_ALL_TESTS") == "1" and all(
-        importlib.util.find_spec(m) is not None for m in _PARITY_EXTRA)
+        importlib.util.find_spec(m) is not None for m in _PARITY_EXTRA
+    )
 
 
 def _reason(report) -> str:

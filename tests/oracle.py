@@ -42,8 +42,9 @@ def ref_dpace_weights(conf, alpha, valid_mask=None) -> np.ndarray:
     return out.numpy()
 
 
-def _compute_loss_torch(logits, input_ids, anchors, keep, loss_mask, base_logits, *, block_size, objective, alpha,
-                        gamma):
+def _compute_loss_torch(
+    logits, input_ids, anchors, keep, loss_mask, base_logits, *, block_size, objective, alpha, gamma
+):
     """Run the unbound ``HFDFlashModel._compute_loss``; returns ``(logits_tensor [B,N*bs,V], loss, accuracy)``."""
     torch = _torch()
     self = SimpleNamespace(
@@ -56,8 +57,13 @@ def _compute_loss_torch(logits, input_ids, anchors, keep, loss_mask, base_logits
     x = _t(arr.reshape(arr.shape[0], -1, arr.shape[-1])).requires_grad_(True)
     base = None if base_logits is None else _t(base_logits, torch.float32)
     loss, acc = hf_dflash().HFDFlashModel._compute_loss(
-        self, x, _t(input_ids, torch.long), _t(anchors, torch.long), _t(keep, torch.bool),
-        _t(loss_mask, torch.float32), base,
+        self,
+        x,
+        _t(input_ids, torch.long),
+        _t(anchors, torch.long),
+        _t(keep, torch.bool),
+        _t(loss_mask, torch.float32),
+        base,
     )
     return x, loss, float(acc)
 
@@ -70,8 +76,18 @@ def ref_compute_loss(
     ``logits [B, N*bs, V]`` or ``[B, N, bs, V]``; ``input_ids [B,S]``; ``anchors/keep [B,N]``; ``loss_mask [B,S]``;
     ``base_logits [B,S,V]`` for KD mode, ``None`` for CE.
     """
-    _, loss, acc = _compute_loss_torch(logits, input_ids, anchors, keep, loss_mask, base_logits,
-                                       block_size=block_size, objective=objective, alpha=alpha, gamma=gamma)
+    _, loss, acc = _compute_loss_torch(
+        logits,
+        input_ids,
+        anchors,
+        keep,
+        loss_mask,
+        base_logits,
+        block_size=block_size,
+        objective=objective,
+        alpha=alpha,
+        gamma=gamma,
+    )
     return float(loss.detach()), acc
 
 
@@ -79,8 +95,18 @@ def ref_compute_loss_grad(
     logits, input_ids, anchors, keep, loss_mask, base_logits=None, *, block_size, objective, alpha, gamma
 ) -> np.ndarray:
     """Gradient of :func:`ref_compute_loss`'s loss w.r.t. ``logits`` (returned in the shape of ``logits``)."""
-    x, loss, _ = _compute_loss_torch(logits, input_ids, anchors, keep, loss_mask, base_logits,
-                                     block_size=block_size, objective=objective, alpha=alpha, gamma=gamma)
+    x, loss, _ = _compute_loss_torch(
+        logits,
+        input_ids,
+        anchors,
+        keep,
+        loss_mask,
+        base_logits,
+        block_size=block_size,
+        objective=objective,
+        alpha=alpha,
+        gamma=gamma,
+    )
     loss.backward()
     return x.grad.numpy().reshape(np.shape(logits))
 
@@ -96,9 +122,7 @@ def ref_position_ids(seq_len, anchors, block_size) -> np.ndarray:
 def ref_attention_mask(seq_len, anchors, keep, block_size, window=None, causal=False) -> np.ndarray:
     """Unbound ``_build_draft_attention_mask`` as a bool ``[B, Q, S+Q]`` array (True = attend)."""
     torch = _torch()
-    self = SimpleNamespace(
-        dflash_block_size=block_size, dflash_draft_attention="causal" if causal else "bidirectional"
-    )
+    self = SimpleNamespace(dflash_block_size=block_size, dflash_draft_attention="causal" if causal else "bidirectional")
     anchors_t = _t(anchors, torch.long)
     out = hf_dflash().HFDFlashModel._build_draft_attention_mask(
         self, seq_len, anchors_t, _t(keep, torch.bool), anchors_t.shape[1], torch.float32, "cpu", window=window
@@ -130,10 +154,26 @@ def ref_build_target_layer_ids(num_target_layers, num_draft_layers) -> list[int]
 # ---------------------------------------------------------------------------------------------------------
 
 
-def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, vocab=64, draft_layers=2,
-                          draft_heads=4, draft_kv_heads=2, head_dim=8, intermediate=64, rope_theta=1e4,
-                          block_size=4, mask_token_id=0, target_layer_ids=None, swa_window=None, causal=False,
-                          attention_sink=False, seed=1234):
+def ref_tiny_dflash_model(
+    family: str = "qwen3",
+    *,
+    hidden=32,
+    target_layers=6,
+    vocab=64,
+    draft_layers=2,
+    draft_heads=4,
+    draft_kv_heads=2,
+    head_dim=8,
+    intermediate=64,
+    rope_theta=1e4,
+    block_size=4,
+    mask_token_id=0,
+    target_layer_ids=None,
+    swa_window=None,
+    causal=False,
+    attention_sink=False,
+    seed=1234,
+):
     """A tiny fp32 HF ``family`` ("qwen3" or "llama") target converted with ``mtsp.convert(.., "dflash")``.
 
     Every draft dim is explicit (docs/design.md §4.2); the target uses the same ``rope_theta`` so that the reference
@@ -148,9 +188,17 @@ def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, 
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=target_layers, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, vocab_size=vocab, max_position_embeddings=128,
-                  rope_theta=rope_theta)
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=target_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        rope_theta=rope_theta,
+    )
     if family == "qwen3":
         target_cfg = transformers.Qwen3Config(**common)
     elif family == "llama":
@@ -158,15 +206,28 @@ def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, 
     else:
         raise ValueError(f"family must be 'qwen3' or 'llama', got {family!r}")
     model = transformers.AutoModelForCausalLM.from_config(target_cfg).float()
-    arch = dict(num_hidden_layers=draft_layers, num_attention_heads=draft_heads, num_key_value_heads=draft_kv_heads,
-                head_dim=head_dim, intermediate_size=intermediate, rope_theta=rope_theta)
+    arch = dict(
+        num_hidden_layers=draft_layers,
+        num_attention_heads=draft_heads,
+        num_key_value_heads=draft_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        rope_theta=rope_theta,
+    )
     if target_layer_ids is not None:
         arch["target_layer_ids"] = list(target_layer_ids)
-    cfg = {"dflash_block_size": block_size, "dflash_use_torch_compile": False, "dflash_mask_token_id": mask_token_id,
-           "dflash_swa_window_size": swa_window, "dflash_architecture_config": arch,
-           "dflash_draft_attention": "causal" if causal else "bidirectional", "dflash_attention_sink": attention_sink}
+    cfg = {
+        "dflash_block_size": block_size,
+        "dflash_use_torch_compile": False,
+        "dflash_mask_token_id": mask_token_id,
+        "dflash_swa_window_size": swa_window,
+        "dflash_architecture_config": arch,
+        "dflash_draft_attention": "causal" if causal else "bidirectional",
+        "dflash_attention_sink": attention_sink,
+    }
     if attention_sink:
         from modelopt.torch.speculative.plugins import modeling_dflash
+
         modeling_dflash._compiled_sink_attention = modeling_dflash._sink_attention_impl
     mtsp.convert(model, [("dflash", cfg)])
     with torch.no_grad():
@@ -181,12 +242,16 @@ def ref_tiny_dflash_model(family: str = "qwen3", *, hidden=32, target_layers=6, 
 
 def ref_draft_state(model) -> dict[str, np.ndarray]:
     """The reference draft's weights by export name (torch ``[out, in]`` layout), float32 numpy."""
-    return {k: v.detach().float().numpy().copy() for k, v in model.dflash_module.state_dict().items()
-            if "rotary_emb" not in k}
+    return {
+        k: v.detach().float().numpy().copy()
+        for k, v in model.dflash_module.state_dict().items()
+        if "rotary_emb" not in k
+    }
 
 
-def ref_dflash_forward(model, input_ids, labels, anchors, keep, *, objective="dpace", alpha=0.5, gamma=0.0,
-                       kd=True) -> dict:
+def ref_dflash_forward(
+    model, input_ids, labels, anchors, keep, *, objective="dpace", alpha=0.5, gamma=0.0, kd=True
+) -> dict:
     """One reference training forward + backward with injected ``(anchors, keep)``.
 
     Returns numpy ``loss``, ``acc``, ``draft_logits [B, N*bs, V]`` (captured at ``lm_head``), ``target_hidden
@@ -217,20 +282,29 @@ def ref_dflash_forward(model, input_ids, labels, anchors, keep, *, objective="dp
     finally:
         handle.remove()
         del model._sample_anchor_positions
-    grads = {k: (p.grad.numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
-             for k, p in model.dflash_module.named_parameters()}
-    return dict(loss=out.loss.item(), acc=float(out.train_acc[0][0]), draft_logits=captured[-1].numpy(),
-                target_hidden=target_hidden.numpy(), base_logits=base.logits.numpy(),
-                embed=model.get_input_embeddings().weight.detach().numpy().copy(),
-                lm_head=model.lm_head.weight.detach().numpy().copy(),
-                target_layer_ids=list(model.target_layer_ids), grads=grads)
+    grads = {
+        k: (p.grad.numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+        for k, p in model.dflash_module.named_parameters()
+    }
+    return dict(
+        loss=out.loss.item(),
+        acc=float(out.train_acc[0][0]),
+        draft_logits=captured[-1].numpy(),
+        target_hidden=target_hidden.numpy(),
+        base_logits=base.logits.numpy(),
+        embed=model.get_input_embeddings().weight.detach().numpy().copy(),
+        lm_head=model.lm_head.weight.detach().numpy().copy(),
+        target_layer_ids=list(model.target_layer_ids),
+        grads=grads,
+    )
 
 
 def ref_load_draft(model, tensors: dict) -> None:
     """``model.dflash_module.load_state_dict(tensors, strict=True)`` from numpy/torch tensors."""
     torch = _torch()
-    model.dflash_module.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in tensors.items()},
-                                        strict=True)
+    model.dflash_module.load_state_dict(
+        {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in tensors.items()}, strict=True
+    )
 
 
 def ref_export(model, out_dir) -> None:
@@ -256,7 +330,7 @@ def _ref_verify(model, ids, base, drafts) -> int:
     with torch.no_grad():
         posterior = model._base_model_lm_head(model._base_model(cand).last_hidden_state).argmax(-1)
     pos = ids.shape[1]  # index of the base token in the candidate
-    match = (posterior[0, pos:pos + drafts.shape[1]] == drafts[0]).long()
+    match = (posterior[0, pos : pos + drafts.shape[1]] == drafts[0]).long()
     return int(torch.cumprod(match, 0).sum())
 
 
@@ -305,13 +379,14 @@ def ref_validate_online(model, prompt, osl) -> tuple[list[np.ndarray], list[int]
     model.pseudo_speculative_generate = recording
     try:
         validator = AcceptanceRateValidation(model, tokenizer)
-        _, ar = validator.validate_online(osl, input_ids=_t(np.asarray(prompt)[None], torch.long),
-                                          steps=model.dflash_block_size - 1)
+        _, ar = validator.validate_online(
+            osl, input_ids=_t(np.asarray(prompt)[None], torch.long), steps=model.dflash_block_size - 1
+        )
     finally:
         del model.pseudo_speculative_generate
     accepted = []
     for k, (state, drafts) in enumerate(zip(states[:-1], proposals)):  # the last one may be cut by isl + osl
-        tail = states[k + 1][len(state) + 1:]
+        tail = states[k + 1][len(state) + 1 :]
         a = 0
         while a < len(drafts) and a < len(tail) and tail[a] == drafts[a]:
             a += 1

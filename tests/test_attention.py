@@ -70,8 +70,9 @@ def test_target_attention_matches_dense(impl, variant, dtype, monkeypatch):
     sliding layer with sinks and a non-default scale (gpt-oss / Gemma 3)."""
     monkeypatch.setattr(attention, "CHUNK", 8)
     q, k, v, w = _qkv(S, S, dtype)
-    window, kw = (None, {}) if variant == "causal" else (11, dict(
-        scale=0.3, sinks=jax.random.normal(jax.random.key(5), (NH,))))
+    window, kw = (
+        (None, {}) if variant == "causal" else (11, dict(scale=0.3, sinks=jax.random.normal(jax.random.key(5), (NH,))))
+    )
     mask = attention.SelfMask(jnp.asarray(SEG), window=window, impl=impl)
 
     def fn(*a):
@@ -86,8 +87,11 @@ def test_target_attention_matches_dense(impl, variant, dtype, monkeypatch):
         _close(g, r, dtype, f"d{name}")
     if "sinks" in kw:  # the sink logits are trained (gpt-oss): their gradient too
         gs = jax.grad(lambda sk: jnp.sum(attention.attend(q, k, v, mask, scale=0.3, sinks=sk).astype(jnp.float32) * w))
-        gr = jax.grad(lambda sk: jnp.sum(attention.masked_attention(q, k, v, _self_mask(window), scale=0.3, sinks=sk)
-                                         .astype(jnp.float32) * w))
+        gr = jax.grad(
+            lambda sk: jnp.sum(
+                attention.masked_attention(q, k, v, _self_mask(window), scale=0.3, sinks=sk).astype(jnp.float32) * w
+            )
+        )
         _close(gs(kw["sinks"]), gr(kw["sinks"]), dtype, "dsinks")
 
 
@@ -114,6 +118,7 @@ def test_chunked_range_attention_all_chunk_boundaries(chunk):
         def f(q, k, v):
             out, lse = attention.range_attention(q, k, v, mask, impl, chunk=chunk)
             return jnp.sum(out * w) + jnp.sum(jnp.where(lse > attention.MASK_VALUE / 2, lse, 0.0) * w_lse), (out, lse)
+
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
     (_, (out, lse)), grads = run("chunked")
@@ -156,8 +161,11 @@ BS, N, SC = 4, 4, 19  # block size, blocks, context length (odd)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("window,causal,sinks", [(None, False, False), (6, False, True), (None, True, False)],
-                         ids=["full", "swa_sinks", "causal"])
+@pytest.mark.parametrize(
+    "window,causal,sinks",
+    [(None, False, False), (6, False, True), (None, True, False)],
+    ids=["full", "swa_sinks", "causal"],
+)
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
 def test_block_sparse_attention_matches_dense(impl, window, causal, sinks, dtype, monkeypatch):
     """The draft's attention: packing, SWA, causal-in-block, a dropped block (exactly zero output and gradient),
@@ -210,10 +218,13 @@ def test_draft_and_loss_gradients_match_dense(impl, monkeypatch):
         taps, _ = target(ids, positions=pos, segment_ids=seg, layer_ids=tf.LAYER_IDS, attention_impl=impl_)
 
         def f(p):
-            hidden = nnx.merge(graphdef, p)(noise, taps, anchors, keep, positions=pos, segment_ids=seg,
-                                            attention_impl=impl_)
-            return losses.block_loss_from_hidden(hidden.reshape(b, n, tf.BS, -1), target.lm_head_weight(), labels,
-                                                 lmask, objective="dpace")[0]
+            hidden = nnx.merge(graphdef, p)(
+                noise, taps, anchors, keep, positions=pos, segment_ids=seg, attention_impl=impl_
+            )
+            return losses.block_loss_from_hidden(
+                hidden.reshape(b, n, tf.BS, -1), target.lm_head_weight(), labels, lmask, objective="dpace"
+            )[0]
+
         return taps, jax.value_and_grad(f)(params)
 
     taps, (value, grads) = jax.jit(lambda: loss(impl))()
@@ -231,8 +242,9 @@ def test_train_step_with_pallas_lowers(platform):
     ts, state, _ = tf.build((2, 2, 2), attention="pallas")
     batch = ts.place_batch(tf.batch(b=4))
     args = (state, ts.target_state, batch, jax.random.key(0))
-    structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                           args)
+    structs = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), args
+    )
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     with jax.set_mesh(ts.mesh):
         exported = jax.export.export(ts.jitted, platforms=[platform], disabled_checks=checks)(*structs)

@@ -42,8 +42,7 @@ def check_anchor_invariants(anchors, keep, loss_mask, block_size, num_anchors):
 
 @SETTINGS
 @given(
-    loss_mask=hnp.arrays(np.float32, st.sampled_from([(1, 3), (2, 9), (3, 16)]),
-                         elements=st.sampled_from([0.0, 1.0])),
+    loss_mask=hnp.arrays(np.float32, st.sampled_from([(1, 3), (2, 9), (3, 16)]), elements=st.sampled_from([0.0, 1.0])),
     block_size=st.sampled_from([1, 4]),
     num_anchors=st.sampled_from([1, 3, 20]),
     seed=st.integers(0, 2**16),
@@ -96,8 +95,9 @@ def test_block_targets_unshifted_and_masked():
 
 def test_block_targets_clamps_past_end():
     """Anchors near the end (possible only with S < bs): slots past S-1 are masked, labels clamped."""
-    labels, mask = block_targets(jnp.array([[5, 6, 7]], jnp.int32), jnp.ones((1, 3)), jnp.array([[1]], jnp.int32),
-                                 jnp.array([[True]]), 4)
+    labels, mask = block_targets(
+        jnp.array([[5, 6, 7]], jnp.int32), jnp.ones((1, 3)), jnp.array([[1]], jnp.int32), jnp.array([[True]]), 4
+    )
     np.testing.assert_array_equal(labels, [[[6, 7, 7, 7]]])
     np.testing.assert_array_equal(mask, [[[0, 1, 0, 0]]])
 
@@ -156,11 +156,25 @@ def test_draft_position_ids():
 
 
 LAYER_IDS = [
-    ((36, 5), [1, 9, 17, 25, 33]), ((32, 5), [1, 8, 15, 22, 29]), ((28, 5), [1, 7, 13, 19, 25]),
-    ((40, 5), [1, 10, 19, 28, 37]), ((48, 5), [1, 12, 23, 34, 45]), ((64, 5), [1, 16, 31, 46, 61]),
-    ((61, 5), [1, 15, 30, 44, 58]), ((94, 5), [1, 24, 46, 68, 91]), ((36, 8), [1, 6, 10, 15, 19, 24, 28, 33]),
-    ((32, 1), [16]), ((24, 3), [1, 11, 21]), ((11, 3), [1, 4, 8]), ((9, 3), [1, 4, 6]), ((8, 3), [1, 3, 5]),
-    ((8, 2), [1, 5]), ((6, 2), [1, 3]), ((4, 2), [1, 1]), ((2, 2), [1, 1]), ((1, 1), [0]),
+    ((36, 5), [1, 9, 17, 25, 33]),
+    ((32, 5), [1, 8, 15, 22, 29]),
+    ((28, 5), [1, 7, 13, 19, 25]),
+    ((40, 5), [1, 10, 19, 28, 37]),
+    ((48, 5), [1, 12, 23, 34, 45]),
+    ((64, 5), [1, 16, 31, 46, 61]),
+    ((61, 5), [1, 15, 30, 44, 58]),
+    ((94, 5), [1, 24, 46, 68, 91]),
+    ((36, 8), [1, 6, 10, 15, 19, 24, 28, 33]),
+    ((32, 1), [16]),
+    ((24, 3), [1, 11, 21]),
+    ((11, 3), [1, 4, 8]),
+    ((9, 3), [1, 4, 6]),
+    ((8, 3), [1, 3, 5]),
+    ((8, 2), [1, 5]),
+    ((6, 2), [1, 3]),
+    ((4, 2), [1, 1]),
+    ((2, 2), [1, 1]),
+    ((1, 1), [0]),
 ]
 
 

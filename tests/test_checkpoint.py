@@ -92,8 +92,7 @@ def test_damaged_step_falls_back_to_the_newest_good_one(tmp_path, caplog):
         for s in (2, 4):
             mngr.save(states[s][0])
     assert os.path.isfile(tmp_path / "4" / ck.MANIFEST_FILE)
-    data = max((os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "4" / "params") for f in fs),
-               key=os.path.getsize)
+    data = max((os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "4" / "params") for f in fs), key=os.path.getsize)
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) // 2)
         byte = f.read(1)

@@ -66,8 +66,12 @@ def test_bad_input_exits_2_naming_the_key(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("cli") / "run")
-    assert cli.main(["train", *TINY, "--run-dir", run, "--set", "train.steps=4", "--set", "train.log_every=2",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["train", *TINY, "--run-dir", run, "--set", "train.steps=4", "--set", "train.log_every=2", "--no-progress"]
+        )
+        == 0
+    )
     return run
 
 
@@ -88,8 +92,9 @@ def test_train_export_import_eval(tiny_run, tmp_path, capsys):
     summary = _last_json(capsys)
     assert summary["num_params"] > 0 and os.path.isfile(os.path.join(copy, "model.safetensors"))
 
-    assert cli.main(["eval", "--draft", tiny_run, "--max-new-tokens", "5", "--num-prompts", "2",
-                     "--check-lossless"]) == 0
+    assert (
+        cli.main(["eval", "--draft", tiny_run, "--max-new-tokens", "5", "--num-prompts", "2", "--check-lossless"]) == 0
+    )
     result = _last_json(capsys)
     assert result["num_prompts"] == 2 and 1.0 <= result["tau"] <= 4 and result["speedup"] > 0
     assert result["lossless"] is True and os.path.isfile(os.path.join(tiny_run, "eval", "eval.json"))
@@ -102,8 +107,24 @@ def test_dump_features_then_offline_train(tmp_path, capsys):
     index = _last_json(capsys)
     assert index["num_rows"] == 12 and index["complete"] and index["with_teacher_hidden"]
     run = str(tmp_path / "offline")
-    assert cli.main(["train", *common, "--run-dir", run, "--set", "train.mode=offline", "--set",
-                     f"train.features_dir={feats}", "--set", "train.log_every=1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *common,
+                "--run-dir",
+                run,
+                "--set",
+                "train.mode=offline",
+                "--set",
+                f"train.features_dir={feats}",
+                "--set",
+                "train.log_every=1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     records = rundir.read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
     for r in records:  # one step per record: simulated tau = 1 + sum_k prod_{i<=k} acc_i of the logged accuracies
@@ -114,10 +135,29 @@ def test_ctrl_c_in_a_subprocess_saves_a_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dflash_jax.cli", "train", "--config", "tiny", "--run-dir", run,
-         "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "data.max_conversations=32",
-         "--no-progress"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "dflash_jax.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--run-dir",
+            run,
+            "--set",
+            "train.steps=100000",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "data.max_conversations=32",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = os.path.join(run, rundir.METRICS_FILE)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -145,7 +185,7 @@ def test_bench_lists_the_scripts(capsys):
 def test_readme_python_example_equals_block_loss():
     """The README's hand-written D-PACE loss (dpace_weights in your own loss) equals block_loss on the same inputs."""
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text[text.index("## Public Python API"):]
+    section = text[text.index("## Public Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)

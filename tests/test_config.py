@@ -23,7 +23,12 @@ def test_shipped_configs_load():
     tiny = load_config("tiny")
     assert tiny.target.path == "random" and tiny.target.random.vocab_size == 512 and tiny.data.seq_len == 64
     smol = load_config("configs/smollm2-135m.yaml")
-    assert (smol.target.path, smol.data.path, smol.loss.objective, smol.loss.alpha) == ("smollm2", "sharegpt", "dpace", 0.5)
+    assert (smol.target.path, smol.data.path, smol.loss.objective, smol.loss.alpha) == (
+        "smollm2",
+        "sharegpt",
+        "dpace",
+        0.5,
+    )
     assert smol.draft.block_size in (8, 16) and smol.draft.num_layers <= 2
     q = load_config("qwen3-8b")
     assert (q.draft.block_size, q.draft.num_anchors, q.draft.num_layers, q.data.seq_len) == (16, 512, 5, 3072)
@@ -48,57 +53,72 @@ def test_defaults_are_valid_and_empty_sections_allowed():
     assert from_dict({"train": None, "loss": {}}) == Config()
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"trian": {}}, "unknown config key trian"),
-    ({"loss": {"alpah": 0.5}}, "unknown config key loss.alpah"),
-    ({"target": {"random": {"hidden": 8}}}, "unknown config key target.random.hidden"),
-    ({"train": {"steps": "ten"}}, "train.steps must be an integer"),
-    ({"train": {"steps": 10.5}}, "train.steps must be an integer"),
-    ({"data": {"packing": 1}}, "data.packing must be true or false"),
-    ({"draft": {"num_layers": True}}, "draft.num_layers must be an integer"),
-    ({"loss": {"alpha": "half"}}, "loss.alpha must be a number"),
-    ({"loss": {"alpha": None}}, "loss.alpha must be a number, got None"),
-    ({"loss": {"objective": "kl"}}, r"loss.objective must be one of \['dpace', .*'uniform'\], got 'kl'"),
-    ({"loss": {"per_token": "mse"}}, r"loss.per_token must be one of \['ce', 'kd', .*'tv'\], got 'mse'"),
-    ({"loss": {"normalization": "mean"}}, r"loss.normalization must be one of \['modelopt', 'batch', 'tokens'\]"),
-    ({"loss": {"confidence": "teacher"}}, r"loss.confidence must be one of \['data', 'loss'\]"),
-    ({"loss": {"kd": True}}, r"config key loss.kd was replaced by loss.per_token \(kd: true -> per_token: kd"),
-    ({"mesh": {"shape": [2, 2]}}, "mesh.shape must be a list of 3 values"),
-    ({"mesh": {"shape": [2, "x", 2]}}, r"mesh.shape\[1\] must be an integer"),
-    ({"draft": {"target_layer_ids": 3}}, "draft.target_layer_ids must be a list"),
-    ({"data": {"path": 5}}, "data.path must be a string"),
-    ({"loss": []}, "loss must be a mapping"),
-    ({"loss": {"alpha": 1.5}}, r"loss.alpha must be in \[0, 1\], got 1.5"),
-    ({"loss": {"alpha": -0.1}}, r"loss.alpha must be in \[0, 1\], got -0.1"),
-    ({"loss": {"gamma": -1}}, "loss.gamma must be >= 0"),
-    ({"loss": {"chunk_blocks": 0}}, "loss.chunk_blocks must be >= 1"),
-    ({"data": {"seq_len": 100}, "draft": {"block_size": 8}}, r"data.seq_len \(100\) must be a positive multiple of draft.block_size \(8\)"),
-    ({"draft": {"sliding_window": 4, "block_size": 8}}, r"draft.sliding_window must be >= draft.block_size \(8\)"),
-    ({"draft": {"block_size": 1}, "data": {"seq_len": 8}}, "draft.block_size must be > 1 with loss.objective dpace"),
-    ({"draft": {"num_anchors": 0}}, "draft.num_anchors must be >= 1"),
-    ({"draft": {"num_attention_heads": 6, "num_key_value_heads": 4}}, "draft.num_attention_heads"),
-    ({"draft": {"head_dim": 15}}, "draft.head_dim must be even"),
-    ({"draft": {"mask_token_id": -1}}, "draft.mask_token_id must be >= 0"),
-    ({"draft": {"target_layer_ids": [1, 2]}}, "draft.target_layer_ids must have draft.num_layers=1 entries"),
-    ({"draft": {"num_layers": 2, "target_layer_ids": [1, 1]}}, "draft.target_layer_ids must be distinct"),
-    ({"draft": {"num_layers": 2, "target_layer_ids": [1, 9]}}, r"draft.target_layer_ids \[1, 9\] must be < the target's 4 layers"),
-    ({"draft": {"num_layers": 5}}, r"draft.num_layers \(5\) must be <= the target's 4 layers"),
-    ({"train": {"steps": 0}}, "train.steps must be >= 1"),
-    ({"train": {"max_consecutive_skips": 0}}, "train.max_consecutive_skips must be >= 1"),
-    ({"train": {"lr": 0}}, "train.lr must be > 0"),
-    ({"train": {"warmup_steps": 5, "warmup_ratio": 0.1}}, "train.warmup_steps and train.warmup_ratio are exclusive"),
-    ({"train": {"warmup_ratio": 1.0}}, r"train.warmup_ratio must be in \[0, 1\)"),
-    ({"train": {"warmup_steps": -1}}, "train.warmup_steps must be >= 0"),
-    ({"train": {"b2": 1.0}}, r"train.b2 must be in \[0, 1\)"),
-    ({"train": {"mode": "offline"}}, "train.features_dir must be set"),
-    ({"train": {"schedule": "step"}}, "train.schedule must be one of"),
-    ({"train": {"compute_dtype": "float16"}}, "train.compute_dtype must be one of"),
-    ({"mesh": {"shape": [0, 1, 1]}}, "mesh.shape entries must be >= 1"),
-    ({"data": {"batch_size": 0}}, "data.batch_size must be >= 1"),
-    ({"data": {"format": "alpaca"}}, "data.format must be one of"),
-    ({"eval": {"num_prompts": 20}, "data": {"heldout": 4}}, r"eval.num_prompts must be in \[0, data.heldout=4\]"),
-    ({"target": {"random": {"num_attention_heads": 3}}}, "target.random.num_attention_heads"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"trian": {}}, "unknown config key trian"),
+        ({"loss": {"alpah": 0.5}}, "unknown config key loss.alpah"),
+        ({"target": {"random": {"hidden": 8}}}, "unknown config key target.random.hidden"),
+        ({"train": {"steps": "ten"}}, "train.steps must be an integer"),
+        ({"train": {"steps": 10.5}}, "train.steps must be an integer"),
+        ({"data": {"packing": 1}}, "data.packing must be true or false"),
+        ({"draft": {"num_layers": True}}, "draft.num_layers must be an integer"),
+        ({"loss": {"alpha": "half"}}, "loss.alpha must be a number"),
+        ({"loss": {"alpha": None}}, "loss.alpha must be a number, got None"),
+        ({"loss": {"objective": "kl"}}, r"loss.objective must be one of \['dpace', .*'uniform'\], got 'kl'"),
+        ({"loss": {"per_token": "mse"}}, r"loss.per_token must be one of \['ce', 'kd', .*'tv'\], got 'mse'"),
+        ({"loss": {"normalization": "mean"}}, r"loss.normalization must be one of \['modelopt', 'batch', 'tokens'\]"),
+        ({"loss": {"confidence": "teacher"}}, r"loss.confidence must be one of \['data', 'loss'\]"),
+        ({"loss": {"kd": True}}, r"config key loss.kd was replaced by loss.per_token \(kd: true -> per_token: kd"),
+        ({"mesh": {"shape": [2, 2]}}, "mesh.shape must be a list of 3 values"),
+        ({"mesh": {"shape": [2, "x", 2]}}, r"mesh.shape\[1\] must be an integer"),
+        ({"draft": {"target_layer_ids": 3}}, "draft.target_layer_ids must be a list"),
+        ({"data": {"path": 5}}, "data.path must be a string"),
+        ({"loss": []}, "loss must be a mapping"),
+        ({"loss": {"alpha": 1.5}}, r"loss.alpha must be in \[0, 1\], got 1.5"),
+        ({"loss": {"alpha": -0.1}}, r"loss.alpha must be in \[0, 1\], got -0.1"),
+        ({"loss": {"gamma": -1}}, "loss.gamma must be >= 0"),
+        ({"loss": {"chunk_blocks": 0}}, "loss.chunk_blocks must be >= 1"),
+        (
+            {"data": {"seq_len": 100}, "draft": {"block_size": 8}},
+            r"data.seq_len \(100\) must be a positive multiple of draft.block_size \(8\)",
+        ),
+        ({"draft": {"sliding_window": 4, "block_size": 8}}, r"draft.sliding_window must be >= draft.block_size \(8\)"),
+        (
+            {"draft": {"block_size": 1}, "data": {"seq_len": 8}},
+            "draft.block_size must be > 1 with loss.objective dpace",
+        ),
+        ({"draft": {"num_anchors": 0}}, "draft.num_anchors must be >= 1"),
+        ({"draft": {"num_attention_heads": 6, "num_key_value_heads": 4}}, "draft.num_attention_heads"),
+        ({"draft": {"head_dim": 15}}, "draft.head_dim must be even"),
+        ({"draft": {"mask_token_id": -1}}, "draft.mask_token_id must be >= 0"),
+        ({"draft": {"target_layer_ids": [1, 2]}}, "draft.target_layer_ids must have draft.num_layers=1 entries"),
+        ({"draft": {"num_layers": 2, "target_layer_ids": [1, 1]}}, "draft.target_layer_ids must be distinct"),
+        (
+            {"draft": {"num_layers": 2, "target_layer_ids": [1, 9]}},
+            r"draft.target_layer_ids \[1, 9\] must be < the target's 4 layers",
+        ),
+        ({"draft": {"num_layers": 5}}, r"draft.num_layers \(5\) must be <= the target's 4 layers"),
+        ({"train": {"steps": 0}}, "train.steps must be >= 1"),
+        ({"train": {"max_consecutive_skips": 0}}, "train.max_consecutive_skips must be >= 1"),
+        ({"train": {"lr": 0}}, "train.lr must be > 0"),
+        (
+            {"train": {"warmup_steps": 5, "warmup_ratio": 0.1}},
+            "train.warmup_steps and train.warmup_ratio are exclusive",
+        ),
+        ({"train": {"warmup_ratio": 1.0}}, r"train.warmup_ratio must be in \[0, 1\)"),
+        ({"train": {"warmup_steps": -1}}, "train.warmup_steps must be >= 0"),
+        ({"train": {"b2": 1.0}}, r"train.b2 must be in \[0, 1\)"),
+        ({"train": {"mode": "offline"}}, "train.features_dir must be set"),
+        ({"train": {"schedule": "step"}}, "train.schedule must be one of"),
+        ({"train": {"compute_dtype": "float16"}}, "train.compute_dtype must be one of"),
+        ({"mesh": {"shape": [0, 1, 1]}}, "mesh.shape entries must be >= 1"),
+        ({"data": {"batch_size": 0}}, "data.batch_size must be >= 1"),
+        ({"data": {"format": "alpaca"}}, "data.format must be one of"),
+        ({"eval": {"num_prompts": 20}, "data": {"heldout": 4}}, r"eval.num_prompts must be in \[0, data.heldout=4\]"),
+        ({"target": {"random": {"num_attention_heads": 3}}}, "target.random.num_attention_heads"),
+    ],
+)
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(ValueError, match=message):
         from_dict(raw)
@@ -111,8 +131,14 @@ def test_numeric_strings_and_ints_are_floats():
 
 
 def test_runtime_validation():
-    c = from_dict({"mesh": {"shape": [2, 2, 2]}, "data": {"batch_size": 8}, "target": {"path": "smollm2"},
-                   "draft": {"mask_token_id": 49152}})
+    c = from_dict(
+        {
+            "mesh": {"shape": [2, 2, 2]},
+            "data": {"batch_size": 8},
+            "target": {"path": "smollm2"},
+            "draft": {"mask_token_id": 49152},
+        }
+    )
     validate_runtime(c, num_devices=8)
     with pytest.raises(ValueError, match=r"mesh.shape \[2, 2, 2\] has 8 devices, but this machine has 1"):
         validate_runtime(c, num_devices=1)
@@ -129,8 +155,17 @@ def test_runtime_validation():
 
 
 def test_overrides():
-    c = load_config("tiny", ["loss.alpha=0.3", "mesh.shape=[2,2,2]", "data.max_conversations=null",
-                             "draft.target_layer_ids=[1]", "train.lr=1e-3", "target.random.seed=5"])
+    c = load_config(
+        "tiny",
+        [
+            "loss.alpha=0.3",
+            "mesh.shape=[2,2,2]",
+            "data.max_conversations=null",
+            "draft.target_layer_ids=[1]",
+            "train.lr=1e-3",
+            "target.random.seed=5",
+        ],
+    )
     assert c.loss.alpha == 0.3 and c.mesh.shape == (2, 2, 2) and c.data.max_conversations is None
     assert c.draft.target_layer_ids == (1,) and c.train.lr == 1e-3 and c.target.random.seed == 5
     assert parse_override("data.path= a=b.jsonl") == ("data.path", "a=b.jsonl")

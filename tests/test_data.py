@@ -44,9 +44,14 @@ def bpe_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = ["hello world, how are you today? I am fine, thanks for asking."] * 20 + [
-        "The quick brown fox jumps over the lazy dog. user assistant system"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        "The quick brown fox jumps over the lazy dog. user assistant system"
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     return tok
 
@@ -62,8 +67,13 @@ def test_sharegpt_truncated_array_roles_and_skips():
     convs, skips = split(list(read_conversations(SHAREGPT)))
     assert convs == [
         (("user", "What is 2+2?"), ("assistant", "It is 4.")),
-        (("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Blue."), ("user", "Another?"),
-         ("assistant", "Green.")),
+        (
+            ("system", "Be brief."),
+            ("user", "Name a colour."),
+            ("assistant", "Blue."),
+            ("user", "Another?"),
+            ("assistant", "Green."),
+        ),
         (("user", "Weather?"), ("assistant", "Sunny.")),
     ]
     reasons = {s.record: s.reason for s in skips}
@@ -80,16 +90,25 @@ def test_jsonl_bad_rows_are_counted_skips_and_reading_continues():
     assert (("user", "Part one.\nPart two."), ("assistant", "Joined.")) in convs
     assert convs[-1] == (("user", "Last"), ("assistant", "Still read."))  # after the non-UTF-8 line
     text = " | ".join(s.reason for s in skips)
-    for fragment in ("malformed JSON", "no assistant turn", "content is empty", "'tool' is not a supported role",
-                     "neither 'conversations'", "not an object", "not valid UTF-8 (byte 0xe9"):
+    for fragment in (
+        "malformed JSON",
+        "no assistant turn",
+        "content is empty",
+        "'tool' is not a supported role",
+        "neither 'conversations'",
+        "not an object",
+        "not valid UTF-8 (byte 0xe9",
+    ):
         assert fragment in text
     assert len(skips) == 7
 
 
 def test_non_utf8_bytes_inside_a_json_array(tmp_path):
     good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
-    body = json.dumps(good).encode() + b',\n{"conversations": [{"from": "human", "value": "caf\xe9"}, ' \
+    body = (
+        json.dumps(good).encode() + b',\n{"conversations": [{"from": "human", "value": "caf\xe9"}, '
         b'{"from": "gpt", "value": "x"}]},\n' + json.dumps(good).encode()
+    )
     p = tmp_path / "bad.json"
     p.write_bytes(b"[" + body + b"]")
     convs, skips = split(list(read_conversations(p)))
@@ -103,7 +122,7 @@ def test_single_pretty_record_bom_and_malformed_array(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec, indent=2).encode())
     assert list(read_conversations(p)) == [(("user", "q"), ("assistant", "a"))]
     p2 = tmp_path / "arr.json"
-    p2.write_text("[" + json.dumps(rec) + ", {\"messages\": oops}, " + json.dumps(rec) + "]")
+    p2.write_text("[" + json.dumps(rec) + ', {"messages": oops}, ' + json.dumps(rec) + "]")
     items = list(read_conversations(p2))
     assert items[0] == (("user", "q"), ("assistant", "a"))
     assert isinstance(items[1], Skip) and "malformed JSON" in items[1].reason and len(items) == 2
@@ -135,9 +154,11 @@ def test_mask_covers_assistant_content_and_end_of_turn_only(byte_renderer):
     tok = byte_renderer.tokenizer
     assert ids.dtype == np.int32 and mask.dtype == np.float32 and ids.shape == mask.shape
     full = tok.decode(ids.tolist(), skip_special_tokens=False)
-    assert full == ("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhéllo<|im_end|>\n"
-                    "<|im_start|>assistant\nHi 😀<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
-                    "<|im_start|>assistant\nA.<|im_end|>\n")
+    assert full == (
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhéllo<|im_end|>\n"
+        "<|im_start|>assistant\nHi 😀<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>assistant\nA.<|im_end|>\n"
+    )
     assert masked_text(tok, ids, mask) == "Hi 😀<|im_end|>A.<|im_end|>"
     # contiguous runs: exactly the two assistant turns, header and trailing newline excluded
     runs = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
@@ -146,15 +167,29 @@ def test_mask_covers_assistant_content_and_end_of_turn_only(byte_renderer):
 
 def test_mask_with_merging_bpe_never_touches_user_text(bpe_tokenizer):
     r = ChatRenderer(bpe_tokenizer, CHATML_TEMPLATE, eos_token=IM_END)
-    conv = (("user", "hello world, how are you today?"), ("assistant", "I am fine, thanks for asking."),
-            ("user", "The quick brown fox"), ("assistant", "jumps over the lazy dog."))
+    conv = (
+        ("user", "hello world, how are you today?"),
+        ("assistant", "I am fine, thanks for asking."),
+        ("user", "The quick brown fox"),
+        ("assistant", "jumps over the lazy dog."),
+    )
     ids, mask = r.render(conv)
     assert len(ids) < len(r.tokenizer.decode(ids.tolist(), skip_special_tokens=False))  # merges happened
-    assert masked_text(bpe_tokenizer, ids, mask) == "I am fine, thanks for asking.<|im_end|>jumps over the lazy dog.<|im_end|>"
+    assert (
+        masked_text(bpe_tokenizer, ids, mask)
+        == "I am fine, thanks for asking.<|im_end|>jumps over the lazy dog.<|im_end|>"
+    )
 
 
-_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufdd0\ufdd1<>"),
-                min_size=1, max_size=12).map(str.strip).filter(bool)
+_text = (
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufdd0\ufdd1<>"),
+        min_size=1,
+        max_size=12,
+    )
+    .map(str.strip)
+    .filter(bool)
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -176,27 +211,35 @@ def test_generation_tags_give_the_exact_tagged_span(byte_renderer):
     r = ChatRenderer(byte_chat_tokenizer(), template)  # no eos_token: the tags alone define the span
     ids, mask = r.render((("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2")))
     assert masked_text(r.tokenizer, ids, mask) == "a1<|im_end|>a2<|im_end|>"
-    plain_ids, plain_mask = byte_renderer.render((("user", "u1"), ("assistant", "a1"), ("user", "u2"),
-                                                  ("assistant", "a2")))
+    plain_ids, plain_mask = byte_renderer.render(
+        (("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"))
+    )
     np.testing.assert_array_equal(ids, plain_ids)
     np.testing.assert_array_equal(mask, plain_mask)
 
 
 def test_template_rejecting_a_role_is_a_render_error():
-    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
-                "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
     r = ChatRenderer(byte_chat_tokenizer(), template, eos_token=IM_END)
     with pytest.raises(RenderError, match="System role not supported"):
         r.render((("system", "s"), ("user", "u"), ("assistant", "a")))
     assert r.render((("user", "u"), ("assistant", "a")))[1].sum() == len("a") + 1
 
 
-@pytest.mark.parametrize("template, match", [
-    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}",
-     "data.chat_template"),  # never renders assistant messages
-    ("{% for m in messages %}{{ m['content'][:3] }}{% endfor %}", "data.chat_template"),  # mangles content
-    ("{% for m in messages %}{{ m['content'] }", "does not compile"),
-])
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        (
+            "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}",
+            "data.chat_template",
+        ),  # never renders assistant messages
+        ("{% for m in messages %}{{ m['content'][:3] }}{% endfor %}", "data.chat_template"),  # mangles content
+        ("{% for m in messages %}{{ m['content'] }", "does not compile"),
+    ],
+)
 def test_unusable_template_is_a_clear_error(template, match):
     with pytest.raises(ChatTemplateError, match=match):
         ChatRenderer(byte_chat_tokenizer(), template, eos_token=IM_END)
@@ -207,7 +250,8 @@ def test_reserved_characters_and_prompt(byte_renderer):
         byte_renderer.render((("user", "a\ufdd0b"), ("assistant", "c")))
     ids = byte_renderer.render_prompt((("user", "Hi"),))
     assert byte_renderer.tokenizer.decode(ids.tolist(), skip_special_tokens=False) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_load_chat_template(tmp_path):
@@ -223,9 +267,11 @@ def test_load_chat_template(tmp_path):
 
 def test_prefix_encoding_equals_full_encoding(bpe_tokenizer):
     r = ChatRenderer(bpe_tokenizer, CHATML_TEMPLATE, eos_token=IM_END)
-    convs = [(("user", "hello " * 40), ("assistant", "fine " * 200)),
-             (("user", "x" * 3000), ("assistant", "y" * 3000)),  # one long pre-token straddles the cut: re-encoded
-             (("user", "short"), ("assistant", "ok"))]
+    convs = [
+        (("user", "hello " * 40), ("assistant", "fine " * 200)),
+        (("user", "x" * 3000), ("assistant", "y" * 3000)),  # one long pre-token straddles the cut: re-encoded
+        (("user", "short"), ("assistant", "ok")),
+    ]
     texts, spans = zip(*(r.render_text(c) for c in convs))
     full = r.encode(list(texts), list(spans))
     cut = r.encode(list(texts), list(spans), max_tokens=40)
@@ -248,18 +294,21 @@ def synthetic_convs(n, seed=0):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        turns = [("user", f"question {i} " + "q" * int(rng.integers(1, 20))),
-                 ("assistant", f"answer {i} " + "a" * int(rng.integers(1, 30)))]
+        turns = [
+            ("user", f"question {i} " + "q" * int(rng.integers(1, 20))),
+            ("assistant", f"answer {i} " + "a" * int(rng.integers(1, 30))),
+        ]
         if i % 3 == 0:
-            turns = [("system", f"system {i}")] + turns + [("user", "more"), ("assistant", "b" * int(rng.integers(1, 9)))]
+            turns = (
+                [("system", f"system {i}")] + turns + [("user", "more"), ("assistant", "b" * int(rng.integers(1, 9)))]
+            )
         out.append(tuple(turns))
     return out
 
 
 @pytest.fixture()
 def dataset(tmp_path, byte_renderer):
-    return build_dataset(write_jsonl(tmp_path / "d.jsonl", synthetic_convs(40)), byte_renderer, seq_len=160,
-                         heldout=3)
+    return build_dataset(write_jsonl(tmp_path / "d.jsonl", synthetic_convs(40)), byte_renderer, seq_len=160, heldout=3)
 
 
 def check_row_invariants(batch, examples_by_ids):
@@ -289,8 +338,11 @@ def test_packing_invariants(dataset):
     for _ in range(6):
         batch, stats = it.next()
         assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
-            "input_ids": (np.int32, (3, 160)), "loss_mask": (np.float32, (3, 160)),
-            "segment_ids": (np.int32, (3, 160)), "positions": (np.int32, (3, 160))}
+            "input_ids": (np.int32, (3, 160)),
+            "loss_mask": (np.float32, (3, 160)),
+            "segment_ids": (np.int32, (3, 160)),
+            "positions": (np.int32, (3, 160)),
+        }
         check_row_invariants(batch, by_ids)
         assert stats["real_token_fraction"] == pytest.approx((batch["segment_ids"] > 0).mean())
         segments += stats["conversations"]
@@ -361,8 +413,10 @@ def test_restore_rejects_a_different_run(dataset):
 
 
 def test_truncation_skips_and_stats(tmp_path, byte_renderer):
-    convs = [(("user", "u" * 200), ("assistant", "late")),  # assistant starts after seq_len: skipped
-             (("user", "hi"), ("assistant", "z" * 300))]  # truncated, kept
+    convs = [
+        (("user", "u" * 200), ("assistant", "late")),  # assistant starts after seq_len: skipped
+        (("user", "hi"), ("assistant", "z" * 300)),
+    ]  # truncated, kept
     path = write_jsonl(tmp_path / "t.jsonl", convs)
     with open(path, "a") as f:
         f.write("not json\n")
@@ -375,8 +429,10 @@ def test_truncation_skips_and_stats(tmp_path, byte_renderer):
 
 
 def test_rejected_role_is_a_counted_skip_not_a_crash(tmp_path):
-    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
-                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
     r = ChatRenderer(byte_chat_tokenizer(), template, eos_token=IM_END)
     ds = build_dataset(write_jsonl(tmp_path / "d.jsonl", synthetic_convs(9)), r, seq_len=128)
     assert ds.skipped == 3 and len(ds.examples) == 6 and "no system" in ds.skip_reasons[0]
@@ -384,8 +440,9 @@ def test_rejected_role_is_a_counted_skip_not_a_crash(tmp_path):
 
 def test_heldout_and_cap(tmp_path, byte_renderer):
     convs = [(("assistant", "greeting first"),)] + synthetic_convs(30)  # no prompt: never a held-out prompt
-    ds = build_dataset(write_jsonl(tmp_path / "d.jsonl", convs), byte_renderer, seq_len=128,
-                       max_conversations=10, heldout=4)
+    ds = build_dataset(
+        write_jsonl(tmp_path / "d.jsonl", convs), byte_renderer, seq_len=128, max_conversations=10, heldout=4
+    )
     assert len(ds.examples) == 10 and len(ds.heldout) == 4
     prompts = ds.heldout_prompts(4)
     for p in prompts:
@@ -422,6 +479,7 @@ def test_real_smollm2_tokenizer_on_sharegpt():
         from dflash_jax.models.gguf_io import read_metadata
         from dflash_jax.models.target_io import smollm2_gguf_path
         from dflash_jax.models.tokenizer import gguf_tokenizer
+
         bundle = gguf_tokenizer(read_metadata(GGUFReader(smollm2_gguf_path())), "smollm2")
     except (ImportError, FileNotFoundError) as e:
         pytest.skip(f"SmolLM2 GGUF loader unavailable: {e}")
@@ -433,7 +491,9 @@ def test_real_smollm2_tokenizer_on_sharegpt():
         text, spans = r.render_text(conv)
         ids, mask = r.render(conv)
         assert masked_text(bundle.tokenizer, ids, mask) == "".join(text[s:e] for s, e in spans)
-        assert masked_text(bundle.tokenizer, ids, mask) == "".join(t + IM_END for role, t in conv if role == "assistant")
+        assert masked_text(bundle.tokenizer, ids, mask) == "".join(
+            t + IM_END for role, t in conv if role == "assistant"
+        )
         cut_ids, cut_mask = r.encode([text], [spans], max_tokens=256)[0]
         np.testing.assert_array_equal(cut_ids, ids[:256])
         np.testing.assert_array_equal(cut_mask, mask[:256])
@@ -444,8 +504,12 @@ def test_build_iterator_from_config(tmp_path, byte_renderer):
     from dflash_jax.data.pipeline import build_iterator
 
     path = write_jsonl(tmp_path / "d.jsonl", synthetic_convs(20))
-    cfg = from_dict({"data": {"path": path, "seq_len": 128, "batch_size": 2, "heldout": 2, "packing": False,
-                              "shuffle_seed": 4}, "eval": {"num_prompts": 2}})
+    cfg = from_dict(
+        {
+            "data": {"path": path, "seq_len": 128, "batch_size": 2, "heldout": 2, "packing": False, "shuffle_seed": 4},
+            "eval": {"num_prompts": 2},
+        }
+    )
     it = build_iterator(cfg.data, byte_renderer, pad_id=7)
     batch, _ = it.next()
     assert batch["input_ids"].shape == (2, 128) and (batch["input_ids"][batch["segment_ids"] == 0] == 7).all()
@@ -453,8 +517,7 @@ def test_build_iterator_from_config(tmp_path, byte_renderer):
 
 
 def test_template_runtime_error_is_a_render_error():
-    template = ("{% for m in messages %}{{ m['content'] + (1 if m['role'] == 'system' else '') }}"
-                "{% endfor %}")
+    template = "{% for m in messages %}{{ m['content'] + (1 if m['role'] == 'system' else '') }}{% endfor %}"
     r = ChatRenderer(byte_chat_tokenizer(), template)
     with pytest.raises(RenderError, match="TypeError"):
         r.render((("system", "s"), ("assistant", "a")))

@@ -17,9 +17,19 @@ from dflash_jax.models.attention import block_sparse_attention, masked_attention
 from dflash_jax.models.draft import DFlashDraft, DraftCache, DraftConfig, training_masks
 
 BS = 4
-BASE = dict(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            intermediate_size=48, vocab_size=64, num_target_layers=6, target_layer_ids=(1, 3), block_size=BS,
-            rope_theta=1e4)
+BASE = dict(
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    vocab_size=64,
+    num_target_layers=6,
+    target_layer_ids=(1, 3),
+    block_size=BS,
+    rope_theta=1e4,
+)
 
 
 def _cfg(**kw) -> DraftConfig:
@@ -48,8 +58,10 @@ def _forward(model, noise, target_hidden, anchors, keep, positions, segment_ids)
 
 def _inputs(cfg, b, s, n, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    return (jax.random.normal(k1, (b, n * cfg.block_size, cfg.hidden_size)),
-            jax.random.normal(k2, (b, s, cfg.num_features * cfg.hidden_size)))
+    return (
+        jax.random.normal(k1, (b, n * cfg.block_size, cfg.hidden_size)),
+        jax.random.normal(k2, (b, s, cfg.num_features * cfg.hidden_size)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,19 +69,31 @@ def _inputs(cfg, b, s, n, seed=0):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value", [
-    ("target_layer_ids", (1, 6)), ("target_layer_ids", (-1,)), ("target_layer_ids", ()),
-    ("sliding_window", 3), ("mask_token_id", 64), ("num_key_value_heads", 3), ("head_dim", 7),
-    ("num_layers", 0), ("hidden_size", 2.5), ("rope_theta", 0.0), ("rms_norm_eps", -1.0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("target_layer_ids", (1, 6)),
+        ("target_layer_ids", (-1,)),
+        ("target_layer_ids", ()),
+        ("sliding_window", 3),
+        ("mask_token_id", 64),
+        ("num_key_value_heads", 3),
+        ("head_dim", 7),
+        ("num_layers", 0),
+        ("hidden_size", 2.5),
+        ("rope_theta", 0.0),
+        ("rms_norm_eps", -1.0),
+    ],
+)
 def test_config_rejects_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})
 
 
 def test_config_from_target_uses_reference_layer_ids():
-    cfg = DraftConfig.from_target(32, 64, 36, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  intermediate_size=48)
+    cfg = DraftConfig.from_target(
+        32, 64, 36, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48
+    )
     assert cfg.target_layer_ids == (1, 9, 17, 25, 33) and cfg.num_layers == 5 and cfg.num_features == 5
     assert isinstance(_cfg(target_layer_ids=[1, 1]).target_layer_ids, tuple)  # lists normalised, duplicates legal
 
@@ -179,14 +203,14 @@ def test_training_forward_blocks_are_independent():
     keep = jnp.array([[True, True, False]])
     pos, seg = jnp.arange(s)[None], jnp.ones((1, s), jnp.int32)
     out = _forward(model, noise, th, anchors, keep, pos, seg)
-    noise2 = noise.at[:, 2 * BS:].set(7.0).at[:, :BS].add(1.0)  # perturb the dropped block and block 0
+    noise2 = noise.at[:, 2 * BS :].set(7.0).at[:, :BS].add(1.0)  # perturb the dropped block and block 0
     out2 = _forward(model, noise2, th, anchors.at[0, 2].set(12), keep, pos, seg)
-    np.testing.assert_array_equal(np.asarray(out[:, BS:2 * BS]), np.asarray(out2[:, BS:2 * BS]))
+    np.testing.assert_array_equal(np.asarray(out[:, BS : 2 * BS]), np.asarray(out2[:, BS : 2 * BS]))
     assert not np.allclose(out[:, :BS], out2[:, :BS])
     # Context at or after the anchor (and outside the window) is invisible: perturb rows 9.. and 0..3.
     th2 = th.at[:, 9:].set(3.0).at[:, :4].set(-3.0)
     out3 = _forward(model, noise, th2, anchors, keep, pos, seg)
-    np.testing.assert_array_equal(np.asarray(out[:, BS:2 * BS]), np.asarray(out3[:, BS:2 * BS]))
+    np.testing.assert_array_equal(np.asarray(out[:, BS : 2 * BS]), np.asarray(out3[:, BS : 2 * BS]))
     assert bool(jnp.isfinite(out).all())
 
 
@@ -199,8 +223,9 @@ def test_packed_segment_equals_unpacked_row():
     pos = jnp.concatenate([jnp.arange(7), jnp.arange(9)])[None]
     packed = _forward(model, noise, th, jnp.array([[12]]), jnp.array([[True]]), pos, seg)
     th_b = jnp.pad(th[:, 7:], ((0, 0), (0, 7), (0, 0)))  # conversation 2 alone, right-padded to the same S
-    alone = _forward(model, noise, th_b, jnp.array([[5]]), jnp.array([[True]]), jnp.arange(16)[None],
-                     jnp.ones((1, 16), jnp.int32))
+    alone = _forward(
+        model, noise, th_b, jnp.array([[5]]), jnp.array([[True]]), jnp.arange(16)[None], jnp.ones((1, 16), jnp.int32)
+    )
     np.testing.assert_allclose(np.asarray(packed), np.asarray(alone), atol=1e-5)
 
 
@@ -225,8 +250,15 @@ def test_propose_matches_training_forward(kw):
     assert cache.length.tolist() == lengths.tolist()
     proposed = _propose(model, cache, noise, cache.length)
     for i, length in enumerate(lengths):
-        ref = _forward(model, noise[i:i + 1], th[i:i + 1], jnp.array([[length]]), jnp.array([[True]]),
-                       pos[i:i + 1], jnp.ones((1, s), jnp.int32))
+        ref = _forward(
+            model,
+            noise[i : i + 1],
+            th[i : i + 1],
+            jnp.array([[length]]),
+            jnp.array([[True]]),
+            pos[i : i + 1],
+            jnp.ones((1, s), jnp.int32),
+        )
         np.testing.assert_allclose(np.asarray(proposed[i]), np.asarray(ref[0]), atol=1e-5)
 
     # Rollback: crop to 4 and re-propose equals training with anchor 4; the stale rows 4.. are ignored.
@@ -320,5 +352,3 @@ def test_remat_gives_same_loss_and_grads():
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= tol * np.abs(a).max(), (np.abs(a - b).max(), np.abs(a).max())
-
-

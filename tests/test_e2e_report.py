@@ -1,4 +1,5 @@
 """scripts/e2e_report.py on a synthetic run directory: gain arithmetic, table, figures, loud failures."""
+
 import importlib.util
 import json
 import os
@@ -6,36 +7,71 @@ import os
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
-    "e2e_report", os.path.join(os.path.dirname(__file__), "..", "scripts", "e2e_report.py"))
+    "e2e_report", os.path.join(os.path.dirname(__file__), "..", "scripts", "e2e_report.py")
+)
 report = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(report)
 
 
 def _eval(taus, speedup):
     per = [{"tau": t} for t in taus]
-    return {"tau": sum(taus) / len(taus), "speedup": speedup, "num_prompts": len(taus), "max_new_tokens": 8,
-            "tokens_per_s_plain": 30.0, "per_position_acceptance": [0.5, 0.2, 0.1], "per_prompt": per}
+    return {
+        "tau": sum(taus) / len(taus),
+        "speedup": speedup,
+        "num_prompts": len(taus),
+        "max_new_tokens": 8,
+        "tokens_per_s_plain": 30.0,
+        "per_position_acceptance": [0.5, 0.2, 0.1],
+        "per_prompt": per,
+    }
 
 
 def _metrics(sim_tau):
-    return [{"step": s, "loss": 5.0 / s, "accuracy": 0.1, "simulated_tau": sim_tau, "epoch": s // 4,
-             "position_accuracy": [0.0, 0.3, 0.2, 0.1], "position_weight_mean": [0.0, 1.0, 0.5 + s / 100, 0.25]}
-            for s in range(2, 12, 2)]
+    return [
+        {
+            "step": s,
+            "loss": 5.0 / s,
+            "accuracy": 0.1,
+            "simulated_tau": sim_tau,
+            "epoch": s // 4,
+            "position_accuracy": [0.0, 0.3, 0.2, 0.1],
+            "position_weight_mean": [0.0, 1.0, 0.5 + s / 100, 0.25],
+        }
+        for s in range(2, 12, 2)
+    ]
 
 
 def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1), regen_taus=None):
     os.makedirs(root / "features")
     (root / "features" / "index.json").write_text(json.dumps({"num_rows": 12}))
-    (root / "timings.jsonl").write_text("\n".join(json.dumps({"phase": p, "wall_s": 60.0}) for p in (
-        "dump", "train_dpace", "train_decay", "eval_dpace_T0")) + "\n")
+    (root / "timings.jsonl").write_text(
+        "\n".join(
+            json.dumps({"phase": p, "wall_s": 60.0}) for p in ("dump", "train_dpace", "train_decay", "eval_dpace_T0")
+        )
+        + "\n"
+    )
     arms = [("dpace", dpace_taus, 1.2), ("decay", decay_taus, 1.1)]
     if regen_taus is not None:
         arms.append(("dpace_regen", regen_taus, 1.3))
-        gen = {"target": "Target(llama)", "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": 0,
-               "batch_size": 16, "max_prompt_len": 256}
-        rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                 "source": {"path": "sharegpt", "record": i}, "generator": gen, "truncated_answers": i % 2,
-                 "dropped_turns": 0} for i in range(5)]
+        gen = {
+            "target": "Target(llama)",
+            "max_new_tokens": 16,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "seed": 0,
+            "batch_size": 16,
+            "max_prompt_len": 256,
+        }
+        rows = [
+            {
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "source": {"path": "sharegpt", "record": i},
+                "generator": gen,
+                "truncated_answers": i % 2,
+                "dropped_turns": 0,
+            }
+            for i in range(5)
+        ]
         (root / "regen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for obj, taus, sim in arms:
         (root / obj).mkdir()
@@ -50,7 +86,7 @@ def test_paired_gain():
     gain, diff, se = report.paired_gain(_eval([1.4, 1.2, 1.3], 1.0), _eval([1.2, 1.2, 1.1], 1.0))
     assert gain == pytest.approx(1.3 / (3.5 / 3) - 1)
     assert diff == pytest.approx(0.4 / 3)
-    assert se == pytest.approx(0.11547005 / 3 ** 0.5)
+    assert se == pytest.approx(0.11547005 / 3**0.5)
     with pytest.raises(ValueError, match="same prompts"):
         report.paired_gain(_eval([1.4, 1.2], 1.0), _eval([1.2, 1.2, 1.1], 1.0))
 
@@ -93,9 +129,13 @@ def test_report_regenerated_data_arm(tmp_path):
     report.main(["--run", str(run), "--out", str(out)])
     text = out.read_text()
     assert "## Target-aligned data" in text
-    assert "first usable ShareGPT conversations (5 rows written)" in text and "5 answers, 2 of them cut at the limit" in text
+    assert (
+        "first usable ShareGPT conversations (5 rows written)" in text
+        and "5 answers, 2 of them cut at the limit" in text
+    )
     # paired per prompt vs the D-PACE arm: (0.1 + 0 + 0.1) / 3, s.e. 0.0577 / sqrt(3)
     assert "**greedy: +5.1 %** (per-prompt paired Δτ = +0.067 ± 0.033 s.e.; within noise" in text
     assert "| SmolLM2's own answers | 1.300 | 0.100 | 1.367 | 1.367 |" in text
-    assert "## Target-aligned data" not in report.render(report.load_run(str(_run_dir(tmp_path / "plain"))),
-                                                         "r", "cpu", "c", "results")
+    assert "## Target-aligned data" not in report.render(
+        report.load_run(str(_run_dir(tmp_path / "plain"))), "r", "cpu", "c", "results"
+    )

@@ -23,10 +23,24 @@ from dflash_jax.export import (
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 
-CFG = DraftConfig(hidden_size=16, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-                  intermediate_size=24, vocab_size=50, num_target_layers=5, target_layer_ids=(1, 2, 3), block_size=4,
-                  mask_token_id=7, rope_theta=5e5, sliding_window=6, causal=True, attention_bias=True,
-                  max_position_embeddings=64)
+CFG = DraftConfig(
+    hidden_size=16,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    intermediate_size=24,
+    vocab_size=50,
+    num_target_layers=5,
+    target_layer_ids=(1, 2, 3),
+    block_size=4,
+    mask_token_id=7,
+    rope_theta=5e5,
+    sliding_window=6,
+    causal=True,
+    attention_bias=True,
+    max_position_embeddings=64,
+)
 
 
 def _params(cfg=CFG, seed=0):
@@ -54,8 +68,9 @@ def test_round_trip_float32_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
     model = draft_from_params(cfg, loaded)
     assert isinstance(model, DFlashDraft)
-    np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.up_proj.kernel[...]),
-                                  a[("layers", 1, "mlp", "up_proj", "kernel")])
+    np.testing.assert_array_equal(
+        np.asarray(model.layers[1].mlp.up_proj.kernel[...]), a[("layers", 1, "mlp", "up_proj", "kernel")]
+    )
 
 
 def test_file_format_names_layout_and_config(tmp_path):
@@ -74,8 +89,13 @@ def test_file_format_names_layout_and_config(tmp_path):
     np.testing.assert_array_equal(tensors["layers.0.mlp.gate_proj.weight"], kernel.T.astype(ml_dtypes.bfloat16))
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["model_type"] == "qwen3"
-    assert cfg["dflash_config"] == {"mask_token_id": 7, "target_layer_ids": [1, 2, 3], "causal": True,
-                                    "use_swa": True, "swa_window_size": 6}
+    assert cfg["dflash_config"] == {
+        "mask_token_id": 7,
+        "target_layer_ids": [1, 2, 3],
+        "causal": True,
+        "use_swa": True,
+        "swa_window_size": 6,
+    }
     assert cfg["sliding_window"] == 6 and cfg["block_size"] == 4 and cfg["num_target_layers"] == 5
     assert cfg["rope_theta"] == 5e5 and cfg["rope_parameters"] == {"rope_theta": 5e5, "rope_type": "default"}
     assert cfg["tie_word_embeddings"] is False and cfg["torch_dtype"] == "bfloat16" and cfg["hidden_act"] == "silu"
@@ -87,27 +107,40 @@ def test_file_format_names_layout_and_config(tmp_path):
 
 def test_zlab_style_config_is_read():
     """z-lab/SpecForge layout: block_size top level, theta only in rope_parameters, no SWA, no causal key."""
-    d = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "block_size": 16, "hidden_size": 4096,
-         "num_hidden_layers": 5, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-         "intermediate_size": 12288, "vocab_size": 151936, "rms_norm_eps": 1e-6,
-         "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
-         "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33], "num_target_layers": 36}}
+    d = {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "block_size": 16,
+        "hidden_size": 4096,
+        "num_hidden_layers": 5,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 12288,
+        "vocab_size": 151936,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+        "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33], "num_target_layers": 36},
+    }
     cfg = config_from_json(d)
     assert cfg.block_size == 16 and cfg.rope_theta == 1e6 and cfg.num_target_layers == 36
     assert cfg.sliding_window is None and not cfg.causal and cfg.target_layer_ids == (1, 9, 17, 25, 33)
     assert config_from_json(config_to_json(cfg)) == cfg
 
 
-@pytest.mark.parametrize("mutate,field", [
-    (lambda d: d.pop("dflash_config"), "dflash_config"),
-    (lambda d: d["dflash_config"].update(target_layer_ids=[1, 5]), "target_layer_ids"),
-    (lambda d: d["dflash_config"].update(swa_window_size=2), "sliding_window"),
-    (lambda d: d["dflash_config"].update(mask_token_id=50), "mask_token_id"),
-    (lambda d: d["dflash_config"].pop("mask_token_id"), "mask_token_id"),
-    (lambda d: [d.pop("rope_theta"), d.pop("rope_parameters")], "rope_theta"),
-    (lambda d: d.pop("num_target_layers"), "num_target_layers"),
-    (lambda d: d.update(hidden_act="gelu"), "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (lambda d: d.pop("dflash_config"), "dflash_config"),
+        (lambda d: d["dflash_config"].update(target_layer_ids=[1, 5]), "target_layer_ids"),
+        (lambda d: d["dflash_config"].update(swa_window_size=2), "sliding_window"),
+        (lambda d: d["dflash_config"].update(mask_token_id=50), "mask_token_id"),
+        (lambda d: d["dflash_config"].pop("mask_token_id"), "mask_token_id"),
+        (lambda d: [d.pop("rope_theta"), d.pop("rope_parameters")], "rope_theta"),
+        (lambda d: d.pop("num_target_layers"), "num_target_layers"),
+        (lambda d: d.update(hidden_act="gelu"), "hidden_act"),
+    ],
+)
 def test_bad_config_json_names_the_field(mutate, field):
     d = config_to_json(CFG)
     mutate(d)
@@ -115,11 +148,14 @@ def test_bad_config_json_names_the_field(mutate, field):
         config_from_json(d)
 
 
-@pytest.mark.parametrize("change,what", [
-    (lambda t: t.update({"layers.1.mlp.up_proj.weight": np.zeros((24, 15), np.float32)}), "layers.1.mlp.up_proj"),
-    (lambda t: t.update({"lm_head.weight": np.zeros((50, 16), np.float32)}), "lm_head.weight"),
-    (lambda t: t.pop("layers.0.self_attn.q_norm.weight"), "layers.0.self_attn.q_norm.weight"),
-])
+@pytest.mark.parametrize(
+    "change,what",
+    [
+        (lambda t: t.update({"layers.1.mlp.up_proj.weight": np.zeros((24, 15), np.float32)}), "layers.1.mlp.up_proj"),
+        (lambda t: t.update({"lm_head.weight": np.zeros((50, 16), np.float32)}), "lm_head.weight"),
+        (lambda t: t.pop("layers.0.self_attn.q_norm.weight"), "layers.0.self_attn.q_norm.weight"),
+    ],
+)
 def test_bad_checkpoint_fails_loudly(tmp_path, change, what):
     export_draft(CFG, _params(), tmp_path / "d", dtype="float32")
     path = tmp_path / "d" / "model.safetensors"
@@ -160,14 +196,26 @@ def test_to_torch_tensors_accepts_plain_arrays():
     assert jnp.asarray(a["fc.weight"]).shape == (16, 48)
 
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 
-@pytest.mark.parametrize("options", [dict(rope_scaling=LLAMA3), dict(rope_scaling=YARN), dict(attention_sink=True),
-                                     dict(rope_scaling=YARN, attention_sink=True)], ids=["llama3", "yarn", "sink",
-                                                                                         "yarn+sink"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(rope_scaling=LLAMA3),
+        dict(rope_scaling=YARN),
+        dict(attention_sink=True),
+        dict(rope_scaling=YARN, attention_sink=True),
+    ],
+    ids=["llama3", "yarn", "sink", "yarn+sink"],
+)
 def test_draft_options_round_trip(options, tmp_path):
     cfg = DraftConfig(**{**CFG.__dict__, **options})
     params = _params(cfg)

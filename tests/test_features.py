@@ -34,13 +34,25 @@ def _read_all(d, **kw):
 
 
 def test_dump_contents_match_target(target, tmp_path):
-    index = ft.dump_features(target, _batches(), str(tmp_path), tf.LAYER_IDS, with_teacher_hidden=True,
-                             shard_size=4, dtype="float32", forward_batch=3)
+    index = ft.dump_features(
+        target,
+        _batches(),
+        str(tmp_path),
+        tf.LAYER_IDS,
+        with_teacher_hidden=True,
+        shard_size=4,
+        dtype="float32",
+        forward_batch=3,
+    )
     assert index["complete"] and index["num_rows"] == ROWS and [s["rows"] for s in index["shards"]] == [4, 4, 2]
     assert index["layer_ids"] == list(tf.LAYER_IDS) and index["hidden_size"] == tf.H and index["seq_len"] == tf.S
     rows = _all_rows()
-    taps, final = target(jnp.asarray(rows["input_ids"]), positions=jnp.asarray(rows["positions"]),
-                         segment_ids=jnp.asarray(rows["segment_ids"]), layer_ids=tf.LAYER_IDS)
+    taps, final = target(
+        jnp.asarray(rows["input_ids"]),
+        positions=jnp.asarray(rows["positions"]),
+        segment_ids=jnp.asarray(rows["segment_ids"]),
+        layer_ids=tf.LAYER_IDS,
+    )
     got = _read_all(tmp_path, with_teacher_hidden=True)
     for k in ft.BASE_KEYS:
         np.testing.assert_array_equal(got[k], rows[k])
@@ -106,8 +118,9 @@ def test_reader_order_is_deterministic_resumable_and_per_process(target, tmp_pat
     epoch0 = np.concatenate(seq[:2])
     assert all(any(np.array_equal(r, a) for a in all_rows) for r in epoch0)
     assert len({r.tobytes() for r in epoch0}) == 8  # no repeats inside an epoch
-    halves = [ft.FeatureReader(str(tmp_path), process_index=p, process_count=2, **kw).next()[0]["input_ids"]
-              for p in range(2)]
+    halves = [
+        ft.FeatureReader(str(tmp_path), process_index=p, process_count=2, **kw).next()[0]["input_ids"] for p in range(2)
+    ]
     np.testing.assert_array_equal(np.concatenate(halves), seq[0])
     with pytest.raises(ValueError, match="batch_size"):
         r3.restore(dict(state, batch_size=2))

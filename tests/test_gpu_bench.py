@@ -38,19 +38,34 @@ QWEN3_8B_MODEL_FLOPS = 134_782_516_199_424
 
 
 def _rec(system, config, step_s, mem, overhead=0.1):
-    rec = dict(system=system, config=config, step_s=step_s, steps=10, warmup=2, peak_mem_gib=mem,
-               peak_mem_kind="device", dpace_overhead_pct=overhead, loss=11.9, device="cuda:NVIDIA H200",
-               versions={"x": "1"})
+    rec = dict(
+        system=system,
+        config=config,
+        step_s=step_s,
+        steps=10,
+        warmup=2,
+        peak_mem_gib=mem,
+        peak_mem_kind="device",
+        dpace_overhead_pct=overhead,
+        loss=11.9,
+        device="cuda:NVIDIA H200",
+        versions={"x": "1"},
+    )
     if system == "jax":
         rec.update(remat=False, compile_s=30.0, matmul_ceiling_tflops=800.0, nominal_peak_tflops=989.0)
     return rec
 
 
 def test_report_ratio_targets_and_mfu():
-    lines = gpu_bench.report([_rec("reference", "qwen3-8b", 0.36, 40.0), _rec("jax", "qwen3-8b", 0.2, 30.0),
-                              _rec("jax", "qwen3-1.7b", 0.1, 10.0, overhead=0.7)])
+    lines = gpu_bench.report(
+        [
+            _rec("reference", "qwen3-8b", 0.36, 40.0),
+            _rec("jax", "qwen3-8b", 0.2, 30.0),
+            _rec("jax", "qwen3-1.7b", 0.1, 10.0, overhead=0.7),
+        ]
+    )
     text = "\n".join(lines)
-    section_17b = text[text.index("== qwen3-1.7b"):text.index("== qwen3-8b")]  # fixed config order
+    section_17b = text[text.index("== qwen3-1.7b") : text.index("== qwen3-8b")]  # fixed config order
     assert "reference: MISSING (the process failed or timed out)" in section_17b  # no 1.7b reference record
     assert "ratio_vs_reference" not in section_17b and lines[-1] == "ratio_vs_reference=1.800"
     assert "ratio_vs_reference=1.800" in text and "speed: target >= 1.5x: met" in text

@@ -20,9 +20,17 @@ from dflash_jax.train import loop, rundir
 from dflash_jax.train import run as run_lib
 
 STEPS, LOG_EVERY, CKPT_EVERY, INTERRUPT_AT = 12, 3, 5, 7
-TINY = ["mesh.shape=[2,2,2]", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-        f"train.checkpoint_every={CKPT_EVERY}", f"train.eval_every={STEPS}", "eval.max_new_tokens=6",
-        "eval.num_prompts=1", "data.max_conversations=48", "train.lr=1e-2"]
+TINY = [
+    "mesh.shape=[2,2,2]",
+    f"train.steps={STEPS}",
+    f"train.log_every={LOG_EVERY}",
+    f"train.checkpoint_every={CKPT_EVERY}",
+    f"train.eval_every={STEPS}",
+    "eval.max_new_tokens=6",
+    "eval.num_prompts=1",
+    "data.max_conversations=48",
+    "train.lr=1e-2",
+]
 
 
 def tiny_config(*extra):
@@ -101,8 +109,9 @@ def test_resume_rejects_a_changed_config(full_run, tmp_path):
     run_dir = str(tmp_path / "run")
     loop.train(tiny_config("train.steps=3", "train.eval_every=0"), run_dir, progress=False)
     with pytest.raises(ValueError, match="train.lr"):
-        loop.train(tiny_config("train.steps=3", "train.eval_every=0", "train.lr=0.5"), run_dir, resume=True,
-                   progress=False)
+        loop.train(
+            tiny_config("train.steps=3", "train.eval_every=0", "train.lr=0.5"), run_dir, resume=True, progress=False
+        )
 
 
 def test_run_dir_refusal_and_overwrite(tmp_path):
@@ -182,12 +191,42 @@ def test_warm_start_from_export(full_run):
 
 
 def test_window_record_means_and_keys():
-    w = [dict(loss=1.0, accuracy=0.5, simulated_tau=1.5, accept_length=2.0, grad_norm=2.0, real_token_fraction=1.0, lr=0.1,
-              position_accuracy=[0.0, 1.0], position_weight_mean=[0.0, 1.0], skipped_updates=0, tokens=10,
-              epoch=0, skipped_samples=3, split_conversations=2, truncated_conversations=1),
-         dict(loss=3.0, accuracy=0.7, simulated_tau=1.7, accept_length=1.0, grad_norm=4.0, real_token_fraction=0.5, lr=0.2,
-              position_accuracy=[0.0, 0.5], position_weight_mean=[0.0, 0.5], skipped_updates=1, tokens=30,
-              epoch=1, skipped_samples=3, split_conversations=2, truncated_conversations=1)]
+    w = [
+        dict(
+            loss=1.0,
+            accuracy=0.5,
+            simulated_tau=1.5,
+            accept_length=2.0,
+            grad_norm=2.0,
+            real_token_fraction=1.0,
+            lr=0.1,
+            position_accuracy=[0.0, 1.0],
+            position_weight_mean=[0.0, 1.0],
+            skipped_updates=0,
+            tokens=10,
+            epoch=0,
+            skipped_samples=3,
+            split_conversations=2,
+            truncated_conversations=1,
+        ),
+        dict(
+            loss=3.0,
+            accuracy=0.7,
+            simulated_tau=1.7,
+            accept_length=1.0,
+            grad_norm=4.0,
+            real_token_fraction=0.5,
+            lr=0.2,
+            position_accuracy=[0.0, 0.5],
+            position_weight_mean=[0.0, 0.5],
+            skipped_updates=1,
+            tokens=30,
+            epoch=1,
+            skipped_samples=3,
+            split_conversations=2,
+            truncated_conversations=1,
+        ),
+    ]
     r = loop.window_record(8, w, seconds=2.0, elapsed=5.0)
     assert list(r) == list(rundir.METRIC_KEYS)
     assert r["loss"] == 2.0 and r["grad_norm"] == 3.0 and r["tokens_per_s"] == 20.0 and r["lr"] == 0.2

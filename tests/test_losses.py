@@ -63,8 +63,9 @@ def test_dpace_masked_slots_equal_unmasked_subsequence():
 
 @SETTINGS
 @given(
-    conf=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=6),
-                    elements=st.floats(0, 1, width=32)),
+    conf=hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=6), elements=st.floats(0, 1, width=32)
+    ),
     alpha=st.floats(1e-3, 1.0),
     data=st.data(),
 )
@@ -78,8 +79,7 @@ def test_dpace_matches_double_loop(conf, alpha, data):
 
 
 @SETTINGS
-@given(conf=hnp.arrays(np.float32, st.integers(1, 12), elements=st.floats(0, 1, width=32)),
-       alpha=st.floats(1e-3, 1.0))
+@given(conf=hnp.arrays(np.float32, st.integers(1, 12), elements=st.floats(0, 1, width=32)), alpha=st.floats(1e-3, 1.0))
 def test_dpace_positive_and_non_increasing_without_mask(conf, alpha):
     w = np.asarray(dpace_weights(jnp.asarray(conf), alpha))
     assert np.all(w > 0)
@@ -120,12 +120,31 @@ def test_dpace_vmap_matches_batched():
 
 
 def test_decay_weights_golden():
-    np.testing.assert_allclose(decay_weights(8, 4.0), [1, 1, .77880, .60653, .47237, .36788, .28650, .22313],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        decay_weights(8, 4.0), [1, 1, 0.77880, 0.60653, 0.47237, 0.36788, 0.28650, 0.22313], atol=1e-5
+    )
     np.testing.assert_allclose(
         decay_weights(16, 7.0),
-        [1, 1, .866878, .751477, .651439, .564718, .489542, .424373, .367879, .318907, .276453, .239651,
-         .207748, .180092, .156118, .135335], atol=1e-6)
+        [
+            1,
+            1,
+            0.866878,
+            0.751477,
+            0.651439,
+            0.564718,
+            0.489542,
+            0.424373,
+            0.367879,
+            0.318907,
+            0.276453,
+            0.239651,
+            0.207748,
+            0.180092,
+            0.156118,
+            0.135335,
+        ],
+        atol=1e-6,
+    )
     np.testing.assert_array_equal(decay_weights(5, 0.0), np.ones(5))
     np.testing.assert_array_equal(decay_weights(5, -2.0), np.ones(5))
     with pytest.raises(ValueError, match="block_size"):
@@ -184,8 +203,15 @@ def test_block_loss_metrics_golden():
     np.testing.assert_allclose(m["weight_sum"], 5.0, rtol=1e-6)
     _, m = block_loss(logits, labels, mask, objective="decay", gamma=4.0)
     np.testing.assert_allclose(m["position_weight_mean"], [0.0, 1.0, np.exp(-0.25), np.exp(-0.5)], rtol=1e-6)
-    assert set(m) == {"accuracy", "position_accuracy", "weight_sum", "simulated_tau", "accept_length",
-                      "num_tokens", "position_weight_mean"}
+    assert set(m) == {
+        "accuracy",
+        "position_accuracy",
+        "weight_sum",
+        "simulated_tau",
+        "accept_length",
+        "num_tokens",
+        "position_weight_mean",
+    }
     # block 0: slot 1 correct, slot 2 wrong -> run 1; block 1: slot 1 wrong -> run 0; mean 1 + 0.5
     np.testing.assert_allclose(m["accept_length"], 1.5)
 
@@ -220,8 +246,9 @@ def test_padded_blocks_change_nothing(kd):
     pad = lambda x, v: jnp.concatenate([x, jnp.full((x.shape[0], 2) + x.shape[2:], v, x.dtype)], axis=1)  # noqa: E731
     kw = dict(objective="dpace", alpha=0.4)
     loss, m = block_loss(logits, labels, mask, teacher_logits=teacher if kd else None, **kw)
-    loss_p, m_p = block_loss(pad(logits, 3.0), pad(labels, 1), pad(mask, 0.0),
-                             teacher_logits=pad(teacher, -1.0) if kd else None, **kw)
+    loss_p, m_p = block_loss(
+        pad(logits, 3.0), pad(labels, 1), pad(mask, 0.0), teacher_logits=pad(teacher, -1.0) if kd else None, **kw
+    )
     chex.assert_trees_all_close((loss, m), (loss_p, m_p), rtol=1e-6)
 
 

@@ -43,10 +43,35 @@ def test_log_file_run_heldout_zero_resolved_mask(tmp_path, capsys):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.run(
-            [sys.executable, "-m", "dflash_jax.cli", "train", "--config", "tiny", "--run-dir", run,
-             "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "data.max_conversations=16",
-             "--set", "data.heldout=0", "--set", "train.eval_every=2", "--set", "draft.mask_token_id=null"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "dflash_jax.cli",
+                "train",
+                "--config",
+                "tiny",
+                "--run-dir",
+                run,
+                "--set",
+                "train.steps=4",
+                "--set",
+                "train.log_every=2",
+                "--set",
+                "data.max_conversations=16",
+                "--set",
+                "data.heldout=0",
+                "--set",
+                "train.eval_every=2",
+                "--set",
+                "draft.mask_token_id=null",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            timeout=600,
+        )
     err = (tmp_path / "log.txt").read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "libtpu" not in err and "\r" not in err
@@ -67,8 +92,26 @@ def test_log_file_run_heldout_zero_resolved_mask(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("newuser") / "run")
-    assert cli.main(["train", *TINY, "--run-dir", run, "--set", "train.steps=2", "--set", "train.log_every=1",
-                     "--set", "train.checkpoint_every=1", "--set", "eval.prompt_len=null", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--run-dir",
+                run,
+                "--set",
+                "train.steps=2",
+                "--set",
+                "train.log_every=1",
+                "--set",
+                "train.checkpoint_every=1",
+                "--set",
+                "eval.prompt_len=null",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -91,14 +134,46 @@ def test_eval_user_only_prompt_files_whole_file_and_counted_truncation(tiny_run,
     assert 0 < len(long) < len(texts)
     for path in (openai, sharegpt, plain):  # no --num-prompts: the whole file
         with pytest.warns(UserWarning, match=f"{len(long)} of {len(texts)} prompts"):
-            assert cli.main(["eval", "--draft", tiny_run, "--prompts", str(path), "--max-new-tokens", "2",
-                             "--prompt-len", str(limit), "--out", str(tmp_path / "ev")]) == 0
+            assert (
+                cli.main(
+                    [
+                        "eval",
+                        "--draft",
+                        tiny_run,
+                        "--prompts",
+                        str(path),
+                        "--max-new-tokens",
+                        "2",
+                        "--prompt-len",
+                        str(limit),
+                        "--out",
+                        str(tmp_path / "ev"),
+                    ]
+                )
+                == 0
+            )
         result = _last_json(capsys)
         assert result["num_prompts"] == len(texts), path
         assert result["truncated_prompts"] == len(long)
         assert result["truncated_prompt_tokens"] == sum(n - limit for n in long)
-    assert cli.main(["eval", "--draft", tiny_run, "--prompts", str(plain), "--num-prompts", "2",
-                     "--max-new-tokens", "2", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--draft",
+                tiny_run,
+                "--prompts",
+                str(plain),
+                "--num-prompts",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     result = _last_json(capsys)  # default prompt_len (null): the target's context, nothing cut
     assert result["num_prompts"] == 2 and result["truncated_prompts"] == 0 == result["truncated_prompt_tokens"]
 
@@ -149,13 +224,16 @@ def test_input_checks_run_before_the_model_loads(tiny_run, tmp_path, capsys, mon
 
     monkeypatch.setattr(run_lib, "build_target", no_target)
     cases = [
-        (["train", *TINY, "--run-dir", str(tmp_path / "a"), "--set", f"data.path={tmp_path / 'missing.jsonl'}"],
-         "data.path"),
+        (
+            ["train", *TINY, "--run-dir", str(tmp_path / "a"), "--set", f"data.path={tmp_path / 'missing.jsonl'}"],
+            "data.path",
+        ),
         (["train", *TINY, "--run-dir", str(tmp_path / "b"), "--set", f"data.path={tmp_path}"], "data.path"),
-        (["train", *TINY, "--run-dir", str(tmp_path / "c"), "--set", f"draft.init={tmp_path / 'nope'}"],
-         "draft.init"),
-        (["dump-features", *TINY, "--out", str(tmp_path / "f"), "--set", f"data.chat_template={tmp_path / 'x.j2'}"],
-         "data.chat_template"),
+        (["train", *TINY, "--run-dir", str(tmp_path / "c"), "--set", f"draft.init={tmp_path / 'nope'}"], "draft.init"),
+        (
+            ["dump-features", *TINY, "--out", str(tmp_path / "f"), "--set", f"data.chat_template={tmp_path / 'x.j2'}"],
+            "data.chat_template",
+        ),
         (["eval", "--draft", tiny_run, "--prompts", str(tmp_path / "missing.txt")], "is not a file"),
     ]
     bad = tmp_path / "assistant_first.jsonl"
@@ -187,8 +265,9 @@ def test_packing_splits_long_conversations_at_turn_ends(tmp_path, capsys):
     convs = [_long_conversation(6, s) for s in range(3)] + [(("user", "hi"), ("assistant", "short"))]
     convs.append((("user", "hi"), ("assistant", "y" * 200), ("user", "more"), ("assistant", "ok")))  # turn > seq_len
     path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n"
-                            for conv in convs))
+    path.write_text(
+        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n" for conv in convs)
+    )
     ds = pipeline.build_dataset(str(path), renderer, seq_len=seq_len, split_long=True)
     assert ds.split == 4 and ds.truncated == 1 and ds.skipped == 0
     full = [renderer.render(c) for c in convs]
@@ -198,17 +277,20 @@ def test_packing_splits_long_conversations_at_turn_ends(tmp_path, capsys):
         while remaining and len(ids) > 0:
             ex_ids, ex_mask = remaining[0]
             # where this example sits in the full rendering (unique: the rows carry distinct turn numbers)
-            hits = [b for b in range(len(ids) - len(ex_ids) + 1)
-                    if np.array_equal(ids[b:b + len(ex_ids)], ex_ids)] if len(ex_ids) <= len(ids) else []
+            hits = (
+                [b for b in range(len(ids) - len(ex_ids) + 1) if np.array_equal(ids[b : b + len(ex_ids)], ex_ids)]
+                if len(ex_ids) <= len(ids)
+                else []
+            )
             if not hits:
                 break
             b = hits[0]
             remaining.pop(0)
             assert len(ex_ids) <= seq_len
             sel = ex_mask > 0
-            assert (mask[b:b + len(ex_ids)][sel] == 1).all()  # loss only on assistant tokens
-            assert not (trained[b:b + len(ex_ids)] & sel).any()  # trained once
-            trained[b:b + len(ex_ids)] |= sel
+            assert (mask[b : b + len(ex_ids)][sel] == 1).all()  # loss only on assistant tokens
+            assert not (trained[b : b + len(ex_ids)] & sel).any()  # trained once
+            trained[b : b + len(ex_ids)] |= sel
             if len(ids) > seq_len and conv[-1][1] != "ok":
                 assert ex_mask[-1] == 1 and (b + len(ex_ids) == len(ids) or mask[b + len(ex_ids)] == 0)  # turn end
                 assert b == 0 or len(ex_ids) == seq_len  # context carried as far as fits
@@ -219,8 +301,26 @@ def test_packing_splits_long_conversations_at_turn_ends(tmp_path, capsys):
     assert not remaining
 
     run = str(tmp_path / "run")
-    assert cli.main(["train", *TINY, "--run-dir", run, "--set", f"data.path={path}", "--set", "data.heldout=0",
-                     "--set", f"data.seq_len={seq_len}", "--set", "train.steps=1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--run-dir",
+                run,
+                "--set",
+                f"data.path={path}",
+                "--set",
+                "data.heldout=0",
+                "--set",
+                f"data.seq_len={seq_len}",
+                "--set",
+                "train.steps=1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     record = rundir.read_metrics(run)[-1]
     assert record["split_conversations"] == 4 and record["truncated_conversations"] == 1
 
@@ -233,11 +333,28 @@ def test_train_flops_grow_with_the_vocabulary_as_documented():
     from dflash_jax.train import cost
 
     def cfgs(vocab):
-        tc = TargetConfig(arch="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-        return tc, DraftConfig.from_target(64, vocab, 4, num_layers=1, block_size=4, num_attention_heads=4,
-                                           num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                           mask_token_id=0)
+        tc = TargetConfig(
+            arch="qwen3",
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+        return tc, DraftConfig.from_target(
+            64,
+            vocab,
+            4,
+            num_layers=1,
+            block_size=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            mask_token_id=0,
+        )
 
     b, s, n = 2, 64, 8
     q, h = n * 4, 64

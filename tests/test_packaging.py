@@ -39,20 +39,35 @@ def venv(tmp_path_factory):
     for name in SOURCES:
         path = os.path.join(ROOT, name)
         if os.path.isdir(path):
-            shutil.copytree(path, src / name, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(path, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(path, src / name)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--check-build-dependencies",
-                          "--no-index", "-w", str(tmp / "dist"), str(src)], check=True)
+    subprocess.run(
+        pip
+        + [
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--check-build-dependencies",
+            "--no-index",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        check=True,
+    )
     (wheel,) = glob.glob(str(tmp / "dist" / "dflash_jax-*.whl"))
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], check=True)
     bin_dir = str(tmp / "venv" / "bin")
     py = os.path.join(bin_dir, "python")
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     deps = tmp / "deps"  # this interpreter's packages, less dflash_jax
     deps.mkdir()
     for lib in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
@@ -74,8 +89,9 @@ def venv(tmp_path_factory):
 
 def _run(venv, *args: str) -> subprocess.CompletedProcess:
     _, bin_dir, _, env, cwd = venv
-    proc = subprocess.run([os.path.join(bin_dir, args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [os.path.join(bin_dir, args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -87,7 +103,8 @@ def test_bench_links_point_at_every_script():
         assert os.path.islink(os.path.join(links, name))
         assert os.path.realpath(os.path.join(links, name)) == os.path.join(os.path.realpath(ROOT), "scripts", name)
     assert os.path.realpath(os.path.join(ROOT, "dflash_jax", "configs")) == os.path.realpath(
-        os.path.join(ROOT, "configs"))
+        os.path.join(ROOT, "configs")
+    )
 
 
 def test_wheel_ships_the_configs_and_bench_scripts_only(venv):
@@ -99,8 +116,13 @@ def test_wheel_ships_the_configs_and_bench_scripts_only(venv):
 
 def test_installed_package_resolves_its_own_files(venv):
     _, _, site, _, _ = venv
-    out = _run(venv, "python", "-c", "import dflash_jax, dflash_jax.cli as c, dflash_jax.config as k; "
-               "print(dflash_jax.__file__); print(k.resolve_config_path('tiny')); print(c._scripts_dir())")
+    out = _run(
+        venv,
+        "python",
+        "-c",
+        "import dflash_jax, dflash_jax.cli as c, dflash_jax.config as k; "
+        "print(dflash_jax.__file__); print(k.resolve_config_path('tiny')); print(c._scripts_dir())",
+    )
     for path in out.stdout.split():
         assert os.path.realpath(path).startswith(os.path.realpath(site) + os.sep), path
 
@@ -110,8 +132,22 @@ def test_installed_cli_help_bench_and_tiny_train(venv):
     listed = _run(venv, "dflash-jax", "bench").stdout
     assert all(name in listed for name in ("draft", "loss", "target", "train_step"))
     assert "--shape" in _run(venv, "dflash-jax", "bench", "train_step", "--help").stdout  # imports bench_target
-    _run(venv, "dflash-jax", "train", "--config", "tiny", "--run-dir", "run", "--set", "train.steps=2",
-         "--set", "train.log_every=1", "--set", "data.max_conversations=16", "--no-progress")
+    _run(
+        venv,
+        "dflash-jax",
+        "train",
+        "--config",
+        "tiny",
+        "--run-dir",
+        "run",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "data.max_conversations=16",
+        "--no-progress",
+    )
     with open(venv[4] / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)

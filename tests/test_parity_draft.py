@@ -33,10 +33,23 @@ KEEP = np.array([[True, True, True, False], [True, True, True, True]])
 
 
 def _config(target_layer_ids, window=None, causal=False) -> DraftConfig:
-    return DraftConfig(hidden_size=H, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       intermediate_size=64, vocab_size=V, num_target_layers=6, target_layer_ids=target_layer_ids,
-                       block_size=BS, mask_token_id=0, rope_theta=1e4, sliding_window=window, causal=causal,
-                       max_position_embeddings=128)
+    return DraftConfig(
+        hidden_size=H,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=V,
+        num_target_layers=6,
+        target_layer_ids=target_layer_ids,
+        block_size=BS,
+        mask_token_id=0,
+        rope_theta=1e4,
+        sliding_window=window,
+        causal=causal,
+        max_position_embeddings=128,
+    )
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
@@ -60,16 +73,18 @@ def _noise_emb(embed, ids, anchors, keep):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "objective", "kd"))
-def _loss_and_grads(params, graphdef, noise, target_hidden, anchors, keep, lm_head, ids, loss_mask, base_logits, *,
-                    objective, kd):
+def _loss_and_grads(
+    params, graphdef, noise, target_hidden, anchors, keep, lm_head, ids, loss_mask, base_logits, *, objective, kd
+):
     labels, mask = blocks.block_targets(ids, loss_mask, anchors, keep, BS)
     teacher = blocks.gather_teacher_logits(base_logits, anchors, BS) if kd else None
 
     def loss_fn(p):
         hidden = nnx.merge(graphdef, p)(noise, target_hidden, anchors, keep)
         logits = (hidden @ lm_head.T).reshape(*anchors.shape, BS, V)
-        loss, _ = losses.block_loss(logits, labels, mask, objective=objective, alpha=0.5, gamma=4.0,
-                                    teacher_logits=teacher)
+        loss, _ = losses.block_loss(
+            logits, labels, mask, objective=objective, alpha=0.5, gamma=4.0, teacher_logits=teacher
+        )
         return loss, hidden @ lm_head.T
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -87,31 +102,52 @@ def _kept_rows(keep):
 
 def _assert_kept_logits_match(model, ref, ids):
     """Our draft's logits on the reference's own features equal its captured draft logits on kept blocks."""
-    logits = np.asarray(_draft_logits(model, _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
-                                      jnp.asarray(ref["target_hidden"]), jnp.asarray(ANCHORS, jnp.int32),
-                                      jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
+    logits = np.asarray(
+        _draft_logits(
+            model,
+            _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
+            jnp.asarray(ref["target_hidden"]),
+            jnp.asarray(ANCHORS, jnp.int32),
+            jnp.asarray(KEEP),
+            jnp.asarray(ref["lm_head"]),
+        )
+    )
     kept = _kept_rows(KEEP)
     np.testing.assert_allclose(logits[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, SWA], ids=["full", "swa"])
-@pytest.mark.parametrize("objective,kd", [("dpace", True), ("dpace", False), ("decay", True), ("decay", False)],
-                         ids=["dpace-kd", "dpace-ce", "decay-kd", "decay-ce"])
+@pytest.mark.parametrize(
+    "objective,kd",
+    [("dpace", True), ("dpace", False), ("decay", True), ("decay", False)],
+    ids=["dpace-kd", "dpace-ce", "decay-kd", "decay-ce"],
+)
 def test_logits_loss_grads(ref_model, data, window, objective, kd):
     ids, labels = data
     ref_model.dflash_swa_window_size = window
     try:
-        ref = oracle.ref_dflash_forward(ref_model, ids, labels, ANCHORS, KEEP, objective=objective, alpha=0.5,
-                                        gamma=4.0, kd=kd)
+        ref = oracle.ref_dflash_forward(
+            ref_model, ids, labels, ANCHORS, KEEP, objective=objective, alpha=0.5, gamma=4.0, kd=kd
+        )
     finally:
         ref_model.dflash_swa_window_size = None
     cfg = _config(ref["target_layer_ids"], window)
     params = from_torch_tensors(cfg, oracle.ref_draft_state(ref_model))
     graphdef = nnx.graphdef(draft_from_params(cfg, params))
     loss, logits, grads = _loss_and_grads(
-        params, graphdef, _noise_emb(ref["embed"], ids, ANCHORS, KEEP), jnp.asarray(ref["target_hidden"]),
-        jnp.asarray(ANCHORS, jnp.int32), jnp.asarray(KEEP), jnp.asarray(ref["lm_head"]), jnp.asarray(ids, jnp.int32),
-        jnp.asarray(labels != -100, jnp.float32), jnp.asarray(ref["base_logits"]), objective=objective, kd=kd)
+        params,
+        graphdef,
+        _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
+        jnp.asarray(ref["target_hidden"]),
+        jnp.asarray(ANCHORS, jnp.int32),
+        jnp.asarray(KEEP),
+        jnp.asarray(ref["lm_head"]),
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(labels != -100, jnp.float32),
+        jnp.asarray(ref["base_logits"]),
+        objective=objective,
+        kd=kd,
+    )
 
     kept = _kept_rows(KEEP)
     np.testing.assert_allclose(np.asarray(logits)[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
@@ -174,8 +210,15 @@ def test_import_of_reference_export(ref_model, data, tmp_path):
     _assert_kept_logits_match(model, ref, ids)
 
 
-YARN = {"type": "yarn", "factor": 48.0, "original_max_position_embeddings": 64, "beta_fast": 1.0, "beta_slow": 1.0,
-        "mscale": 1.0, "mscale_all_dim": 1.0}  # ModelOpt's dflash_export_rope_scaling example (short context)
+YARN = {
+    "type": "yarn",
+    "factor": 48.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 1.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}  # ModelOpt's dflash_export_rope_scaling example (short context)
 
 
 def test_attention_sink_and_rope_scaling_parity_and_round_trip(data, tmp_path):
@@ -183,16 +226,27 @@ def test_attention_sink_and_rope_scaling_parity_and_round_trip(data, tmp_path):
     reference; its export with ``dflash_export_rope_scaling`` imports with both options, and our export of that
     round-trips exactly."""
     ids, labels = data
-    ref_model = oracle.ref_tiny_dflash_model("qwen3", block_size=BS, vocab=V, hidden=H, rope_theta=1e4,
-                                             swa_window=SWA, attention_sink=True)
+    ref_model = oracle.ref_tiny_dflash_model(
+        "qwen3", block_size=BS, vocab=V, hidden=H, rope_theta=1e4, swa_window=SWA, attention_sink=True
+    )
     ref = oracle.ref_dflash_forward(ref_model, ids, labels, ANCHORS, KEEP)
     cfg = dataclasses.replace(_config(ref["target_layer_ids"], SWA), attention_sink=True)
     params = from_torch_tensors(cfg, oracle.ref_draft_state(ref_model))
     graphdef = nnx.graphdef(draft_from_params(cfg, params))
     loss, logits, grads = _loss_and_grads(
-        params, graphdef, _noise_emb(ref["embed"], ids, ANCHORS, KEEP), jnp.asarray(ref["target_hidden"]),
-        jnp.asarray(ANCHORS, jnp.int32), jnp.asarray(KEEP), jnp.asarray(ref["lm_head"]), jnp.asarray(ids, jnp.int32),
-        jnp.asarray(labels != -100, jnp.float32), jnp.asarray(ref["base_logits"]), objective="dpace", kd=True)
+        params,
+        graphdef,
+        _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
+        jnp.asarray(ref["target_hidden"]),
+        jnp.asarray(ANCHORS, jnp.int32),
+        jnp.asarray(KEEP),
+        jnp.asarray(ref["lm_head"]),
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(labels != -100, jnp.float32),
+        jnp.asarray(ref["base_logits"]),
+        objective="dpace",
+        kd=True,
+    )
     kept = _kept_rows(KEEP)
     np.testing.assert_allclose(np.asarray(logits)[kept], ref["draft_logits"][kept], rtol=0, atol=1e-5)
     np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-6)
@@ -213,7 +267,14 @@ def test_attention_sink_and_rope_scaling_parity_and_round_trip(data, tmp_path):
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(again_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the imported YaRN changes the draft's RoPE (frequencies and attention factor), nothing else
-    scaled = np.asarray(_draft_logits(draft_from_params(got_cfg, got_params),
-                                      _noise_emb(ref["embed"], ids, ANCHORS, KEEP), jnp.asarray(ref["target_hidden"]),
-                                      jnp.asarray(ANCHORS, jnp.int32), jnp.asarray(KEEP), jnp.asarray(ref["lm_head"])))
+    scaled = np.asarray(
+        _draft_logits(
+            draft_from_params(got_cfg, got_params),
+            _noise_emb(ref["embed"], ids, ANCHORS, KEEP),
+            jnp.asarray(ref["target_hidden"]),
+            jnp.asarray(ANCHORS, jnp.int32),
+            jnp.asarray(KEEP),
+            jnp.asarray(ref["lm_head"]),
+        )
+    )
     assert not np.allclose(scaled[kept], ref["draft_logits"][kept], atol=1e-3)

@@ -55,22 +55,32 @@ def random_case(rng, kd):
         chosen = np.sort(rng.choice(s - bs + 1, size=min(k, s - bs + 1), replace=False))
         anchors[row, : len(chosen)], keep[row, : len(chosen)] = chosen, True
     logits = 2.0 * rng.standard_normal((b, n, bs, v)).astype(np.float32)
-    labels, _ = block_targets(jnp.asarray(input_ids, jnp.int32), jnp.asarray(loss_mask),
-                              jnp.asarray(anchors, jnp.int32), jnp.asarray(keep), bs)
+    labels, _ = block_targets(
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(loss_mask),
+        jnp.asarray(anchors, jnp.int32),
+        jnp.asarray(keep),
+        bs,
+    )
     idx = np.asarray(labels)[..., None]
     hit = rng.random((b, n, bs, 1)) < 0.5  # make about half of the slots argmax-correct
     np.put_along_axis(logits, idx, np.take_along_axis(logits, idx, -1) + np.where(hit, 8.0, 0.0), axis=-1)
     base = 2.0 * rng.standard_normal((b, s, v)).astype(np.float32) if kd else None
     objective = str(rng.choice(["dpace", "decay"]))
-    kw = dict(block_size=bs, objective=objective, alpha=float(rng.uniform(0.05, 1.0)),
-              gamma=float(rng.choice([0.0, rng.uniform(0.5, 8.0)])))
+    kw = dict(
+        block_size=bs,
+        objective=objective,
+        alpha=float(rng.uniform(0.05, 1.0)),
+        gamma=float(rng.choice([0.0, rng.uniform(0.5, 8.0)])),
+    )
     return input_ids, loss_mask, anchors, keep, logits, base, kw
 
 
 def ours(input_ids, loss_mask, anchors, keep, logits, base, block_size, objective, alpha, gamma):
     anchors_j = jnp.asarray(anchors, jnp.int32)
-    labels, mask = block_targets(jnp.asarray(input_ids, jnp.int32), jnp.asarray(loss_mask), anchors_j,
-                                 jnp.asarray(keep), block_size)
+    labels, mask = block_targets(
+        jnp.asarray(input_ids, jnp.int32), jnp.asarray(loss_mask), anchors_j, jnp.asarray(keep), block_size
+    )
     teacher = None if base is None else gather_teacher_logits(jnp.asarray(base), anchors_j, block_size)
     return lambda x: block_loss(x, labels, mask, objective=objective, alpha=alpha, gamma=gamma, teacher_logits=teacher)
 

@@ -32,10 +32,21 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("target")
     oracle.ref_save_target(ref, path)
     target = load_target(path)
-    cfg = DraftConfig(hidden_size=H, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      intermediate_size=64, vocab_size=V, num_target_layers=6,
-                      target_layer_ids=tuple(ref.target_layer_ids), block_size=BS, mask_token_id=0, rope_theta=1e4,
-                      max_position_embeddings=128)
+    cfg = DraftConfig(
+        hidden_size=H,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=V,
+        num_target_layers=6,
+        target_layer_ids=tuple(ref.target_layer_ids),
+        block_size=BS,
+        mask_token_id=0,
+        rope_theta=1e4,
+        max_position_embeddings=128,
+    )
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, V, n).astype(np.int32) for n in (6, 9, 11)]
     draft = train_drafter(target, cfg, prompts[:2])

@@ -35,9 +35,21 @@ def test_two_steps_match_reference_adamw(tmp_path):
     oracle.ref_save_target(ref_model, tmp_path / "target")
     target = load_target(tmp_path / "target", dtype="float32")
     layer_ids = tuple(ref_model.target_layer_ids)
-    cfg = DraftConfig(hidden_size=H, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      intermediate_size=64, vocab_size=V, num_target_layers=6, target_layer_ids=layer_ids,
-                      block_size=BS, mask_token_id=0, rope_theta=1e4, max_position_embeddings=128)
+    cfg = DraftConfig(
+        hidden_size=H,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=V,
+        num_target_layers=6,
+        target_layer_ids=layer_ids,
+        block_size=BS,
+        mask_token_id=0,
+        rope_theta=1e4,
+        max_position_embeddings=128,
+    )
     initial = oracle.ref_draft_state(ref_model)
     draft = draft_from_params(cfg, from_torch_tensors(cfg, initial))
 
@@ -45,16 +57,22 @@ def test_two_steps_match_reference_adamw(tmp_path):
     ids = rng.integers(1, V, (2, S))
     labels = ids.copy()
     labels[0, :5] = -100
-    batch = dict(input_ids=ids.astype(np.int32), loss_mask=(labels != -100).astype(np.float32),
-                 segment_ids=np.ones((2, S), np.int32), positions=np.tile(np.arange(S, dtype=np.int32), (2, 1)),
-                 anchors=ANCHORS, keep=KEEP)
+    batch = dict(
+        input_ids=ids.astype(np.int32),
+        loss_mask=(labels != -100).astype(np.float32),
+        segment_ids=np.ones((2, S), np.int32),
+        positions=np.tile(np.arange(S, dtype=np.int32), (2, 1)),
+        anchors=ANCHORS,
+        keep=KEEP,
+    )
 
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx, sched = optim.make_optimizer(lr=LR, steps=10, schedule="constant", weight_decay=WD, clip_norm=CLIP)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
     step_cfg = st.StepConfig(num_anchors=ANCHORS.shape[1], loss=LossSection(per_token="kd"))
-    train_step = st.TrainStep(draft=draft, state_shardings=shardings, target=target.model, tx=tx, schedule=sched,
-                              cfg=step_cfg, mesh=mesh)
+    train_step = st.TrainStep(
+        draft=draft, state_shardings=shardings, target=target.model, tx=tx, schedule=sched, cfg=step_cfg, mesh=mesh
+    )
 
     params = list(ref_model.dflash_module.parameters())
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)

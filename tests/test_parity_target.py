@@ -13,18 +13,44 @@ from dflash_jax import load_target  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+)
 CASES = {
     # llama3 rope scaling (short original context so every frequency band is exercised) + tied embeddings
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 5e5,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
 }
 
 
@@ -51,7 +77,11 @@ def test_logits_and_taps_match_transformers(arch, tmp_path):
     target = load_target(tmp_path)
     cfg = target.config
     assert (cfg.arch, cfg.tie_word_embeddings, cfg.attention_bias, cfg.qk_norm) == (
-        arch, arch == "llama", arch == "qwen2", arch == "qwen3")
+        arch,
+        arch == "llama",
+        arch == "qwen2",
+        arch == "qwen3",
+    )
     np.testing.assert_allclose(target.logits(ids), out.logits.numpy(), atol=1e-4, rtol=1e-4)
     layer_ids = (2, 0, 1)  # id 2 = last layer = HF's post-norm hidden_states[3]
     want = np.concatenate([out.hidden_states[i + 1].numpy() for i in layer_ids], axis=-1)

@@ -19,19 +19,38 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
-import scale_on_paper as sop  # noqa: E402
-from dflash_jax.config import LossSection  # noqa: E402
-from dflash_jax.models import layers  # noqa: E402
-from dflash_jax.models.draft import DFlashDraft, DraftConfig  # noqa: E402
-from dflash_jax.models.target import TargetConfig, make_target_model  # noqa: E402
-from dflash_jax.train import optim, sharding  # noqa: E402
-from dflash_jax.train import step as st  # noqa: E402
+import scale_on_paper as sop
+from dflash_jax.config import LossSection
+from dflash_jax.models import layers
+from dflash_jax.models.draft import DFlashDraft, DraftConfig
+from dflash_jax.models.target import TargetConfig, make_target_model
+from dflash_jax.train import optim, sharding
+from dflash_jax.train import step as st
 
 # Tiny but not trivial: V = 250 is divisible by 2 but not by 4 or 8 (vocab replicated when tensor >= 4).
-TC = TargetConfig(arch="qwen3", vocab_size=250, hidden_size=64, intermediate_size=128, num_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_norm=True)
-DC = DraftConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 intermediate_size=96, vocab_size=250, num_target_layers=4, target_layer_ids=(1, 2), block_size=4)
+TC = TargetConfig(
+    arch="qwen3",
+    vocab_size=250,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    qk_norm=True,
+)
+DC = DraftConfig(
+    hidden_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=96,
+    vocab_size=250,
+    num_target_layers=4,
+    target_layer_ids=(1, 2),
+    block_size=4,
+)
 B, S, N = 8, 32, 3
 
 
@@ -42,18 +61,30 @@ def _compiled(mesh_shape, kd):
     tx, sched = optim.make_optimizer(lr=1e-3, steps=10)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
     cfg = st.StepConfig(num_anchors=N, loss=LossSection(per_token="kd" if kd else "ce"))
-    ts = st.TrainStep(draft=draft, state_shardings=shardings, target=make_target_model(TC, dtype="bfloat16"), tx=tx,
-                      schedule=sched, cfg=cfg, mesh=mesh)
+    ts = st.TrainStep(
+        draft=draft,
+        state_shardings=shardings,
+        target=make_target_model(TC, dtype="bfloat16"),
+        tx=tx,
+        schedule=sched,
+        cfg=cfg,
+        mesh=mesh,
+    )
     rng = np.random.default_rng(0)
-    host = dict(input_ids=rng.integers(1, TC.vocab_size, (B, S)).astype(np.int32),
-                loss_mask=np.ones((B, S), np.float32), segment_ids=np.ones((B, S), np.int32), positions=np.tile(np.arange(S, dtype=np.int32), (B, 1)))
+    host = dict(
+        input_ids=rng.integers(1, TC.vocab_size, (B, S)).astype(np.int32),
+        loss_mask=np.ones((B, S), np.float32),
+        segment_ids=np.ones((B, S), np.int32),
+        positions=np.tile(np.arange(S, dtype=np.int32), (B, 1)),
+    )
     compiled = ts.jitted.lower(state, ts.target_state, ts.place_batch(host), jax.random.key(0)).compile()
     batch_bytes = sum(v.nbytes for v in host.values()) // (mesh.shape["data"] * mesh.shape["fsdp"])
     return compiled.memory_analysis(), batch_bytes
 
 
-@pytest.mark.parametrize("mesh_shape,kd", [((8, 1, 1), False), ((1, 8, 1), True), ((2, 2, 2), False),
-                                           ((1, 2, 4), True)])
+@pytest.mark.parametrize(
+    "mesh_shape,kd", [((8, 1, 1), False), ((1, 8, 1), True), ((2, 2, 2), False), ((1, 2, 4), True)]
+)
 def test_formula_matches_compiled_per_device_bytes(mesh_shape, kd):
     ma, batch_bytes = _compiled(mesh_shape, kd)
     want = sop.state_bytes(TC, DC, sop.MeshShape(*mesh_shape), kd=kd)
@@ -83,7 +114,13 @@ def test_plan_picks_most_data_parallel_mesh_that_fits():
     assert r70["fits"] and r70["total"] <= 0.9 * 79.6 and r70["mesh"].data < 8
     assert not sop.plan(sop.LLAMA_70B, 1, 79.6)["fits"]
     assert sorted((m.data, m.fsdp, m.tensor) for m in sop.meshes(4)) == [
-        (1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1), (4, 1, 1)]
+        (1, 1, 4),
+        (1, 2, 2),
+        (1, 4, 1),
+        (2, 1, 2),
+        (2, 2, 1),
+        (4, 1, 1),
+    ]
 
 
 def test_bad_mesh_raises():

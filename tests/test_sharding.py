@@ -23,8 +23,7 @@ def test_make_mesh_shapes_and_errors():
         sharding.make_mesh((8, 1))
     with pytest.raises(ValueError, match="at most one -1"):
         sharding.make_mesh((-1, -1, 1))
-    assert dict(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1,
-                                                                                    "tensor": 1}
+    assert dict(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
 def test_logical_rules_mapping():
@@ -65,15 +64,18 @@ def test_shard_batch_and_divisibility():
     assert sharding.process_rows(8) == slice(0, 8)
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, False),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
-    ({"SLURM_NTASKS": "1"}, False),
-    ({"SLURM_NTASKS": "4"}, True),
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
-    ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
-    ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+        ({"SLURM_NTASKS": "1"}, False),
+        ({"SLURM_NTASKS": "4"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
+    ],
+)
 def test_multihost_detection(env, expected):
     assert sharding._env_wants_multihost(env) is expected
     if not expected:
@@ -136,8 +138,9 @@ def test_target_loads_straight_into_its_shards():
     sharded = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         x = var[...]
-        shards = math.prod(mesh.shape[a] for axes in x.sharding.spec if axes
-                           for a in ((axes,) if isinstance(axes, str) else axes))
+        shards = math.prod(
+            mesh.shape[a] for axes in x.sharding.spec if axes for a in ((axes,) if isinstance(axes, str) else axes)
+        )
         per_device = {s.device: s.data.nbytes for s in x.addressable_shards}
         assert len(per_device) == 8 and set(per_device.values()) == {x.nbytes // shards}, path
         if x.ndim == 2:
@@ -166,8 +169,15 @@ def test_mesh_leaving_large_parameters_whole_is_refused():
         state = nnx.state(model, nnx.Param)
         return {"target": state}, {"target": sharding.state_shardings(state, mesh)}
 
-    odd = dataclasses.replace(tf.TARGET_CFG, vocab_size=251, hidden_size=30, intermediate_size=63,
-                              num_attention_heads=3, num_key_value_heads=1, head_dim=10)
+    odd = dataclasses.replace(
+        tf.TARGET_CFG,
+        vocab_size=251,
+        hidden_size=30,
+        intermediate_size=63,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=10,
+    )
     with pytest.raises(ValueError, match=r"unsharded on every device .*largest: target.*embed_tokens"):
         sharding.check_replication(*params_and_shardings(odd), mesh, 0.02)
     sharding.check_replication(*params_and_shardings(odd), mesh, 1.0)
@@ -182,8 +192,9 @@ def test_draft_state_is_created_in_its_shards():
     mesh = tf.mesh_of((1, 4, 2))
     _, born, sh = st.init_train_state(tf.draft_model, tx, mesh)
     _, placed, _ = st.init_train_state(tf.draft_model(), tx, mesh)
-    for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(born.params), jax.tree.leaves(placed.params),
-                               jax.tree.leaves(sh.params)):
+    for (path, a), b, s in zip(
+        jax.tree_util.tree_leaves_with_path(born.params), jax.tree.leaves(placed.params), jax.tree.leaves(sh.params)
+    ):
         assert a.sharding == s, path
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=str(path))
     fc = born.params["fc"]["kernel"][...]

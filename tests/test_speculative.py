@@ -23,8 +23,17 @@ MAX_NEW = 24
 
 
 def _target_cfg(**kw):
-    base = dict(arch="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True)
+    base = dict(
+        arch="qwen3",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        qk_norm=True,
+    )
     return TargetConfig(**{**base, **kw})
 
 
@@ -40,8 +49,18 @@ def target():
 
 @pytest.fixture(scope="module")
 def draft_cfg():
-    return DraftConfig.from_target(32, 64, 4, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=8, intermediate_size=64, block_size=BS, rope_theta=1e4)
+    return DraftConfig.from_target(
+        32,
+        64,
+        4,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        block_size=BS,
+        rope_theta=1e4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +73,7 @@ def _check_metrics(r, prompts):
     assert r["num_prompts"] == len(prompts)
     assert sum(r["acceptance_histogram"]) == r["num_steps"] > 0
     assert 1.0 <= r["tau"] <= BS
-    assert r["tau"] == pytest.approx(sum((k + 1) * c for k, c in enumerate(r["acceptance_histogram"]))
-                                     / r["num_steps"])
+    assert r["tau"] == pytest.approx(sum((k + 1) * c for k, c in enumerate(r["acceptance_histogram"])) / r["num_steps"])
     assert len(r["per_position_acceptance"]) == BS - 1
     assert all(a >= b for a, b in zip(r["per_position_acceptance"], r["per_position_acceptance"][1:]))
     assert r["speedup"] == pytest.approx(r["tokens_per_s_spec"] / r["tokens_per_s_plain"])
@@ -65,8 +83,7 @@ def _check_metrics(r, prompts):
 
 
 def test_greedy_lossless_random_drafter(target, draft_cfg, prompts):
-    r = report.evaluate(target, _draft(draft_cfg), draft_cfg, prompts, max_new_tokens=MAX_NEW,
-                        check_lossless=True)
+    r = report.evaluate(target, _draft(draft_cfg), draft_cfg, prompts, max_new_tokens=MAX_NEW, check_lossless=True)
     assert r["lossless"] is True and r["mismatches"] == []
     _check_metrics(r, prompts)
     # independent baseline: cache-free greedy decoding (not the KV-cache loop check_lossless compares with)
@@ -96,6 +113,7 @@ def train_drafter(target, cfg, prompts, steps=200):
             h = draft(emb, taps, jnp.asarray(anchors), jnp.ones(anchors.shape, bool))
             ce = optax.softmax_cross_entropy_with_integer_labels(h @ head.T, jnp.asarray(labels))
             return jnp.mean(ce * weight)
+
         loss, grads = nnx.value_and_grad(loss_fn)(draft)
         opt.update(draft, grads)
         return loss
@@ -159,19 +177,51 @@ def test_sampling_matches_target_distribution():
     """T > 0: the first 3 generated tokens (prefill sample, accept/residual, bonus or next block) follow the exact
     target distribution, computed by enumerating all V^2 continuations of a V=8 target."""
     temperature, n = 1.0, 16000
-    target = random_target(_target_cfg(vocab_size=8, hidden_size=16, intermediate_size=32, num_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1), seed=3)
+    target = random_target(
+        _target_cfg(
+            vocab_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
+        seed=3,
+    )
     target.model.lm_head[...] = target.model.lm_head[...] * 20.0  # peaky logits: far from uniform
-    cfg = DraftConfig.from_target(16, 8, 2, num_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                  head_dim=8, intermediate_size=32, block_size=2, rope_theta=1e4)
+    cfg = DraftConfig.from_target(
+        16,
+        8,
+        2,
+        num_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        block_size=2,
+        rope_theta=1e4,
+    )
     prompt = np.array([1, 2, 3, 4, 5], np.int32)
     t_graph, t_state = nnx.split(target.model)
     d_graph, d_state = nnx.split(_draft(cfg))
-    fn = jax.jit(jax.vmap(functools.partial(
-        speculative.speculative_decode_fn, t_graph=t_graph, d_graph=d_graph, max_new_tokens=3, block_size=2,
-        temperature=temperature, eos_token_ids=()), in_axes=(None, None, None, None, 0)))
+    fn = jax.jit(
+        jax.vmap(
+            functools.partial(
+                speculative.speculative_decode_fn,
+                t_graph=t_graph,
+                d_graph=d_graph,
+                max_new_tokens=3,
+                block_size=2,
+                temperature=temperature,
+                eos_token_ids=(),
+            ),
+            in_axes=(None, None, None, None, 0),
+        )
+    )
     padded = jnp.asarray(np.pad(prompt, (0, 3))[None])
-    toks, _, acc, _ = jax.device_get(fn(t_state, d_state, padded, jnp.array([5]), jax.random.split(jax.random.key(0), n)))
+    toks, _, acc, _ = jax.device_get(
+        fn(t_state, d_state, padded, jnp.array([5]), jax.random.split(jax.random.key(0), n))
+    )
     assert 0.2 < acc[:, 0].mean() < 0.8  # both the accept and the residual paths are exercised
 
     def exact(temp):
@@ -190,16 +240,24 @@ def test_sampling_matches_target_distribution():
 def test_long_prompt_truncated_from_the_left(target, draft_cfg):
     prompt = np.random.default_rng(5).integers(1, 64, 50).astype(np.int32)
     with pytest.warns(UserWarning, match="prompts\\[0\\]"):
-        r = report.evaluate(target, _draft(draft_cfg), draft_cfg, [prompt], max_new_tokens=MAX_NEW,
-                            check_lossless=True, max_cache_len=16 + MAX_NEW + BS)
+        r = report.evaluate(
+            target,
+            _draft(draft_cfg),
+            draft_cfg,
+            [prompt],
+            max_new_tokens=MAX_NEW,
+            check_lossless=True,
+            max_cache_len=16 + MAX_NEW + BS,
+        )
     assert r["truncated_prompts"] == 1 and r["per_prompt"][0]["prompt_tokens"] == 16
     assert r["per_prompt"][0]["tokens"] == greedy_reference(target.model, prompt[-16:], MAX_NEW)
 
 
 def test_incompatible_drafter_rejected_before_compute(target, draft_cfg, prompts):
     draft = _draft(draft_cfg)
-    dims = dict(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                block_size=BS)
+    dims = dict(
+        num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, block_size=BS
+    )
     cases = {
         "hidden_size": DraftConfig.from_target(16, 64, 4, **dims),
         "vocab_size": DraftConfig.from_target(32, 32, 4, **dims),
@@ -209,8 +267,12 @@ def test_incompatible_drafter_rejected_before_compute(target, draft_cfg, prompts
     for field, cfg in cases.items():
         with pytest.raises(ValueError, match=field):
             report.evaluate(target, draft, cfg, prompts, max_new_tokens=MAX_NEW)
-    for bad, kw in (("max_new_tokens", dict(max_new_tokens=0)), ("block_size", dict(block_size=BS + 1)),
-                    ("temperature", dict(temperature=-1.0)), ("max_cache_len", dict(max_cache_len=MAX_NEW))):
+    for bad, kw in (
+        ("max_new_tokens", dict(max_new_tokens=0)),
+        ("block_size", dict(block_size=BS + 1)),
+        ("temperature", dict(temperature=-1.0)),
+        ("max_cache_len", dict(max_cache_len=MAX_NEW)),
+    ):
         with pytest.raises(ValueError, match=bad):
             report.evaluate(target, draft, draft_cfg, prompts, **{"max_new_tokens": MAX_NEW, **kw})
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
@@ -218,8 +280,10 @@ def test_incompatible_drafter_rejected_before_compute(target, draft_cfg, prompts
 
 
 def test_write_report(tmp_path):
-    per_prompt = [{"accepted": [0, 3, 1], "new_tokens": 8, "seconds_spec": 0.5, "seconds_plain": 1.0},
-                  {"accepted": [3], "new_tokens": 4, "seconds_spec": 0.5, "seconds_plain": 0.5}]
+    per_prompt = [
+        {"accepted": [0, 3, 1], "new_tokens": 8, "seconds_spec": 0.5, "seconds_plain": 1.0},
+        {"accepted": [3], "new_tokens": 4, "seconds_spec": 0.5, "seconds_plain": 0.5},
+    ]
     r = report.summarize(per_prompt, 4, mismatches=[], check_lossless=True)
     assert r["acceptance_histogram"] == [1, 1, 0, 2]
     assert r["tau"] == pytest.approx(11 / 4)

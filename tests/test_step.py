@@ -121,11 +121,16 @@ def test_offline_features_equal_online_kd():
     online = _built((1, 1, 1), per_token="kd")
     offline = _built((1, 1, 1), per_token="kd", mode="offline")
     b = tf.batch(b=8, seed=3)
-    taps, final = target(jnp.asarray(b["input_ids"]), positions=jnp.asarray(b["positions"]),
-                         segment_ids=jnp.asarray(b["segment_ids"]), layer_ids=tf.LAYER_IDS)
+    taps, final = target(
+        jnp.asarray(b["input_ids"]),
+        positions=jnp.asarray(b["positions"]),
+        segment_ids=jnp.asarray(b["segment_ids"]),
+        layer_ids=tf.LAYER_IDS,
+    )
     _, m_on = online(_fresh_state(online), b, KEY)
-    _, m_off = offline(_fresh_state(offline), dict(b, target_hidden=np.asarray(taps), teacher_hidden=np.asarray(final)),
-                       KEY)
+    _, m_off = offline(
+        _fresh_state(offline), dict(b, target_hidden=np.asarray(taps), teacher_hidden=np.asarray(final)), KEY
+    )
     np.testing.assert_allclose(float(m_off["loss"]), float(m_on["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m_off["grad_norm"]), float(m_on["grad_norm"]), rtol=1e-4)
 
@@ -135,8 +140,15 @@ def test_bf16_compute_keeps_fp32_master():
     tx, sched = optim.make_optimizer(lr=1e-3, steps=10, warmup_steps=0)
     draft16 = tf.draft_model(dtype=jnp.bfloat16)
     _, state16, sh = st.init_train_state(draft16, tx, mesh)
-    ts16 = st.TrainStep(draft=draft16, state_shardings=sh, target=tf.target_model(), tx=tx, schedule=sched,
-                        cfg=tf.step_config(), mesh=mesh)
+    ts16 = st.TrainStep(
+        draft=draft16,
+        state_shardings=sh,
+        target=tf.target_model(),
+        tx=tx,
+        schedule=sched,
+        cfg=tf.step_config(),
+        mesh=mesh,
+    )
     ts32 = _built((1, 1, 1))
     b = tf.batch(b=2)
     state16, m16 = ts16(state16, b, KEY)
@@ -186,8 +198,15 @@ def test_bf16_params_train_with_fp32_moments_and_resume(tmp_path):
     mesh = tf.mesh_of((1, 1, 1))
     tx, sched = optim.make_optimizer(lr=3e-3, steps=20, warmup_steps=0)
     _, state, sh = st.init_train_state(draft, tx, mesh)
-    ts = st.TrainStep(draft=draft, state_shardings=sh, target=tf.target_model(), tx=tx, schedule=sched,
-                      cfg=tf.step_config(), mesh=mesh)
+    ts = st.TrainStep(
+        draft=draft,
+        state_shardings=sh,
+        target=tf.target_model(),
+        tx=tx,
+        schedule=sched,
+        cfg=tf.step_config(),
+        mesh=mesh,
+    )
     b = tf.batch(b=2)
     losses_ = []
     for _ in range(8):

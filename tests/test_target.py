@@ -20,12 +20,34 @@ from dflash_jax.models.hf_io import config_from_hf
 from dflash_jax.models.target import KVCache, TargetConfig, TargetModel
 from dflash_jax.models.target_io import build_target_model, hf_name, random_target
 
-CFG = TargetConfig(arch="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1000.0, qk_norm=True,
-                   attention_bias=True, eos_token_ids=(2,))
-LLAMA = TargetConfig(arch="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                     tie_word_embeddings=True, bos_token_id=256, eos_token_ids=(257,))
+CFG = TargetConfig(
+    arch="qwen3",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_theta=1000.0,
+    qk_norm=True,
+    attention_bias=True,
+    eos_token_ids=(2,),
+)
+LLAMA = TargetConfig(
+    arch="llama",
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=256,
+    eos_token_ids=(257,),
+)
 
 
 # jitted once per distinct shape: eager op-by-op execution is several times slower on 2 CPU cores
@@ -58,12 +80,23 @@ def _torch_layout(model):
 
 
 def _hf_config(cfg: TargetConfig, **extra):
-    d = dict(model_type=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-             num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-             head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
-             attention_bias=cfg.attention_bias, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-             hidden_act="silu", dtype="float32", eos_token_id=list(cfg.eos_token_ids))
+    d = dict(
+        model_type=cfg.arch,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        hidden_act="silu",
+        dtype="float32",
+        eos_token_id=list(cfg.eos_token_ids),
+    )
     d.update(extra)
     return d
 
@@ -152,13 +185,13 @@ def test_tap_convention_and_logits(target):
     h = CFG.hidden_size
     assert taps.shape == (2, 6, 3 * h)
     np.testing.assert_array_equal(taps[..., :h], final)  # id Lt-1 = post-final-norm (HF quirk)
-    np.testing.assert_array_equal(taps[..., h:2 * h], taps[..., 2 * h:])
-    assert not np.allclose(taps[..., :h], taps[..., h:2 * h])
+    np.testing.assert_array_equal(taps[..., h : 2 * h], taps[..., 2 * h :])
+    assert not np.allclose(taps[..., :h], taps[..., h : 2 * h])
     assert fwd(m, ids)[0].shape == (2, 6, 0)
     logits = target.logits(ids)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 6, CFG.vocab_size)
     np.testing.assert_allclose(logits, final @ m.lm_head[...].T, atol=1e-5)
-    np.testing.assert_allclose(target.taps(ids, [0]), taps[..., h:2 * h], atol=1e-6)
+    np.testing.assert_allclose(target.taps(ids, [0]), taps[..., h : 2 * h], atol=1e-6)
 
 
 def test_target_is_frozen(target):
@@ -168,8 +201,7 @@ def test_target_is_frozen(target):
     def f(s):
         m = nnx.merge(gdef, s)
         taps, final = m(ids, layer_ids=(0,))
-        return (taps.sum() + final.sum() + m.logits(final).sum() + m.embed(ids).sum()
-                + m.lm_head_weight().sum())
+        return taps.sum() + final.sum() + m.logits(final).sum() + m.embed(ids).sum() + m.lm_head_weight().sum()
 
     grads = jax.jit(jax.grad(f))(state)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -246,8 +278,14 @@ def test_hf_roundtrip_sharded_and_bf16(target, tmp_path):
 def test_hf_loader_places_onto_shardings(target, tmp_path):
     _save_hf(target.model, CFG, tmp_path / "m")
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("q_heads", "tensor"), ("kv_heads", None),
-             ("vocab", "tensor"), ("norm", None))
+    rules = (
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("q_heads", "tensor"),
+        ("kv_heads", None),
+        ("vocab", "tensor"),
+        ("norm", None),
+    )
     with nnx.logical_axis_rules(rules):
         got = load_target(tmp_path / "m", mesh=mesh)
     k = got.model.layers[1].mlp.up_proj.kernel[...]
@@ -328,7 +366,9 @@ def _write_gguf(path, model, cfg, arch="llama", qtype=None):
     w.add_token_merges(["Ġ t"])
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
     for name, a in _torch_layout(model).items():
         gname = gguf_io.gguf_name(name)
         if gname.endswith(("attn_q.weight", "attn_k.weight")):
@@ -361,8 +401,11 @@ def test_gguf_llama_unpermutes_and_rebuilds_tokenizer(tmp_path):
     hf = tmp_path / "hf"
     _save_hf(src.model, LLAMA, hf)
     got.tokenizer.save(str(hf / "tokenizer.json"))
-    (hf / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": got.chat_template, "bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"}))
+    (hf / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": got.chat_template, "bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"}
+        )
+    )
     back = load_target(hf)
     assert back.tokenizer.encode(text).ids == enc.ids and back.chat_template == got.chat_template
     assert (back.bos_token, back.eos_token) == ("<|im_start|>", "<|im_end|>")
@@ -375,8 +418,9 @@ def test_gguf_quantized_and_bad_input(tmp_path):
     ids = _ids(1, 6, seed=10, v=LLAMA.vocab_size)
     q8 = gguf.GGMLQuantizationType.Q8_0
     emb = np.asarray(src.model.embed_tokens[...])
-    np.testing.assert_array_equal(np.asarray(got.model.embed_tokens[...]),
-                                  gguf.quants.dequantize(gguf.quants.quantize(emb, q8), q8))
+    np.testing.assert_array_equal(
+        np.asarray(got.model.embed_tokens[...]), gguf.quants.dequantize(gguf.quants.quantize(emb, q8), q8)
+    )
     np.testing.assert_allclose(got.logits(ids), src.logits(ids), atol=1e-2)
     _write_gguf(tmp_path / "gpt2.gguf", src.model, LLAMA, arch="gpt2")
     with pytest.raises(ValueError, match=r"gpt2.gguf: general.architecture='gpt2' .*supported: llama, qwen2, qwen3"):

@@ -17,11 +17,31 @@ from dflash_jax.train import step as st
 V, H, LT, BS, S = 64, 32, 4, 4, 16
 LAYER_IDS = (1, 2)
 
-TARGET_CFG = TargetConfig(arch="qwen3", vocab_size=V, hidden_size=H, intermediate_size=64, num_layers=LT,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True)
-DRAFT_CFG = DraftConfig(hidden_size=H, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                        intermediate_size=64, vocab_size=V, num_target_layers=LT, target_layer_ids=LAYER_IDS,
-                        block_size=BS, mask_token_id=0, rope_theta=10000.0)
+TARGET_CFG = TargetConfig(
+    arch="qwen3",
+    vocab_size=V,
+    hidden_size=H,
+    intermediate_size=64,
+    num_layers=LT,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    qk_norm=True,
+)
+DRAFT_CFG = DraftConfig(
+    hidden_size=H,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    vocab_size=V,
+    num_target_layers=LT,
+    target_layer_ids=LAYER_IDS,
+    block_size=BS,
+    mask_token_id=0,
+    rope_theta=10000.0,
+)
 
 
 def target_model(seed: int = 0):
@@ -33,16 +53,22 @@ def draft_model(seed: int = 1, dtype=jnp.float32) -> DFlashDraft:
         return DFlashDraft(DRAFT_CFG, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=dtype)
 
 
-def step_config(num_anchors: int = 3, mode: str = "online", attention: str = "auto", grad_accum: int = 1,
-                **loss_kw) -> st.StepConfig:
+def step_config(
+    num_anchors: int = 3, mode: str = "online", attention: str = "auto", grad_accum: int = 1, **loss_kw
+) -> st.StepConfig:
     """Step settings for the tiny draft (block size, mask id, layer ids come from ``DRAFT_CFG``); hard CE unless
     ``per_token="kd"`` (or another loss piece)."""
-    return st.StepConfig(num_anchors=num_anchors, mode=mode, loss=LossSection(**{"per_token": "ce", **loss_kw}),
-                         attention=attention, grad_accum=grad_accum)
+    return st.StepConfig(
+        num_anchors=num_anchors,
+        mode=mode,
+        loss=LossSection(**{"per_token": "ce", **loss_kw}),
+        attention=attention,
+        grad_accum=grad_accum,
+    )
 
 
 def mesh_of(shape) -> jax.sharding.Mesh:
-    return sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    return sharding.make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
 
 
 def build(mesh_shape=(1, 1, 1), *, target=None, lr=1e-3, steps=10, warmup_steps=0, **cfg_kw):
@@ -51,8 +77,15 @@ def build(mesh_shape=(1, 1, 1), *, target=None, lr=1e-3, steps=10, warmup_steps=
     draft = draft_model()
     tx, sched = optim.make_optimizer(lr=lr, steps=steps, warmup_steps=warmup_steps)
     _, state, shardings = st.init_train_state(draft, tx, mesh)
-    ts = st.TrainStep(draft=draft, state_shardings=shardings, target=target if target is not None else target_model(),
-                      tx=tx, schedule=sched, cfg=step_config(**cfg_kw), mesh=mesh)
+    ts = st.TrainStep(
+        draft=draft,
+        state_shardings=shardings,
+        target=target if target is not None else target_model(),
+        tx=tx,
+        schedule=sched,
+        cfg=step_config(**cfg_kw),
+        mesh=mesh,
+    )
     return ts, state, tx
 
 
@@ -61,5 +94,9 @@ def batch(b: int = 8, s: int = S, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     loss_mask = np.ones((b, s), np.float32)
     loss_mask[0, :3] = 0
-    return dict(input_ids=rng.integers(1, V, (b, s)).astype(np.int32), loss_mask=loss_mask,
-                segment_ids=np.ones((b, s), np.int32), positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)))
+    return dict(
+        input_ids=rng.integers(1, V, (b, s)).astype(np.int32),
+        loss_mask=loss_mask,
+        segment_ids=np.ones((b, s), np.int32),
+        positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+    )

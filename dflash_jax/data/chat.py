@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import jinja2
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers
 
 from dflash_jax.data.readers import Conversation
 
@@ -171,10 +171,15 @@ class ChatRenderer:
         template. A target without a tokenizer (``target.path: random``) gets :func:`byte_chat_tokenizer` and
         ChatML."""
         if getattr(target, "tokenizer", None) is None:
-            return cls(byte_chat_tokenizer(), load_chat_template(chat_template_path, CHATML_TEMPLATE),
-                       eos_token="<|im_end|>")
-        return cls(target.tokenizer, load_chat_template(chat_template_path, target.chat_template),
-                   bos_token=target.bos_token, eos_token=target.eos_token)
+            return cls(
+                byte_chat_tokenizer(), load_chat_template(chat_template_path, CHATML_TEMPLATE), eos_token="<|im_end|>"
+            )
+        return cls(
+            target.tokenizer,
+            load_chat_template(chat_template_path, target.chat_template),
+            bos_token=target.bos_token,
+            eos_token=target.eos_token,
+        )
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
@@ -195,17 +200,16 @@ class ChatRenderer:
         if self._tagged:
             marked_text = self._render(plain, False)
         else:
-            marked = [
-                {"role": r, "content": _OPEN + t + _CLOSE if r == "assistant" else t} for r, t in conversation
-            ]
+            marked = [{"role": r, "content": _OPEN + t + _CLOSE if r == "assistant" else t} for r, t in conversation]
             marked_text = self._render(marked, False)
         text, spans = _strip_markers(marked_text)
         if not self._tagged:
             if text != self._render(plain, False):
                 raise RenderError("the template renders assistant content differently when it is marked")
             if self.eos_token:
-                spans = [(s, e + len(self.eos_token)) if text.startswith(self.eos_token, e) else (s, e)
-                         for s, e in spans]
+                spans = [
+                    (s, e + len(self.eos_token)) if text.startswith(self.eos_token, e) else (s, e) for s, e in spans
+                ]
         n_assistant = sum(r == "assistant" for r, _ in conversation)
         if len(spans) != n_assistant and not self._tagged:
             raise RenderError(f"found {len(spans)} assistant spans for {n_assistant} assistant messages")
@@ -233,12 +237,17 @@ class ChatRenderer:
         cut = None if max_tokens is None else 6 * max_tokens + _MARGIN
         encs = self.tokenizer.encode_batch([t[:cut] for t in texts], add_special_tokens=False)
         if cut is not None:
-            redo = [i for i, (t, e) in enumerate(zip(texts, encs))
-                    if len(t) > cut and not (len(e.ids) > max_tokens and e.offsets[max_tokens][1] <= cut - _MARGIN)]
+            redo = [
+                i
+                for i, (t, e) in enumerate(zip(texts, encs))
+                if len(t) > cut and not (len(e.ids) > max_tokens and e.offsets[max_tokens][1] <= cut - _MARGIN)
+            ]
             for i, e in zip(redo, self.tokenizer.encode_batch([texts[i] for i in redo], add_special_tokens=False)):
                 encs[i] = e
-        return [(np.asarray(e.ids[:max_tokens], np.int32), self._mask(e.offsets[:max_tokens], sp))
-                for e, sp in zip(encs, spans)]
+        return [
+            (np.asarray(e.ids[:max_tokens], np.int32), self._mask(e.offsets[:max_tokens], sp))
+            for e, sp in zip(encs, spans)
+        ]
 
     def render(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
         """``conversation`` → ``(input_ids int32 [L], loss_mask float32 [L])``; RenderError if unusable."""

@@ -116,7 +116,7 @@ def build_dataset(
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
     if heldout < 0 or (max_conversations is not None and max_conversations < 1):
-        raise ValueError(f"data.heldout must be >= 0 and data.max_conversations >= 1 or null")
+        raise ValueError("data.heldout must be >= 0 and data.max_conversations >= 1 or null")
     reasons: list[str] = []
     skipped = 0
 
@@ -172,19 +172,40 @@ def build_dataset(
     log.info(
         "data: %d training conversations as %d examples (%d split at assistant-turn ends, %d with assistant tokens "
         "cut by seq_len=%d), %d held out, %d skipped",
-        kept, len(examples), split, truncated, seq_len, len(held), skipped,
+        kept,
+        len(examples),
+        split,
+        truncated,
+        seq_len,
+        len(held),
+        skipped,
     )
     return TokenizedDataset(tuple(examples), tuple(held), seq_len, skipped, tuple(reasons), truncated, split)
 
 
-def build_iterator(data: Any, renderer: ChatRenderer, pad_id: int = 0, process_index: int = 0,
-                   process_count: int = 1) -> DataIterator:
+def build_iterator(
+    data: Any, renderer: ChatRenderer, pad_id: int = 0, process_index: int = 0, process_count: int = 1
+) -> DataIterator:
     """The training stream for a ``config.DataSection``: :func:`build_dataset` + :class:`DataIterator`
     (seed ``data.shuffle_seed``), yielding process ``process_index``'s rows of every global batch."""
-    dataset = build_dataset(data.path, renderer, seq_len=data.seq_len, fmt=data.format,
-                            max_conversations=data.max_conversations, heldout=data.heldout, split_long=data.packing)
-    return DataIterator(dataset, data.batch_size, packing=data.packing, seed=data.shuffle_seed, pad_id=pad_id,
-                        process_index=process_index, process_count=process_count)
+    dataset = build_dataset(
+        data.path,
+        renderer,
+        seq_len=data.seq_len,
+        fmt=data.format,
+        max_conversations=data.max_conversations,
+        heldout=data.heldout,
+        split_long=data.packing,
+    )
+    return DataIterator(
+        dataset,
+        data.batch_size,
+        packing=data.packing,
+        seed=data.shuffle_seed,
+        pad_id=pad_id,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -242,8 +263,10 @@ class DataIterator:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.batch_size % self.process_count or not 0 <= self.process_index < self.process_count:
-            raise ValueError(f"data.batch_size {self.batch_size} must be divisible by the process count "
-                             f"{self.process_count} (process index {self.process_index})")
+            raise ValueError(
+                f"data.batch_size {self.batch_size} must be divisible by the process count "
+                f"{self.process_count} (process index {self.process_index})"
+            )
 
     def _perm(self) -> np.ndarray:
         if self._order is None:
@@ -277,7 +300,7 @@ class DataIterator:
             if not self.packing and len(rows) == self.batch_size:
                 break
         per = self.batch_size // self.process_count
-        batch = make_batch(rows[self.process_index * per:(self.process_index + 1) * per], s, self.pad_id)
+        batch = make_batch(rows[self.process_index * per : (self.process_index + 1) * per], s, self.pad_id)
         cells = len(rows) * s
         stats = {
             "real_token_fraction": sum(len(ids) for row in rows for ids, _ in row) / cells,
@@ -309,8 +332,12 @@ class DataIterator:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state()``; ValueError if it was taken over a different dataset or batching."""
-        for key, mine in (("seed", self.seed), ("num_examples", len(self.dataset.examples)),
-                          ("batch_size", self.batch_size), ("packing", self.packing)):
+        for key, mine in (
+            ("seed", self.seed),
+            ("num_examples", len(self.dataset.examples)),
+            ("batch_size", self.batch_size),
+            ("packing", self.packing),
+        ):
             if state.get(key) != mine:
                 raise ValueError(f"data iterator state has {key}={state.get(key)!r}, this run has {mine!r}")
         if not (0 <= state["index"] < len(self.dataset.examples) and state["epoch"] >= 0):
@@ -320,8 +347,9 @@ class DataIterator:
     @classmethod
     def from_state(cls, dataset: TokenizedDataset, state: dict[str, Any], pad_id: int = 0) -> "DataIterator":
         """A new iterator positioned at ``state`` (as returned by :meth:`state`)."""
-        it = cls(dataset, int(state["batch_size"]), packing=bool(state["packing"]), seed=int(state["seed"]),
-                 pad_id=pad_id)
+        it = cls(
+            dataset, int(state["batch_size"]), packing=bool(state["packing"]), seed=int(state["seed"]), pad_id=pad_id
+        )
         it.restore(state)
         return it
 

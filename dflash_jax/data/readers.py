@@ -153,8 +153,12 @@ def _array_records(f: BinaryIO) -> Iterator[tuple[int, Any, str | None]]:
             if more():
                 continue
             truncated = e.pos >= len(buf) - 1 or e.msg.startswith("Unterminated")
-            yield n, None, "truncated record at end of file" if truncated else (
-                f"malformed JSON ({e.msg}); the rest of the array is unreadable (JSONL skips single bad lines)"
+            yield (
+                n,
+                None,
+                "truncated record at end of file"
+                if truncated
+                else (f"malformed JSON ({e.msg}); the rest of the array is unreadable (JSONL skips single bad lines)"),
             )
             return
         yield n, obj, None
@@ -209,8 +213,9 @@ def _records(f: BinaryIO) -> Iterator[tuple[int, Any, str | None]]:
     return _jsonl_records(f)
 
 
-def read_indexed(path: str | os.PathLike, fmt: str = "auto", require_assistant: bool = True
-                 ) -> Iterator[tuple[int, Union[Conversation, Skip]]]:
+def read_indexed(
+    path: str | os.PathLike, fmt: str = "auto", require_assistant: bool = True
+) -> Iterator[tuple[int, Union[Conversation, Skip]]]:
     """Like :func:`read_conversations`, with each item's record index (0-based array element or file line)."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")

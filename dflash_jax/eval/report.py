@@ -33,8 +33,10 @@ def _check_compatible(target, draft_cfg) -> None:
         raise ValueError(f"draft vocab_size={draft_cfg.vocab_size} != target vocab_size={tc.vocab_size}")
     bad = [i for i in draft_cfg.target_layer_ids if not 0 <= i < tc.num_layers]
     if bad:
-        raise ValueError(f"draft target_layer_ids {list(draft_cfg.target_layer_ids)} has ids {bad} outside the "
-                         f"target's layers [0, {tc.num_layers})")
+        raise ValueError(
+            f"draft target_layer_ids {list(draft_cfg.target_layer_ids)} has ids {bad} outside the "
+            f"target's layers [0, {tc.num_layers})"
+        )
     if draft_cfg.num_target_layers != tc.num_layers:
         raise ValueError(f"draft num_target_layers={draft_cfg.num_target_layers} != target num_layers={tc.num_layers}")
 
@@ -46,8 +48,9 @@ def _check_prompts(prompts: Sequence[np.ndarray], vocab_size: int) -> list[np.nd
     for i, p in enumerate(prompts):
         arr = np.asarray(p)
         if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"prompts[{i}] must be a non-empty 1-D integer array, got shape {arr.shape} "
-                             f"dtype {arr.dtype}")
+            raise ValueError(
+                f"prompts[{i}] must be a non-empty 1-D integer array, got shape {arr.shape} dtype {arr.dtype}"
+            )
         if arr.min() < 0 or arr.max() >= vocab_size:
             raise ValueError(f"prompts[{i}] has token ids outside [0, vocab_size={vocab_size})")
         out.append(arr.astype(np.int32))
@@ -55,9 +58,18 @@ def _check_prompts(prompts: Sequence[np.ndarray], vocab_size: int) -> list[np.nd
 
 
 def evaluate(
-    target, draft_model, draft_cfg, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
-    temperature: float = 0.0, seed: int = 0, check_lossless: bool = False, block_size: int | None = None,
-    max_cache_len: int | None = None, max_prompt_len: int | None = None,
+    target,
+    draft_model,
+    draft_cfg,
+    prompts: Sequence[np.ndarray],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    check_lossless: bool = False,
+    block_size: int | None = None,
+    max_cache_len: int | None = None,
+    max_prompt_len: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Speculative decoding of every prompt with ``draft_model`` (a ``DFlashDraft``) against ``target`` (a
@@ -86,25 +98,35 @@ def evaluate(
     cache_len = int(max_cache_len or tc.max_position_embeddings)
     limit = cache_len - max_new_tokens - bs
     if limit < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} + block_size={bs} leaves no room for a prompt in a "
-                         f"cache of max_cache_len={cache_len}")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} + block_size={bs} leaves no room for a prompt in a "
+            f"cache of max_cache_len={cache_len}"
+        )
     why = f"max_cache_len {cache_len} - max_new_tokens {max_new_tokens} - block_size {bs}"
     if max_prompt_len is not None and max_prompt_len < limit:
         limit, why = int(max_prompt_len), "the prompt length limit (eval.prompt_len / --prompt-len)"
     long = [i for i, p in enumerate(prompts) if p.size > limit]
     dropped = sum(prompts[i].size - limit for i in long)
     if long:
-        warnings.warn(f"{len(long)} of {len(prompts)} prompts (prompts{long[:8]}{'...' if len(long) > 8 else ''}) "
-                      f"have more than {limit} tokens ({why}); keeping their last {limit} tokens drops {dropped} "
-                      "prompt tokens, including the start of each (system turn, instructions)", stacklevel=2)
+        warnings.warn(
+            f"{len(long)} of {len(prompts)} prompts (prompts{long[:8]}{'...' if len(long) > 8 else ''}) "
+            f"have more than {limit} tokens ({why}); keeping their last {limit} tokens drops {dropped} "
+            "prompt tokens, including the start of each (system turn, instructions)",
+            stacklevel=2,
+        )
     eos = tuple(tc.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
 
     per_prompt, mismatches = [], []
     for i, prompt in enumerate(prompts):
         prompt = prompt[-limit:]
         bucket = speculative.bucket_length(prompt.size, limit)
-        kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=seed + i,
-                  eos_token_ids=eos, bucket=bucket)
+        kw = dict(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            seed=seed + i,
+            eos_token_ids=eos,
+            bucket=bucket,
+        )
         spec = speculative.speculative_generate(target.model, draft_model, prompt, block_size=bs, **kw)
         plain = speculative.plain_generate(target.model, prompt, **kw)
         same = None
@@ -113,24 +135,36 @@ def evaluate(
             if not same:
                 mismatches.append(i)
         steps = spec.accepted.size
-        per_prompt.append({
-            "prompt_tokens": int(prompt.size),
-            "new_tokens": int(spec.tokens.size),
-            "num_steps": int(steps),
-            "tau": float(np.mean(spec.accepted + 1)) if steps else None,
-            "accepted": spec.accepted.tolist(),
-            "seconds_spec": spec.seconds,
-            "seconds_plain": plain.seconds,
-            "lossless": same,
-            "tokens": spec.tokens.tolist(),
-        })
-    return summarize(per_prompt, bs, mismatches=mismatches, check_lossless=check_lossless and temperature == 0.0,
-                     extra={"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-                            "truncated_prompts": len(long), "truncated_prompt_tokens": int(dropped)})
+        per_prompt.append(
+            {
+                "prompt_tokens": int(prompt.size),
+                "new_tokens": int(spec.tokens.size),
+                "num_steps": int(steps),
+                "tau": float(np.mean(spec.accepted + 1)) if steps else None,
+                "accepted": spec.accepted.tolist(),
+                "seconds_spec": spec.seconds,
+                "seconds_plain": plain.seconds,
+                "lossless": same,
+                "tokens": spec.tokens.tolist(),
+            }
+        )
+    return summarize(
+        per_prompt,
+        bs,
+        mismatches=mismatches,
+        check_lossless=check_lossless and temperature == 0.0,
+        extra={
+            "max_new_tokens": int(max_new_tokens),
+            "temperature": float(temperature),
+            "truncated_prompts": len(long),
+            "truncated_prompt_tokens": int(dropped),
+        },
+    )
 
 
-def summarize(per_prompt: list[dict], block_size: int, *, mismatches: list[int], check_lossless: bool,
-              extra: dict | None = None) -> dict[str, Any]:
+def summarize(
+    per_prompt: list[dict], block_size: int, *, mismatches: list[int], check_lossless: bool, extra: dict | None = None
+) -> dict[str, Any]:
     """Aggregate per-prompt records (``accepted``, ``new_tokens``, ``seconds_spec``, ``seconds_plain``)."""
     acc = np.concatenate([np.asarray(p["accepted"], np.int64) for p in per_prompt]) if per_prompt else np.zeros(0)
     steps = int(acc.size)

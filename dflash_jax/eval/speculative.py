@@ -83,8 +83,18 @@ def _write(out: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
 
 
 def speculative_decode_fn(
-    t_state, d_state, prompt, num_valid, key, *, t_graph, d_graph, max_new_tokens: int, block_size: int,
-    temperature: float, eos_token_ids: tuple[int, ...],
+    t_state,
+    d_state,
+    prompt,
+    num_valid,
+    key,
+    *,
+    t_graph,
+    d_graph,
+    max_new_tokens: int,
+    block_size: int,
+    temperature: float,
+    eos_token_ids: tuple[int, ...],
 ):
     """Traceable DFlash decoding of one prompt ``[1, P]`` with ``num_valid [1]`` real tokens; the mask token and
     the tapped target layers come from the drafter's config.
@@ -146,8 +156,16 @@ def _truncate(tokens: np.ndarray, n: int, max_new_tokens: int, eos_token_ids: tu
 
 
 def speculative_generate(
-    target_model, draft_model, prompt: np.ndarray, *, max_new_tokens: int, block_size: int | None = None,
-    temperature: float = 0.0, seed: int = 0, eos_token_ids=(), bucket: int | None = None,
+    target_model,
+    draft_model,
+    prompt: np.ndarray,
+    *,
+    max_new_tokens: int,
+    block_size: int | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos_token_ids=(),
+    bucket: int | None = None,
 ) -> DecodeOutput:
     """DFlash speculative decoding of one (already truncated) ``prompt [n]`` int; ``bucket >= n`` pads it.
 
@@ -155,22 +173,39 @@ def speculative_generate(
     (t_graph, t_state), (d_graph, d_state) = nnx.split(target_model), nnx.split(draft_model)
     prompt_j, nv = _pad_prompt(prompt, bucket or bucket_length(len(prompt)))
     eos = tuple(int(e) for e in eos_token_ids)
-    statics = dict(t_graph=t_graph, d_graph=d_graph, max_new_tokens=int(max_new_tokens),
-                   block_size=int(block_size or draft_model.cfg.block_size), temperature=float(temperature),
-                   eos_token_ids=eos)
-    (toks, n, acc, steps), secs = generate.run_compiled(speculative_decode_fn, statics,
-                                                        (t_state, d_state, prompt_j, nv, jax.random.key(seed)))
+    statics = dict(
+        t_graph=t_graph,
+        d_graph=d_graph,
+        max_new_tokens=int(max_new_tokens),
+        block_size=int(block_size or draft_model.cfg.block_size),
+        temperature=float(temperature),
+        eos_token_ids=eos,
+    )
+    (toks, n, acc, steps), secs = generate.run_compiled(
+        speculative_decode_fn, statics, (t_state, d_state, prompt_j, nv, jax.random.key(seed))
+    )
     return DecodeOutput(_truncate(toks, n, max_new_tokens, eos), np.asarray(acc[: int(steps)], np.int32), secs)
 
 
 def plain_generate(
-    target_model, prompt: np.ndarray, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-    eos_token_ids=(), bucket: int | None = None,
+    target_model,
+    prompt: np.ndarray,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos_token_ids=(),
+    bucket: int | None = None,
 ) -> DecodeOutput:
     """Plain target decoding of one ``prompt [n]`` (the batched loop of :mod:`dflash_jax.generate` with one row):
     the speedup baseline and the lossless reference."""
-    out = generate.Generator(target_model)([prompt], max_new_tokens, temperature=temperature,
-                                           keys=generate.row_keys(seed, [0]), eos_token_ids=eos_token_ids,
-                                           prompt_bucket=bucket or bucket_length(len(prompt)),
-                                           capacity=max_new_tokens)
+    out = generate.Generator(target_model)(
+        [prompt],
+        max_new_tokens,
+        temperature=temperature,
+        keys=generate.row_keys(seed, [0]),
+        eos_token_ids=eos_token_ids,
+        prompt_bucket=bucket or bucket_length(len(prompt)),
+        capacity=max_new_tokens,
+    )
     return DecodeOutput(out.tokens[0], np.zeros((0,), np.int32), out.seconds)

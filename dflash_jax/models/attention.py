@@ -36,8 +36,20 @@ from jax.experimental import pallas as pl
 from dflash_jax.models.layers import MASK_VALUE, attention_scores, attention_values, masked_attention
 from dflash_jax.train.sharding import BATCH_AXES
 
-__all__ = ["IMPLEMENTATIONS", "MASK_VALUE", "BlockMask", "RangeMask", "SelfMask", "attend", "block_sparse_attention",
-           "masked_attention", "range_attention", "resolve", "windowed", "with_sinks"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MASK_VALUE",
+    "BlockMask",
+    "RangeMask",
+    "SelfMask",
+    "attend",
+    "block_sparse_attention",
+    "masked_attention",
+    "range_attention",
+    "resolve",
+    "windowed",
+    "with_sinks",
+]
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "pallas")
 CHUNK = 512  # keys per chunk of the chunked implementation (a multiple of the Pallas key block)
@@ -78,8 +90,7 @@ class RangeMask:
         """Boolean ``[B, Lq, K]`` for keys ``t0 .. t0+K-1`` (``K`` = ``k_seg``'s length, or ``length`` keys)."""
         k_seg = self.k_seg if length is None else jax.lax.dynamic_slice_in_dim(self.k_seg, t0, length, axis=1)
         t = t0 + jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None, None, :]
-        return ((self.q_seg[:, :, None] == k_seg[:, None, :]) & (t > self.lo[:, :, None])
-                & (t < self.hi[:, :, None]))
+        return (self.q_seg[:, :, None] == k_seg[:, None, :]) & (t > self.lo[:, :, None]) & (t < self.hi[:, :, None])
 
 
 @struct.dataclass
@@ -156,8 +167,11 @@ def _chunked_fwd_pass(q, k, v, mask: RangeMask, chunk: int, scale: float):
         return (m_new, alpha * l_sum + p.sum(-1), alpha[..., None] * acc + pv), None
 
     t0s = jnp.arange(0, k.shape[1], chunk, dtype=jnp.int32)
-    init = (jnp.full((b, kvh, g, lq), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, lq), jnp.float32),
-            jnp.zeros((b, kvh, g, lq, hd), jnp.float32))
+    init = (
+        jnp.full((b, kvh, g, lq), MASK_VALUE, jnp.float32),
+        jnp.zeros((b, kvh, g, lq), jnp.float32),
+        jnp.zeros((b, kvh, g, lq, hd), jnp.float32),
+    )
     (m, l_sum, acc), _ = jax.lax.scan(body, init, (_chunks(k, chunk), _chunks(v, chunk), t0s))
     ok = l_sum > 0
     out = acc / jnp.where(ok, l_sum, 1.0)[..., None]
@@ -188,8 +202,9 @@ def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: i
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     t0s = jnp.arange(0, k.shape[1], chunk, dtype=jnp.int32)
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((b, lq, kvh, g, hd), jnp.float32),
-                                (_chunks(k, chunk), _chunks(v, chunk), t0s))
+    dq, (dk, dv) = jax.lax.scan(
+        body, jnp.zeros((b, lq, kvh, g, hd), jnp.float32), (_chunks(k, chunk), _chunks(v, chunk), t0s)
+    )
     unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, kvh, hd)  # noqa: E731
     return dq.reshape(b, lq, nh, hd).astype(q.dtype), unchunk(dk), unchunk(dv)
 
@@ -214,8 +229,15 @@ def _flash_bwd(chunk, kernel, scale, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: RangeMask, impl: str = "dense",
-                    chunk: int | None = None, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+def range_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: RangeMask,
+    impl: str = "dense",
+    chunk: int | None = None,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Softmax attention under a :class:`RangeMask`; ``q [B, Lq, NH, HD]``, ``k/v [B, Lk, KVH, HD]``.
 
     Returns ``out [B, Lq, NH, HD]`` (v's dtype; exactly 0 where no key is visible) and the log-sum-exp of the
@@ -240,8 +262,21 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: RangeMask, i
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _range_attention_kernel(lo_ref, hi_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                            scale: float, block_k: int, num_k_blocks: int):
+def _range_attention_kernel(
+    lo_ref,
+    hi_ref,
+    qseg_ref,
+    kseg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    scale: float,
+    block_k: int,
+    num_k_blocks: int,
+):
     """One ``[block_q, HD]`` query tile of one head: online softmax over the key tiles in ``[min lo, max hi)``.
 
     ``lo/hi/qseg [block_q, 1]``, ``kseg [1, Lk]``, ``k/v [Lk, HD]`` (the head's whole key sequence).
@@ -268,8 +303,11 @@ def _range_attention_kernel(lo_ref, hi_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
         pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, alpha * l_sum + p.sum(-1, keepdims=True), alpha * acc + pv
 
-    init = (jnp.full((block_q, 1), MASK_VALUE, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
-            jnp.zeros((block_q, hd), jnp.float32))
+    init = (
+        jnp.full((block_q, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q, 1), jnp.float32),
+        jnp.zeros((block_q, hd), jnp.float32),
+    )
     m, l_sum, acc = jax.lax.fori_loop(first, last, body, init)
     ok = l_sum > 0
     safe_l = jnp.where(ok, l_sum, 1.0)
@@ -277,8 +315,16 @@ def _range_attention_kernel(lo_ref, hi_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
     lse_ref[...] = jnp.where(ok, m + jnp.log(safe_l), MASK_VALUE)
 
 
-def _pallas_call(q, k, v, mask: RangeMask, platform: str | None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-                 scale: float | None = None):
+def _pallas_call(
+    q,
+    k,
+    v,
+    mask: RangeMask,
+    platform: str | None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    scale: float | None = None,
+):
     """Run :func:`_range_attention_kernel` compiled for ``platform`` (``"tpu"``: Mosaic, ``"cuda"``: Triton) or
     interpreted (``None``); ``Lk`` must be a multiple of ``block_k`` (see :func:`_pad_keys`)."""
     b, lq, nh, hd = q.shape
@@ -292,20 +338,29 @@ def _pallas_call(q, k, v, mask: RangeMask, platform: str | None, block_q: int = 
     kt, vt = jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)  # [B, KVH, Lk, HD]
     lq_p = lq + pad
     per_q = pl.BlockSpec((None, block_q, 1), lambda bi, h, i: (bi, i, 0))
-    kernel = functools.partial(_range_attention_kernel, scale=hd ** -0.5 if scale is None else scale, block_k=block_k,
-                               num_k_blocks=lk // block_k)
+    kernel = functools.partial(
+        _range_attention_kernel, scale=hd**-0.5 if scale is None else scale, block_k=block_k, num_k_blocks=lk // block_k
+    )
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, nh, lq_p // block_q),
-        in_specs=[per_q, per_q, per_q,
-                  pl.BlockSpec((None, 1, lk), lambda bi, h, i: (bi, 0, 0)),
-                  pl.BlockSpec((None, None, block_q, hd), lambda bi, h, i: (bi, h, i, 0)),
-                  pl.BlockSpec((None, None, lk, hd), lambda bi, h, i: (bi, jax.lax.div(h, g), 0, 0)),
-                  pl.BlockSpec((None, None, lk, hd), lambda bi, h, i: (bi, jax.lax.div(h, g), 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, block_q, hd), lambda bi, h, i: (bi, h, i, 0)),
-                   pl.BlockSpec((None, None, block_q, 1), lambda bi, h, i: (bi, h, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, nh, lq_p, hd), v.dtype),
-                   jax.ShapeDtypeStruct((b, nh, lq_p, 1), jnp.float32)],
+        in_specs=[
+            per_q,
+            per_q,
+            per_q,
+            pl.BlockSpec((None, 1, lk), lambda bi, h, i: (bi, 0, 0)),
+            pl.BlockSpec((None, None, block_q, hd), lambda bi, h, i: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, lk, hd), lambda bi, h, i: (bi, jax.lax.div(h, g), 0, 0)),
+            pl.BlockSpec((None, None, lk, hd), lambda bi, h, i: (bi, jax.lax.div(h, g), 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, block_q, hd), lambda bi, h, i: (bi, h, i, 0)),
+            pl.BlockSpec((None, None, block_q, 1), lambda bi, h, i: (bi, h, i, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, nh, lq_p, hd), v.dtype),
+            jax.ShapeDtypeStruct((b, nh, lq_p, 1), jnp.float32),
+        ],
         interpret=platform is None,
         compiler_params=_compiler_params(platform),
         name="dflash_range_attention",
@@ -340,6 +395,7 @@ def _batch_sharded(fn, *args):
 
 def _pallas_fwd_pass(q, k, v, mask: RangeMask, scale: float):
     """The kernel compiled for TPU (Mosaic) or CUDA (Triton), interpreted on any other platform."""
+
     def call(platform):
         return lambda: _batch_sharded(lambda *a: _pallas_call(*a, platform, scale=scale), q, k, v, mask)
 
@@ -361,14 +417,27 @@ def _splash_causal(q, k, v, segment_ids, scale: float | None = None, interpret: 
     sp = s + pad
     seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)  # padded rows see only padded keys
     heads = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), 2, 1)  # noqa: E731
-    blocks = dict(block_q=BLOCK_Q, block_kv=BLOCK_K, block_kv_compute=BLOCK_K, block_q_dkv=BLOCK_Q,
-                  block_kv_dkv=BLOCK_K, block_kv_dkv_compute=BLOCK_K, block_q_dq=BLOCK_Q, block_kv_dq=BLOCK_K)
-    kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([splash_mask.CausalMask((sp, sp))] * nh),
-                                    block_sizes=splash.BlockSizes(**blocks), head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
-    scale = hd ** -0.5 if scale is None else scale
-    out = jax.vmap(kernel)(heads(q * jnp.asarray(scale, q.dtype)), heads(k), heads(v),
-                           segment_ids=splash.SegmentIds(seg, seg))
+    blocks = dict(
+        block_q=BLOCK_Q,
+        block_kv=BLOCK_K,
+        block_kv_compute=BLOCK_K,
+        block_q_dkv=BLOCK_Q,
+        block_kv_dkv=BLOCK_K,
+        block_kv_dkv_compute=BLOCK_K,
+        block_q_dq=BLOCK_Q,
+        block_kv_dq=BLOCK_K,
+    )
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.CausalMask((sp, sp))] * nh),
+        block_sizes=splash.BlockSizes(**blocks),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+    scale = hd**-0.5 if scale is None else scale
+    out = jax.vmap(kernel)(
+        heads(q * jnp.asarray(scale, q.dtype)), heads(k), heads(v), segment_ids=splash.SegmentIds(seg, seg)
+    )
     return jnp.moveaxis(out, 1, 2)[:, :s]
 
 
@@ -381,8 +450,15 @@ def _triton_causal(q, k, v, segment_ids, scale: float | None = None, interpret: 
     pad = -s % BLOCK_Q
     pad_s = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
     seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    out = gpu_attention.mha(pad_s(q), pad_s(jnp.repeat(k, g, 2)), pad_s(jnp.repeat(v, g, 2)), seg,
-                            sm_scale=hd ** -0.5 if scale is None else scale, causal=True, interpret=interpret)
+    out = gpu_attention.mha(
+        pad_s(q),
+        pad_s(jnp.repeat(k, g, 2)),
+        pad_s(jnp.repeat(v, g, 2)),
+        seg,
+        sm_scale=hd**-0.5 if scale is None else scale,
+        causal=True,
+        interpret=interpret,
+    )
     return out[:, :s]
 
 
@@ -422,8 +498,15 @@ def with_sinks(out: jax.Array, lse: jax.Array, sinks: jax.Array | None) -> jax.A
     return (out.astype(jnp.float32) * w).astype(out.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SelfMask, *, scale: float | None = None,
-           sinks: jax.Array | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | SelfMask,
+    *,
+    scale: float | None = None,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
     """The target's attention: a boolean ``mask [B, Lq, Lk]`` runs :func:`masked_attention` (decode, and the
     ``dense`` forward); a :class:`SelfMask` runs its implementation. ``pallas``: splash attention on TPU and
     Triton on CUDA for full layers without sinks, the range kernel otherwise (interpreted off TPU/GPU).
@@ -437,15 +520,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SelfMask,
     if impl == "pallas" and sinks is None and mask.window is None:
         seg = mask.segment_ids.astype(jnp.int32)
         return jax.lax.platform_dependent(
-            q, k, v, seg, tpu=functools.partial(_batch_sharded, functools.partial(_splash_causal, scale=scale)),
+            q,
+            k,
+            v,
+            seg,
+            tpu=functools.partial(_batch_sharded, functools.partial(_splash_causal, scale=scale)),
             cuda=functools.partial(_batch_sharded, functools.partial(_triton_causal, scale=scale)),
-            default=lambda *a: range_attention(*a[:3], mask.range_mask(), "pallas", scale=scale)[0])
+            default=lambda *a: range_attention(*a[:3], mask.range_mask(), "pallas", scale=scale)[0],
+        )
     out, lse = range_attention(q, k, v, mask.range_mask(), impl, scale=scale)
     return with_sinks(out, lse, sinks)
 
 
-def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array,
-                           mask: BlockMask, sinks: jax.Array | None = None) -> jax.Array:
+def block_sparse_attention(
+    q: jax.Array,
+    k_blk: jax.Array,
+    v_blk: jax.Array,
+    k_ctx: jax.Array,
+    v_ctx: jax.Array,
+    mask: BlockMask,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
     """Attention of ``N`` query blocks over shared context keys plus each block's own keys.
 
     Shapes: ``q [B, N*bs, NH, HD]``, ``k_blk/v_blk [B, N*bs, KVH, HD]``, ``k_ctx/v_ctx [B, S, KVH, HD]``,
@@ -469,8 +564,9 @@ def block_sparse_attention(q: jax.Array, k_blk: jax.Array, v_blk: jax.Array, k_c
     if impl == "dense":
         m_ctx = mask.ctx.visible()[:, None, None]
         s_ctx = jnp.where(m_ctx, attention_scores(q, k_ctx), MASK_VALUE)  # [B, KVH, G, Q, S]
-        row_max = jnp.maximum(s_ctx.max(-1).reshape(b, kvh, g, n, bs),
-                              jnp.moveaxis(s_blk.max(-1), 1, 3))  # [B, KVH, G, N, bs]
+        row_max = jnp.maximum(
+            s_ctx.max(-1).reshape(b, kvh, g, n, bs), jnp.moveaxis(s_blk.max(-1), 1, 3)
+        )  # [B, KVH, G, N, bs]
         sk = None if sinks is None else sinks.astype(jnp.float32).reshape(kvh, g, 1, 1)
         if sk is not None:
             row_max = jnp.maximum(row_max, sk)

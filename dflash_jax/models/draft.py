@@ -34,13 +34,17 @@ def check_draft_fields(cfg: Any, name: str) -> None:
     """The draft rules shared by the YAML ``draft`` section and :class:`DraftConfig` (``None`` = resolved later):
     positive dims, GQA heads, even ``head_dim``, ``mask_token_id >= 0``, ``sliding_window >= block_size``,
     ``rope_theta > 0``, ``rms_norm_eps > 0``. ``ValueError`` names ``<name>.<field>``."""
-    layers.check_model_dims(cfg, ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                                  "intermediate_size", "block_size"), name)
+    layers.check_model_dims(
+        cfg,
+        ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "block_size"),
+        name,
+    )
     if cfg.mask_token_id is not None and cfg.mask_token_id < 0:
         raise ValueError(f"{name}.mask_token_id must be >= 0, got {cfg.mask_token_id}")
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size:
-        raise ValueError(f"{name}.sliding_window must be >= {name}.block_size ({cfg.block_size}) or null, got "
-                         f"{cfg.sliding_window}")
+        raise ValueError(
+            f"{name}.sliding_window must be >= {name}.block_size ({cfg.block_size}) or null, got {cfg.sliding_window}"
+        )
     if cfg.rope_theta is not None and not cfg.rope_theta > 0:
         raise ValueError(f"{name}.rope_theta must be > 0, got {cfg.rope_theta!r}")
     if not cfg.rms_norm_eps > 0:
@@ -99,11 +103,15 @@ class DraftConfig:
             raise ValueError("DraftConfig.target_layer_ids must not be empty")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
         if bad:
-            raise ValueError(f"DraftConfig.target_layer_ids {list(self.target_layer_ids)} has ids {bad} outside "
-                             f"[0, num_target_layers={self.num_target_layers})")
+            raise ValueError(
+                f"DraftConfig.target_layer_ids {list(self.target_layer_ids)} has ids {bad} outside "
+                f"[0, num_target_layers={self.num_target_layers})"
+            )
         if not self.mask_token_id < self.vocab_size:
-            raise ValueError(f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
-                             f"{self.vocab_size}) (a row of the target's embedding table)")
+            raise ValueError(
+                f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
+                f"{self.vocab_size}) (a row of the target's embedding table)"
+            )
         if not self.initializer_range > 0:
             raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
         try:
@@ -146,8 +154,15 @@ class DraftCache:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def training_masks(anchors: jax.Array, keep: jax.Array, segment_ids: jax.Array, block_size: int,
-                   sliding_window: int | None, causal: bool, impl: str = "auto") -> attention.BlockMask:
+def training_masks(
+    anchors: jax.Array,
+    keep: jax.Array,
+    segment_ids: jax.Array,
+    block_size: int,
+    sliding_window: int | None,
+    causal: bool,
+    impl: str = "auto",
+) -> attention.BlockMask:
     """Visibility for the training forward (docs/design.md §4.4, generalised to packed segments), as positions.
 
     ``anchors/keep [B, N]``, ``segment_ids [B, S]``: context ``t`` is visible to slot ``j`` of block ``n`` iff
@@ -176,8 +191,9 @@ class DraftAttention(nnx.Module):
     """KV-injection attention: ``q`` from the block, ``k/v`` from ``[context ; block]`` (docs/design.md §4.3)."""
 
     def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
-        kw = dict(rngs=rngs, use_bias=cfg.attention_bias, std=cfg.initializer_range, param_dtype=param_dtype,
-                  dtype=dtype)
+        kw = dict(
+            rngs=rngs, use_bias=cfg.attention_bias, std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype
+        )
         h, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = nh, kvh, hd
         self.q_proj = layers.dense(h, nh * hd, ("embed", "q_heads"), **kw)
@@ -186,8 +202,9 @@ class DraftAttention(nnx.Module):
         self.o_proj = layers.dense(nh * hd, h, ("q_heads", "embed"), **kw)
         self.q_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attention_sink_bias = nnx.Param(jnp.zeros((nh,), param_dtype), out_sharding=("norm",)) \
-            if cfg.attention_sink else None
+        self.attention_sink_bias = (
+            nnx.Param(jnp.zeros((nh,), param_dtype), out_sharding=("norm",)) if cfg.attention_sink else None
+        )
 
     def key_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, L, H]`` -> RoPE'd normed keys and values ``[B, L, KVH, HD]`` (used for context and block)."""
@@ -212,8 +229,16 @@ class DraftAttention(nnx.Module):
 def draft_layer(cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> layers.DecoderBlock:
     """One draft decoder layer: the shared pre-norm block around :class:`DraftAttention`."""
     attn = DraftAttention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-    return layers.DecoderBlock(attn, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, rngs=rngs,
-                               std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
+    return layers.DecoderBlock(
+        attn,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.rms_norm_eps,
+        rngs=rngs,
+        std=cfg.initializer_range,
+        param_dtype=param_dtype,
+        dtype=dtype,
+    )
 
 
 def _apply_layer(layer, *args):
@@ -229,16 +254,31 @@ class DFlashDraft(nnx.Module):
     Build inside :func:`dflash_jax.models.layers.unsharded_init` to get logically-annotated, unplaced parameters.
     """
 
-    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-                 remat: bool = False):
+    def __init__(
+        self,
+        cfg: DraftConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = bool(remat)  # recompute each layer in the backward pass (activation memory ~ one layer)
-        self.fc = layers.dense(cfg.num_features * cfg.hidden_size, cfg.hidden_size, ("fused", "embed"), rngs=rngs,
-                               std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
+        self.fc = layers.dense(
+            cfg.num_features * cfg.hidden_size,
+            cfg.hidden_size,
+            ("fused", "embed"),
+            rngs=rngs,
+            std=cfg.initializer_range,
+            param_dtype=param_dtype,
+            dtype=dtype,
+        )
         self.hidden_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.layers = nnx.List([draft_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-                                for _ in range(cfg.num_layers)])
+        self.layers = nnx.List(
+            [draft_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype) for _ in range(cfg.num_layers)]
+        )
         self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def _cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -250,8 +290,10 @@ class DFlashDraft(nnx.Module):
         """``[B, S, T*H] -> hidden_norm(fc(x)) [B, S, H]`` (docs/design.md §4.3)."""
         blocks.check_shape("target_hidden", target_hidden, (None, None, None))
         if target_hidden.shape[-1] != self.cfg.num_features * self.cfg.hidden_size:
-            raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "
-                             f"{self.cfg.num_features}*{self.cfg.hidden_size}")
+            raise ValueError(
+                f"target_hidden last dim {target_hidden.shape[-1]} != T*H = "
+                f"{self.cfg.num_features}*{self.cfg.hidden_size}"
+            )
         return self.hidden_norm(self.fc(target_hidden.astype(self.dtype)))
 
     def _decode(self, h, kv_of_layer, cos, sin, mask):
@@ -262,9 +304,17 @@ class DFlashDraft(nnx.Module):
             h, _ = apply(layer, h, k_ctx, v_ctx, cos, sin, mask)
         return self.norm(h)
 
-    def __call__(self, noise_emb: jax.Array, target_hidden: jax.Array, anchors: jax.Array, keep: jax.Array, *,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 attention_impl: str = "auto") -> jax.Array:
+    def __call__(
+        self,
+        noise_emb: jax.Array,
+        target_hidden: jax.Array,
+        anchors: jax.Array,
+        keep: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        attention_impl: str = "auto",
+    ) -> jax.Array:
         """Training forward -> post-``norm`` hidden ``[B, N*bs, H]`` (logits: ``hidden @ lm_head.T``).
 
         ``noise_emb [B, N*bs, H]`` (target-embedded anchor token at slot 0 of kept blocks, mask token elsewhere),
@@ -287,8 +337,9 @@ class DFlashDraft(nnx.Module):
         cos, sin = self._cos_sin(blocks.draft_position_ids(s, anchors, bs, positions))  # [B, S + N*bs, HD]
         cos_c, sin_c, cos_b, sin_b = cos[:, :s], sin[:, :s], cos[:, s:], sin[:, s:]
         mask = training_masks(anchors, keep, segment_ids, bs, cfg.sliding_window, cfg.causal, attention_impl)
-        return self._decode(noise_emb, lambda i, layer: layer.self_attn.key_values(ctx, cos_c, sin_c),
-                            cos_b, sin_b, mask)
+        return self._decode(
+            noise_emb, lambda i, layer: layer.self_attn.key_values(ctx, cos_c, sin_c), cos_b, sin_b, mask
+        )
 
     # ----------------------------------------------------------------------------------------------------
     # Inference (speculative decoding): context K/V cache + one block at a time
@@ -300,8 +351,13 @@ class DFlashDraft(nnx.Module):
         dtype = dtype or self.dtype
         return DraftCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
 
-    def extend_cache(self, cache: DraftCache, target_hidden_new: jax.Array, positions_new: jax.Array,
-                     num_valid: jax.Array | None = None) -> DraftCache:
+    def extend_cache(
+        self,
+        cache: DraftCache,
+        target_hidden_new: jax.Array,
+        positions_new: jax.Array,
+        num_valid: jax.Array | None = None,
+    ) -> DraftCache:
         """Append fused-context K/V for ``target_hidden_new [B, n, T*H]`` at ``positions_new [B, n]``.
 
         Row ``i`` goes to cache index ``length + i``; ``length += num_valid`` (default ``n``), so a static chunk can
@@ -345,8 +401,8 @@ class DFlashDraft(nnx.Module):
         if cfg.sliding_window is not None:
             lo = block_start[:, None] + j[None] - cfg.sliding_window
         zeros = jnp.zeros((b, max_len), jnp.int32)
-        ctx = attention.RangeMask(q_seg=zeros[:, :bs], k_seg=zeros, lo=lo,
-                                  hi=jnp.broadcast_to(cache.length[:, None], (b, bs)))
+        ctx = attention.RangeMask(
+            q_seg=zeros[:, :bs], k_seg=zeros, lo=lo, hi=jnp.broadcast_to(cache.length[:, None], (b, bs))
+        )
         mask = attention.BlockMask(ctx=ctx, keep=jnp.ones((b, 1), bool), causal=cfg.causal, impl="dense")
         return self._decode(noise_emb, lambda i, layer: (cache.k[i], cache.v[i]), cos, sin, mask)
-

@@ -50,11 +50,16 @@ _LAYER_NAMES = {
 }
 # general.architecture -> our arch; refused GGUF architectures with the reason
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
-_REFUSED_ARCHS = {"gemma3": "Gemma 3 GGUFs carry a SentencePiece tokenizer and llama.cpp-side conventions (norm "
-                            "shift, attention scale, layer pattern)",
-                  "gpt-oss": "gpt-oss GGUFs carry an o200k tokenizer and llama.cpp's own expert layout"}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+_REFUSED_ARCHS = {
+    "gemma3": "Gemma 3 GGUFs carry a SentencePiece tokenizer and llama.cpp-side conventions (norm "
+    "shift, attention scale, layer pattern)",
+    "gpt-oss": "gpt-oss GGUFs carry an o200k tokenizer and llama.cpp's own expert layout",
+}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
@@ -82,14 +87,19 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: s
     """A :class:`TargetConfig` from GGUF metadata (``{arch}.*`` keys) and the tensor list."""
     arch = meta.get("general.architecture")
     if arch in _REFUSED_ARCHS:
-        raise ValueError(f"{source}: general.architecture={arch!r} is not supported for GGUF: "
-                         f"{_REFUSED_ARCHS[arch]}; load the HF checkpoint directory instead")
+        raise ValueError(
+            f"{source}: general.architecture={arch!r} is not supported for GGUF: "
+            f"{_REFUSED_ARCHS[arch]}; load the HF checkpoint directory instead"
+        )
     if arch not in GGUF_ARCHS:
-        raise ValueError(f"{source}: general.architecture={arch!r} is not supported "
-                         f"(supported: {', '.join(GGUF_ARCHS)})")
+        raise ValueError(
+            f"{source}: general.architecture={arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})"
+        )
     if "rope_freqs.weight" in tensor_names or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
-        raise ValueError(f"{source}: tensor rope_freqs.weight / {arch}.rope.scaling.* (scaled RoPE) is not "
-                         "supported for GGUF (supported: plain RoPE)")
+        raise ValueError(
+            f"{source}: tensor rope_freqs.weight / {arch}.rope.scaling.* (scaled RoPE) is not "
+            "supported for GGUF (supported: plain RoPE)"
+        )
 
     def get(key, default=None):
         full = f"{arch}.{key}"
@@ -102,9 +112,13 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: s
     eos = meta.get("tokenizer.ggml.eos_token_id")
     moe = {}
     if GGUF_ARCHS[arch] == "qwen3_moe":
-        moe = dict(moe_layers=tuple(range(int(get("block_count")))), num_experts=int(get("expert_count")),
-                   num_experts_per_tok=int(get("expert_used_count")), norm_topk_prob=True,
-                   moe_intermediate_size=int(get("expert_feed_forward_length")))
+        moe = dict(
+            moe_layers=tuple(range(int(get("block_count")))),
+            num_experts=int(get("expert_count")),
+            num_experts_per_tok=int(get("expert_used_count")),
+            norm_topk_prob=True,
+            moe_intermediate_size=int(get("expert_feed_forward_length")),
+        )
     return TargetConfig(
         arch=GGUF_ARCHS[arch],
         vocab_size=int(get("vocab_size", len(tokens) if tokens else 0)),
@@ -168,8 +182,10 @@ class _GGUFReader:
         t = self.tensors[gname]
         qtype = GGMLQuantizationType(t.tensor_type)
         if qtype.name not in _SUPPORTED_QUANTS:
-            raise ValueError(f"{name}: tensor {gname!r} has quantisation type {qtype.name}, not supported "
-                             f"(supported: {', '.join(_SUPPORTED_QUANTS)})")
+            raise ValueError(
+                f"{name}: tensor {gname!r} has quantisation type {qtype.name}, not supported "
+                f"(supported: {', '.join(_SUPPORTED_QUANTS)})"
+            )
         experts = gname.endswith("_exps.weight")
         want = (shape[0], shape[2], shape[1]) if experts else tuple(shape)
         stored = tuple(int(d) for d in reversed(t.shape))

@@ -146,8 +146,9 @@ class _SafetensorsReader:
         if stored not in _ST_DTYPES and not packed:
             raise ValueError(f"{where}: dtype {stored} is not supported (supported: {', '.join(_ST_DTYPES)})")
         if not packed and self.expected_dtype is not None and _ST_DTYPES[stored] != self.expected_dtype:
-            raise ValueError(f"{where}: stored as {_ST_DTYPES[stored]} but config.json declares dtype "
-                             f"{self.expected_dtype}")
+            raise ValueError(
+                f"{where}: stored as {_ST_DTYPES[stored]} but config.json declares dtype {self.expected_dtype}"
+            )
         if tuple(sl.get_shape()) != tuple(shape):
             raise ValueError(f"{where}: shape {tuple(sl.get_shape())} does not match the config's {tuple(shape)}")
         return h.get_tensor(name)

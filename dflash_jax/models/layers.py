@@ -47,8 +47,10 @@ def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = N
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}.{f} must be a positive integer, got {v!r}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ValueError(f"{name}.num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
-                         f"num_key_value_heads ({cfg.num_key_value_heads})")
+        raise ValueError(
+            f"{name}.num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({cfg.num_key_value_heads})"
+        )
     if cfg.head_dim % 2:
         raise ValueError(f"{name}.head_dim must be even for RoPE, got {cfg.head_dim}")
 
@@ -84,8 +86,16 @@ class RMSNorm(nnx.Module):
     x.dtype)`` with the scale applied in fp32; ``offset=1`` is Gemma's ``(1 + w)`` form (weight initialised to 0).
     """
 
-    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32, axis: str = "norm",
-                 offset: float = 0.0, upcast: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        param_dtype: Any = jnp.float32,
+        axis: str = "norm",
+        offset: float = 0.0,
+        upcast: bool = False,
+    ):
         self.eps = float(eps)
         self.offset, self.upcast = float(offset), bool(upcast or offset)
         init = jnp.zeros if offset else jnp.ones
@@ -107,8 +117,17 @@ class SwiGLU(nnx.Module):
     """``down(act(gate(x)) * up(x))`` with ``gate/up [H, I]`` and ``down [I, H]`` (no bias); ``act`` is ``silu``
     (SwiGLU) or ``gelu_pytorch_tanh`` (Gemma's GeGLU), keys of :data:`ACTIVATIONS`."""
 
-    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, std: float = 0.02,
-                 param_dtype: Any = jnp.float32, dtype: Any = None, act: str = "silu"):
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        *,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+        act: str = "silu",
+    ):
         self.act = ACTIVATIONS[act]
         kw = dict(rngs=rngs, std=std, param_dtype=param_dtype, dtype=dtype)
         self.gate_proj = dense(hidden, intermediate, ("embed", "mlp"), **kw)
@@ -126,15 +145,29 @@ class DecoderBlock(nnx.Module):
     replacement MLP module (an MoE block) instead of the SwiGLU; ``norm_kw``: extra :class:`RMSNorm` options of
     both norms (gpt-oss ``upcast``)."""
 
-    def __init__(self, self_attn: nnx.Module, hidden: int, intermediate: int, eps: float, *, rngs: nnx.Rngs,
-                 std: float = 0.02, param_dtype: Any = jnp.float32, dtype: Any = None, mlp: nnx.Module | None = None,
-                 norm_kw: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        self_attn: nnx.Module,
+        hidden: int,
+        intermediate: int,
+        eps: float,
+        *,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+        mlp: nnx.Module | None = None,
+        norm_kw: Mapping[str, Any] | None = None,
+    ):
         norm_kw = dict(norm_kw or {}, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(hidden, eps, **norm_kw)
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden, eps, **norm_kw)
-        self.mlp = mlp if mlp is not None else SwiGLU(hidden, intermediate, rngs=rngs, std=std,
-                                                      param_dtype=param_dtype, dtype=dtype)
+        self.mlp = (
+            mlp
+            if mlp is not None
+            else SwiGLU(hidden, intermediate, rngs=rngs, std=std, param_dtype=param_dtype, dtype=dtype)
+        )
 
     def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
         a, aux = self.self_attn(self.input_layernorm(h), *args)
@@ -147,8 +180,11 @@ class DecoderBlock(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-_ROPE_REQUIRED = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
-                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def _rope_type(scaling: Mapping[str, Any] | None) -> str:
@@ -173,8 +209,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
     if rope_type == "default":
         return inv
     if rope_type not in _ROPE_REQUIRED:
-        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported "
-                         f"(supported: default, {', '.join(_ROPE_REQUIRED)})")
+        raise ValueError(
+            f"rope_scaling.rope_type={rope_type!r} is not supported (supported: default, {', '.join(_ROPE_REQUIRED)})"
+        )
     missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling with rope_type={rope_type!r} is missing {missing}")
@@ -225,8 +262,9 @@ def rope_attention_factor(scaling: Mapping[str, Any] | None) -> float:
     return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray | jax.Array, dtype: Any,
-                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    positions: jax.Array, inv_freq: np.ndarray | jax.Array, dtype: Any, scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin ``[..., L, HD]`` for integer ``positions [..., L]``, times ``scale`` (YaRN's attention factor);
     computed in fp32 then cast to ``dtype``."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
@@ -257,17 +295,22 @@ def attention_scores(q: jax.Array, k: jax.Array, scale: float | None = None, hea
     b, lq, nh, hd = q.shape
     kvh = k.shape[1 if heads_first else 2]
     qg = q.reshape(b, lq, kvh, nh // kvh, hd)
-    s = jnp.einsum("bqkgd,bktd->bkgqt" if heads_first else "bqkgd,btkd->bkgqt", qg, k,
-                   preferred_element_type=jnp.float32)
-    return s * (hd ** -0.5 if scale is None else scale)
+    s = jnp.einsum(
+        "bqkgd,bktd->bkgqt" if heads_first else "bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32
+    )
+    return s * (hd**-0.5 if scale is None else scale)
 
 
 def attention_values(p: jax.Array, v: jax.Array, heads_first: bool = False) -> jax.Array:
     """``p [B, KVH, G, Lq, Lk]`` (probabilities) x ``v [B, Lk, KVH, HD]`` (``[B, KVH, Lk, HD]`` with
     ``heads_first``) -> ``[B, Lq, NH, HD]`` (v's dtype)."""
     b, kvh, g, lq, _ = p.shape
-    out = jnp.einsum("bkgqt,bktd->bqkgd" if heads_first else "bkgqt,btkd->bqkgd", p.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bkgqt,bktd->bqkgd" if heads_first else "bkgqt,btkd->bqkgd",
+        p.astype(v.dtype),
+        v,
+        preferred_element_type=jnp.float32,
+    )
     return out.reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
 
 
@@ -281,8 +324,16 @@ def sink_softmax(s: jax.Array, sinks: jax.Array | None) -> jax.Array:
     return jax.nn.softmax(jnp.concatenate([s, sk], axis=-1), axis=-1)[..., :-1]
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float | None = None,
-                     sinks: jax.Array | None = None, heads_first: bool = False) -> jax.Array:
+def masked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float | None = None,
+    sinks: jax.Array | None = None,
+    heads_first: bool = False,
+) -> jax.Array:
     """Softmax attention with a boolean ``mask [B, Lq, Lk]`` (True = attend; B may be 1 to broadcast).
 
     Masked logits get :data:`MASK_VALUE` (finite), so fully-masked rows are uniform, never NaN. ``scale``: see

@@ -100,14 +100,27 @@ class TargetConfig:
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"{type(self).__name__}.arch={self.arch!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_ARCHS)})")
-        layers.check_model_dims(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                       "num_attention_heads", "num_key_value_heads", "head_dim",
-                                       "max_position_embeddings"))
+            raise ValueError(
+                f"{type(self).__name__}.arch={self.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
+        layers.check_model_dims(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+            ),
+        )
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
-            raise ValueError(f"{type(self).__name__}.rope_theta ({self.rope_theta}) and rms_norm_eps "
-                             f"({self.rms_norm_eps}) must be positive")
+            raise ValueError(
+                f"{type(self).__name__}.rope_theta ({self.rope_theta}) and rms_norm_eps "
+                f"({self.rms_norm_eps}) must be positive"
+            )
         layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
         if self.qk_norm is None:
@@ -118,21 +131,27 @@ class TargetConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if len(self.layer_types) != self.num_layers or bad:
-                raise ValueError(f"{name}.layer_types must list {self.num_layers} entries of {LAYER_TYPES}, "
-                                 f"got {self.layer_types}")
+                raise ValueError(
+                    f"{name}.layer_types must list {self.num_layers} entries of {LAYER_TYPES}, got {self.layer_types}"
+                )
             if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
-                raise ValueError(f"{name}.sliding_window must be a positive integer when layer_types has "
-                                 f"sliding_attention layers, got {self.sliding_window!r}")
+                raise ValueError(
+                    f"{name}.sliding_window must be a positive integer when layer_types has "
+                    f"sliding_attention layers, got {self.sliding_window!r}"
+                )
         if self.hidden_act not in layers.ACTIVATIONS:
-            raise ValueError(f"{name}.hidden_act={self.hidden_act!r} is not supported "
-                             f"(supported: {', '.join(layers.ACTIVATIONS)})")
+            raise ValueError(
+                f"{name}.hidden_act={self.hidden_act!r} is not supported (supported: {', '.join(layers.ACTIVATIONS)})"
+            )
         if self.moe_layers:
             if any(not 0 <= i < self.num_layers for i in self.moe_layers):
                 raise ValueError(f"{name}.moe_layers {self.moe_layers} outside [0, {self.num_layers})")
             if not 1 <= self.num_experts_per_tok <= self.num_experts or self.moe_intermediate_size < 1:
-                raise ValueError(f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
-                                 f"{name}.num_experts ({self.num_experts})] and {name}.moe_intermediate_size "
-                                 f"({self.moe_intermediate_size}) >= 1")
+                raise ValueError(
+                    f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
+                    f"{name}.num_experts ({self.num_experts})] and {name}.moe_intermediate_size "
+                    f"({self.moe_intermediate_size}) >= 1"
+                )
 
     def __hash__(self):  # rope_scaling is a dict; hash the JSON form so the config can be a static jit argument
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -175,8 +194,16 @@ class Attention(nnx.Module):
     per-head sink logit ``sinks [NH]`` (gpt-oss). The scale is ``query_pre_attn_scalar**-0.5`` when set.
     """
 
-    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any,
-                 norm_kw: Mapping[str, Any] | None = None, sinks: bool = False):
+    def __init__(
+        self,
+        cfg: TargetConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any,
+        dtype: Any,
+        norm_kw: Mapping[str, Any] | None = None,
+        sinks: bool = False,
+    ):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         h, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
@@ -189,8 +216,13 @@ class Attention(nnx.Module):
             self.k_norm = layers.RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, **(norm_kw or {}))
         else:
             self.q_norm = self.k_norm = None
-        self.sinks = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.02), ("norm",))(
-            rngs.params(), (nh,), param_dtype)) if sinks else None
+        self.sinks = (
+            nnx.Param(
+                nnx.with_partitioning(nnx.initializers.normal(0.02), ("norm",))(rngs.params(), (nh,), param_dtype)
+            )
+            if sinks
+            else None
+        )
         self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
         self.shape = (nh, kvh, hd)
 
@@ -205,15 +237,18 @@ class Attention(nnx.Module):
         kv = (k, v)
         if past is not None:
             rows = jnp.arange(x.shape[0])[:, None]
-            kv = tuple(c.at[past[2], rows, :, write_pos].set(new.astype(c.dtype), mode="drop")
-                       for c, new in zip(past[:2], (k, v)))
+            kv = tuple(
+                c.at[past[2], rows, :, write_pos].set(new.astype(c.dtype), mode="drop")
+                for c, new in zip(past[:2], (k, v))
+            )
             k, v = kv[0][past[2]], kv[1][past[2]]
         sinks = None if self.sinks is None else self.sinks[...]
         if past is None:
             a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
         else:
-            a = layers.masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks,
-                                        heads_first=True)
+            a = layers.masked_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks, heads_first=True
+            )
         return self.o_proj(a.reshape(*x.shape[:2], -1)), kv
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -228,16 +263,31 @@ class Attention(nnx.Module):
         return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
 
 
-
-def decoder_layer(cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any, mlp: nnx.Module | None = None,
-                  norm_kw: Mapping[str, Any] | None = None,
-                  attn_kw: Mapping[str, Any] | None = None) -> layers.DecoderBlock:
+def decoder_layer(
+    cfg: TargetConfig,
+    *,
+    rngs: nnx.Rngs,
+    param_dtype: Any,
+    dtype: Any,
+    mlp: nnx.Module | None = None,
+    norm_kw: Mapping[str, Any] | None = None,
+    attn_kw: Mapping[str, Any] | None = None,
+) -> layers.DecoderBlock:
     """One target decoder layer: the shared pre-norm block around :class:`Attention`. ``mlp``: a replacement MLP
     (an MoE block) instead of the dense SwiGLU; ``norm_kw``: extra :class:`layers.RMSNorm` options of both norms;
     ``attn_kw``: extra :class:`Attention` options."""
     attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, **(attn_kw or {}))
-    return layers.DecoderBlock(attn, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps, rngs=rngs,
-                               param_dtype=param_dtype, dtype=dtype, mlp=mlp, norm_kw=norm_kw)
+    return layers.DecoderBlock(
+        attn,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.rms_norm_eps,
+        rngs=rngs,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        mlp=mlp,
+        norm_kw=norm_kw,
+    )
 
 
 def _as_int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -252,8 +302,7 @@ def _as_int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
 class TargetModel(nnx.Module):
     """Frozen Llama/Qwen2/Qwen3 decoder. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype."""
 
-    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
-                 dtype: Any = jnp.float32):
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
         self.config = cfg
         self.dtype = dtype
         embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
@@ -268,10 +317,14 @@ class TargetModel(nnx.Module):
             family = families.FAMILIES[cfg.arch]
             self.layers = nnx.List([family.make_layer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.embed_scale = None if family is None else family.embed_scale(cfg)
-        self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype,
-                                   **({} if family is None else family.norm_kw))
-        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
-            embed_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+        self.norm = layers.RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, **({} if family is None else family.norm_kw)
+        )
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nnx.Param(embed_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+        )
 
     # -- shared pieces borrowed by the draft -------------------------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -327,8 +380,15 @@ class TargetModel(nnx.Module):
         taps = jnp.concatenate([outs[i] for i in ids], axis=-1) if ids else h[..., :0]
         return jax.lax.stop_gradient(taps), jax.lax.stop_gradient(final), kv
 
-    def __call__(self, input_ids, *, positions=None, segment_ids=None, layer_ids: Sequence[int] = (),
-                 attention_impl: str = "auto"):
+    def __call__(
+        self,
+        input_ids,
+        *,
+        positions=None,
+        segment_ids=None,
+        layer_ids: Sequence[int] = (),
+        attention_impl: str = "auto",
+    ):
         """Full causal forward.
 
         ``input_ids [B,S]`` int; ``positions [B,S]`` (default ``arange(S)``); ``segment_ids [B,S]`` (default
@@ -342,10 +402,14 @@ class TargetModel(nnx.Module):
             raise ValueError(f"input_ids must be [B,S], got shape {input_ids.shape}")
         input_ids = _as_int_array("input_ids", input_ids, input_ids.shape)
         b, s = input_ids.shape
-        positions = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if positions is None
-                     else _as_int_array("positions", positions, (b, s)))
-        segment_ids = (jnp.ones((b, s), jnp.int32) if segment_ids is None
-                       else _as_int_array("segment_ids", segment_ids, (b, s)))
+        positions = (
+            jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            if positions is None
+            else _as_int_array("positions", positions, (b, s))
+        )
+        segment_ids = (
+            jnp.ones((b, s), jnp.int32) if segment_ids is None else _as_int_array("segment_ids", segment_ids, (b, s))
+        )
         if attention.resolve(attention_impl, keys=s) == "dense":
             causal = jnp.tril(jnp.ones((s, s), bool))
             mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -421,8 +485,17 @@ def _logits_jit(model, input_ids):
 class Target:
     """A loaded frozen target: model + tokenizer + chat template (what :func:`load_target` returns)."""
 
-    def __init__(self, config: TargetConfig, model: TargetModel, *, tokenizer=None, chat_template: str | None = None,
-                 bos_token: str | None = None, eos_token: str | None = None, source: str | None = None):
+    def __init__(
+        self,
+        config: TargetConfig,
+        model: TargetModel,
+        *,
+        tokenizer=None,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        source: str | None = None,
+    ):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -435,8 +508,7 @@ class Target:
 
     def __repr__(self):
         c = self.config
-        return (f"Target({c.arch}, L={c.num_layers}, H={c.hidden_size}, V={c.vocab_size}, "
-                f"source={self.source!r})")
+        return f"Target({c.arch}, L={c.num_layers}, H={c.hidden_size}, V={c.vocab_size}, source={self.source!r})"
 
     def logits(self, input_ids) -> jax.Array:
         """``[B,S]`` int -> ``[B,S,V]`` float32 logits (full causal forward, jitted)."""
@@ -459,4 +531,3 @@ class Target:
             self._generator = generate.Generator(self.model)
         stop = self.eos_token_ids if stop_ids is None else stop_ids
         return self._generator([prompt], int(max_new_tokens), eos_token_ids=stop).tokens[0].tolist()
-

@@ -35,8 +35,14 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return "model." + ".".join(parts), transpose
 
 
-def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]], np.ndarray], *,
-                       dtype: Any = "float32", mesh=None, shardings=None) -> TargetModel:
+def build_target_model(
+    cfg: TargetConfig,
+    fetch: Callable[[str, tuple[int, ...]], np.ndarray],
+    *,
+    dtype: Any = "float32",
+    mesh=None,
+    shardings=None,
+) -> TargetModel:
     """Materialise a ``TargetModel`` from named tensors without a random init.
 
     ``fetch(hf_name, torch_shape) -> np.ndarray`` returns the tensor in torch layout (it raises a ValueError
@@ -71,8 +77,11 @@ def build_target_model(cfg: TargetConfig, fetch: Callable[[str, tuple[int, ...]]
         arr = np.ascontiguousarray(arr.T) if transpose else arr
         sh = sh_flat.get(path)
         sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-        leaves[path] = (jax.device_put(arr) if sh is None
-                        else jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx]))
+        leaves[path] = (
+            jax.device_put(arr)
+            if sh is None
+            else jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
+        )
     state = nnx.from_flat_state([(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abs_state)])
     return nnx.merge(graphdef, state)
 
@@ -95,8 +104,15 @@ def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shar
     else:
         raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
     model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings)
-    return Target(cfg, model, tokenizer=tok.tokenizer, chat_template=tok.chat_template, bos_token=tok.bos_token,
-                  eos_token=tok.eos_token, source=path)
+    return Target(
+        cfg,
+        model,
+        tokenizer=tok.tokenizer,
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        source=path,
+    )
 
 
 def random_target(cfg: TargetConfig, seed: int = 0, dtype: str = "float32") -> Target:

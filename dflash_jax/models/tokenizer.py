@@ -13,8 +13,10 @@ from typing import Any, Mapping, Sequence
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 # llama.cpp ``tokenizer.ggml.pre`` values we can rebuild, and their pre-tokenizers.
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SUPPORTED_GGUF_PRE = ("smollm", "qwen2", "gpt-2")
 # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _SPECIAL_TOKEN_TYPES = (3, 4)
@@ -64,13 +66,15 @@ def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
         raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not supported (supported: gpt2 byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in SUPPORTED_GGUF_PRE:
-        raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (supported: "
-                         f"{', '.join(SUPPORTED_GGUF_PRE)})")
+        raise ValueError(
+            f"{source}: tokenizer.ggml.pre={pre!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_PRE)})"
+        )
     tokens: Sequence[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     try:
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                                   byte_fallback=False))
+        tok = Tokenizer(
+            models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+        )
     except Exception as e:  # tokenizers raises a bare Exception on inconsistent vocab/merges
         raise ValueError(f"{source}: tokenizer.ggml.tokens/merges do not form a BPE model ({e})") from e
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "qwen2")
@@ -78,17 +82,21 @@ def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre == "qwen2":
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated", invert=False), byte_level])
+            [pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated", invert=False), byte_level]
+        )
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty in _SPECIAL_TOKEN_TYPES])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in _SPECIAL_TOKEN_TYPES]
+    )
     bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     bos = tokens[bos_id] if bos_id is not None else None
     if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, int(bos_id))])
-    return TokenizerBundle(tok, meta.get("tokenizer.chat_template"), bos,
-                           tokens[eos_id] if eos_id is not None else None)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+        )
+    return TokenizerBundle(
+        tok, meta.get("tokenizer.chat_template"), bos, tokens[eos_id] if eos_id is not None else None
+    )

@@ -99,8 +99,11 @@ def _jsonable(v: Any) -> Any:
 def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Raise ValueError naming every field whose saved value differs from the current config."""
     keys = sorted(set(saved) | set(current))
-    diffs = [f"{k}: checkpoint={saved.get(k, '<absent>')!r} config={current.get(k, '<absent>')!r}"
-             for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
+    diffs = [
+        f"{k}: checkpoint={saved.get(k, '<absent>')!r} config={current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k, "<absent>") != current.get(k, "<absent>")
+    ]
     if diffs:
         raise ValueError("checkpoint was written with another config; differing fields: " + "; ".join(diffs))
 
@@ -108,8 +111,11 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> N
 def key_to_json(key: jax.Array) -> dict[str, Any]:
     """A PRNG key (typed or raw uint32) as ``{"impl": name, "data": [ints]}``."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return {"impl": str(jax.random.key_impl(key)), "data": np.asarray(jax.random.key_data(key)).tolist(),
-                "typed": True}
+        return {
+            "impl": str(jax.random.key_impl(key)),
+            "data": np.asarray(jax.random.key_data(key)).tolist(),
+            "typed": True,
+        }
     return {"impl": None, "data": np.asarray(key).tolist(), "typed": False}
 
 
@@ -127,7 +133,8 @@ def is_complete_step_dir(path: str) -> bool:
     if not name.isdigit() or not os.path.isdir(path):
         return False
     return os.path.isfile(os.path.join(path, _METADATA_FILE)) and all(
-        os.path.isdir(os.path.join(path, item)) and os.listdir(os.path.join(path, item)) for item in ITEMS)
+        os.path.isdir(os.path.join(path, item)) and os.listdir(os.path.join(path, item)) for item in ITEMS
+    )
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -209,8 +216,16 @@ class Checkpointer:
     (export, eval): nothing in ``directory`` is created, cleaned up or set aside.
     """
 
-    def __init__(self, directory: str, *, save_every: int, keep: int | None = 3,
-                 fingerprint: Mapping[str, Any] | None = None, async_save: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_every: int,
+        keep: int | None = 3,
+        fingerprint: Mapping[str, Any] | None = None,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if save_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {save_every}")
         if keep is not None and keep < 1:
@@ -229,18 +244,25 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=async_save,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None))
+                max_to_keep=None if read_only else keep,
+                create=not read_only,
+                enable_async_checkpointing=async_save,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None,
+            ),
+        )
 
     def _remove_leftovers(self) -> None:
         """Delete what a killed writer leaves behind (module docstring); complete steps are never touched."""
         for name in sorted(os.listdir(self.directory)):
             path = os.path.join(self.directory, name)
-            stale = (_TMP_SUFFIX in name or ".incomplete" in name
-                     or (name.isdigit() and not is_complete_step_dir(path)))
+            stale = _TMP_SUFFIX in name or ".incomplete" in name or (name.isdigit() and not is_complete_step_dir(path))
             if stale and os.path.isdir(path) and not os.path.islink(path):
-                log.warning("checkpoint directory %s: deleting %s, left behind by an interrupted save or deletion "
-                            "(never restorable)", self.directory, name)
+                log.warning(
+                    "checkpoint directory %s: deleting %s, left behind by an interrupted save or deletion "
+                    "(never restorable)",
+                    self.directory,
+                    name,
+                )
                 shutil.rmtree(path)
 
     def _seal(self, step: int | None = None) -> None:
@@ -257,26 +279,32 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """Complete steps, ascending."""
-        return sorted(s for s in self._mngr.all_steps()
-                      if is_complete_step_dir(os.path.join(self.directory, str(s))))
+        return sorted(s for s in self._mngr.all_steps() if is_complete_step_dir(os.path.join(self.directory, str(s))))
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def save(self, state: TrainState, *, data_state: Any = None, rng: jax.Array | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, state: TrainState, *, data_state: Any = None, rng: jax.Array | None = None, force: bool = False
+    ) -> bool:
         """Save ``state`` at ``int(state.step)`` if ``step % save_every == 0`` (or ``force``); returns whether it
         did. A step that is already saved is not written again. Waits for the previous save first."""
         step = int(jax.device_get(state.step))
         if not (force or step % self.save_every == 0) or step in self._mngr.all_steps():
             return False
-        meta = {"step": step, "skipped_updates": int(jax.device_get(state.skipped_updates)),
-                "data_state": data_state, "rng": None if rng is None else key_to_json(rng),
-                "fingerprint": self.fingerprint}
-        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                                  opt_state=ocp.args.StandardSave(state.opt_state),
-                                  meta=ocp.args.JsonSave(meta))
+        meta = {
+            "step": step,
+            "skipped_updates": int(jax.device_get(state.skipped_updates)),
+            "data_state": data_state,
+            "rng": None if rng is None else key_to_json(rng),
+            "fingerprint": self.fingerprint,
+        }
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+        )
         self._mngr.wait_until_finished()  # at most one save in flight; _seal reads self._saving
         self._saving = step
         saved = self._mngr.save(step, args=args, force=True)
@@ -289,8 +317,12 @@ class Checkpointer:
         try:
             return manifest_problem(os.path.join(self.directory, str(step)))
         except FileNotFoundError:
-            log.warning("checkpoint step %d in %s has no %s (saved by an older dflash-jax); restoring it unverified",
-                        step, self.directory, MANIFEST_FILE)
+            log.warning(
+                "checkpoint step %d in %s has no %s (saved by an older dflash-jax); restoring it unverified",
+                step,
+                self.directory,
+                MANIFEST_FILE,
+            )
             return None
 
     def _set_aside(self, step: int) -> None:
@@ -309,8 +341,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"dflash_jax checkpoint step {step} set aside")
         self._mngr.reload()
 
-    def restore(self, abstract_state: TrainState, step: int | None = None
-                ) -> tuple[TrainState, dict[str, Any]]:
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """Restore ``step`` (default: the newest good one) onto the shardings carried by ``abstract_state``.
 
         Without ``step``, damaged steps (manifest mismatch, unreadable) are skipped newest-first with a warning
@@ -321,8 +352,7 @@ class Checkpointer:
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"checkpoint step {step} is not a complete step in {self.directory}: "
-                                        f"{steps}")
+                raise FileNotFoundError(f"checkpoint step {step} is not a complete step in {self.directory}: {steps}")
             restored, problem = self._try_restore(abstract_state, step)
             if problem is not None:
                 raise ValueError(f"checkpoint step {step} in {self.directory} is damaged: {problem}")
@@ -334,8 +364,12 @@ class Checkpointer:
             restored, problem = self._try_restore(abstract_state, s)
             if problem is None:
                 return restored
-            log.warning("checkpoint step %d in %s is damaged (%s); falling back to the previous checkpoint", s,
-                        self.directory, problem)
+            log.warning(
+                "checkpoint step %d in %s is damaged (%s); falling back to the previous checkpoint",
+                s,
+                self.directory,
+                problem,
+            )
             damaged.append(f"step {s}: {problem}")
             self._set_aside(s)
         raise FileNotFoundError(f"no restorable checkpoint in {self.directory}: " + "; ".join(damaged))
@@ -356,15 +390,22 @@ class Checkpointer:
             raise _Damaged(f"meta unreadable: {type(e).__name__}: {e}") from e
         check_fingerprint(saved_fingerprint, self.fingerprint)
         try:
-            restored = self._mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                opt_state=ocp.args.StandardRestore(abstract_state.opt_state)))
+            restored = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state.params),
+                    opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                ),
+            )
             step_sharding = abstract_state.step.sharding
             state = TrainState(
                 step=jax.device_put(np.int32(meta["step"]), step_sharding),
-                params=restored["params"], opt_state=restored["opt_state"],
-                skipped_updates=jax.device_put(np.int32(meta["skipped_updates"]),
-                                               abstract_state.skipped_updates.sharding))
+                params=restored["params"],
+                opt_state=restored["opt_state"],
+                skipped_updates=jax.device_put(
+                    np.int32(meta["skipped_updates"]), abstract_state.skipped_updates.sharding
+                ),
+            )
             rng = None if meta.get("rng") is None else key_from_json(meta["rng"])
         except Exception as e:
             raise _Damaged(f"unreadable: {type(e).__name__}: {e}") from e

@@ -30,8 +30,18 @@ def prefill_flops(c: Any, b: int, s: int) -> float:
     return 2 * b * s * p_mm + attn + 2 * b * c.hidden_size * c.vocab_size
 
 
-def train_flops(tc: Any, dc: Any, b: int, s: int, n: int, kd: bool, *, online: bool = True,
-                dense_attention: bool = False, full_teacher: bool = False) -> float:
+def train_flops(
+    tc: Any,
+    dc: Any,
+    b: int,
+    s: int,
+    n: int,
+    kd: bool,
+    *,
+    online: bool = True,
+    dense_attention: bool = False,
+    full_teacher: bool = False,
+) -> float:
     """``F`` above for target config ``tc``, ``DraftConfig`` ``dc``, batch ``b``, sequence ``s``, ``n`` anchors;
     ``online=False`` (offline features): no target forward. ``dense_attention``: draft attention over all
     ``S + N*bs`` keys (the reference's dense mask) instead of ``S + bs``; ``full_teacher``: the target's logits at
@@ -40,8 +50,12 @@ def train_flops(tc: Any, dc: Any, b: int, s: int, n: int, kd: bool, *, online: b
     target = prefill_flops(tc, b, s) - 2 * b * tc.hidden_size * tc.vocab_size if online else 0
     nh, kvh, hd, i = dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim, dc.intermediate_size
     keys = s + (q if dense_attention else bs)
-    per_layer = (2 * b * s * h * 2 * kvh * hd + 2 * b * q * h * (2 * nh * hd + 2 * kvh * hd) + 2 * b * q * 3 * h * i
-                 + 4 * b * q * keys * nh * hd)
+    per_layer = (
+        2 * b * s * h * 2 * kvh * hd
+        + 2 * b * q * h * (2 * nh * hd + 2 * kvh * hd)
+        + 2 * b * q * 3 * h * i
+        + 4 * b * q * keys * nh * hd
+    )
     draft = 2 * b * s * dc.num_features * h * h + dc.num_layers * per_layer
     lm_head = 2 * b * q * h * dc.vocab_size
     teacher = 2 * b * s * h * dc.vocab_size if full_teacher else (lm_head if kd else 0)
@@ -59,12 +73,16 @@ def format_seconds(seconds: float) -> str:
 def plan_line(*, steps: int, start: int, batch: int, seq_len: int, flops: float) -> str:
     """The plan printed before the first step: tokens and model FLOPs per step and for the remaining steps."""
     left = steps - start
-    return (f"plan: {left} steps (of {steps}) x {batch * seq_len} tokens/step ({batch} x {seq_len}); "
-            f"{flops / 1e12:.4g} TFLOP/step (model FLOPs, docs/benchmarks.md), {left * flops / 1e15:.4g} PFLOP in all")
+    return (
+        f"plan: {left} steps (of {steps}) x {batch * seq_len} tokens/step ({batch} x {seq_len}); "
+        f"{flops / 1e12:.4g} TFLOP/step (model FLOPs, docs/benchmarks.md), {left * flops / 1e15:.4g} PFLOP in all"
+    )
 
 
 def eta_line(*, step_s: float, measured: int, first_s: float, steps_left: int) -> str:
     """The estimate printed after the warm-up steps: seconds per step and the time left."""
-    return (f"plan: first step (compile) {format_seconds(first_s)}; step time {step_s:.3g}s (median of the next "
-            f"{measured} steps); ETA {format_seconds(step_s * steps_left)} for the remaining {steps_left} steps "
-            "(plus eval and checkpoint time)")
+    return (
+        f"plan: first step (compile) {format_seconds(first_s)}; step time {step_s:.3g}s (median of the next "
+        f"{measured} steps); ETA {format_seconds(step_s * steps_left)} for the remaining {steps_left} steps "
+        "(plus eval and checkpoint time)"
+    )

@@ -41,8 +41,7 @@ from safetensors.numpy import save_file
 FORMAT = "dflash_jax.features/1"
 INDEX = "index.json"
 BASE_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
-_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-           "float16": np.dtype(np.float16)}
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
 def _shard_name(i: int) -> str:
@@ -86,10 +85,20 @@ def _rows_of(batches: Iterable[Any]) -> Iterator[dict[str, np.ndarray]]:
             yield {k: np.asarray(batch[k][r]) for k in BASE_KEYS}
 
 
-def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: Sequence[int], *,
-                  with_teacher_hidden: bool = False, shard_size: int = 256, resume: bool = True,
-                  dtype: str = "bfloat16", max_rows: int | None = None, forward_batch: int = 8,
-                  target_id: str | None = None) -> dict[str, Any]:
+def dump_features(
+    target: Any,
+    batches: Iterable[Any],
+    out_dir: str,
+    layer_ids: Sequence[int],
+    *,
+    with_teacher_hidden: bool = False,
+    shard_size: int = 256,
+    resume: bool = True,
+    dtype: str = "bfloat16",
+    max_rows: int | None = None,
+    forward_batch: int = 8,
+    target_id: str | None = None,
+) -> dict[str, Any]:
     """Run the frozen ``target`` over ``batches`` and write feature shards to ``out_dir``; returns the index.
 
     ``target``: a ``models.target.Target`` (or a bare ``TargetModel``); ``batches``: dicts with ``input_ids``,
@@ -112,11 +121,25 @@ def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: 
         raise ValueError(f"layer_ids {list(layer_ids)} must be non-empty ids in [0, {cfg.num_layers})")
     identity = target_id or getattr(target, "source", None) or repr(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    settings = {"format": FORMAT, "layer_ids": list(layer_ids), "hidden_size": cfg.hidden_size,
-                "num_target_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "dtype": dtype,
-                "with_teacher_hidden": bool(with_teacher_hidden), "shard_size": int(shard_size), "target": identity}
-    index = {**settings, "seq_len": None, "shards": [], "num_rows": 0, "complete": False,
-             "forward_batch": int(forward_batch)}
+    settings = {
+        "format": FORMAT,
+        "layer_ids": list(layer_ids),
+        "hidden_size": cfg.hidden_size,
+        "num_target_layers": cfg.num_layers,
+        "vocab_size": cfg.vocab_size,
+        "dtype": dtype,
+        "with_teacher_hidden": bool(with_teacher_hidden),
+        "shard_size": int(shard_size),
+        "target": identity,
+    }
+    index = {
+        **settings,
+        "seq_len": None,
+        "shards": [],
+        "num_rows": 0,
+        "complete": False,
+        "forward_batch": int(forward_batch),
+    }
     if os.path.isfile(os.path.join(out_dir, INDEX)):
         old = read_index(out_dir)
         if not resume and old["shards"]:
@@ -125,8 +148,10 @@ def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: 
             if old.get(k) != v:
                 raise ValueError(f"cannot resume the dump in {out_dir!r}: {k} is {old.get(k)!r} there, {v!r} now")
         if old.get("forward_batch", forward_batch) != forward_batch:  # older dumps do not record it
-            raise ValueError(f"cannot resume the dump in {out_dir!r}: forward_batch is {old['forward_batch']} "
-                             f"there, {forward_batch} now (a resumed dump computes its rows in the same groups)")
+            raise ValueError(
+                f"cannot resume the dump in {out_dir!r}: forward_batch is {old['forward_batch']} "
+                f"there, {forward_batch} now (a resumed dump computes its rows in the same groups)"
+            )
         index = dict(old, forward_batch=int(forward_batch)) if resume else index
     done_rows = index["num_rows"]
     np_dtype = _DTYPES[dtype]
@@ -145,9 +170,13 @@ def dump_features(target: Any, batches: Iterable[Any], out_dir: str, layer_ids: 
     def forward(group: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
         padded = group + [group[-1]] * (forward_batch - len(group))
         stacked = {k: np.stack([r[k] for r in padded]) for k in BASE_KEYS}
-        taps, final = _target_features(model, jnp.asarray(stacked["input_ids"], jnp.int32),
-                                       jnp.asarray(stacked["positions"], jnp.int32),
-                                       jnp.asarray(stacked["segment_ids"], jnp.int32), layer_ids)
+        taps, final = _target_features(
+            model,
+            jnp.asarray(stacked["input_ids"], jnp.int32),
+            jnp.asarray(stacked["positions"], jnp.int32),
+            jnp.asarray(stacked["segment_ids"], jnp.int32),
+            layer_ids,
+        )
         out = dict(stacked, target_hidden=np.asarray(jax.device_get(taps)).astype(np_dtype))
         if with_teacher_hidden:
             out["teacher_hidden"] = np.asarray(jax.device_get(final)).astype(np_dtype)
@@ -193,13 +222,26 @@ class FeatureReader:
     Feature arrays come back as float32 (cast from the storage dtype).
     """
 
-    def __init__(self, features_dir: str, *, layer_ids: Sequence[int], hidden_size: int, batch_size: int,
-                 seq_len: int | None = None, with_teacher_hidden: bool = False, shuffle: bool = True,
-                 seed: int = 0, process_index: int | None = None, process_count: int | None = None,
-                 allow_incomplete: bool = False):
+    def __init__(
+        self,
+        features_dir: str,
+        *,
+        layer_ids: Sequence[int],
+        hidden_size: int,
+        batch_size: int,
+        seq_len: int | None = None,
+        with_teacher_hidden: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        allow_incomplete: bool = False,
+    ):
         index = read_index(features_dir)
-        checks = [("layer_ids", list(index["layer_ids"]), [int(i) for i in layer_ids]),
-                  ("hidden_size", index["hidden_size"], int(hidden_size))]
+        checks = [
+            ("layer_ids", list(index["layer_ids"]), [int(i) for i in layer_ids]),
+            ("hidden_size", index["hidden_size"], int(hidden_size)),
+        ]
         if seq_len is not None:
             checks.append(("seq_len", index["seq_len"], int(seq_len)))
         for name, have, want in checks:
@@ -215,8 +257,9 @@ class FeatureReader:
         self.process_index = jax.process_index() if process_index is None else int(process_index)
         self.process_count = jax.process_count() if process_count is None else int(process_count)
         if self.batch_size < 1 or self.batch_size % self.process_count:
-            raise ValueError(f"batch_size {batch_size} must be >= 1 and divisible by process_count "
-                             f"{self.process_count}")
+            raise ValueError(
+                f"batch_size {batch_size} must be >= 1 and divisible by process_count {self.process_count}"
+            )
         self.num_rows = int(index["num_rows"])
         if self.num_rows < self.batch_size:
             raise ValueError(f"feature dump has {self.num_rows} rows, fewer than batch_size {self.batch_size}")
@@ -228,16 +271,21 @@ class FeatureReader:
             f = safe_open(path, framework="np")
             shape = tuple(f.get_slice("target_hidden").get_shape())
             if shape != (s["rows"], index["seq_len"], width):
-                raise ValueError(f"{path}: target_hidden has shape {shape}, the index says "
-                                 f"{(s['rows'], index['seq_len'], width)} (rows, seq_len, T*H)")
+                raise ValueError(
+                    f"{path}: target_hidden has shape {shape}, the index says "
+                    f"{(s['rows'], index['seq_len'], width)} (rows, seq_len, T*H)"
+                )
             self._files.append(f)
         self.epoch, self.position = 0, 0
         self._order: np.ndarray | None = None
 
     def _perm(self) -> np.ndarray:
         if self._order is None:
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-                           if self.shuffle else np.arange(self.num_rows))
+            self._order = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+                if self.shuffle
+                else np.arange(self.num_rows)
+            )
         return self._order
 
     def _read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -247,7 +295,7 @@ class FeatureReader:
             shard = int(np.searchsorted(self._starts, r, side="right") - 1)
             local = int(r - self._starts[shard])
             for k in keys:
-                out[k].append(self._files[shard].get_slice(k)[local:local + 1])
+                out[k].append(self._files[shard].get_slice(k)[local : local + 1])
         batch = {k: np.concatenate(v) for k, v in out.items()}
         for k in ("target_hidden", "teacher_hidden"):
             if k in batch:
@@ -258,12 +306,15 @@ class FeatureReader:
         """This process's rows of the next global batch, and stats ``{epoch, real_token_fraction, ...}``."""
         if self.position + self.batch_size > self.num_rows:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        rows = self._perm()[self.position:self.position + self.batch_size]
+        rows = self._perm()[self.position : self.position + self.batch_size]
         per = self.batch_size // self.process_count
-        batch = self._read_rows(rows[self.process_index * per:(self.process_index + 1) * per])
+        batch = self._read_rows(rows[self.process_index * per : (self.process_index + 1) * per])
         self.position += self.batch_size
-        stats = {"epoch": self.epoch, "real_token_fraction": float((batch["segment_ids"] > 0).mean()),
-                 "loss_token_fraction": float(batch["loss_mask"].mean())}
+        stats = {
+            "epoch": self.epoch,
+            "real_token_fraction": float((batch["segment_ids"] > 0).mean()),
+            "loss_token_fraction": float(batch["loss_mask"].mean()),
+        }
         return batch, stats
 
     __next__ = next
@@ -273,8 +324,14 @@ class FeatureReader:
 
     def state(self) -> dict[str, Any]:
         """JSON-able position (``epoch``, ``position``, plus what must match on restore)."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "num_rows": self.num_rows, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_rows": self.num_rows,
+            "batch_size": self.batch_size,
+        }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state`; ValueError naming the field if the dump or batching differ."""

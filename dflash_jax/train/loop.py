@@ -50,12 +50,20 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
     """One step's metrics as plain Python values (float64-exact copies of the float32 device values; the step
     computes them on the global batch, replicated, so every process reads the same numbers)."""
     m = jax.device_get(m)
-    out = {k: float(m[k]) for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr",
-                                   "real_token_fraction")}
+    out = {
+        k: float(m[k])
+        for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr", "real_token_fraction")
+    }
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
-    out.update(skipped_updates=int(m["skipped_updates"]), tokens=int(m["tokens"]), epoch=int(stats.get("epoch", 0)),
-               skipped_samples=int(stats.get("skipped", 0)), split_conversations=int(stats.get("split", 0)),
-               truncated_conversations=int(stats.get("truncated", 0)), update_skipped=bool(m["update_skipped"]))
+    out.update(
+        skipped_updates=int(m["skipped_updates"]),
+        tokens=int(m["tokens"]),
+        epoch=int(stats.get("epoch", 0)),
+        skipped_samples=int(stats.get("skipped", 0)),
+        split_conversations=int(stats.get("split", 0)),
+        truncated_conversations=int(stats.get("truncated", 0)),
+        update_skipped=bool(m["update_skipped"]),
+    )
     return out
 
 
@@ -69,8 +77,20 @@ def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, e
     rec.update({k: float(np.mean([w[k] for w in applied])) if applied else None for k in _MEAN_KEYS})
     tokens = sum(w["tokens"] for w in window)
     rec["tokens_per_s"] = tokens / seconds if seconds > 0 else None
-    rec.update({k: last[k] for k in ("skipped_samples", "split_conversations", "truncated_conversations", "lr",
-                                     "skipped_updates", "epoch")}, elapsed_s=round(elapsed, 3))
+    rec.update(
+        {
+            k: last[k]
+            for k in (
+                "skipped_samples",
+                "split_conversations",
+                "truncated_conversations",
+                "lr",
+                "skipped_updates",
+                "epoch",
+            )
+        },
+        elapsed_s=round(elapsed, 3),
+    )
     rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in _VECTOR_KEYS})
     return {k: rec[k] for k in rundir.METRIC_KEYS}
 
@@ -104,8 +124,10 @@ class _SigintFlag:
     def _handle(self, signum, frame):
         self.raised = True
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        log.warning("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort at "
-                    "once; the newest complete checkpoint stays usable)")
+        log.warning(
+            "interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort at "
+            "once; the newest complete checkpoint stays usable)"
+        )
 
     def __enter__(self) -> "_SigintFlag":
         if threading.current_thread() is threading.main_thread():
@@ -140,11 +162,19 @@ class _SkipGuard:
                 f"gradient was not finite (train.max_consecutive_skips={self.limit}). The likely cause is a learning "
                 f"rate too high (train.lr={self.tc.lr:g}) or gradients too large ({clip}): lower train.lr, enable "
                 "or tighten train.clip_norm, and start over (--overwrite). No checkpoint or export was written for "
-                "the diverged state.")
+                "the diverged state."
+            )
 
 
-def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, on_step: Callable[[int], None] | None = None) -> RunResult:
+def train(
+    config: config_lib.Config,
+    run_dir: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
     """Train a drafter as ``config`` says, writing the run directory (module docstring).
 
     ``resume``: continue from the newest good checkpoint in ``RUN/checkpoints`` (a fresh start if there is
@@ -167,8 +197,15 @@ def train(config: config_lib.Config, run_dir: str, *, resume: bool = False, over
         return _train(config, run_dir, resume=resume, progress=progress, on_step=on_step, sigint=sigint)
 
 
-def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: bool,
-           on_step: Callable[[int], None] | None, sigint: _SigintFlag) -> RunResult:
+def _train(
+    config: config_lib.Config,
+    run_dir: str,
+    *,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[int], None] | None,
+    sigint: _SigintFlag,
+) -> RunResult:
     """:func:`train` inside the run-directory lock and the SIGINT handler."""
     main = jax.process_index() == 0
     sharding.barrier("dflash_jax:run_dir_prepared")  # process 0 prepared (or replaced) the run directory
@@ -182,23 +219,40 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     log.info("target %r; drafter %s; mask_token_id %d", target, draft_cfg, draft_cfg.mask_token_id)
 
     if tc.mode == "online":
-        iterator = pipeline.build_iterator(config.data, renderer, process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+        iterator = pipeline.build_iterator(
+            config.data, renderer, process_index=jax.process_index(), process_count=jax.process_count()
+        )
         heldout = iterator.dataset.heldout
     else:
-        iterator = features.FeatureReader(tc.features_dir, layer_ids=draft_cfg.target_layer_ids,
-                                          hidden_size=draft_cfg.hidden_size, batch_size=config.data.batch_size,
-                                          seq_len=config.data.seq_len, with_teacher_hidden=config.loss.kd,
-                                          seed=config.data.shuffle_seed, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-        heldout = pipeline.build_dataset(config.data.path, renderer, seq_len=config.data.seq_len,
-                                         fmt=config.data.format, max_conversations=1,
-                                         heldout=config.data.heldout).heldout
-    prompts = (run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)
-               if tc.eval_every and config.eval.num_prompts and heldout else [])
+        iterator = features.FeatureReader(
+            tc.features_dir,
+            layer_ids=draft_cfg.target_layer_ids,
+            hidden_size=draft_cfg.hidden_size,
+            batch_size=config.data.batch_size,
+            seq_len=config.data.seq_len,
+            with_teacher_hidden=config.loss.kd,
+            seed=config.data.shuffle_seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        heldout = pipeline.build_dataset(
+            config.data.path,
+            renderer,
+            seq_len=config.data.seq_len,
+            fmt=config.data.format,
+            max_conversations=1,
+            heldout=config.data.heldout,
+        ).heldout
+    prompts = (
+        run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)
+        if tc.eval_every and config.eval.num_prompts and heldout
+        else []
+    )
     if tc.eval_every and not heldout:
-        log.warning("data.heldout=0: no held-out prompts, so in-training eval (train.eval_every) is off; evaluate "
-                    "afterwards with dflash-jax eval --draft RUN --prompts FILE")
+        log.warning(
+            "data.heldout=0: no held-out prompts, so in-training eval (train.eval_every) is off; evaluate "
+            "afterwards with dflash-jax eval --draft RUN --prompts FILE"
+        )
 
     mesh = sharding.make_mesh(config.mesh.shape)
     tx, schedule = optim.optimizer_from_config(tc)
@@ -208,11 +262,21 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     draft = build_draft() if config.draft.init else nnx.eval_shape(build_draft)
     _, state, shardings = step_lib.init_train_state(draft if config.draft.init else build_draft, tx, mesh)
     target_params = nnx.state(target.model, nnx.Param)
-    sharding.check_replication({"target": target_params, "draft": state.params},
-                               {"target": sharding.state_shardings(target_params, mesh), "draft": shardings.params},
-                               mesh, config.mesh.replicated_tolerance)
-    step_fn = step_lib.TrainStep(draft=draft, state_shardings=shardings, target=target.model, tx=tx,
-                                 schedule=schedule, cfg=step_lib.StepConfig.from_config(config), mesh=mesh)
+    sharding.check_replication(
+        {"target": target_params, "draft": state.params},
+        {"target": sharding.state_shardings(target_params, mesh), "draft": shardings.params},
+        mesh,
+        config.mesh.replicated_tolerance,
+    )
+    step_fn = step_lib.TrainStep(
+        draft=draft,
+        state_shardings=shardings,
+        target=target.model,
+        tx=tx,
+        schedule=schedule,
+        cfg=step_lib.StepConfig.from_config(config),
+        mesh=mesh,
+    )
     key = jax.random.key(tc.seed)
     ckpt = run_lib.checkpointer(run_dir, config, draft_cfg, keep=tc.keep_checkpoints)
     window: list[dict[str, Any]] = []
@@ -234,10 +298,20 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
 
     sink = rundir.MetricsSink(run_dir, main)
     if main:
-        flops = cost.train_flops(target.config, draft_cfg, config.data.batch_size, config.data.seq_len,
-                                 config.draft.num_anchors, config.loss.kd, online=tc.mode == "online")
-        log.info(cost.plan_line(steps=tc.steps, start=start, batch=config.data.batch_size,
-                                seq_len=config.data.seq_len, flops=flops))
+        flops = cost.train_flops(
+            target.config,
+            draft_cfg,
+            config.data.batch_size,
+            config.data.seq_len,
+            config.draft.num_anchors,
+            config.loss.kd,
+            online=tc.mode == "online",
+        )
+        log.info(
+            cost.plan_line(
+                steps=tc.steps, start=start, batch=config.data.batch_size, seq_len=config.data.seq_len, flops=flops
+            )
+        )
     warmup: list[float] = []  # seconds of the first steps (data + step, synchronised)
     bar = None
     if progress and main and sys.stderr.isatty():  # a log file gets the plain lines below, not a redrawn bar
@@ -257,8 +331,12 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
     def save(force: bool) -> None:
         drain()
         guard.check(step)  # never checkpoint a diverged state
-        ckpt.save(state, data_state={"iterator": iterator.state(), "window": window,
-                                     "consecutive_skips": guard.count}, rng=key, force=force)
+        ckpt.save(
+            state,
+            data_state={"iterator": iterator.state(), "window": window, "consecutive_skips": guard.count},
+            rng=key,
+            force=force,
+        )
 
     try:
         while step < tc.steps and not sigint.raised:
@@ -272,8 +350,14 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
                 jax.block_until_ready(metrics["loss"])
                 warmup.append(time.perf_counter() - t_step)
                 if len(warmup) == _WARMUP_STEPS + 1 and main:
-                    log.info(cost.eta_line(step_s=float(np.median(warmup[1:])), measured=_WARMUP_STEPS,
-                                           first_s=warmup[0], steps_left=tc.steps - step))
+                    log.info(
+                        cost.eta_line(
+                            step_s=float(np.median(warmup[1:])),
+                            measured=_WARMUP_STEPS,
+                            first_s=warmup[0],
+                            steps_left=tc.steps - step,
+                        )
+                    )
             pending.append((metrics, stats))
             if step % tc.log_every == 0 or step == tc.steps:
                 drain()
@@ -284,21 +368,38 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
                 sink.write(last)
                 guard.check(step)
                 if bar is None and main:
-                    log.info("step %d/%d loss %s acc %s tau %s tok/s %.0f", step, tc.steps,
-                             *(f"{last[k]:.4f}" if last[k] is not None else "n/a (updates skipped)"
-                               for k in ("loss", "accuracy", "simulated_tau")), last["tokens_per_s"] or 0)
+                    log.info(
+                        "step %d/%d loss %s acc %s tau %s tok/s %.0f",
+                        step,
+                        tc.steps,
+                        *(
+                            f"{last[k]:.4f}" if last[k] is not None else "n/a (updates skipped)"
+                            for k in ("loss", "accuracy", "simulated_tau")
+                        ),
+                        last["tokens_per_s"] or 0,
+                    )
                 elif bar is not None and last["loss"] is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
-                                    tau=f"{last['simulated_tau']:.3f}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.3f}",
+                        acc=f"{last['accuracy']:.3f}",
+                        tau=f"{last['simulated_tau']:.3f}",
+                        tok_s=f"{last['tokens_per_s'] or 0:.0f}",
+                    )
             if prompts and (step % tc.eval_every == 0 or step == tc.steps):
                 params = sharding.to_host(state.params)  # a collective: on every process
                 if main:  # decoding runs on process 0's own devices only (no collective inside)
                     res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
-                    sink.write({"step": step, "eval_tau": res["tau"], "eval_speedup": res["speedup"],
-                                "eval_num_prompts": res["num_prompts"],
-                                "eval_per_position_acceptance": res["per_position_acceptance"],
-                                "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
-                                "eval_tokens_per_s_plain": res["tokens_per_s_plain"]})
+                    sink.write(
+                        {
+                            "step": step,
+                            "eval_tau": res["tau"],
+                            "eval_speedup": res["speedup"],
+                            "eval_num_prompts": res["num_prompts"],
+                            "eval_per_position_acceptance": res["per_position_acceptance"],
+                            "eval_tokens_per_s_spec": res["tokens_per_s_spec"],
+                            "eval_tokens_per_s_plain": res["tokens_per_s_plain"],
+                        }
+                    )
                 t_window = time.perf_counter()  # eval time is not training throughput
             if step % tc.checkpoint_every == 0:
                 save(force=False)
@@ -332,10 +433,10 @@ def _train(config: config_lib.Config, run_dir: str, *, resume: bool, progress: b
             export_dir = str(export_lib.export_draft(draft_cfg, params, os.path.join(run_dir, rundir.EXPORT_DIR)))
         from dflash_jax.train import plots
 
-        plot_paths = tuple(plots.write_plots(rundir.read_metrics(run_dir),
-                                                os.path.join(run_dir, rundir.PLOTS_DIR)))
+        plot_paths = tuple(plots.write_plots(rundir.read_metrics(run_dir), os.path.join(run_dir, rundir.PLOTS_DIR)))
     sharding.barrier("dflash_jax:run_finished")  # the others return once the export and plots exist
     if interrupted:
         log.warning("interrupted at step %d; checkpoint saved in %s; continue with --resume", step, run_dir)
-    return RunResult(run_dir=run_dir, step=step, interrupted=interrupted, last=last, export_dir=export_dir,
-                     plots=plot_paths)
+    return RunResult(
+        run_dir=run_dir, step=step, interrupted=interrupted, last=last, export_dir=export_dir, plots=plot_paths
+    )

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -32,8 +33,14 @@ def warmup_steps_for(steps: int, warmup_steps: int | None = None, warmup_ratio: 
     return 0
 
 
-def make_schedule(*, lr: float, steps: int, schedule: str = "linear", warmup_steps: int | None = None,
-                  warmup_ratio: float | None = None) -> optax.Schedule:
+def make_schedule(
+    *,
+    lr: float,
+    steps: int,
+    schedule: str = "linear",
+    warmup_steps: int | None = None,
+    warmup_ratio: float | None = None,
+) -> optax.Schedule:
     """Linear warmup 0 -> ``lr`` over the warmup steps, then cosine / linear decay to 0 at ``steps``, or constant."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -54,15 +61,23 @@ def make_schedule(*, lr: float, steps: int, schedule: str = "linear", warmup_ste
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
 
 
-def make_optimizer(*, lr: float, steps: int, schedule: str = "linear", warmup_steps: int | None = None,
-                   warmup_ratio: float | None = None, weight_decay: float = 0.0, clip_norm: float | None = 1.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    *,
+    lr: float,
+    steps: int,
+    schedule: str = "linear",
+    warmup_steps: int | None = None,
+    warmup_ratio: float | None = None,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``clip_by_global_norm(clip_norm)`` (skipped when None/0) then AdamW on the schedule; returns (tx, schedule)."""
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    sched = make_schedule(lr=lr, steps=steps, schedule=schedule, warmup_steps=warmup_steps,
-                          warmup_ratio=warmup_ratio)
+    sched = make_schedule(lr=lr, steps=steps, schedule=schedule, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio)
     parts = []
     if clip_norm:
         if clip_norm < 0:
@@ -75,17 +90,25 @@ def make_optimizer(*, lr: float, steps: int, schedule: str = "linear", warmup_st
 def optimizer_from_config(train_cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """:func:`make_optimizer` from a config object with the ``train`` section's fields."""
     return make_optimizer(
-        lr=train_cfg.lr, steps=train_cfg.steps, schedule=train_cfg.schedule,
-        warmup_steps=getattr(train_cfg, "warmup_steps", None), warmup_ratio=getattr(train_cfg, "warmup_ratio", None),
-        weight_decay=train_cfg.weight_decay, clip_norm=train_cfg.clip_norm, b1=train_cfg.b1, b2=train_cfg.b2,
-        eps=train_cfg.eps)
+        lr=train_cfg.lr,
+        steps=train_cfg.steps,
+        schedule=train_cfg.schedule,
+        warmup_steps=getattr(train_cfg, "warmup_steps", None),
+        warmup_ratio=getattr(train_cfg, "warmup_ratio", None),
+        weight_decay=train_cfg.weight_decay,
+        clip_norm=train_cfg.clip_norm,
+        b1=train_cfg.b1,
+        b2=train_cfg.b2,
+        eps=train_cfg.eps,
+    )
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings of ``tx.init(params)``: per-parameter moments follow ``param_shardings``; counters replicated."""
     abstract = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract, param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P())
+    )
 
 
 def as_float32(tree: Any) -> Any:

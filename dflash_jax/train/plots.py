@@ -34,11 +34,21 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
     ax_tau.plot(steps, [r["simulated_tau"] for r in train], color="tab:blue", label="simulated tau (train batch)")
     if all("accept_length" in r for r in train):  # runs logged before the metric existed lack it
-        ax_tau.plot(steps, [r["accept_length"] for r in train], "--", color="tab:purple",
-                    label="accept length (train batch, per block)")
+        ax_tau.plot(
+            steps,
+            [r["accept_length"] for r in train],
+            "--",
+            color="tab:purple",
+            label="accept length (train batch, per block)",
+        )
     if evals:
-        ax_tau.plot([r["step"] for r in evals], [r["eval_tau"] for r in evals], "o", color="tab:green",
-                    label="eval tau (speculative decoding)")
+        ax_tau.plot(
+            [r["step"] for r in evals],
+            [r["eval_tau"] for r in evals],
+            "o",
+            color="tab:green",
+            label="eval tau (speculative decoding)",
+        )
     ax_tau.set(xlabel="step", ylabel="tokens per target forward", title="acceptance length tau")
     ax_tau.legend()
     paths.append(_save(fig, out_dir, "loss_tau.png"))
@@ -50,8 +60,12 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     if evals and evals[-1].get("eval_per_position_acceptance"):
         acc = evals[-1]["eval_per_position_acceptance"]
         ax.plot(range(1, len(acc) + 1), acc, ":", marker="s", label=f"eval acceptance, step {evals[-1]['step']}")
-    ax.set(xlabel="draft position (slot after the anchor)", ylabel="fraction accepted / correct", ylim=(0, 1),
-           title="per-position acceptance")
+    ax.set(
+        xlabel="draft position (slot after the anchor)",
+        ylabel="fraction accepted / correct",
+        ylim=(0, 1),
+        title="per-position acceptance",
+    )
     ax.legend()
     paths.append(_save(fig, out_dir, "position_acceptance.png"))
 

@@ -46,8 +46,10 @@ def build_target(section: config_lib.TargetSection) -> Target:
         return random_target(section.random, seed=section.random.seed, dtype=section.dtype)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
-        raise ValueError(f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
-                         f"file, '{SMOLLM2}' or '{RANDOM}')")
+        raise ValueError(
+            f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
+            f"file, '{SMOLLM2}' or '{RANDOM}')"
+        )
     return load_target(path, dtype=section.dtype)
 
 
@@ -58,8 +60,10 @@ def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat
     eos |= {i for i in (tok.token_to_id(t) for t in (renderer.eos_token, "<|im_end|>") if t) if i is not None}
     if configured is not None:  # its range is DraftConfig's check (build_draft_config)
         if configured in eos:
-            raise ValueError(f"draft.mask_token_id ({configured}) is an end-of-sequence token of the target; "
-                             "choose an id the target never emits")
+            raise ValueError(
+                f"draft.mask_token_id ({configured}) is an end-of-sequence token of the target; "
+                "choose an id the target never emits"
+            )
         return int(configured)
     for spelling in _MASK_SPELLINGS:
         i = tok.token_to_id(spelling)
@@ -71,8 +75,10 @@ def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat
     for i in sorted(tok.get_added_tokens_decoder()):
         if i < vocab and i not in eos and i != bos and i not in used:
             return int(i)
-    raise ValueError("draft.mask_token_id is null and the tokenizer has no mask token and no unused special "
-                     "token; set draft.mask_token_id to an id of the target vocabulary that never occurs in text")
+    raise ValueError(
+        "draft.mask_token_id is null and the tokenizer has no mask token and no unused special "
+        "token; set draft.mask_token_id to an id of the target vocabulary that never occurs in text"
+    )
 
 
 def build_draft_config(section: config_lib.DraftSection, target: Target, mask_token_id: int) -> DraftConfig:
@@ -80,8 +86,11 @@ def build_draft_config(section: config_lib.DraftSection, target: Target, mask_to
     name, ``mask_token_id`` resolved, hidden size / vocab / depth / max positions (and ``rope_theta`` when null)
     from the target, ``target_layer_ids`` (when null) by ``build_target_layer_ids``."""
     tc = target.config
-    dims = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-            if f.name not in _SECTION_ONLY and getattr(section, f.name) is not None}
+    dims = {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.name not in _SECTION_ONLY and getattr(section, f.name) is not None
+    }
     dims.update(mask_token_id=mask_token_id, max_position_embeddings=tc.max_position_embeddings)
     dims.setdefault("rope_theta", tc.rope_theta)
     try:
@@ -97,22 +106,27 @@ def check_inputs(config: config_lib.Config) -> None:
     da = config.data
     if da.path != readers.SHAREGPT_PACKAGE:
         if not os.path.isfile(da.path):
-            raise ValueError(f"data.path {da.path!r} is not a file (a ShareGPT/OpenAI JSON or JSONL chat file, or "
-                             f"'{readers.SHAREGPT_PACKAGE}')")
+            raise ValueError(
+                f"data.path {da.path!r} is not a file (a ShareGPT/OpenAI JSON or JSONL chat file, or "
+                f"'{readers.SHAREGPT_PACKAGE}')"
+            )
         try:
             with open(da.path, "rb") as f:
                 f.read(1)
         except OSError as e:
             raise ValueError(f"data.path {da.path!r} cannot be read: {e}") from None
-    for key, path, isdir in (("data.chat_template", da.chat_template, False), ("draft.init", config.draft.init, True),
-                             ("train.features_dir", config.train.features_dir if config.train.mode == "offline"
-                              else None, True)):
+    for key, path, isdir in (
+        ("data.chat_template", da.chat_template, False),
+        ("draft.init", config.draft.init, True),
+        ("train.features_dir", config.train.features_dir if config.train.mode == "offline" else None, True),
+    ):
         if path is not None and not (os.path.isdir(path) if isdir else os.path.isfile(path)):
             raise ValueError(f"{key} {path!r} is not a {'directory' if isdir else 'file'}")
 
 
-def assemble(config: config_lib.Config, num_devices: int | None = None
-             ) -> tuple[Target, chat.ChatRenderer, DraftConfig]:
+def assemble(
+    config: config_lib.Config, num_devices: int | None = None
+) -> tuple[Target, chat.ChatRenderer, DraftConfig]:
     """``(target, renderer, draft_cfg)`` of a config: its inputs checked (:func:`check_inputs`), the loaded target
     (checked against the config by :func:`~dflash_jax.config.validate_runtime`, with the mesh when
     ``num_devices`` is given), its chat renderer (``data.chat_template``) and the drafter config with the mask
@@ -132,12 +146,20 @@ def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str 
     weights."""
     param_dtype = getattr(jnp, train.param_dtype)
     with layers.unsharded_init():
-        draft = DFlashDraft(draft_cfg, rngs=nnx.Rngs(train.seed), param_dtype=param_dtype,
-                            dtype=getattr(jnp, train.compute_dtype), remat=train.remat)
+        draft = DFlashDraft(
+            draft_cfg,
+            rngs=nnx.Rngs(train.seed),
+            param_dtype=param_dtype,
+            dtype=getattr(jnp, train.compute_dtype),
+            remat=train.remat,
+        )
     if init is not None:
         init_cfg, params = export_lib.import_draft(init, param_dtype=param_dtype)
-        diffs = [f"{f.name}: {getattr(init_cfg, f.name)!r} there, {getattr(draft_cfg, f.name)!r} here"
-                 for f in dataclasses.fields(DraftConfig) if getattr(init_cfg, f.name) != getattr(draft_cfg, f.name)]
+        diffs = [
+            f"{f.name}: {getattr(init_cfg, f.name)!r} there, {getattr(draft_cfg, f.name)!r} here"
+            for f in dataclasses.fields(DraftConfig)
+            if getattr(init_cfg, f.name) != getattr(draft_cfg, f.name)
+        ]
         if diffs:
             raise ValueError(f"draft.init {init!r} does not match the configured drafter: " + "; ".join(diffs))
         nnx.update(draft, params)
@@ -145,8 +167,21 @@ def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str 
 
 
 # train keys a resume must keep: the optimizer's math and the data order. train.steps may grow (extend_run docs).
-_FIXED_TRAIN = ("lr", "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "b1", "b2", "eps",
-                "seed", "compute_dtype", "param_dtype", "mode")
+_FIXED_TRAIN = (
+    "lr",
+    "warmup_steps",
+    "warmup_ratio",
+    "schedule",
+    "weight_decay",
+    "clip_norm",
+    "b1",
+    "b2",
+    "eps",
+    "seed",
+    "compute_dtype",
+    "param_dtype",
+    "mode",
+)
 
 
 def _fixed_train(train: config_lib.TrainSection) -> dict[str, Any]:
@@ -155,14 +190,18 @@ def _fixed_train(train: config_lib.TrainSection) -> dict[str, Any]:
 
 def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, Any]:
     """What must not change across ``--resume`` (:func:`resumable_keys` may)."""
-    return ckpt_lib.config_fingerprint(target=config.target, draft=draft_cfg, loss=config.loss, data=config.data,
-                                       train=_fixed_train(config.train))
+    return ckpt_lib.config_fingerprint(
+        target=config.target, draft=draft_cfg, loss=config.loss, data=config.data, train=_fixed_train(config.train)
+    )
 
 
 def resumable_keys() -> list[str]:
     """The config keys whose value ``--resume`` accepts a change of."""
-    train = [f"train.{f.name}" for f in dataclasses.fields(config_lib.TrainSection)
-             if f.name not in _FIXED_TRAIN and f.name != "steps"]
+    train = [
+        f"train.{f.name}"
+        for f in dataclasses.fields(config_lib.TrainSection)
+        if f.name not in _FIXED_TRAIN and f.name != "steps"
+    ]
     return ["train.steps (larger: extends the run)", *train, "mesh.shape", "eval.*", "draft.init"]
 
 
@@ -178,27 +217,44 @@ def check_resume(run_dir: str, config: config_lib.Config, step: int | None = Non
     draft = config.draft
     if draft.mask_token_id is None:  # config.yaml holds the id the run resolved from null
         draft = dataclasses.replace(draft, mask_token_id=saved.draft.mask_token_id)
-    keys = ("--resume may change only: " + ", ".join(resumable_keys()) +
-            "; to change anything else start a new run (another --run-dir, or --overwrite)")
+    keys = (
+        "--resume may change only: "
+        + ", ".join(resumable_keys())
+        + "; to change anything else start a new run (another --run-dir, or --overwrite)"
+    )
     try:
         ckpt_lib.check_fingerprint(
-            ckpt_lib.config_fingerprint(target=saved.target, draft=saved.draft, loss=saved.loss, data=saved.data,
-                                        train=_fixed_train(saved.train)),
-            ckpt_lib.config_fingerprint(target=config.target, draft=draft, loss=config.loss, data=config.data,
-                                        train=_fixed_train(config.train)))
+            ckpt_lib.config_fingerprint(
+                target=saved.target,
+                draft=saved.draft,
+                loss=saved.loss,
+                data=saved.data,
+                train=_fixed_train(saved.train),
+            ),
+            ckpt_lib.config_fingerprint(
+                target=config.target, draft=draft, loss=config.loss, data=config.data, train=_fixed_train(config.train)
+            ),
+        )
     except ValueError as e:
         raise ValueError(f"--resume {run_dir}: {e}. {keys}") from None
     if step is not None and config.train.steps < step:
-        raise ValueError(f"--resume {run_dir}: train.steps={config.train.steps} is below the checkpoint's step "
-                         f"{step}; a resume can only continue or extend a run. {keys}")
+        raise ValueError(
+            f"--resume {run_dir}: train.steps={config.train.steps} is below the checkpoint's step "
+            f"{step}; a resume can only continue or extend a run. {keys}"
+        )
 
 
-def checkpointer(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, keep: int | None,
-                 read_only: bool = False) -> ckpt_lib.Checkpointer:
+def checkpointer(
+    run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, keep: int | None, read_only: bool = False
+) -> ckpt_lib.Checkpointer:
     """The Orbax checkpointer of ``RUN/checkpoints`` with the run's fingerprint (``read_only``: restore only)."""
-    return ckpt_lib.Checkpointer(os.path.join(run_dir, rundir.CHECKPOINT_DIR),
-                                 save_every=config.train.checkpoint_every, keep=keep,
-                                 fingerprint=fingerprint(config, draft_cfg), read_only=read_only)
+    return ckpt_lib.Checkpointer(
+        os.path.join(run_dir, rundir.CHECKPOINT_DIR),
+        save_every=config.train.checkpoint_every,
+        keep=keep,
+        fingerprint=fingerprint(config, draft_cfg),
+        read_only=read_only,
+    )
 
 
 def load_run(run_dir: str) -> tuple[config_lib.Config, DraftConfig]:
@@ -206,8 +262,9 @@ def load_run(run_dir: str) -> tuple[config_lib.Config, DraftConfig]:
     path = os.path.join(run_dir, rundir.CONFIG_FILE)
     draft_path = os.path.join(run_dir, rundir.DRAFT_CONFIG_FILE)
     if not os.path.isfile(path) or not os.path.isfile(draft_path):
-        raise ValueError(f"{run_dir!r} is not a dflash-jax run directory (no {rundir.CONFIG_FILE} / "
-                         f"{rundir.DRAFT_CONFIG_FILE})")
+        raise ValueError(
+            f"{run_dir!r} is not a dflash-jax run directory (no {rundir.CONFIG_FILE} / {rundir.DRAFT_CONFIG_FILE})"
+        )
     with open(draft_path, encoding="utf-8") as f:
         return config_lib.load_config(path), export_lib.config_from_json(json.load(f))
 
@@ -224,8 +281,9 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[config_lib.Co
     return config, draft_cfg, state.params, meta["step"]
 
 
-def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation],
-                 n: int | None = None) -> list[np.ndarray]:
+def eval_prompts(
+    renderer: chat.ChatRenderer, conversations: Sequence[readers.Conversation], n: int | None = None
+) -> list[np.ndarray]:
     """Token ids (int32) of the first ``n`` (None = all) usable prompts: each conversation cut before its first
     assistant turn (:func:`~dflash_jax.data.pipeline.prompt_of`; a user-only one is taken whole), rendered with
     the generation prompt. Length limits are applied (and counted) by :func:`run_eval`."""
@@ -245,13 +303,29 @@ def eval_prompts(renderer: chat.ChatRenderer, conversations: Sequence[readers.Co
     return out
 
 
-def run_eval(target: Target, draft_cfg: DraftConfig, params: Any, prompts: Sequence[np.ndarray],
-             section: config_lib.EvalSection, *, seed: int = 0, check_lossless: bool = False) -> dict[str, Any]:
+def run_eval(
+    target: Target,
+    draft_cfg: DraftConfig,
+    params: Any,
+    prompts: Sequence[np.ndarray],
+    section: config_lib.EvalSection,
+    *,
+    seed: int = 0,
+    check_lossless: bool = False,
+) -> dict[str, Any]:
     """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree); prompts
     longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result."""
     from dflash_jax.eval.report import evaluate
 
     draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
-    return evaluate(target, draft, draft_cfg, prompts, max_new_tokens=section.max_new_tokens,
-                    temperature=section.temperature, seed=seed, check_lossless=check_lossless,
-                    max_prompt_len=section.prompt_len)
+    return evaluate(
+        target,
+        draft,
+        draft_cfg,
+        prompts,
+        max_new_tokens=section.max_new_tokens,
+        temperature=section.temperature,
+        seed=seed,
+        check_lossless=check_lossless,
+        max_prompt_len=section.prompt_len,
+    )

@@ -39,9 +39,26 @@ PLOTS_DIR = "plots"
 TB_DIR = "tb"
 RUN_MARKERS = (CONFIG_FILE, DRAFT_CONFIG_FILE)  # what --overwrite requires before deleting a directory
 
-METRIC_KEYS = ("step", "loss", "accuracy", "simulated_tau", "accept_length", "tokens_per_s", "skipped_samples",
-               "split_conversations", "truncated_conversations", "lr", "grad_norm", "real_token_fraction",
-               "position_accuracy", "position_weight_mean", "skipped_updates", "skipped_steps", "epoch", "elapsed_s")
+METRIC_KEYS = (
+    "step",
+    "loss",
+    "accuracy",
+    "simulated_tau",
+    "accept_length",
+    "tokens_per_s",
+    "skipped_samples",
+    "split_conversations",
+    "truncated_conversations",
+    "lr",
+    "grad_norm",
+    "real_token_fraction",
+    "position_accuracy",
+    "position_weight_mean",
+    "skipped_updates",
+    "skipped_steps",
+    "epoch",
+    "elapsed_s",
+)
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
 
 
@@ -54,8 +71,7 @@ def check_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> bool:
     if resume or not os.path.isdir(run_dir) or all(paths.is_lock_file(n) for n in os.listdir(run_dir)):
         return False
     if not overwrite:
-        raise ValueError(f"run dir {run_dir!r} is not empty; pass --resume to continue it or --overwrite to "
-                         "replace it")
+        raise ValueError(f"run dir {run_dir!r} is not empty; pass --resume to continue it or --overwrite to replace it")
     paths.check_clearable(run_dir, RUN_MARKERS)
     return True
 
@@ -73,8 +89,9 @@ def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def write_run_files(run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig,
-                    heldout: Sequence[readers.Conversation]) -> None:
+def write_run_files(
+    run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, heldout: Sequence[readers.Conversation]
+) -> None:
     """``config.yaml`` (with the resolved ``draft.mask_token_id``), ``draft_config.json`` and ``heldout.jsonl``."""
     resolved = dataclasses.replace(config.draft, mask_token_id=draft_cfg.mask_token_id)
     config_lib.save_resolved(dataclasses.replace(config, draft=resolved), run_dir)

@@ -42,8 +42,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
 )
 
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+_MULTIHOST_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
 
 
 def _env_wants_multihost(env: Mapping[str, str]) -> bool:
@@ -87,12 +93,15 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> P:
+def logical_to_mesh_spec(
+    logical: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> P:
     """Map logical axis names of an array of ``shape`` to a mesh ``PartitionSpec`` through ``rules``.
 
     Unknown logical names raise ValueError. A dimension is replicated when its size is not divisible by the
@@ -158,14 +167,18 @@ def check_replication(params: Mapping[str, Any], shardings: Mapping[str, Any], m
             nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
             total += nbytes
             if not {a for axes in sh.spec if axes for a in ((axes,) if isinstance(axes, str) else axes)} & {
-                    "fsdp", "tensor"}:
+                "fsdp",
+                "tensor",
+            }:
                 whole.append((nbytes, name + jax.tree_util.keystr(path)))
     kept = sum(n for n, _ in whole)
     if total and kept > tolerance * total:
         top = ", ".join(f"{p} ({n / 2**20:.1f} MiB)" for n, p in sorted(whole, reverse=True)[:5])
-        raise ValueError(f"mesh.shape {list(mesh.shape.values())} leaves {kept / total:.1%} of the parameter bytes "
-                         f"unsharded on every device (mesh.replicated_tolerance = {tolerance:.1%}); largest: {top}. "
-                         "Choose fsdp/tensor sizes that divide these dimensions, or raise mesh.replicated_tolerance")
+        raise ValueError(
+            f"mesh.shape {list(mesh.shape.values())} leaves {kept / total:.1%} of the parameter bytes "
+            f"unsharded on every device (mesh.replicated_tolerance = {tolerance:.1%}); largest: {top}. "
+            "Choose fsdp/tensor sizes that divide these dimensions, or raise mesh.replicated_tolerance"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -85,8 +85,13 @@ class StepConfig:
     @classmethod
     def from_config(cls, config: config_lib.Config) -> "StepConfig":
         """The step settings of a run configuration."""
-        return cls(num_anchors=config.draft.num_anchors, loss=config.loss, mode=config.train.mode,
-                   attention=config.train.attention, grad_accum=config.train.grad_accum)
+        return cls(
+            num_anchors=config.draft.num_anchors,
+            loss=config.loss,
+            mode=config.train.mode,
+            attention=config.train.attention,
+            grad_accum=config.train.grad_accum,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,8 +99,9 @@ class StepConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def noise_ids(input_ids: jax.Array, anchors: jax.Array, keep: jax.Array, block_size: int,
-              mask_token_id: int) -> jax.Array:
+def noise_ids(
+    input_ids: jax.Array, anchors: jax.Array, keep: jax.Array, block_size: int, mask_token_id: int
+) -> jax.Array:
     """Draft input ids ``[B, N*bs]`` int32: ``input_ids[a_n]`` at slot 0 of kept blocks, the mask id elsewhere
     (docs/design.md §4.6)."""
     b, s = input_ids.shape
@@ -116,10 +122,20 @@ def micro_batches(x: jax.Array, k: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
 
-def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
-               draft_graphdef: nnx.GraphDef, target_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, draft_cfg: DraftConfig, cfg: StepConfig, compute_dtype: Any
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    target_state: Any,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    draft_graphdef: nnx.GraphDef,
+    target_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    draft_cfg: DraftConfig,
+    cfg: StepConfig,
+    compute_dtype: Any,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step (un-jitted; :class:`TrainStep` compiles it). Batch: ``input_ids [B,S]`` int32, ``loss_mask
     [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
     ``teacher_hidden [B,S,H]``; optionally injected ``anchors [B,num_anchors]`` int32 + ``keep`` bool instead of
@@ -145,8 +161,13 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
         input_ids, segment_ids, positions = mb["input_ids"], mb["segment_ids"], mb["positions"]
         b = input_ids.shape[0]
         if cfg.mode == "online":
-            taps, final = target(input_ids, positions=positions, segment_ids=segment_ids,
-                                 layer_ids=draft_cfg.target_layer_ids, attention_impl=cfg.attention)
+            taps, final = target(
+                input_ids,
+                positions=positions,
+                segment_ids=segment_ids,
+                layer_ids=draft_cfg.target_layer_ids,
+                attention_impl=cfg.attention,
+            )
         else:
             taps, final = mb["target_hidden"], mb.get("teacher_hidden")
         labels, mask = blocks.block_targets(input_ids, mb["loss_mask"], mb["anchors"], mb["keep"], bs, segment_ids)
@@ -157,13 +178,31 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
 
         def numerator(params):
             draft = nnx.merge(draft_graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
-            hidden = draft(noise_emb, taps, mb["anchors"], mb["keep"], positions=positions, segment_ids=segment_ids,
-                           attention_impl=cfg.attention)
+            hidden = draft(
+                noise_emb,
+                taps,
+                mb["anchors"],
+                mb["keep"],
+                positions=positions,
+                segment_ids=segment_ids,
+                attention_impl=cfg.attention,
+            )
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
             partials = losses.block_partials_from_hidden(
-                hidden, lm_head, labels, mask, objective=lo.objective, alpha=lo.alpha, gamma=lo.gamma,
-                teacher_hidden=teacher, per_token=lo.per_token, normalization=lo.normalization,
-                confidence=lo.confidence, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+                hidden,
+                lm_head,
+                labels,
+                mask,
+                objective=lo.objective,
+                alpha=lo.alpha,
+                gamma=lo.gamma,
+                teacher_hidden=teacher,
+                per_token=lo.per_token,
+                normalization=lo.normalization,
+                confidence=lo.confidence,
+                chunk_blocks=cfg.chunk_blocks,
+                compute_dtype=compute_dtype,
+            )
             # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
             # K > 1: it is known only after the last micro-batch and applied to the summed gradients.
             scale = losses.numerator_scale(partials, lo.normalization) if k == 1 else 1.0
@@ -198,12 +237,23 @@ def train_step(state: TrainState, target_state: Any, batch: Mapping[str, jax.Arr
     new_params = optax.apply_updates(state.params, updates)
     applied = state.step - state.skipped_updates  # optimizer updates so far = the schedule's count
     skipped = state.skipped_updates + (~finite).astype(jnp.int32)
-    new_state = TrainState(step=state.step + 1, params=_where_tree(finite, new_params, state.params),
-                           opt_state=_where_tree(finite, new_opt, state.opt_state), skipped_updates=skipped)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=_where_tree(finite, new_params, state.params),
+        opt_state=_where_tree(finite, new_opt, state.opt_state),
+        skipped_updates=skipped,
+    )
     real = (batch["segment_ids"] > 0).astype(jnp.float32)  # the global batch's real tokens, on every process
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=jnp.asarray(schedule(applied), jnp.float32),
-                   skipped_updates=skipped, update_skipped=~finite, tokens=real.sum().astype(jnp.int32),
-                   real_token_fraction=real.mean())
+    metrics = dict(
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        lr=jnp.asarray(schedule(applied), jnp.float32),
+        skipped_updates=skipped,
+        update_skipped=~finite,
+        tokens=real.sum().astype(jnp.int32),
+        real_token_fraction=real.mean(),
+    )
     return new_state, metrics
 
 
@@ -218,8 +268,9 @@ def split_draft(draft: nnx.Module) -> tuple[nnx.GraphDef, Any]:
     return graphdef, params
 
 
-def init_train_state(draft: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
-                     ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+def init_train_state(
+    draft: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """The initial state of a drafter (built with one ``param_dtype``: float32 master weights, or bfloat16
     parameters): params by the rules table, fp32 optimizer state on matching shardings. ``draft``: a module (its
     params are placed), or a zero-argument function building one: then its params are created directly in their
@@ -237,8 +288,12 @@ def init_train_state(draft: nnx.Module | Callable[[], nnx.Module], tx: optax.Gra
         params = sharding.place(params, shardings.params)
     opt_state = optim.init_opt_state(tx, params, shardings.opt_state)
     rep = sharding.replicated(mesh)
-    state = TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state,
-                       skipped_updates=jax.device_put(jnp.int32(0), rep))
+    state = TrainState(
+        step=jax.device_put(jnp.int32(0), rep),
+        params=params,
+        opt_state=opt_state,
+        skipped_updates=jax.device_put(jnp.int32(0), rep),
+    )
     return graphdef, state, shardings
 
 
@@ -246,14 +301,14 @@ def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: M
     """A :class:`TrainState` of ``NamedSharding``s: params by the rules table, moments alike, scalars replicated."""
     p_sh = sharding.state_shardings(params, mesh)
     rep = sharding.replicated(mesh)
-    return TrainState(step=rep, params=p_sh, opt_state=optim.opt_state_shardings(tx, params, p_sh, mesh),
-                      skipped_updates=rep)
+    return TrainState(
+        step=rep, params=p_sh, opt_state=optim.opt_state_shardings(tx, params, p_sh, mesh), skipped_updates=rep
+    )
 
 
 def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainState:
     """``jax.ShapeDtypeStruct``s of a state carrying ``shardings`` (the restore target on the current mesh)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                        state_or_shapes, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state_or_shapes, shardings)
 
 
 def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfig, mesh: Mesh) -> None:
@@ -271,8 +326,9 @@ def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfi
     b, s = np.shape(batch["input_ids"])
     for k in ("anchors", "keep"):
         if k in batch and tuple(np.shape(batch[k])) != (b, cfg.num_anchors):
-            raise ValueError(f"batch[{k!r}] must be [B, num_anchors] = {(b, cfg.num_anchors)}, "
-                             f"got {tuple(np.shape(batch[k]))}")
+            raise ValueError(
+                f"batch[{k!r}] must be [B, num_anchors] = {(b, cfg.num_anchors)}, got {tuple(np.shape(batch[k]))}"
+            )
     for k in BATCH_KEYS:
         if tuple(np.shape(batch[k])) != (b, s):
             raise ValueError(f"batch[{k!r}] must have shape {(b, s)} like input_ids, got {tuple(np.shape(batch[k]))}")
@@ -281,30 +337,54 @@ def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfi
     if cfg.mode == "offline":
         th = (b, s, draft_cfg.num_features * hidden_size)
         if tuple(np.shape(batch["target_hidden"])) != th:
-            raise ValueError(f"batch['target_hidden'] must be [B,S,T*H] = {th} (T = len(target_layer_ids)), "
-                             f"got {tuple(np.shape(batch['target_hidden']))}")
+            raise ValueError(
+                f"batch['target_hidden'] must be [B,S,T*H] = {th} (T = len(target_layer_ids)), "
+                f"got {tuple(np.shape(batch['target_hidden']))}"
+            )
         if kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
-            raise ValueError(f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
-                             f"got {tuple(np.shape(batch['teacher_hidden']))}")
+            raise ValueError(
+                f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
+                f"got {tuple(np.shape(batch['teacher_hidden']))}"
+            )
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.grad_accum
     if b * jax.process_count() % n_batch:
-        raise ValueError(f"global batch size {b * jax.process_count()} is not divisible by data*fsdp x grad_accum "
-                         f"= {n_batch}")
+        raise ValueError(
+            f"global batch size {b * jax.process_count()} is not divisible by data*fsdp x grad_accum = {n_batch}"
+        )
 
 
-def jit_train_step(draft: nnx.Module, target_graphdef: nnx.GraphDef, state_shardings: TrainState,
-                   target_shardings: Any, *, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   cfg: StepConfig, mesh: Mesh) -> Any:
+def jit_train_step(
+    draft: nnx.Module,
+    target_graphdef: nnx.GraphDef,
+    state_shardings: TrainState,
+    target_shardings: Any,
+    *,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    cfg: StepConfig,
+    mesh: Mesh,
+) -> Any:
     """:func:`train_step` under ``jax.jit`` with explicit shardings, ``(state, target_state, batch, key)`` ->
     ``(state, metrics)``, the state donated. ``draft`` may be abstract (``nnx.eval_shape``): only its graph,
     config and compute dtype are read (:class:`TrainStep` and the ahead-of-time ``dflash-jax compile``)."""
     draft_graphdef, _ = split_draft(draft)
     rep = sharding.replicated(mesh)
-    fn = functools.partial(train_step, draft_graphdef=draft_graphdef, target_graphdef=target_graphdef, tx=tx,
-                           schedule=schedule, draft_cfg=draft.cfg, cfg=cfg, compute_dtype=draft.dtype)
-    return jax.jit(fn, in_shardings=(state_shardings, target_shardings, NamedSharding(mesh, P(sharding.BATCH_AXES)),
-                                     rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    fn = functools.partial(
+        train_step,
+        draft_graphdef=draft_graphdef,
+        target_graphdef=target_graphdef,
+        tx=tx,
+        schedule=schedule,
+        draft_cfg=draft.cfg,
+        cfg=cfg,
+        compute_dtype=draft.dtype,
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, target_shardings, NamedSharding(mesh, P(sharding.BATCH_AXES)), rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
 
 
 class TrainStep:
@@ -315,15 +395,25 @@ class TrainStep:
     already-sharded ``jax.Array``s. ``state`` is donated: do not reuse the argument after the call.
     """
 
-    def __init__(self, *, draft: nnx.Module, state_shardings: TrainState, target: nnx.Module,
-                 tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig, mesh: Mesh):
+    def __init__(
+        self,
+        *,
+        draft: nnx.Module,
+        state_shardings: TrainState,
+        target: nnx.Module,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        cfg: StepConfig,
+        mesh: Mesh,
+    ):
         self.cfg, self.draft_cfg, self.mesh = cfg, draft.cfg, mesh
         target_graphdef, target_state = nnx.split(target, nnx.Param)
         self.target_shardings = sharding.state_shardings(target_state, mesh)
         self.target_state = sharding.place(target_state, self.target_shardings)
         self.state_shardings = state_shardings
-        self.jitted = jit_train_step(draft, target_graphdef, state_shardings, self.target_shardings, tx=tx,
-                                     schedule=schedule, cfg=cfg, mesh=mesh)
+        self.jitted = jit_train_step(
+            draft, target_graphdef, state_shardings, self.target_shardings, tx=tx, schedule=schedule, cfg=cfg, mesh=mesh
+        )
         self._compiled: set[tuple] = set()  # batch signatures compiled (multi-process: see __call__)
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -332,8 +422,9 @@ class TrainStep:
         host = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
         return {**dict(batch), **sharding.shard_batch(host, self.mesh)}
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def __call__(
+        self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         batch = self.place_batch(batch)
         with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
             if jax.process_count() > 1:
