@@ -400,6 +400,24 @@ def _eval_prompt_conversations(path: str, n: int | None) -> list:
     return out
 
 
+def _run_mesh(config):
+    """The mesh a saved run trained on (the target loads straight onto it, as in training) when this machine has
+    its device count; otherwise None (the default device), with a warning."""
+    if config is None:
+        return None
+    import jax
+
+    from dflash_jax import config as config_lib
+    from dflash_jax.train import sharding
+
+    try:
+        config_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
+    except ValueError as e:
+        log.warning("%s: the target loads whole on the default device", e)
+        return None
+    return sharding.make_mesh(config.mesh.shape)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -440,7 +458,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out!r} exists and is not a directory")
 
     config, draft_cfg, params, target_section, run_dir = _eval_draft(args.draft, args.target)
-    target = run.build_target(target_section)
+    target = run.build_target(target_section, _run_mesh(config))
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template if config else None)
     prompts = run.eval_prompts(renderer, conversations, num)
     if not prompts:
@@ -569,7 +587,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     if data.path != "sharegpt" and not os.path.isfile(data.path):
         raise ValueError(f"data.path {data.path!r} is not a file")
     mesh = sharding.make_mesh(config.mesh.shape)
-    target = run.build_target(config.target)
+    target = run.build_target(config.target, mesh)  # placed once, onto the shardings the generator uses
     renderer = chat.ChatRenderer.from_target(target, data.chat_template)
     with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         summary = regen.regenerate(

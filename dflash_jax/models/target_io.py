@@ -35,6 +35,36 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return "model." + ".".join(parts), transpose
 
 
+def head_tensors(name: str) -> bool:
+    """The tensors a step that reads precomputed features uses (offline mode, docs/design.md §4.6, §4.8): the
+    embedding (noise ids) and ``lm_head`` (loss logits; the KD teacher's hidden state is dumped post-norm)."""
+    return name in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _abstract_target(cfg: TargetConfig, dt: Any, mesh, shardings) -> tuple[nnx.GraphDef, Any, dict]:
+    """``(graphdef, abstract state, {path: NamedSharding or None})`` of a target: shapes and logical axes from
+    ``nnx.eval_shape`` (nothing allocated); shardings given, or by the one rules table given only ``mesh``."""
+    with layers.unsharded_init():
+        abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
+    graphdef, abs_state = nnx.split(abs_model)
+    if shardings is None and mesh is not None:
+        from dflash_jax.train import sharding
+
+        shardings = sharding.state_shardings(abs_state, mesh)
+    flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    return graphdef, abs_state, {p: (v.get_value() if isinstance(v, nnx.Variable) else v) for p, v in flat.items()}
+
+
+def _unread(var: Any, sh: Any) -> jax.ShapeDtypeStruct:
+    """A tensor left unread: its shape, dtype and sharding only (no memory)."""
+    return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh)
+
+
+def is_unread(x: Any) -> bool:
+    """Whether a target state leaf was left unread by ``only`` (:func:`build_target_model`)."""
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
 def build_target_model(
     cfg: TargetConfig,
     fetch: Callable[[str, tuple[int, ...]], np.ndarray],
@@ -42,6 +72,7 @@ def build_target_model(
     dtype: Any = "float32",
     mesh=None,
     shardings=None,
+    only: Callable[[str], bool] | None = None,
 ) -> TargetModel:
     """Materialise a ``TargetModel`` from named tensors without a random init.
 
@@ -52,45 +83,49 @@ def build_target_model(
     ``dtype`` on the host, transposed where needed and placed directly onto its sharding: ``shardings`` (a state
     of ``NamedSharding`` matching the model) or, given only ``mesh``, the one rules table
     (:func:`dflash_jax.train.sharding.state_shardings`); otherwise the default device. With several processes
-    each process puts only its addressable shards (``jax.make_array_from_callback``).
+    each process puts only its addressable shards (``jax.make_array_from_callback``). ``only(hf_name)``: read
+    just the tensors it accepts (e.g. :func:`head_tensors`); the others stay ``jax.ShapeDtypeStruct``s
+    (:func:`is_unread`), never read nor allocated.
     """
     dt = resolve_dtype(dtype)
-    with layers.unsharded_init():
-        abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
-    graphdef, abs_state = nnx.split(abs_model)
-    if shardings is None and mesh is not None:
-        from dflash_jax.train import sharding
-
-        shardings = sharding.state_shardings(abs_state, mesh)
-    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    graphdef, abs_state, sh_flat = _abstract_target(cfg, dt, mesh, shardings)
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
     if cfg.arch in families.FAMILIES:
         fetch = functools.partial(families.FAMILIES[cfg.arch].read_tensor, cfg, fetch)
     leaves = {}
     for path, var in nnx.to_flat_state(abs_state):
         name, transpose = hf_name(path)
+        sh = sh_flat.get(path)
+        if only is not None and not only(name):
+            leaves[path] = _unread(var, sh)
+            continue
         shape = tuple(var.shape[::-1]) if transpose else tuple(var.shape)
         arr = fetch(name, shape)
         if tuple(arr.shape) != shape:
             raise ValueError(f"tensor {name}: shape {tuple(arr.shape)} does not match the config's {shape}")
         arr = np.asarray(arr).astype(np_dt, copy=False)
         arr = np.ascontiguousarray(arr.T) if transpose else arr
-        sh = sh_flat.get(path)
-        sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
         leaves[path] = (
             jax.device_put(arr)
             if sh is None
             else jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
         )
+        del arr  # the next tensor replaces this one on the host
     state = nnx.from_flat_state([(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abs_state)])
     return nnx.merge(graphdef, state)
 
 
-def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shardings=None) -> Target:
+def load_target(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    mesh=None,
+    shardings=None,
+    only: Callable[[str], bool] | None = None,
+) -> Target:
     """Load a frozen target from an HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file.
 
-    ``dtype``: parameter and compute dtype (``float32``, ``bfloat16``, ``float16``). ``mesh``/``shardings``:
-    see :func:`build_target_model`.
+    ``dtype``: parameter and compute dtype (``float32``, ``bfloat16``, ``float16``). ``mesh``/``shardings``/
+    ``only``: see :func:`build_target_model`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -103,7 +138,7 @@ def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shar
         cfg, fetch, tok = gguf_io.open_gguf(path)
     else:
         raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
-    model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings)
+    model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings, only=only)
     return Target(
         cfg,
         model,
@@ -115,9 +150,26 @@ def load_target(path: str | os.PathLike, dtype: str = "float32", mesh=None, shar
     )
 
 
-def random_target(cfg: TargetConfig, seed: int = 0, dtype: str = "float32") -> Target:
-    """A random-init target for tests/CI (no tokenizer)."""
-    return Target(cfg, make_target_model(cfg, seed=seed, dtype=dtype), source=f"random(seed={seed})")
+def random_target(
+    cfg: TargetConfig, seed: int = 0, dtype: str = "float32", mesh=None, only: Callable[[str], bool] | None = None
+) -> Target:
+    """A random-init target for tests/CI (no tokenizer), initialised by one compiled program (the same values
+    placed or not). With ``mesh`` the parameters are created directly in their shardings by the rules table
+    (``jax.jit(init, out_shardings=...)``), never whole on one device; ``only``: as :func:`build_target_model`
+    (the other tensors are not created)."""
+    dt = resolve_dtype(dtype)
+    graphdef, abs_state, sh_flat = _abstract_target(cfg, dt, mesh, None)
+    paths = [p for p, _ in nnx.to_flat_state(abs_state) if only is None or only(hf_name(p)[0])]
+
+    def init():
+        flat = dict(nnx.to_flat_state(nnx.state(make_target_model(cfg, seed=seed, dtype=dt))))
+        return [flat[p].get_value() for p in paths]
+
+    made = dict(zip(paths, jax.jit(init, out_shardings=[sh_flat.get(p) for p in paths] if mesh is not None else None)()))
+    state = nnx.from_flat_state(
+        [(p, v.replace(made[p] if p in made else _unread(v, sh_flat.get(p)))) for p, v in nnx.to_flat_state(abs_state)]
+    )
+    return Target(cfg, nnx.merge(graphdef, state), source=f"random(seed={seed})")
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

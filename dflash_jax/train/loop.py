@@ -12,7 +12,6 @@ them in a row stop the run (:class:`DivergedError`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import signal
@@ -23,14 +22,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import paths
 from dflash_jax.data import pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
-from dflash_jax.train import cost, features, optim, rundir, sharding
+from dflash_jax.train import cost, features, rundir, sharding
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
@@ -215,7 +213,8 @@ def _train(
         run_lib.check_resume(run_dir, config, steps[-1] if steps else None)
     tc = config.train
 
-    target, renderer, draft_cfg = run_lib.assemble(config, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh.shape)  # first: the target loads straight onto it
+    target, renderer, draft_cfg = run_lib.assemble(config, mesh, only=run_lib.step_tensors(config))
     log.info("target %r; drafter %s; mask_token_id %d", target, draft_cfg, draft_cfg.mask_token_id)
 
     if tc.mode == "online":
@@ -254,29 +253,7 @@ def _train(
             "afterwards with dflash-jax eval --draft RUN --prompts FILE"
         )
 
-    mesh = sharding.make_mesh(config.mesh.shape)
-    tx, schedule = optim.optimizer_from_config(tc)
-    # A fresh drafter is created directly in its shardings (the step reads only the abstract module's graph,
-    # config and compute dtype); a warm start (draft.init) is read on the host and placed.
-    build_draft = functools.partial(run_lib.new_draft, draft_cfg, tc, config.draft.init)
-    draft = build_draft() if config.draft.init else nnx.eval_shape(build_draft)
-    _, state, shardings = step_lib.init_train_state(draft if config.draft.init else build_draft, tx, mesh)
-    target_params = nnx.state(target.model, nnx.Param)
-    sharding.check_replication(
-        {"target": target_params, "draft": state.params},
-        {"target": sharding.state_shardings(target_params, mesh), "draft": shardings.params},
-        mesh,
-        config.mesh.replicated_tolerance,
-    )
-    step_fn = step_lib.TrainStep(
-        draft=draft,
-        state_shardings=shardings,
-        target=target.model,
-        tx=tx,
-        schedule=schedule,
-        cfg=step_lib.StepConfig.from_config(config),
-        mesh=mesh,
-    )
+    state, shardings, step_fn = run_lib.build_step(config, target, draft_cfg, mesh)
     key = jax.random.key(tc.seed)
     ckpt = run_lib.checkpointer(run_dir, config, draft_cfg, keep=tc.keep_checkpoints)
     window: list[dict[str, Any]] = []
@@ -387,8 +364,9 @@ def _train(
                     )
             if prompts and (step % tc.eval_every == 0 or step == tc.steps):
                 params = sharding.to_host(state.params)  # a collective: on every process
-                if main:  # decoding runs on process 0's own devices only (no collective inside)
-                    res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
+                # Decoding runs on every process: the target is the step's own copy, sharded over all of them.
+                res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
+                if main:
                     sink.write(
                         {
                             "step": step,

@@ -11,19 +11,21 @@ that is neither BOS nor EOS and that the chat template does not emit (SmolLM2: `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import chat, pipeline, readers
-from dflash_jax.models import layers
+from dflash_jax.models import layers, target_io
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import Target
 from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path
@@ -38,19 +40,22 @@ _MASK_SPELLINGS = ("<mask>", "<|mask|>", "[MASK]", "<MASK>", "<|MASK|>", "<|mask
 _SECTION_ONLY = ("num_anchors", "init")
 
 
-def build_target(section: config_lib.TargetSection) -> Target:
+def build_target(
+    section: config_lib.TargetSection, mesh: Mesh | None = None, only: Callable[[str], bool] | None = None
+) -> Target:
     """The frozen target of ``target.path``: ``random`` (``target.random``, a ``TargetConfig`` plus ``seed``),
     ``smollm2`` (the installed SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in
-    ``target.dtype``."""
+    ``target.dtype``. ``mesh``: every tensor is placed straight onto its sharding by the rules table (never whole
+    on one device); ``only``: the tensors to read (:func:`~dflash_jax.models.target_io.build_target_model`)."""
     if section.path == RANDOM:
-        return random_target(section.random, seed=section.random.seed, dtype=section.dtype)
+        return random_target(section.random, seed=section.random.seed, dtype=section.dtype, mesh=mesh, only=only)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
         raise ValueError(
             f"target.path {section.path!r} does not exist (use an HF checkpoint directory, a .gguf "
             f"file, '{SMOLLM2}' or '{RANDOM}')"
         )
-    return load_target(path, dtype=section.dtype)
+    return load_target(path, dtype=section.dtype, mesh=mesh, only=only)
 
 
 def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat.ChatRenderer) -> int:
@@ -124,16 +129,27 @@ def check_inputs(config: config_lib.Config) -> None:
             raise ValueError(f"{key} {path!r} is not a {'directory' if isdir else 'file'}")
 
 
+def step_tensors(config: config_lib.Config) -> Callable[[str], bool] | None:
+    """The target tensors a training run reads (``only`` of :func:`build_target`): offline training without
+    in-training eval reads just the embedding and ``lm_head`` (:func:`~dflash_jax.models.target_io.head_tensors`);
+    online training and in-training eval read the whole target (None)."""
+    tc, ev = config.train, config.eval
+    evaluates = bool(tc.eval_every and ev.num_prompts and config.data.heldout)
+    return target_io.head_tensors if tc.mode == "offline" and not evaluates else None
+
+
 def assemble(
-    config: config_lib.Config, num_devices: int | None = None
+    config: config_lib.Config, mesh: Mesh | None = None, only: Callable[[str], bool] | None = None
 ) -> tuple[Target, chat.ChatRenderer, DraftConfig]:
-    """``(target, renderer, draft_cfg)`` of a config: its inputs checked (:func:`check_inputs`), the loaded target
-    (checked against the config by :func:`~dflash_jax.config.validate_runtime`, with the mesh when
-    ``num_devices`` is given), its chat renderer (``data.chat_template``) and the drafter config with the mask
-    token resolved."""
+    """``(target, renderer, draft_cfg)`` of a config: its inputs checked (:func:`check_inputs`), the config
+    checked against ``mesh`` before anything loads (:func:`~dflash_jax.config.validate_runtime`), the target
+    loaded straight onto ``mesh`` (:func:`build_target`; ``only``: the tensors to read) and checked against the
+    config, its chat renderer (``data.chat_template``) and the drafter config with the mask token resolved."""
     check_inputs(config)
-    target = build_target(config.target)
-    config_lib.validate_runtime(config, num_devices, num_target_layers=target.config.num_layers)
+    if mesh is not None:
+        config_lib.validate_runtime(config, mesh.size)
+    target = build_target(config.target, mesh, only)
+    config_lib.validate_runtime(config, None, num_target_layers=target.config.num_layers)
     renderer = chat.ChatRenderer.from_target(target, config.data.chat_template)
     mask_id = resolve_mask_token_id(config.draft.mask_token_id, target, renderer)
     return target, renderer, build_draft_config(config.draft, target, mask_id)
@@ -164,6 +180,37 @@ def new_draft(draft_cfg: DraftConfig, train: config_lib.TrainSection, init: str 
             raise ValueError(f"draft.init {init!r} does not match the configured drafter: " + "; ".join(diffs))
         nnx.update(draft, params)
     return draft
+
+
+def build_step(
+    config: config_lib.Config, target: Target, draft_cfg: DraftConfig, mesh: Mesh
+) -> tuple[step_lib.TrainState, step_lib.TrainState, step_lib.TrainStep]:
+    """``(state, state_shardings, step)`` of a training run on ``mesh``: a fresh drafter created directly in its
+    shardings (a warm start, ``draft.init``, is read on the host and placed), the mesh checked against
+    ``mesh.replicated_tolerance``, and the compiled step bound to ``target`` (its arrays used as they are when
+    :func:`assemble` loaded it onto ``mesh``)."""
+    tc = config.train
+    tx, schedule = optim.optimizer_from_config(tc)
+    build = functools.partial(new_draft, draft_cfg, tc, config.draft.init)
+    draft = build() if config.draft.init else nnx.eval_shape(build)  # the step reads only graph, config, dtype
+    _, state, shardings = step_lib.init_train_state(draft if config.draft.init else build, tx, mesh)
+    target_params = nnx.state(target.model, nnx.Param)
+    sharding.check_replication(
+        {"target": target_params, "draft": state.params},
+        {"target": sharding.state_shardings(target_params, mesh), "draft": shardings.params},
+        mesh,
+        config.mesh.replicated_tolerance,
+    )
+    step = step_lib.TrainStep(
+        draft=draft,
+        state_shardings=shardings,
+        target=target.model,
+        tx=tx,
+        schedule=schedule,
+        cfg=step_lib.StepConfig.from_config(config),
+        mesh=mesh,
+    )
+    return state, shardings, step
 
 
 # train keys a resume must keep: the optimizer's math and the data order. train.steps may grow (extend_run docs).

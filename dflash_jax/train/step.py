@@ -19,8 +19,9 @@ donated:
 The target's parameters are a separate, non-donated argument sharded by the same rules table and never
 differentiated (the target stops gradients itself and is outside ``jax.value_and_grad``'s argument).
 
-Offline mode passes the whole target state too (only the embedding table and ``lm_head`` are read; XLA prunes
-the rest from the computation).
+Offline mode reads only the embedding table and ``lm_head``: a target loaded with only those
+(:func:`dflash_jax.models.target_io.head_tensors`) passes them alone, its unread tensors stay abstract
+(``target_unread``); a whole target is passed whole (XLA prunes what the step does not read).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from dflash_jax import blocks, losses
 from dflash_jax import config as config_lib
+from dflash_jax.models import target_io
 from dflash_jax.models.draft import DraftConfig
 from dflash_jax.train import optim, sharding
 
@@ -135,6 +137,7 @@ def train_step(
     draft_cfg: DraftConfig,
     cfg: StepConfig,
     compute_dtype: Any,
+    target_unread: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The pure step (un-jitted; :class:`TrainStep` compiles it). Batch: ``input_ids [B,S]`` int32, ``loss_mask
     [B,S]`` f32, ``segment_ids``/``positions [B,S]`` int32, offline also ``target_hidden [B,S,T*H]`` and (KD)
@@ -146,8 +149,9 @@ def train_step(
     runs the target and draft over K micro-batches (:func:`micro_batches`), summing the gradients of the loss
     numerator ``sum(W*l)`` and the unnormalised partials; the batch-global reduction and the gradient scale
     (:func:`~dflash_jax.losses.numerator_scale`, zero-loss rule included) are applied once to the sums, so the
-    step equals the K = 1 step up to float summation order."""
-    target = nnx.merge(target_graphdef, target_state)
+    step equals the K = 1 step up to float summation order. ``target_unread``: the target's tensors that were
+    never loaded (``jax.ShapeDtypeStruct`` leaves, offline mode only; the step must not read them)."""
+    target = nnx.merge(target_graphdef, target_state, *([] if target_unread is None else [target_unread]))
     bs, n, lo, k = draft_cfg.block_size, cfg.num_anchors, cfg.loss, cfg.grad_accum
     if "anchors" in batch:  # injected (parity tests, replaying a run): [B, num_anchors] int32 + keep bool
         anchors, keep = batch["anchors"].astype(jnp.int32), batch["keep"].astype(bool)
@@ -363,10 +367,12 @@ def jit_train_step(
     schedule: optax.Schedule,
     cfg: StepConfig,
     mesh: Mesh,
+    target_unread: Any = None,
 ) -> Any:
     """:func:`train_step` under ``jax.jit`` with explicit shardings, ``(state, target_state, batch, key)`` ->
     ``(state, metrics)``, the state donated. ``draft`` may be abstract (``nnx.eval_shape``): only its graph,
-    config and compute dtype are read (:class:`TrainStep` and the ahead-of-time ``dflash-jax compile``)."""
+    config and compute dtype are read (:class:`TrainStep` and the ahead-of-time ``dflash-jax compile``).
+    ``target_unread``: see :func:`train_step`."""
     draft_graphdef, _ = split_draft(draft)
     rep = sharding.replicated(mesh)
     fn = functools.partial(
@@ -378,6 +384,7 @@ def jit_train_step(
         draft_cfg=draft.cfg,
         cfg=cfg,
         compute_dtype=draft.dtype,
+        target_unread=target_unread,
     )
     return jax.jit(
         fn,
@@ -389,7 +396,9 @@ def jit_train_step(
 
 class TrainStep:
     """``step(state, batch, key) -> (state, metrics)``: the jitted :func:`train_step` bound to a mesh and a frozen
-    target (placed once, by the rules table; never donated, never differentiated).
+    target (never donated, never differentiated). A target loaded onto the mesh by the rules table
+    (``load_target(..., mesh=mesh)``) is used as it is, the same arrays as the caller's (eval shares them); any
+    other is placed once here. Tensors left unread by the loader (``only``) are not passed.
 
     ``batch`` may hold host (numpy) arrays of this process's rows (placed over ``("data", "fsdp")`` here) or
     already-sharded ``jax.Array``s. ``state`` is donated: do not reuse the argument after the call.
@@ -408,11 +417,22 @@ class TrainStep:
     ):
         self.cfg, self.draft_cfg, self.mesh = cfg, draft.cfg, mesh
         target_graphdef, target_state = nnx.split(target, nnx.Param)
+        target_state, unread = nnx.split_state(target_state, lambda _, v: not target_io.is_unread(v.get_value()), ...)
+        if unread and cfg.mode == "online":
+            raise ValueError("online training reads the whole target, but it was loaded with only some tensors")
         self.target_shardings = sharding.state_shardings(target_state, mesh)
-        self.target_state = sharding.place(target_state, self.target_shardings)
+        self.target_state = sharding.place(target_state, self.target_shardings)  # no copy when already placed
         self.state_shardings = state_shardings
         self.jitted = jit_train_step(
-            draft, target_graphdef, state_shardings, self.target_shardings, tx=tx, schedule=schedule, cfg=cfg, mesh=mesh
+            draft,
+            target_graphdef,
+            state_shardings,
+            self.target_shardings,
+            tx=tx,
+            schedule=schedule,
+            cfg=cfg,
+            mesh=mesh,
+            target_unread=unread if unread else None,
         )
         self._compiled: set[tuple] = set()  # batch signatures compiled (multi-process: see __call__)
 
