@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from dflash_jax import paths
 from dflash_jax.models import draft as draft_lib
 from dflash_jax.models import hf_io
 from dflash_jax.models.target import TargetConfig
@@ -595,10 +596,6 @@ def save_resolved(config: Config, run_dir: str | os.PathLike) -> str:
     it: a process killed while writing leaves the previous file, never a truncated one); returns the path."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with paths.atomic_open(path) as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False, default_flow_style=None)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path

@@ -11,15 +11,18 @@ only by its own markers, and the one-writer-per-directory lock.
 - **Lock** (:class:`DirLock`): an exclusive ``fcntl.flock`` on ``DIR/.lock.<process index>``, held while a command
   writes the directory (train, export into a run, dump-features), released by the kernel if the process dies. The
   file holds the holder's PID, which the error of a second writer names. ``flock`` needs a local or lock-aware
-  network filesystem.
+  network filesystem. ``--overwrite`` deletes nothing while another process holds any lock file of the run.
+- **Small files** (:func:`atomic_open`): written to a temporary file beside the target, then renamed over it: a
+  process killed while writing leaves the previous file, never a truncated one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
-from typing import Sequence
+from typing import IO, Iterator, Sequence
 
 LOCK_PREFIX = ".lock."
 
@@ -75,10 +78,29 @@ def check_clearable(run_dir: str, markers: Sequence[str]) -> None:
         )
 
 
-def clear_run_dir(run_dir: str, markers: Sequence[str]) -> None:
-    """Delete everything in ``run_dir`` but its lock files, after :func:`check_clearable` (nothing deleted if it
-    refuses). Entries that are symbolic links are unlinked, never followed."""
+@contextlib.contextmanager
+def atomic_open(path: str) -> Iterator[IO[str]]:
+    """A text file (UTF-8) that replaces ``path`` only when the ``with`` block completes: written to
+    ``path + ".tmp"``, flushed to disk, then ``os.replace``d; on an error the temporary file is removed and
+    ``path`` is untouched."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def clear_run_dir(run_dir: str, markers: Sequence[str], own_lock: str | None = None) -> None:
+    """Delete everything in ``run_dir`` but its lock files, after :func:`check_clearable` and
+    :func:`check_no_other_holder` (``own_lock``: the caller's lock file; nothing deleted if either refuses).
+    Entries that are symbolic links are unlinked, never followed."""
     check_clearable(run_dir, markers)
+    check_no_other_holder(run_dir, own_lock)
     for name in os.listdir(run_dir):
         if is_lock_file(name):
             continue
@@ -91,6 +113,44 @@ def clear_run_dir(run_dir: str, markers: Sequence[str]) -> None:
 
 class DirLockedError(ValueError):
     """Another live process holds the lock of a directory."""
+
+
+def _try_flock(fd: int) -> bool:
+    """Take the exclusive lock of an open file without waiting; False when another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _locked_error(directory: str, lock_path: str) -> DirLockedError:
+    """The error naming the PID written in a held lock file."""
+    try:
+        with open(lock_path, encoding="utf-8", errors="replace") as f:
+            holder = f.read(64).strip() or "unknown"
+    except OSError:
+        holder = "unknown"
+    return DirLockedError(
+        f"{directory!r} is in use by process {holder} (lock {lock_path}); wait for it to finish or stop it, then retry"
+    )
+
+
+def check_no_other_holder(directory: str, own_lock: str | None = None) -> None:
+    """:class:`DirLockedError` naming the PID when a live process holds a lock file of ``directory`` other than
+    ``own_lock`` (e.g. a peer process of another run, whose lock index differs from ours)."""
+    directory = os.path.abspath(directory)
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not is_lock_file(name) or (own_lock is not None and os.path.abspath(own_lock) == path):
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if not _try_flock(fd):
+                raise _locked_error(directory, path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 class DirLock:
@@ -108,15 +168,9 @@ class DirLock:
     def acquire(self) -> "DirLock":
         os.makedirs(self.directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        if not _try_flock(fd):
             os.close(fd)
-            raise DirLockedError(
-                f"{self.directory!r} is in use by process {holder} (lock {self.path}); wait for "
-                "it to finish or stop it, then retry"
-            ) from None
+            raise _locked_error(self.directory, self.path)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

@@ -362,3 +362,45 @@ def test_garbage_safetensors_and_overwrite_refusals_are_error_lines(base, tmp_pa
     err = capsys.readouterr().err
     assert "symbolic link; refusing to delete through it" in err and "Traceback" not in err
     assert _tree(victim) == before
+
+
+def test_overwrite_refuses_while_another_process_holds_a_lock_of_the_run(tmp_path):
+    """A peer process of another run holds ``.lock.1`` (its process 0 gone): ``--overwrite`` by a new 1-process run
+    (its own ``.lock.0``) deletes nothing and names the holder's PID; once the holder exits it proceeds, the lock
+    files kept."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (*rundir.RUN_MARKERS, rundir.METRICS_FILE):
+        (run / name).write_text("{}\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from dflash_jax import paths; l = paths.DirLock({str(run)!r}, 1).acquire(); "
+         "print('held', flush=True); input()"],
+        cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _tree(run)
+        with paths.DirLock(str(run)) as own:
+            with pytest.raises(paths.DirLockedError, match=f"in use by process {holder.pid}"):
+                rundir.prepare_run_dir(str(run), resume=False, overwrite=True, own_lock=own.path)
+        assert _tree(run) == before
+    finally:
+        holder.communicate("\n", timeout=60)
+    with paths.DirLock(str(run)) as own:
+        rundir.prepare_run_dir(str(run), resume=False, overwrite=True, own_lock=own.path)
+    assert sorted(os.listdir(run)) == [".lock.0", ".lock.1"]
+
+
+def test_run_files_are_written_atomically(tmp_path, monkeypatch):
+    """A writer that fails mid-file (a kill while writing) leaves the previous heldout.jsonl, and no temp file."""
+    path = str(tmp_path / rundir.HELDOUT_FILE)
+    rundir.write_heldout(path, [(("user", "old"), ("assistant", "kept"))])
+    old = open(path).read()
+
+    def torn(*_, **__):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", torn)
+    with pytest.raises(OSError, match="disk full"):
+        rundir.write_heldout(path, [(("user", "new"), ("assistant", "lost"))])
+    assert open(path).read() == old and os.listdir(tmp_path) == [rundir.HELDOUT_FILE]

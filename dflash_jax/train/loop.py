@@ -189,9 +189,9 @@ def train(
     main = jax.process_index() == 0
     if main:
         rundir.check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # refuse before creating the lock file
-    with paths.DirLock(run_dir, jax.process_index()), _SigintFlag() as sigint:
+    with paths.DirLock(run_dir, jax.process_index()) as lock, _SigintFlag() as sigint:
         if main:
-            rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+            rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, own_lock=lock.path)
         return _train(config, run_dir, resume=resume, progress=progress, on_step=on_step, sigint=sigint)
 
 

@@ -76,11 +76,11 @@ def check_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> bool:
     return True
 
 
-def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> None:
-    """:func:`check_run_dir`, then delete a previous run when ``overwrite`` (its lock files stay) and create
-    ``run_dir``."""
+def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool, own_lock: str | None = None) -> None:
+    """:func:`check_run_dir`, then delete a previous run when ``overwrite`` (its lock files stay; refused while a
+    process other than the caller, whose lock file is ``own_lock``, holds one) and create ``run_dir``."""
     if check_run_dir(run_dir, resume=resume, overwrite=overwrite):
-        paths.clear_run_dir(run_dir, RUN_MARKERS)
+        paths.clear_run_dir(run_dir, RUN_MARKERS, own_lock)
     os.makedirs(run_dir, exist_ok=True)
 
 
@@ -92,17 +92,18 @@ def is_run_dir(path: str) -> bool:
 def write_run_files(
     run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, heldout: Sequence[readers.Conversation]
 ) -> None:
-    """``config.yaml`` (with the resolved ``draft.mask_token_id``), ``draft_config.json`` and ``heldout.jsonl``."""
+    """``config.yaml`` (with the resolved ``draft.mask_token_id``), ``draft_config.json`` and ``heldout.jsonl``, each
+    written atomically."""
     resolved = dataclasses.replace(config.draft, mask_token_id=draft_cfg.mask_token_id)
     config_lib.save_resolved(dataclasses.replace(config, draft=resolved), run_dir)
-    with open(os.path.join(run_dir, DRAFT_CONFIG_FILE), "w", encoding="utf-8") as f:
+    with paths.atomic_open(os.path.join(run_dir, DRAFT_CONFIG_FILE)) as f:
         json.dump(export_lib.config_to_json(draft_cfg, "float32"), f, indent=2)
     write_heldout(os.path.join(run_dir, HELDOUT_FILE), heldout)
 
 
 def write_heldout(path: str, conversations: Sequence[readers.Conversation]) -> None:
-    """``conversations`` as OpenAI-style JSONL records (``dflash-jax eval`` reads them back)."""
-    with open(path, "w", encoding="utf-8") as f:
+    """``conversations`` as OpenAI-style JSONL records (``dflash-jax eval`` reads them back), written atomically."""
+    with paths.atomic_open(path) as f:
         for conv in conversations:
             f.write(json.dumps({"messages": [{"role": r, "content": t} for r, t in conv]}, ensure_ascii=False) + "\n")
 
@@ -130,10 +131,8 @@ def truncate_metrics(run_dir: str, step: int) -> None:
     """Keep only the records of steps <= ``step`` (a resume recomputes the rest)."""
     path = os.path.join(run_dir, METRICS_FILE)
     keep = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with paths.atomic_open(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, path)
 
 
 class MetricsSink:
