@@ -372,11 +372,9 @@ def test_overwrite_refuses_while_another_process_holds_a_lock_of_the_run(tmp_pat
     run.mkdir()
     for name in (*rundir.RUN_MARKERS, rundir.METRICS_FILE):
         (run / name).write_text("{}\n")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from dflash_jax import paths; l = paths.DirLock({str(run)!r}, 1).acquire(); "
-         "print('held', flush=True); input()"],
-        cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
+    code = f"from dflash_jax import paths; l = paths.DirLock({str(run)!r}, 1).acquire(); print('held', flush=True); input()"
+    pipe = subprocess.PIPE
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdin=pipe, stdout=pipe, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         before = _tree(run)

@@ -34,7 +34,7 @@ from flax import struct
 from jax.experimental import pallas as pl
 
 from dflash_jax.models.layers import MASK_VALUE, attention_scores, attention_values, masked_attention
-from dflash_jax.train.sharding import BATCH_AXES
+from dflash_jax.train.sharding import mesh_batch_axes
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -385,8 +385,7 @@ def _batch_sharded(fn, *args):
     """``fn(*args)`` per batch shard (``jax.shard_map`` over the batch axes of the mesh set by ``jax.set_mesh``):
     a Pallas custom call is opaque to XLA's SPMD partitioner, which would run it on the whole batch on every device.
     Every leaf of ``args`` and of the result has the batch as its leading axis."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = mesh_batch_axes()
     if not axes:
         return fn(*args)
     spec = jax.sharding.PartitionSpec(axes)

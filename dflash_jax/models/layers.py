@@ -170,9 +170,11 @@ class DecoderBlock(nnx.Module):
         )
 
     def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
+        from dflash_jax.train.sharding import constrain_rows  # (train.sharding imports this module's users)
+
         a, aux = self.self_attn(self.input_layernorm(h), *args)
-        h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), aux
+        h = constrain_rows(h + a)
+        return constrain_rows(h + self.mlp(self.post_attention_layernorm(h))), aux
 
 
 # ---------------------------------------------------------------------------------------------------------

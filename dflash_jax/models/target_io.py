@@ -165,7 +165,9 @@ def random_target(
         flat = dict(nnx.to_flat_state(nnx.state(make_target_model(cfg, seed=seed, dtype=dt))))
         return [flat[p].get_value() for p in paths]
 
-    made = dict(zip(paths, jax.jit(init, out_shardings=[sh_flat.get(p) for p in paths] if mesh is not None else None)()))
+    made = dict(
+        zip(paths, jax.jit(init, out_shardings=[sh_flat.get(p) for p in paths] if mesh is not None else None)())
+    )
     state = nnx.from_flat_state(
         [(p, v.replace(made[p] if p in made else _unread(v, sh_flat.get(p)))) for p, v in nnx.to_flat_state(abs_state)]
     )

@@ -147,7 +147,8 @@ def compile_report(
     }
     t0 = time.perf_counter()
     if platform == "cpu":
-        lowered = jitted.lower(*args)
+        with jax.set_mesh(mesh):  # as TrainStep runs it (activation constraints, per-shard kernels)
+            lowered = jitted.lower(*args)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -167,7 +168,8 @@ def compile_report(
             flops_per_device=float(cost.get("flops", float("nan"))),
         )
     else:
-        exported = jax.export.export(jitted, platforms=[platform])(*args)
+        with jax.set_mesh(mesh):
+            exported = jax.export.export(jitted, platforms=[platform])(*args)
         report.update(
             lowered=True,
             export_s=round(time.perf_counter() - t0, 2),
