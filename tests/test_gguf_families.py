@@ -296,3 +296,56 @@ def test_malformed_gguf_names_key_or_tensor(written, tmp_path):
     _write(bad, arch, model, {**tensors, name: (tensors[name][0].astype(np.int32), None)})  # written as I32
     with pytest.raises(ValueError, match=f"bad.gguf: tensor '{name}' has quantisation type I32, not supported"):
         load_target(bad)
+
+
+@pytest.mark.parametrize("written", ["gpt-oss"], indirect=True)
+def test_gpt_oss_fused_gate_up_experts(written, tmp_path):
+    """llama.cpp's ``--fuse-gate-up-exps`` layout: ``ffn_gate_up_exps`` = gate rows, then up rows."""
+    _, model, tensors, _ = written
+    fused = dict(tensors)
+    for i in range(model.config.num_hidden_layers):
+        for kind in ("weight", "bias"):
+            gate, up = (fused.pop(f"blk.{i}.ffn_{p}_exps.{kind}")[0] for p in ("gate", "up"))
+            fused[f"blk.{i}.ffn_gate_up_exps.{kind}"] = (np.concatenate([gate, up], axis=1), None)
+    _write(tmp_path / "f.gguf", "gpt-oss", model, fused)
+    ids = np.random.default_rng(2).integers(0, VOCAB["gpt-oss"], (1, 9)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(load_target(tmp_path / "f.gguf").logits(ids), ref, atol=1e-4 * np.abs(ref).max())
+
+
+def _gemma3_meta(**extra):
+    meta = {"general.architecture": "gemma3", "tokenizer.ggml.tokens": SPM_TOKENS}
+    dims = dict(block_count=62, embedding_length=64, feed_forward_length=96, context_length=128)
+    dims.update({"attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 8})
+    return meta | {f"gemma3.{k}": v for k, v in (dims | extra).items()}
+
+
+def test_gemma3_metadata_rules_of_llamacpp():
+    """The 62-layer 27B scales attention by (H / heads)**-0.5, other sizes by head_dim**-0.5; no sliding window
+    means all layers full; logit soft-capping is refused with the key named."""
+    from dflash_jax.models.gguf_io import config_from_metadata
+
+    cfg = config_from_metadata(_gemma3_meta(), set(), "g.gguf")
+    assert cfg.query_pre_attn_scalar == 16.0 and cfg.layer_types is None and cfg.local_rope_theta == 1e4
+    cfg = config_from_metadata(_gemma3_meta(block_count=12, **{"attention.sliding_window": 4}), set(), "g.gguf")
+    assert cfg.query_pre_attn_scalar == 8.0 and cfg.layer_types.count("full_attention") == 2
+    with pytest.raises(ValueError, match="g.gguf: metadata gemma3.final_logit_softcapping is not supported"):
+        config_from_metadata(_gemma3_meta(final_logit_softcapping=30.0), set(), "g.gguf")
+    with pytest.raises(ValueError, match="g.gguf: metadata gemma3.rope.scaling.type='longrope' is not supported"):
+        config_from_metadata(_gemma3_meta(**{"rope.scaling.type": "longrope"}), set(), "g.gguf")
+
+
+def test_spm_tokenizer_add_eos_and_space_prefix_flags():
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": SPM_TOKENS,
+        "tokenizer.ggml.scores": SPM_SCORES,
+        "tokenizer.ggml.token_type": SPM_TYPES,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_eos_token": True,
+    }
+    tok = tok_lib.gguf_tokenizer(meta, "t.gguf").tokenizer  # add_space_prefix absent: llama.cpp's default, true
+    assert [SPM_TOKENS[i] for i in tok.encode("the").ids] == ["▁the", "<eos>"]
+    with pytest.raises(ValueError, match="t.gguf: tokenizer.ggml.scores is missing"):
+        tok_lib.gguf_tokenizer({k: v for k, v in meta.items() if k != "tokenizer.ggml.scores"}, "t.gguf")

@@ -54,6 +54,7 @@ GGUF_ARCHS = {
     "gpt-oss": "gpt_oss",
 }
 _ROPE_SCALING = ("linear", "yarn")
+_GATE_UP = ("experts.gate_up_proj", "experts.gate_up_proj_bias")  # gpt-oss, stored split or fused in GGUF
 _GEMMA3_27B_LAYERS = 62  # llama.cpp llama_model::load_hparams, LLM_ARCH_GEMMA3: the 27B's attention scale
 
 
@@ -213,11 +214,16 @@ class _GGUFReader:
     def _name(self, hf_name: str) -> str:
         return gguf_name(hf_name, self.gguf_arch, self.cfg.num_layers)
 
+    def _fused(self, gate_name: str) -> str:
+        """``blk.N.ffn_gate_exps.*`` -> ``blk.N.ffn_gate_up_exps.*`` (llama.cpp's ``--fuse-gate-up-exps`` layout)."""
+        return gate_name.replace("ffn_gate_exps", "ffn_gate_up_exps")
+
     def __contains__(self, hf_name: object) -> bool:
         name = str(hf_name)
-        if name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
-            name = name.replace("gate_up_proj", "gate_proj")
         try:
+            if name.endswith(_GATE_UP):
+                gate = self._name(name.replace("gate_up_proj", "gate_proj"))
+                return gate in self.tensors or self._fused(gate) in self.tensors
             return self._name(name) in self.tensors
         except ValueError:
             return False
@@ -244,7 +250,7 @@ class _GGUFReader:
         bias = hf_name.endswith("_bias")
         e, i = shape[0], shape[-1] // 2
         half = (e, i) if bias else (e, i, shape[1])  # torch layout of one half
-        fused = self._name(hf_name.replace("gate_up_proj", "gate_proj")).replace("gate_exps", "gate_up_exps")
+        fused = self._fused(self._name(hf_name.replace("gate_up_proj", "gate_proj")))
         if fused in self.tensors:
             both = self._read(fused, (e, 2 * i, *half[2:]), hf_name)
             gate, up = both[:, :i], both[:, i:]
@@ -255,7 +261,7 @@ class _GGUFReader:
         return out if bias else out.swapaxes(1, 2)
 
     def __call__(self, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if hf_name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
+        if hf_name.endswith(_GATE_UP):
             return self._gate_up(hf_name, shape)
         gname = self._name(hf_name)
         experts = gname.endswith("_exps.weight")

@@ -138,7 +138,7 @@ def _byte_level_tokenizer(meta: Mapping[str, Any], tokens: Sequence[str], source
 def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
     """Rebuild the tokenizer from GGUF ``tokenizer.*`` metadata (``meta``: key -> decoded value): byte-level BPE
     (``gpt2``) or SentencePiece-BPE (``llama``); token types 3/4 (control, user-defined) become special tokens;
-    a BOS post-processor when ``tokenizer.ggml.add_bos_token``."""
+    BOS/EOS added by a post-processor when ``tokenizer.ggml.add_bos_token`` / ``add_eos_token``."""
     model = meta.get("tokenizer.ggml.model")
     if model not in SUPPORTED_GGUF_MODELS:
         raise ValueError(
@@ -153,12 +153,22 @@ def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in _SPECIAL_TOKEN_TYPES]
     )
-    bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    bos_id, eos_id = (meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos"))
+    bos_id, eos_id = (None if i is None else int(i) for i in (bos_id, eos_id))
     bos = tokens[bos_id] if bos_id is not None else None
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    eos = tokens[eos_id] if eos_id is not None else None
+    add_bos = bos is not None and bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = eos is not None and bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if add_bos or add_eos:
+
+        def wrap(seq: str) -> str:
+            return " ".join([bos] * add_bos + [seq] + [eos] * add_eos)
+
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+            single=wrap("$A"),
+            pair=f"{wrap('$A')} {wrap('$B')}",
+            special_tokens=list(
+                dict(([(bos, bos_id)] if add_bos else []) + ([(eos, eos_id)] if add_eos else [])).items()
+            ),
         )
-    return TokenizerBundle(
-        tok, meta.get("tokenizer.chat_template"), bos, tokens[eos_id] if eos_id is not None else None
-    )
+    return TokenizerBundle(tok, meta.get("tokenizer.chat_template"), bos, eos)
