@@ -1,31 +1,35 @@
 """GGUF files (llama.cpp format) -> target config, tensors and tokenizer, with the ``gguf`` package.
 
 Tensor names come from gguf's own map (``gguf.get_tensor_name_map``: our HF parameter name -> GGUF name for the
-file's ``general.architecture``); tensors are dequantized with ``gguf.quants.dequantize`` (MXFP4 and the k-quants
-included) to float32 numpy in torch ``[out, in]`` layout (GGUF lists dimensions reversed). What llama.cpp's
-converter (``convert_hf_to_gguf.py``) changes on the way is undone here:
+file's ``general.architecture``: ``llama``, ``qwen2``, ``qwen3``, ``qwen3moe``, ``gemma3``, ``gpt-oss``); tensors
+are dequantized with ``gguf.quants.dequantize`` (F32, F16, BF16, the Q/K/IQ quants, MXFP4) to float32 numpy in
+torch ``[out, in]`` layout (GGUF lists dimensions reversed). What llama.cpp's converter (``convert_hf_to_gguf.py``,
+class named per item) and loader (``src/llama-model.cpp`` ``load_hparams``) do differently from HF is undone:
 
 * ``llama`` (``LlamaModel``): Q and K rows permuted for interleaved RoPE pairs; restored with
   ``w.reshape(n, HD/2, 2, ...).swapaxes(1, 2)`` (``n`` = heads for Q, kv heads for K). Qwen2/Qwen3/Qwen3-MoE,
   Gemma 3 and gpt-oss are written unpermuted (NeoX RoPE, as ours).
 * stacked experts ``ffn_{gate,up,down}_exps`` (torch ``[E, out, in]``) are swapped to our ``[E, in, out]``;
   ``qwen3moe`` has no dense layers in llama.cpp and always renormalises the top-k weights (``norm_topk_prob``).
-* ``gemma3`` (``Gemma3Model``): every ``*norm.weight`` (attention/FFN sandwich norms, q/k norms, output norm)
-  is stored as ``w + 1``; we subtract 1 (our Gemma RMSNorm multiplies by ``1 + w``). The ``sqrt(H)`` embedding
-  scale is not baked in (llama.cpp's ``llm_build_gemma3`` scales at run time, as we do). llama.cpp's loader fixes
-  what the metadata does not carry: with ``attention.sliding_window`` set every 6th layer is full and the rest
-  sliding (``set_swa_pattern(6)``), else all full; sliding layers use plain RoPE at base 10000 (or
-  ``rope.freq_base_swa`` when present); the attention scale is ``(H / n_heads)**-0.5`` for the 62-layer 27B and
-  ``head_dim**-0.5`` otherwise (``query_pre_attn_scalar``). ``final_logit_softcapping`` is refused.
+* ``gemma3`` (``Gemma3Model``): every ``*norm.weight`` (input/post-attention/pre-FFN/post-FFN sandwich norms,
+  q/k norms, output norm) is stored as ``w + 1``; we subtract 1 (our Gemma RMSNorm multiplies by ``1 + w``). The
+  ``sqrt(H)`` embedding scale is not baked in (``src/models/gemma3.cpp`` scales at run time, as we do). What the
+  metadata does not carry, the loader fixes: with ``attention.sliding_window`` every 6th layer is full and the
+  rest sliding (``set_swa_pattern(6)``), without it all are full; sliding layers use plain RoPE at base 10000;
+  the attention scale is ``(H / heads)**-0.5`` for the 62-layer 27B, else ``head_dim**-0.5``
+  (``query_pre_attn_scalar``). Logit soft-capping keys are refused (our family has none).
 * ``gpt-oss`` (``GptOssModel``): the interleaved ``gate_up_proj`` is split into ``ffn_gate_exps`` (even rows) and
-  ``ffn_up_exps`` (odd rows), or fused as ``ffn_gate_up_exps`` (gate half, then up half), weights and biases; we
-  interleave them back. Sinks are ``attn_sinks.weight``, the router ``ffn_gate_inp.{weight,bias}``, the second
-  norm ``post_attention_norm``. MXFP4 experts are dequantised by ``gguf.quants``. YaRN's ``truncate`` is false
-  (transformers ``GptOssConfig``); the file carries factor, original context and betas.
+  ``ffn_up_exps`` (odd rows), or with ``--fuse-gate-up-exps`` stored as ``ffn_gate_up_exps`` (gate half, then up
+  half), weights and biases alike; we interleave them back. Sinks are ``attn_sinks.weight``, the router
+  ``ffn_gate_inp.{weight,bias}``, the second norm ``post_attention_norm``; layers alternate sliding / full from
+  layer 0 (``set_swa_pattern(2)``). MXFP4 experts are dequantised by ``gguf.quants``. YaRN keeps transformers'
+  ``truncate: false`` of ``GptOssConfig`` (the file carries factor, original context and betas).
 
-RoPE scaling ``rope.scaling.type`` ``linear`` / ``yarn`` maps to the HF dict (``layers.rope_inv_freq``);
-``rope_freqs.weight`` (llama3 scaling) and other types are refused. The tokenizer and chat template are rebuilt
-from the metadata (:func:`dflash_jax.models.tokenizer.gguf_tokenizer`).
+``rope.scaling.type`` ``linear`` / ``yarn`` becomes the HF dict (``layers.rope_inv_freq``). Refused with the key or
+tensor named: other architectures and scaling types, ``rope_freqs.weight`` (llama3 scaling), a missing required
+key, a tensor of another shape, a quantisation type ``gguf.quants`` cannot dequantise (I8..I64, F64, Q8_1, Q8_K).
+The tokenizer and chat template are rebuilt from the metadata (:func:`dflash_jax.models.tokenizer.gguf_tokenizer`:
+byte-level BPE with ``pre`` in ``smollm``/``qwen2``/``gpt-2``/``gpt-4o``, or SentencePiece-BPE).
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ GGUF_ARCHS = {
 }
 _ROPE_SCALING = ("linear", "yarn")
 _GATE_UP = ("experts.gate_up_proj", "experts.gate_up_proj_bias")  # gpt-oss, stored split or fused in GGUF
-_GEMMA3_27B_LAYERS = 62  # llama.cpp llama_model::load_hparams, LLM_ARCH_GEMMA3: the 27B's attention scale
+# llama.cpp src/llama-model.cpp load_hparams, LLM_ARCH_GEMMA3: the 27B (62 layers) scales attention by
+# (H / heads)**-0.5, the other sizes by head_dim**-0.5; sliding layers use RoPE base 10000 whatever the file says
+_GEMMA3_27B_LAYERS, _GEMMA3_LOCAL_THETA = 62, 10000.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,8 +105,8 @@ def _rope_scaling(get, arch: str, source: str) -> dict | None:
     if kind == "yarn":
         scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
         for key, hf in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("attn_factor", "attention_factor")):
-            value = get(f"rope.scaling.yarn_{key}", "absent")
-            if value != "absent":
+            value = get(f"rope.scaling.yarn_{key}", None)
+            if value is not None:
                 scaling[hf] = _f32_to_float(value)
         if arch == "gpt-oss":
             scaling["truncate"] = False
@@ -116,14 +122,12 @@ def _family_fields(arch: str, get, cfg: dict, source: str) -> dict:
                 raise ValueError(f"{source}: metadata {arch}.{key} is not supported (supported: absent)")
         window = int(get("attention.sliding_window", 0))
         types = base.layer_types_field({"num_hidden_layers": n, "sliding_window": window}, 6) if window > 0 else {}
-        hd = cfg["head_dim"]
+        scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if n == _GEMMA3_27B_LAYERS else cfg["head_dim"]
         return dict(
             types,
             hidden_act="gelu_pytorch_tanh",
-            local_rope_theta=_f32_to_float(get("rope.freq_base_swa", 10000.0)),
-            query_pre_attn_scalar=float(
-                cfg["hidden_size"] // cfg["num_attention_heads"] if n == _GEMMA3_27B_LAYERS else hd
-            ),
+            local_rope_theta=_GEMMA3_LOCAL_THETA,
+            query_pre_attn_scalar=float(scalar),
         )
     if arch not in ("qwen3moe", "gpt-oss"):
         return {}
