@@ -349,3 +349,18 @@ def test_spm_tokenizer_add_eos_and_space_prefix_flags():
     assert [SPM_TOKENS[i] for i in tok.encode("the").ids] == ["▁the", "<eos>"]
     with pytest.raises(ValueError, match="t.gguf: tokenizer.ggml.scores is missing"):
         tok_lib.gguf_tokenizer({k: v for k, v in meta.items() if k != "tokenizer.ggml.scores"}, "t.gguf")
+
+
+@pytest.mark.parametrize("written", ["gemma3"], indirect=True)
+def test_gemma3_file_reads_back_in_transformers_gguf_loader(written):
+    """The test-side writer's conventions (names, ``w + 1`` norms) are llama.cpp's as transformers reads them:
+    its own GGUF reader (``load_gguf_checkpoint``) recovers the HF state dict. (Its gpt-oss reader does not
+    parse llama.cpp's files in 5.14.1, so gpt-oss has no such cross-check.)"""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    _, model, _, path = written
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert set(tensors) == set(state)
+    for name, ref in state.items():
+        np.testing.assert_allclose(tensors[name].numpy(), ref.numpy(), atol=1e-6, rtol=0, err_msg=name)
