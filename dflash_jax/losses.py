@@ -276,6 +276,25 @@ def _teacher_log_probs(teacher_logits: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
 
 
+@jax.custom_jvp
+def _soft_ce(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """``-sum_v t_v log softmax(x)_v = sum_v t_v (lse(x) - x_v)`` for float32 ``logits`` and a detached float32
+    target distribution ``t [..., V]``, with the analytic tangent ``sum_v (softmax(x)_v - t_v) dx_v`` (t sums to
+    1): its transpose is the fused cross-entropy gradient ``ct * (softmax(x) - t)``, one elementwise pass where
+    autodiff of the log-softmax takes several."""
+    shifted, lse = _log_softmax(logits)
+    return jnp.sum(target * (lse[..., None] - shifted), axis=-1)
+
+
+@_soft_ce.defjvp
+def _soft_ce_jvp(primals, tangents):
+    logits, target = primals
+    shifted, lse = _log_softmax(logits)
+    value = jnp.sum(target * (lse[..., None] - shifted), axis=-1)
+    q = jnp.exp(shifted - lse[..., None])
+    return value, jnp.sum((q - target) * tangents[0], axis=-1)
+
+
 def ce_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array | None = None) -> jax.Array:
     """Hard CE against the data token ``lse(x) - x_y`` (on ``x - max(x)``: no cancellation)."""
     shifted, lse = _log_softmax(logits.astype(jnp.float32))
@@ -284,10 +303,9 @@ def ce_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array | No
 
 def kd_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array) -> jax.Array:
     """Soft CE ``-sum_v p_v log q_v`` (ModelOpt ``dflash_self_logit_distillation``; ``p = softmax(teacher)``
-    detached, ``q = softmax(logits)``). Differs from KL by the teacher entropy; same gradient."""
-    shifted, lse = _log_softmax(logits.astype(jnp.float32))
-    p = jnp.exp(_teacher_log_probs(teacher_logits))
-    return jnp.sum(p * (lse[..., None] - shifted), axis=-1)
+    detached, ``q = softmax(logits)``). Differs from KL by the teacher entropy; same gradient ``q - p``."""
+    p = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
+    return _soft_ce(logits.astype(jnp.float32), p)
 
 
 def kl_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array) -> jax.Array:
@@ -331,7 +349,17 @@ def token_terms(
     (first maximum on ties). ``logits [..., V]``, ``labels [...]`` int."""
     ce = ce_loss(logits, labels)
     loss_tok = ce if teacher_logits is None else kd_loss(logits, labels, teacher_logits)
-    return loss_tok, ce, jnp.argmax(logits, axis=-1) == labels
+    return loss_tok, ce, is_argmax(logits, labels)
+
+
+def is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``argmax(logits, -1) == labels`` (first maximum on ties, as ``jnp.argmax`` and ``torch.argmax``) without a
+    variadic (value, index) reduce, which XLA's CPU backend does not vectorise (the argmax took a quarter of the
+    CE loss there): ``x_y == max(x)``, and only when some row also ties at its maximum the exact ``argmax``."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    hit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0] == m[..., 0]
+    ties = jnp.sum((logits == m).astype(jnp.float32), axis=-1) > 1.0
+    return jax.lax.cond(jnp.any(ties & hit), lambda: jnp.argmax(logits, axis=-1) == labels, lambda: hit)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -428,7 +456,7 @@ def _logit_partials(
     ce = ce_loss(logits, labels) if data_ce else loss_tok
     conf = jnp.exp(-jax.lax.stop_gradient(ce).astype(jnp.float32))
     weights = jax.lax.stop_gradient(make_weighting(spec.objective, alpha, gamma)(conf, mask).astype(jnp.float32))
-    correct = jnp.argmax(logits, axis=-1) == labels
+    correct = is_argmax(logits, labels)
     partials = partial_sums(loss_tok.astype(jnp.float32), correct, mask, weights)
     return partials.pop("weighted_loss"), partials
 

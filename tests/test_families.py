@@ -1,5 +1,5 @@
 """Target families without torch: the Qwen3-MoE GGUF loader (a tiny file written with gguf's own tensor names, as
-llama.cpp's converter stacks experts), refusals of Gemma 3 / gpt-oss GGUFs, and the random-target configs."""
+llama.cpp's converter stacks experts) and the random-target configs (Gemma 3 / gpt-oss GGUFs: test_gguf_families.py)."""
 
 import gguf
 import numpy as np
@@ -41,12 +41,12 @@ _NAMES = {
 }
 
 
-def _write_moe_gguf(path, model, cfg, arch="qwen3moe", qtype=None):
+def _write_moe_gguf(path, model, cfg, qtype=None):
     """Tensors under gguf's ``MODEL_TENSORS[QWEN3MOE]`` names, torch layout (experts ``[E, out, in]``)."""
     assert {"blk.{bid}." + v for v in _NAMES.values()} <= {
         gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]
     }
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
     w.add_block_count(cfg.num_layers)
     w.add_context_length(64)
     w.add_embedding_length(cfg.hidden_size)
@@ -102,13 +102,6 @@ def test_qwen3_moe_gguf_loads_with_stacked_experts(tmp_path):
     np.testing.assert_allclose(got.logits(ids), src.logits(ids), atol=1e-5)
     _write_moe_gguf(tmp_path / "q.gguf", src.model, MOE, qtype=gguf.GGMLQuantizationType.Q8_0)
     np.testing.assert_allclose(load_target(tmp_path / "q.gguf").logits(ids), src.logits(ids), atol=2e-2)
-
-
-@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
-def test_gemma3_and_gpt_oss_gguf_refused_with_the_reason(arch, tmp_path):
-    _write_moe_gguf(tmp_path / "m.gguf", random_target(MOE).model, MOE, arch=arch)
-    with pytest.raises(ValueError, match=f"m.gguf: general.architecture='{arch}' is not supported for GGUF.*HF"):
-        load_target(tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "gemma3_text"])

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dflash_jax import losses
 from dflash_jax import (
     block_loss,
     block_loss_from_hidden,
@@ -406,3 +407,32 @@ def test_chunked_bad_inputs():
         block_loss_from_hidden(hidden, lm_head, labels, mask, teacher_hidden=teacher_hidden[:1])
     with pytest.raises(ValueError, match="labels"):
         block_loss_from_hidden(hidden, lm_head, labels[..., :2], mask)
+
+
+def test_is_argmax_equals_argmax_with_ties():
+    """``is_argmax`` (max + gather, exact argmax only when a row ties) against ``jnp.argmax`` (first maximum)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 33)).astype(np.float32)
+    x[0, 0] = 0.0  # all slots tie
+    x[0, 1, [3, 9]] = 10.0  # tie: the label at the second maximum is not the argmax
+    x[0, 2, [3, 9]] = 10.0  # tie: the label at the first maximum is
+    x[0, 3] = -np.inf
+    x[0, 3, 7] = 1.0
+    labels = rng.integers(0, 33, (6, 5))
+    labels[0, :4] = (4, 9, 3, 7)
+    labels[1:, 0] = np.argmax(x[1:, 0], -1)  # some hits without ties
+    for xs, ys in ((x, labels), (x[1:], labels[1:])):  # with and without a tie in the batch
+        got = np.asarray(losses.is_argmax(jnp.asarray(xs), jnp.asarray(ys)))
+        np.testing.assert_array_equal(got, np.argmax(xs, -1) == ys)
+    assert got.any() and not got.all()
+
+
+def test_kd_analytic_gradient_is_softmax_minus_teacher():
+    """The soft-CE tangent rule: d kd / d logits = softmax(logits) - softmax(teacher) (teacher detached)."""
+    rng = np.random.default_rng(1)
+    x, t = (jnp.asarray(rng.standard_normal((3, 4, 50)) * 3, jnp.float32) for _ in range(2))
+    y = jnp.zeros((3, 4), jnp.int32)
+    g_x, g_t = jax.grad(lambda a, b: jnp.sum(losses.kd_loss(a, y, b)), argnums=(0, 1))(x, t)
+    want = np.exp(np.asarray(jax.nn.log_softmax(x))) - np.exp(np.asarray(jax.nn.log_softmax(t)))
+    np.testing.assert_allclose(np.asarray(g_x), want, atol=1e-6 * np.abs(want).max())
+    assert not np.asarray(g_t).any()

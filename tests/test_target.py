@@ -371,7 +371,7 @@ def _write_gguf(path, model, cfg, arch="llama", qtype=None):
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     )
     for name, a in _torch_layout(model).items():
-        gname = gguf_io.gguf_name(name)
+        gname = gguf_io.gguf_name(name, "llama", cfg.num_layers)
         if gname.endswith(("attn_q.weight", "attn_k.weight")):
             a = _llamacpp_permute(a, cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads)
         if qtype is not None and a.ndim == 2 and a.shape[-1] % 32 == 0:  # Q8_0 blocks of 32
