@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dflash_jax import losses
 from dflash_jax import (
     block_loss,
     block_loss_from_hidden,
@@ -19,6 +18,7 @@ from dflash_jax import (
     decay_weights,
     dpace_weights,
     gather_teacher_logits,
+    losses,
     position_weights,
 )
 
