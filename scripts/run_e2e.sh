@@ -6,7 +6,7 @@
 # itself (`dflash-jax regenerate`, greedy), same seed, steps and row budget, evaluated on the same held-out prompts.
 #
 #   bash scripts/run_e2e.sh                 # CPU budget: sized for <= 60 minutes on an idle 2-core CPU (the two
-#                                           # original arms took 18.8 min; the regenerated-data arm is not timed yet)
+#                                           # original arms took 18.8 min; all three arms 83 min on a loaded one)
 #   bash scripts/run_e2e.sh --budget gpu    # larger budget (needs a jax with a GPU/TPU backend in .venv)
 #   bash scripts/run_e2e.sh --budget smoke  # tiny sizes: checks the script path (numbers meaningless; the report
 #                                           # goes to OUT/results.md, not docs/); 22 min on a loaded 2-core CPU
@@ -62,12 +62,12 @@ COMMON=(--config smollm2-135m
         --set "train.seed=$SEED" --set "train.steps=$STEPS" --set "train.warmup_steps=$WARMUP"
         --set "train.log_every=$LOG_EVERY" --set "train.checkpoint_every=$CKPT_EVERY" --set train.eval_every=0)
 
-timed() {  # timed NAME CMD...: run CMD, append {"phase": NAME, "wall_s": ...} to $TIMES
+timed() {  # timed NAME CMD...: run CMD, append {"phase": NAME, "wall_s": ..., "load1": ...} to $TIMES
   local name="$1"; shift
   local t0; t0=$(date +%s.%N)
   echo "== $name: $*" >&2
   "$@"
-  python3 -c "import json,sys; print(json.dumps({'phase': sys.argv[1], 'wall_s': round(float(sys.argv[3]) - float(sys.argv[2]), 1)}))" \
+  python3 -c "import json,os,sys; print(json.dumps({'phase': sys.argv[1], 'wall_s': round(float(sys.argv[3]) - float(sys.argv[2]), 1), 'load1': round(os.getloadavg()[0], 2)}))" \
     "$name" "$t0" "$(date +%s.%N)" >> "$TIMES"
 }
 

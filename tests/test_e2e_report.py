@@ -136,6 +136,21 @@ def test_report_regenerated_data_arm(tmp_path):
     # paired per prompt vs the D-PACE arm: (0.1 + 0 + 0.1) / 3, s.e. 0.0577 / sqrt(3)
     assert "**greedy: +5.1 %** (per-prompt paired Δτ = +0.067 ± 0.033 s.e.; within noise" in text
     assert "| SmolLM2's own answers | 1.300 | 0.100 | 1.367 | 1.367 |" in text
+    assert "does not win beyond noise at both temperatures at this budget, so the README quick start keeps" in text
     assert "## Target-aligned data" not in report.render(
         report.load_run(str(_run_dir(tmp_path / "plain"))), "r", "cpu", "c", "results"
     )
+
+
+def test_report_regenerated_data_winning_and_run_notes(tmp_path):
+    """Regenerated data ahead by more than 2 s.e. at both temperatures is a win; --commit / --note and the
+    recorded phase loads appear in the report."""
+    run = _run_dir(tmp_path / "run", regen_taus=(1.6, 1.45, 1.5))
+    with open(run / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "regenerate", "wall_s": 60.0, "load1": 3.25}) + "\n")
+    out = tmp_path / "results.md"
+    report.main(["--run", str(run), "--out", str(out), "--commit", "abc1234", "--note", "shared machine"])
+    text = out.read_text()
+    assert "Regenerated data wins beyond noise at both temperatures: the README quick start trains on it." in text
+    assert "dflash_jax at commit abc1234" in text and "\n- shared machine\n" in text
+    assert "(1-minute load average at the phase ends: 3.2–3.2)" in text
