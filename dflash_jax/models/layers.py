@@ -308,12 +308,12 @@ def attention_values(p: jax.Array, v: jax.Array, heads_first: bool = False) -> j
     ``heads_first``) -> ``[B, Lq, NH, HD]`` (v's dtype)."""
     b, kvh, g, lq, _ = p.shape
     out = jnp.einsum(
-        "bkgqt,bktd->bqkgd" if heads_first else "bkgqt,btkd->bqkgd",
+        "bkgqt,bktd->bkgqd" if heads_first else "bkgqt,btkd->bkgqd",
         p.astype(v.dtype),
         v,
         preferred_element_type=jnp.float32,
     )
-    return out.reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
 
 
 def sink_softmax(s: jax.Array, sinks: jax.Array | None) -> jax.Array:
