@@ -114,10 +114,6 @@ def noise_ids(
     return ids.reshape(b, n * block_size)
 
 
-def _where_tree(pred: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 def micro_batches(x: jax.Array, k: int) -> jax.Array:
     """``[B, ...] -> [k, B/k, ...]``, micro-batch ``i`` = rows ``i, i+k, i+2k, ...``: with the batch split
     contiguously over the devices, every micro-batch keeps an equal share of each device's rows (no transfer)."""
@@ -236,15 +232,21 @@ def train_step(
     loss, metrics = losses.reduce_partials(partials, lo.normalization)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds the result to the params' dtype.
-    updates, new_opt = tx.update(optim.as_float32(grads), state.opt_state, optim.as_float32(state.params))
-    new_params = optax.apply_updates(state.params, updates)
+
+    def apply(params, opt_state):
+        # The optimizer works in fp32 (fp32 moments, fp32 update); apply_updates rounds to the params' dtype.
+        updates, new_opt = tx.update(optim.as_float32(grads), opt_state, optim.as_float32(params))
+        return optax.apply_updates(params, updates), new_opt
+
+    # A branch, not an elementwise select of new and old: the update then writes the donated buffers in place
+    # (a select keeps the old values alive and XLA copies params and moments every step).
+    new_params, new_opt = jax.lax.cond(finite, apply, lambda *a: a, state.params, state.opt_state)
     applied = state.step - state.skipped_updates  # optimizer updates so far = the schedule's count
     skipped = state.skipped_updates + (~finite).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
-        params=_where_tree(finite, new_params, state.params),
-        opt_state=_where_tree(finite, new_opt, state.opt_state),
+        params=new_params,
+        opt_state=new_opt,
         skipped_updates=skipped,
     )
     real = (batch["segment_ids"] > 0).astype(jnp.float32)  # the global batch's real tokens, on every process
