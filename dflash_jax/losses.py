@@ -277,22 +277,28 @@ def _teacher_log_probs(teacher_logits: jax.Array) -> jax.Array:
 
 
 @jax.custom_jvp
-def _soft_ce(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """``-sum_v t_v log softmax(x)_v = sum_v t_v (lse(x) - x_v)`` for float32 ``logits`` and a detached float32
-    target distribution ``t [..., V]``, with the analytic tangent ``sum_v (softmax(x)_v - t_v) dx_v`` (t sums to
-    1): its transpose is the fused cross-entropy gradient ``ct * (softmax(x) - t)``, one elementwise pass where
-    autodiff of the log-softmax takes several."""
+def _soft_ce(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """``-sum_v p_v log softmax(x)_v = lse(x) - sum_v p_v x_v`` for float32 ``logits`` and the detached float32
+    ``teacher_logits`` (``p = softmax(teacher)``, so ``sum_v p_v = 1``), with the analytic tangent ``sum_v
+    (softmax(x)_v - p_v) dx_v``: its transpose is the fused cross-entropy gradient ``ct * (softmax(x) - p)``.
+    Written on the shifted logits and the teacher's unnormalised ``exp(t - max t)``, so that neither ``p`` nor
+    the log-softmax is materialised over the vocabulary (each is one fused pass)."""
+    return _soft_ce_parts(logits, teacher_logits)[0]
+
+
+def _soft_ce_parts(logits: jax.Array, teacher_logits: jax.Array) -> tuple[jax.Array, ...]:
     shifted, lse = _log_softmax(logits)
-    return jnp.sum(target * (lse[..., None] - shifted), axis=-1)
+    t_shifted, t_lse = _log_softmax(teacher_logits)
+    e_t = jnp.exp(t_shifted)  # p * exp(t_lse)
+    value = lse - jnp.sum(e_t * shifted, axis=-1) / jnp.exp(t_lse)
+    return value, shifted, lse, t_shifted, t_lse
 
 
 @_soft_ce.defjvp
 def _soft_ce_jvp(primals, tangents):
-    logits, target = primals
-    shifted, lse = _log_softmax(logits)
-    value = jnp.sum(target * (lse[..., None] - shifted), axis=-1)
-    q = jnp.exp(shifted - lse[..., None])
-    return value, jnp.sum((q - target) * tangents[0], axis=-1)
+    value, shifted, lse, t_shifted, t_lse = _soft_ce_parts(*primals)
+    q_minus_p = jnp.exp(shifted - lse[..., None]) - jnp.exp(t_shifted - t_lse[..., None])
+    return value, jnp.sum(q_minus_p * tangents[0], axis=-1)
 
 
 def ce_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array | None = None) -> jax.Array:
@@ -304,8 +310,7 @@ def ce_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array | No
 def kd_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array) -> jax.Array:
     """Soft CE ``-sum_v p_v log q_v`` (ModelOpt ``dflash_self_logit_distillation``; ``p = softmax(teacher)``
     detached, ``q = softmax(logits)``). Differs from KL by the teacher entropy; same gradient ``q - p``."""
-    p = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
-    return _soft_ce(logits.astype(jnp.float32), p)
+    return _soft_ce(logits.astype(jnp.float32), jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
 
 
 def kl_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array) -> jax.Array:

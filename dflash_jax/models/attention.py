@@ -146,67 +146,88 @@ def _pad_keys(k, v, mask: RangeMask, chunk: int):
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """``[B, Lk, ...] -> [Lk/chunk, B, chunk, ...]``."""
-    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 1, 0)
+    """Keys ``[B, Lk, KVH, HD] -> [Lk/chunk, B, KVH, chunk, HD]``: chunks of the heads-first layout of
+    :func:`~dflash_jax.models.layers.attention_scores`."""
+    b, lk, kvh, hd = x.shape
+    return jnp.moveaxis(x.reshape(b, lk // chunk, chunk, kvh, hd), (1, 3), (0, 2))
+
+
+def _grouped(x: jax.Array, kvh: int) -> jax.Array:
+    """Queries ``[B, Lq, NH, HD] -> [B, KVH, G*Lq, HD]`` (rows of kv head ``k``: its G query heads, head-major)."""
+    b, lq, nh, hd = x.shape
+    return jnp.moveaxis(x.reshape(b, lq, kvh, nh // kvh, hd), 1, 3).reshape(b, kvh, nh // kvh * lq, hd)
+
+
+def _row_visible(mask: RangeMask, t0: jax.Array, chunk: int, g: int) -> jax.Array:
+    """Keys ``t0 .. t0+chunk-1`` visible to the ``[B, 1, G*Lq]`` grouped query rows: ``[B, 1, G*Lq, chunk]``."""
+    vis = mask.visible(t0, chunk)
+    b, lq, _ = vis.shape
+    return jnp.broadcast_to(vis[:, None, None], (b, 1, g, lq, chunk)).reshape(b, 1, g * lq, chunk)
 
 
 def _chunked_fwd_pass(q, k, v, mask: RangeMask, chunk: int, scale: float):
+    """Online softmax over key chunks; the matmuls in the heads-first layout (``[B, KVH, G*Lq, HD]`` query rows
+    against ``[B, KVH, chunk, HD]`` keys, as :func:`~dflash_jax.models.layers.attention_scores`)."""
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     g = nh // kvh
+    qh = _grouped(q, kvh)
 
     def body(carry, xs):
         m, l_sum, acc = carry
         k_c, v_c, t0 = xs
-        vis = mask.visible(t0, chunk)[:, None, None]
-        s = jnp.where(vis, attention_scores(q, k_c, scale), MASK_VALUE)
+        vis = _row_visible(mask, t0, chunk, g)
+        s = jnp.einsum("bkqd,bktd->bkqt", qh, k_c, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(vis, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkqt,bktd->bkqd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
         return (m_new, alpha * l_sum + p.sum(-1), alpha[..., None] * acc + pv), None
 
     t0s = jnp.arange(0, k.shape[1], chunk, dtype=jnp.int32)
     init = (
-        jnp.full((b, kvh, g, lq), MASK_VALUE, jnp.float32),
-        jnp.zeros((b, kvh, g, lq), jnp.float32),
-        jnp.zeros((b, kvh, g, lq, hd), jnp.float32),
+        jnp.full((b, kvh, g * lq), MASK_VALUE, jnp.float32),
+        jnp.zeros((b, kvh, g * lq), jnp.float32),
+        jnp.zeros((b, kvh, g * lq, hd), jnp.float32),
     )
     (m, l_sum, acc), _ = jax.lax.scan(body, init, (_chunks(k, chunk), _chunks(v, chunk), t0s))
     ok = l_sum > 0
     out = acc / jnp.where(ok, l_sum, 1.0)[..., None]
-    out = jnp.moveaxis(out, 3, 1).reshape(b, lq, nh, hd).astype(v.dtype)
+    out = jnp.moveaxis(out.reshape(b, kvh, g, lq, hd), 3, 1).reshape(b, lq, nh, hd).astype(v.dtype)
     lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l_sum, 1.0)), MASK_VALUE)
-    return out, lse
+    return out, lse.reshape(b, kvh, g, lq)
 
 
 def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: int, scale: float):
-    """Flash-attention backward: per chunk ``p = exp(s - lse)``, ``ds = p * (dp - rowsum(dO*O) + dlse)``."""
+    """Flash-attention backward: per chunk ``p = exp(s - lse)``, ``ds = p * (dp - rowsum(dO*O) + dlse)``; the
+    matmuls in the heads-first layout of :func:`_chunked_fwd_pass`."""
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     g = nh // kvh
-    do = jnp.moveaxis(d_out.reshape(b, lq, kvh, g, hd), 1, 3)  # [B, KVH, G, Lq, HD]
-    delta = jnp.sum(do.astype(jnp.float32) * jnp.moveaxis(out.reshape(b, lq, kvh, g, hd), 1, 3), -1)
-    row = d_lse.astype(jnp.float32) - delta  # [B, KVH, G, Lq]
-    qg = q.reshape(b, lq, kvh, g, hd)
+    qh, do = _grouped(q, kvh), _grouped(d_out, kvh)  # [B, KVH, G*Lq, HD]
+    delta = jnp.sum(do.astype(jnp.float32) * _grouped(out, kvh), -1)
+    row = d_lse.astype(jnp.float32).reshape(b, kvh, g * lq) - delta  # [B, KVH, G*Lq]
+    lse_rows = lse.reshape(b, kvh, g * lq, 1)
 
     def body(dq, xs):
         k_c, v_c, t0 = xs
-        vis = mask.visible(t0, chunk)[:, None, None]
-        p = jnp.where(vis, jnp.exp(attention_scores(q, k_c, scale) - lse[..., None]), 0.0)
-        dv = jnp.einsum("bkgqt,bkgqd->btkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkgqd,btkd->bkgqt", do, v_c, preferred_element_type=jnp.float32)
+        s = jnp.einsum("bkqd,bktd->bkqt", qh, k_c, preferred_element_type=jnp.float32) * scale
+        p = jnp.where(_row_visible(mask, t0, chunk, g), jnp.exp(s - lse_rows), 0.0)
+        dv = jnp.einsum("bkqt,bkqd->bktd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkqd,bktd->bkqt", do, v_c, preferred_element_type=jnp.float32)
         ds = (p * (dp + row[..., None]) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, k_c, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgqt,bqkgd->btkd", ds, qg, preferred_element_type=jnp.float32)
+        dq = dq + jnp.einsum("bkqt,bktd->bkqd", ds, k_c, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkqt,bkqd->bktd", ds, qh, preferred_element_type=jnp.float32)
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     t0s = jnp.arange(0, k.shape[1], chunk, dtype=jnp.int32)
     dq, (dk, dv) = jax.lax.scan(
-        body, jnp.zeros((b, lq, kvh, g, hd), jnp.float32), (_chunks(k, chunk), _chunks(v, chunk), t0s)
+        body, jnp.zeros((b, kvh, g * lq, hd), jnp.float32), (_chunks(k, chunk), _chunks(v, chunk), t0s)
     )
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, kvh, hd)  # noqa: E731
-    return dq.reshape(b, lq, nh, hd).astype(q.dtype), unchunk(dk), unchunk(dv)
+    unchunk = lambda x: jnp.moveaxis(x, (0, 2), (1, 3)).reshape(b, -1, kvh, hd)  # noqa: E731
+    dq = jnp.moveaxis(dq.reshape(b, kvh, g, lq, hd), 3, 1).reshape(b, lq, nh, hd)
+    return dq.astype(q.dtype), unchunk(dk), unchunk(dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
