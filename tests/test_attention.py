@@ -63,12 +63,15 @@ def _self_mask(window=None):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize("impl,tile", [("dense", 10), ("chunked", 10), ("chunked", 1000), ("pallas", 1000)])
 @pytest.mark.parametrize("variant", ["causal", "swa_sinks_scale"])
-def test_target_attention_matches_dense(impl, variant, dtype, monkeypatch):
+def test_target_attention_matches_dense(impl, tile, variant, dtype, monkeypatch):
     """The target's packed causal attention: segment ids, GQA, odd length, several key chunks (8 keys each); a
-    sliding layer with sinks and a non-default scale (gpt-oss / Gemma 3)."""
+    sliding layer with sinks and a non-default scale (gpt-oss / Gemma 3). ``tile`` 10: causal tiles of 10 query
+    rows (:data:`attention.CAUSAL_TILE`; the sliding layer's tiles start keys at ``q0 - window + 1``) against the
+    reference's whole square mask."""
     monkeypatch.setattr(attention, "CHUNK", 8)
+    monkeypatch.setattr(attention, "CAUSAL_TILE", tile)
     q, k, v, w = _qkv(S, S, dtype)
     window, kw = (
         (None, {}) if variant == "causal" else (11, dict(scale=0.3, sinks=jax.random.normal(jax.random.key(5), (NH,))))

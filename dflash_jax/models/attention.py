@@ -53,6 +53,7 @@ __all__ = [
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "pallas")
 CHUNK = 512  # keys per chunk of the chunked implementation (a multiple of the Pallas key block)
+CAUSAL_TILE = 256  # query rows per tile of the target's causal self-attention off the fused kernels (attend)
 BLOCK_Q = BLOCK_K = 128  # Pallas tiles (TPU lanes; Triton wants powers of two)
 
 
@@ -535,8 +536,6 @@ def attend(
     if not isinstance(mask, SelfMask):
         return masked_attention(q, k, v, mask, scale=scale, sinks=sinks)
     impl = resolve(mask.impl, keys=k.shape[1])
-    if impl == "dense":
-        return masked_attention(q, k, v, mask.range_mask().visible(), scale=scale, sinks=sinks)
     if impl == "pallas" and sinks is None and mask.window is None:
         seg = mask.segment_ids.astype(jnp.int32)
         return jax.lax.platform_dependent(
@@ -548,7 +547,27 @@ def attend(
             cuda=functools.partial(_batch_sharded, functools.partial(_triton_causal, scale=scale)),
             default=lambda *a: range_attention(*a[:3], mask.range_mask(), "pallas", scale=scale)[0],
         )
-    out, lse = range_attention(q, k, v, mask.range_mask(), impl, scale=scale)
+    rm = mask.range_mask()
+    if impl == "pallas" or q.shape[1] <= CAUSAL_TILE:
+        return _self_attend(q, k, v, rm, impl, scale, sinks)
+    # Causal tiling: query rows [q0, q1) never see a key at or past q1 (nor, on a sliding layer, before
+    # q0 - window + 1), so each tile attends over that key range only (about half the scores of the whole square).
+    outs = []
+    for q0 in range(0, q.shape[1], CAUSAL_TILE):
+        q1 = min(q0 + CAUSAL_TILE, q.shape[1])
+        k0 = 0 if mask.window is None else max(0, q0 - mask.window + 1)
+        tile = RangeMask(
+            q_seg=rm.q_seg[:, q0:q1], k_seg=rm.k_seg[:, k0:q1], lo=rm.lo[:, q0:q1] - k0, hi=rm.hi[:, q0:q1] - k0
+        )
+        outs.append(_self_attend(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], tile, mask.impl, scale, sinks))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _self_attend(q, k, v, mask: RangeMask, impl: str, scale, sinks) -> jax.Array:
+    """Attention under a :class:`RangeMask` by ``impl`` (``auto`` resolved for these keys), sinks applied."""
+    if resolve(impl, keys=k.shape[1]) == "dense":
+        return masked_attention(q, k, v, mask.visible(), scale=scale, sinks=sinks)
+    out, lse = range_attention(q, k, v, mask, impl, scale=scale)
     return with_sinks(out, lse, sinks)
 
 
