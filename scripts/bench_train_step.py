@@ -58,6 +58,7 @@ SHAPES = {
         intermediate=768,
         target_layers=6,
         draft_layers=2,
+        chunk_blocks=4,
     ),
     # The CPU shape with a longer sequence, more blocks and a 32k vocabulary (the loss's share grows with N*bs*V).
     "cpu-large": dict(
@@ -73,6 +74,7 @@ SHAPES = {
         intermediate=768,
         target_layers=6,
         draft_layers=2,
+        chunk_blocks=8,
     ),
     # CI-sized smoke shape of scripts/gpu_bench.py --dry-run (same code path as the GPU shapes, milliseconds).
     "tiny": dict(
@@ -88,6 +90,7 @@ SHAPES = {
         intermediate=128,
         target_layers=4,
         draft_layers=2,
+        chunk_blocks=4,
     ),
     # Performance issue (GPU): Qwen3-8B-like / Qwen3-1.7B-like targets, 5-layer draft with the target's dims.
     "qwen3-8b": dict(
@@ -103,6 +106,7 @@ SHAPES = {
         intermediate=12288,
         target_layers=36,
         draft_layers=5,
+        chunk_blocks=128,
     ),
     "qwen3-1.7b": dict(
         batch=1,
@@ -117,6 +121,7 @@ SHAPES = {
         intermediate=6144,
         target_layers=28,
         draft_layers=5,
+        chunk_blocks=128,
     ),
 }
 DECAY_GAMMA = 7.0  # the decay objective's gamma in overhead comparisons (paper/ModelOpt advice for bs 16)
@@ -204,7 +209,7 @@ def build_ours(
     dtype: str = "float32",
     mesh: str = "1,1,1",
     kd: bool = False,
-    chunk_blocks: int | None = 64,
+    chunk_blocks: int | None = None,
     objective: str = "dpace",
     remat: bool = False,
     draft_params=None,
@@ -212,7 +217,9 @@ def build_ours(
 ):
     """The compiled dflash_jax train step at ``shape`` as ``(one, record)``: ``one()`` runs a step; ``record`` has
     ``compile_s`` (first call), ``loss`` (first step) and ``flops``. ``dtype``: draft compute dtype (fp32 master
-    params); ``draft_params``: an ``nnx.State`` to start from; ``attention``: ``train.attention`` of both models.
+    params); ``draft_params``: an ``nnx.State`` to start from; ``attention``: ``train.attention`` of both models;
+    ``chunk_blocks``: blocks per fused loss chunk (default: the shape's ``chunk_blocks``, measured per shape,
+    docs/benchmarks.md).
     """
     tc, dc = make_configs(shape)
     mesh_shape = tuple(int(x) for x in mesh.split(","))
@@ -229,7 +236,7 @@ def build_ours(
             objective=objective,
             gamma=DECAY_GAMMA if objective == "decay" else 0.0,
             per_token="kd" if kd else "ce",
-            chunk_blocks=chunk_blocks,
+            chunk_blocks=shape["chunk_blocks"] if chunk_blocks is None else chunk_blocks,
         ),
         attention=attention,
     )
@@ -382,7 +389,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help="draft compute dtype (target params/compute too)")
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (product = number of devices)")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--chunk-blocks", type=int, default=64)
+    p.add_argument("--chunk-blocks", type=int, default=None, help="blocks per loss chunk (default: the shape's)")
     p.add_argument("--kd", action="store_true", help="KD objective (teacher logits from the target)")
     p.add_argument("--compare-reference", action="store_true")
     p.add_argument(

@@ -74,9 +74,10 @@ def flops(config: str) -> dict[str, float]:
     )
 
 
-def loss_overhead_jax(shape: dict, *, steps: int, warmup: int, chunk_blocks: int = 64) -> dict[str, float]:
+def loss_overhead_jax(shape: dict, *, steps: int, warmup: int) -> dict[str, float]:
     """Median seconds of the step's loss program (``block_loss_from_hidden`` forward + backward w.r.t. the draft
-    hidden, KD teacher, bf16 compute) for ``dpace`` and ``decay`` at ``shape``, interleaved round-robin."""
+    hidden, KD teacher, bf16 compute, the shape's ``chunk_blocks``) for ``dpace`` and ``decay`` at ``shape``,
+    interleaved round-robin."""
     tc, dc = bts.make_configs(shape)
     b, n, bs, h, v = shape["batch"], shape["anchors"], shape["block"], shape["hidden"], shape["vocab"]
     batch = bts.make_batch(shape)
@@ -106,7 +107,7 @@ def loss_overhead_jax(shape: dict, *, steps: int, warmup: int, chunk_blocks: int
                     objective=objective,
                     gamma=gamma,
                     teacher_hidden=teacher,
-                    chunk_blocks=chunk_blocks,
+                    chunk_blocks=shape["chunk_blocks"],
                     compute_dtype=dtype,
                 ),
                 has_aux=True,

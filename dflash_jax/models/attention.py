@@ -20,6 +20,9 @@ Implementations (``IMPLEMENTATIONS``):
   attention on TPU and the Triton flash kernel of ``jax.experimental.pallas.ops.gpu.attention`` on GPU;
 * ``auto``: the measured choice per backend and key length (:func:`resolve`).
 
+Off the fused kernels the target's causal self-attention runs in tiles of :data:`CAUSAL_TILE` query rows, each
+over the keys it can see (:func:`attend`): about half the scores of the whole ``S x S`` square.
+
 Every implementation returns exactly zero output, and zero gradient, for a query that sees no key.
 """
 
