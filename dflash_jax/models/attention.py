@@ -36,7 +36,15 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import pallas as pl
 
-from dflash_jax.models.layers import MASK_VALUE, attention_scores, attention_values, masked_attention
+from dflash_jax.models.layers import (
+    MASK_VALUE,
+    attention_scores,
+    attention_values,
+    group_query_rows,
+    grouped_scores,
+    masked_attention,
+    ungroup_query_rows,
+)
 from dflash_jax.train.sharding import mesh_batch_axes
 
 __all__ = [
@@ -156,12 +164,6 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, lk // chunk, chunk, kvh, hd), (1, 3), (0, 2))
 
 
-def _grouped(x: jax.Array, kvh: int) -> jax.Array:
-    """Queries ``[B, Lq, NH, HD] -> [B, KVH, G*Lq, HD]`` (rows of kv head ``k``: its G query heads, head-major)."""
-    b, lq, nh, hd = x.shape
-    return jnp.moveaxis(x.reshape(b, lq, kvh, nh // kvh, hd), 1, 3).reshape(b, kvh, nh // kvh * lq, hd)
-
-
 def _row_visible(mask: RangeMask, t0: jax.Array, chunk: int, g: int) -> jax.Array:
     """Keys ``t0 .. t0+chunk-1`` visible to the ``[B, 1, G*Lq]`` grouped query rows: ``[B, 1, G*Lq, chunk]``."""
     vis = mask.visible(t0, chunk)
@@ -175,14 +177,13 @@ def _chunked_fwd_pass(q, k, v, mask: RangeMask, chunk: int, scale: float):
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     g = nh // kvh
-    qh = _grouped(q, kvh)
+    qh = group_query_rows(q, kvh)
 
     def body(carry, xs):
         m, l_sum, acc = carry
         k_c, v_c, t0 = xs
         vis = _row_visible(mask, t0, chunk, g)
-        s = jnp.einsum("bkqd,bktd->bkqt", qh, k_c, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(vis, s, MASK_VALUE)
+        s = jnp.where(vis, grouped_scores(qh, k_c) * scale, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -198,7 +199,7 @@ def _chunked_fwd_pass(q, k, v, mask: RangeMask, chunk: int, scale: float):
     (m, l_sum, acc), _ = jax.lax.scan(body, init, (_chunks(k, chunk), _chunks(v, chunk), t0s))
     ok = l_sum > 0
     out = acc / jnp.where(ok, l_sum, 1.0)[..., None]
-    out = jnp.moveaxis(out.reshape(b, kvh, g, lq, hd), 3, 1).reshape(b, lq, nh, hd).astype(v.dtype)
+    out = ungroup_query_rows(out, g).astype(v.dtype)
     lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l_sum, 1.0)), MASK_VALUE)
     return out, lse.reshape(b, kvh, g, lq)
 
@@ -209,17 +210,16 @@ def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: i
     b, lq, nh, hd = q.shape
     kvh = k.shape[2]
     g = nh // kvh
-    qh, do = _grouped(q, kvh), _grouped(d_out, kvh)  # [B, KVH, G*Lq, HD]
-    delta = jnp.sum(do.astype(jnp.float32) * _grouped(out, kvh), -1)
+    qh, do = group_query_rows(q, kvh), group_query_rows(d_out, kvh)  # [B, KVH, G*Lq, HD]
+    delta = jnp.sum(do.astype(jnp.float32) * group_query_rows(out, kvh), -1)
     row = d_lse.astype(jnp.float32).reshape(b, kvh, g * lq) - delta  # [B, KVH, G*Lq]
     lse_rows = lse.reshape(b, kvh, g * lq, 1)
 
     def body(dq, xs):
         k_c, v_c, t0 = xs
-        s = jnp.einsum("bkqd,bktd->bkqt", qh, k_c, preferred_element_type=jnp.float32) * scale
-        p = jnp.where(_row_visible(mask, t0, chunk, g), jnp.exp(s - lse_rows), 0.0)
+        p = jnp.where(_row_visible(mask, t0, chunk, g), jnp.exp(grouped_scores(qh, k_c) * scale - lse_rows), 0.0)
         dv = jnp.einsum("bkqt,bkqd->bktd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkqd,bktd->bkqt", do, v_c, preferred_element_type=jnp.float32)
+        dp = grouped_scores(do, v_c)
         ds = (p * (dp + row[..., None]) * scale).astype(q.dtype)
         dq = dq + jnp.einsum("bkqt,bktd->bkqd", ds, k_c, preferred_element_type=jnp.float32)
         dk = jnp.einsum("bkqt,bkqd->bktd", ds, qh, preferred_element_type=jnp.float32)
@@ -230,8 +230,7 @@ def _chunked_bwd_pass(q, k, v, mask: RangeMask, out, lse, d_out, d_lse, chunk: i
         body, jnp.zeros((b, kvh, g * lq, hd), jnp.float32), (_chunks(k, chunk), _chunks(v, chunk), t0s)
     )
     unchunk = lambda x: jnp.moveaxis(x, (0, 2), (1, 3)).reshape(b, -1, kvh, hd)  # noqa: E731
-    dq = jnp.moveaxis(dq.reshape(b, kvh, g, lq, hd), 3, 1).reshape(b, lq, nh, hd)
-    return dq.astype(q.dtype), unchunk(dk), unchunk(dv)
+    return ungroup_query_rows(dq, g).astype(q.dtype), unchunk(dk), unchunk(dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -303,9 +303,7 @@ def attention_scores(q: jax.Array, k: jax.Array, scale: float | None = None, hea
         # One batched matmul per (row, kv head) over its G*Lq query rows: [B,KVH,G*Lq,HD] x [B,KVH,Lk,HD]^T, the
         # operands XLA:CPU's matmul library takes without relayout (the target's attention forward at the CPU
         # bench shape: 2.0 -> 1.7 ms against the fused "bqkgd,btkd->bkgqt" einsum; docs/benchmarks.md).
-        qh = q.reshape(b, lq, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * lq, hd)
-        kh = k.transpose(0, 2, 1, 3)
-        s = jnp.einsum("bkqd,bktd->bkqt", qh, kh, preferred_element_type=jnp.float32).reshape(b, kvh, g, lq, -1)
+        s = grouped_scores(group_query_rows(q, kvh), k.transpose(0, 2, 1, 3)).reshape(b, kvh, g, lq, -1)
     return s * (hd**-0.5 if scale is None else scale)
 
 
@@ -321,8 +319,27 @@ def attention_values(p: jax.Array, v: jax.Array, heads_first: bool = False) -> j
             p.reshape(b, kvh, g * lq, lk).astype(v.dtype),
             v.transpose(0, 2, 1, 3),
             preferred_element_type=jnp.float32,
-        ).reshape(b, kvh, g, lq, v.shape[-1])
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, kvh * g, v.shape[-1]).astype(v.dtype)
+        )
+    return ungroup_query_rows(out.reshape(b, kvh, g * lq, -1), g).astype(v.dtype)
+
+
+def group_query_rows(x: jax.Array, kvh: int) -> jax.Array:
+    """Queries ``[B, Lq, NH, HD] -> [B, KVH, G*Lq, HD]``: the rows of kv head ``k`` are its G query heads,
+    head-major (the layout of :func:`attention_scores` and of the chunked attention)."""
+    b, lq, nh, hd = x.shape
+    return x.reshape(b, lq, kvh, nh // kvh, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, nh // kvh * lq, hd)
+
+
+def ungroup_query_rows(x: jax.Array, g: int) -> jax.Array:
+    """The inverse of :func:`group_query_rows`: ``[B, KVH, G*Lq, HD] -> [B, Lq, KVH*G, HD]``."""
+    b, kvh, rows, hd = x.shape
+    return x.reshape(b, kvh, g, rows // g, hd).transpose(0, 3, 1, 2, 4).reshape(b, rows // g, kvh * g, hd)
+
+
+def grouped_scores(qh: jax.Array, kh: jax.Array) -> jax.Array:
+    """Unscaled fp32 logits of grouped query rows ``qh [B, KVH, R, HD]`` against keys ``kh [B, KVH, Lk, HD]``:
+    ``[B, KVH, R, Lk]``."""
+    return jnp.einsum("bkqd,bktd->bkqt", qh, kh, preferred_element_type=jnp.float32)
 
 
 def sink_softmax(s: jax.Array, sinks: jax.Array | None) -> jax.Array:
