@@ -306,7 +306,8 @@ def _print_json(obj: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dflash_jax import config as config_lib
-    from dflash_jax.train import loop, rundir, sharding
+    from dflash_jax import sharding
+    from dflash_jax.train import loop, rundir
 
     sharding.maybe_initialize_distributed()
     path = args.config
@@ -408,7 +409,7 @@ def _run_mesh(config):
     import jax
 
     from dflash_jax import config as config_lib
-    from dflash_jax.train import sharding
+    from dflash_jax import sharding
 
     try:
         config_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
@@ -563,9 +564,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from dflash_jax import config as config_lib
+    from dflash_jax import regenerate as regen
+    from dflash_jax import sharding
     from dflash_jax.data import chat
-    from dflash_jax.data import regenerate as regen
-    from dflash_jax.train import run, sharding
+    from dflash_jax.train import run
 
     config = config_lib.load_config(args.config, args.overrides)
     data = config.data

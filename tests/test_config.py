@@ -6,17 +6,17 @@ import warnings
 import pytest
 import yaml
 
+from dflash_jax import sharding
 from dflash_jax.config import (
     Config,
     apply_overrides,
     from_dict,
     load_config,
     parse_override,
-    resolve_mesh_shape,
-    save_resolved,
     to_dict,
     validate_runtime,
 )
+from dflash_jax.train import rundir
 
 
 def test_shipped_configs_load():
@@ -143,10 +143,10 @@ def test_runtime_validation():
     with pytest.raises(ValueError, match=r"mesh.shape \[2, 2, 2\] has 8 devices, but this machine has 1"):
         validate_runtime(c, num_devices=1)
     c_fill = from_dict({"mesh": {"shape": [1, -1, 1]}, "data": {"batch_size": 8}})
-    assert resolve_mesh_shape(c_fill.mesh.shape, 8) == (1, 8, 1)
+    assert sharding.resolve_mesh_shape(c_fill.mesh.shape, 8) == (1, 8, 1)
     validate_runtime(c_fill, num_devices=8)
     with pytest.raises(ValueError, match=r"mesh.shape \[1, -1, 3\]: 8 devices are not divisible by 3"):
-        resolve_mesh_shape((1, -1, 3), 8)
+        sharding.resolve_mesh_shape((1, -1, 3), 8)
     with pytest.raises(ValueError, match="at most one -1"):
         from_dict({"mesh": {"shape": [-1, -1, 1]}})
     c2 = from_dict({"mesh": {"shape": [4, 1, 2]}, "data": {"batch_size": 6}})
@@ -186,7 +186,7 @@ def test_overrides():
 
 def test_save_resolved_round_trip(tmp_path):
     c = load_config("smollm2-135m", ["train.steps=7"])
-    path = save_resolved(c, tmp_path / "run")
+    path = rundir.save_resolved(c, tmp_path / "run")
     assert path == str(tmp_path / "run" / "config.yaml")
     assert load_config(path) == c
     with open(path) as f:

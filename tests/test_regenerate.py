@@ -14,8 +14,8 @@ import pytest
 from decode_oracle import greedy_reference
 from dflash_jax import cli
 from dflash_jax import config as config_lib
+from dflash_jax import regenerate as regen
 from dflash_jax.data import chat
-from dflash_jax.data import regenerate as regen
 from dflash_jax.train import run
 
 MAX_NEW = 16

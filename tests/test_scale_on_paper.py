@@ -20,11 +20,12 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
 import scale_on_paper as sop
+from dflash_jax import sharding
 from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
 # Tiny but not trivial: V = 250 is divisible by 2 but not by 4 or 8 (vocab replicated when tensor >= 4).

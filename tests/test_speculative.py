@@ -12,6 +12,7 @@ from flax import nnx
 from scipy import stats
 
 from decode_oracle import greedy_reference
+from dflash_jax import generate
 from dflash_jax.eval import report, speculative
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
@@ -94,7 +95,7 @@ def test_greedy_lossless_random_drafter(target, draft_cfg, prompts):
 def train_drafter(target, cfg, prompts, steps=200):
     """Teach a fresh drafter the target's greedy continuations of ``prompts`` (CE on slots 1..bs-1, all anchors)."""
     seq_len, bs = 32, cfg.block_size
-    seqs = np.stack([np.concatenate([p, target.greedy_generate(p, seq_len - p.size)]) for p in prompts])
+    seqs = np.stack([np.concatenate([p, generate.greedy_generate(target, p, seq_len - p.size)]) for p in prompts])
     n_anchor = seq_len - bs + 1
     anchors = np.broadcast_to(np.arange(n_anchor, dtype=np.int32), (len(prompts), n_anchor))
     noise = np.full((len(prompts), n_anchor, bs), cfg.mask_token_id, np.int32)

@@ -17,7 +17,7 @@ from tokenizers import pre_tokenizers
 from dflash_jax import load_target
 from dflash_jax.models import gguf_io
 from dflash_jax.models.hf_io import config_from_hf
-from dflash_jax.models.target import KVCache, TargetConfig, TargetModel
+from dflash_jax.models.target import KVCache, TargetConfig, TargetModel, make_target_model
 from dflash_jax.models.target_io import build_target_model, hf_name, random_target
 
 CFG = TargetConfig(
@@ -224,8 +224,8 @@ def test_bad_inputs(target):
         m.decode(jnp.zeros((1, 2), jnp.int32), m.init_cache(1, 4), num_valid=jnp.array([1, 1]))
     with pytest.raises(ValueError, match="rollback"):
         TargetModel.rollback(m.init_cache(2, 4), jnp.array([1, 2, 3]))
-    with pytest.raises(ValueError, match="arch"):
-        TargetConfig(**{**CFG.__dict__, "arch": "gpt2"})
+    with pytest.raises(ValueError, match="target arch 'gpt2' is not supported"):  # no family registered for it
+        make_target_model(TargetConfig(**{**CFG.__dict__, "arch": "gpt2"}))
     with pytest.raises(ValueError, match="num_key_value_heads"):
         TargetConfig(**{**CFG.__dict__, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="rope_type"):

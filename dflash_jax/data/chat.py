@@ -167,7 +167,7 @@ class ChatRenderer:
     @classmethod
     def from_target(cls, target: Any, chat_template_path: str | os.PathLike | None = None) -> "ChatRenderer":
         """Renderer for a loaded target (anything with ``tokenizer, chat_template, bos_token, eos_token``, e.g.
-        ``models.target.Target``); ``chat_template_path`` (config ``data.chat_template``) overrides the
+        ``models.target_io.Target``); ``chat_template_path`` (config ``data.chat_template``) overrides the
         template. A target without a tokenizer (``target.path: random``) gets :func:`byte_chat_tokenizer` and
         ChatML."""
         if getattr(target, "tokenizer", None) is None:

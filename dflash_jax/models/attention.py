@@ -45,7 +45,7 @@ from dflash_jax.models.layers import (
     masked_attention,
     ungroup_query_rows,
 )
-from dflash_jax.train.sharding import mesh_batch_axes
+from dflash_jax.sharding import mesh_batch_axes
 
 __all__ = [
     "IMPLEMENTATIONS",

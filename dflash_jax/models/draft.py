@@ -27,28 +27,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dflash_jax import blocks
+from dflash_jax import config as config_lib
 from dflash_jax.models import attention, layers
-
-
-def check_draft_fields(cfg: Any, name: str) -> None:
-    """The draft rules shared by the YAML ``draft`` section and :class:`DraftConfig` (``None`` = resolved later):
-    positive dims, GQA heads, even ``head_dim``, ``mask_token_id >= 0``, ``sliding_window >= block_size``,
-    ``rope_theta > 0``, ``rms_norm_eps > 0``. ``ValueError`` names ``<name>.<field>``."""
-    layers.check_model_dims(
-        cfg,
-        ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "block_size"),
-        name,
-    )
-    if cfg.mask_token_id is not None and cfg.mask_token_id < 0:
-        raise ValueError(f"{name}.mask_token_id must be >= 0, got {cfg.mask_token_id}")
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size:
-        raise ValueError(
-            f"{name}.sliding_window must be >= {name}.block_size ({cfg.block_size}) or null, got {cfg.sliding_window}"
-        )
-    if cfg.rope_theta is not None and not cfg.rope_theta > 0:
-        raise ValueError(f"{name}.rope_theta must be > 0, got {cfg.rope_theta!r}")
-    if not cfg.rms_norm_eps > 0:
-        raise ValueError(f"{name}.rms_norm_eps must be > 0, got {cfg.rms_norm_eps!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +77,8 @@ class DraftConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
-        check_draft_fields(self, "DraftConfig")
-        layers.check_model_dims(self, ("hidden_size", "vocab_size", "num_target_layers", "max_position_embeddings"))
+        config_lib.check_draft_fields(self, "DraftConfig")
+        config_lib.check_model_dims(self, ("hidden_size", "vocab_size", "num_target_layers", "max_position_embeddings"))
         if not self.target_layer_ids:
             raise ValueError("DraftConfig.target_layer_ids must not be empty")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]

@@ -5,7 +5,7 @@ One implementation of each piece serves both models: RMSNorm (Qwen3/Llama semant
 partition names, and grouped-query attention with a boolean mask.
 
 Parameters are created with logical axis names only (``nnx.use_eager_sharding(False)`` is active inside
-:func:`unsharded_init`); ``dflash_jax.train.sharding`` maps those names onto a device mesh through one rules
+:func:`unsharded_init`); ``dflash_jax.sharding`` maps those names onto a device mesh through one rules
 table. Logical axis names used here:
 
 ``embed`` (model width H), ``mlp`` (intermediate I), ``q_heads`` (NH*HD), ``kv_heads`` (KVH*HD),
@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dflash_jax import sharding
+
 # Large finite negative used for masked attention logits. A finite value keeps fully-masked rows finite
 # (softmax becomes uniform instead of NaN), which is what the reference does with finfo(dtype).min.
 MASK_VALUE = -1e30
@@ -35,24 +37,6 @@ def unsharded_init():
     """Create variables with logical sharding metadata but without placing them on a mesh."""
     with nnx.use_eager_sharding(False):
         yield
-
-
-def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = None) -> None:
-    """Shared architecture checks of a model config (or its YAML section): every ``int_fields`` entry is a
-    positive int, ``num_attention_heads % num_key_value_heads == 0`` and ``head_dim`` is even (RoPE).
-    ``ValueError`` names the field as ``<name>.<field>`` (default name: the config's class)."""
-    name = name or type(cfg).__name__
-    for f in int_fields:
-        v = getattr(cfg, f)
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}.{f} must be a positive integer, got {v!r}")
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ValueError(
-            f"{name}.num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
-            f"num_key_value_heads ({cfg.num_key_value_heads})"
-        )
-    if cfg.head_dim % 2:
-        raise ValueError(f"{name}.head_dim must be even for RoPE, got {cfg.head_dim}")
 
 
 def dense(
@@ -170,11 +154,9 @@ class DecoderBlock(nnx.Module):
         )
 
     def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
-        from dflash_jax.train.sharding import constrain_rows  # (train.sharding imports this module's users)
-
         a, aux = self.self_attn(self.input_layernorm(h), *args)
-        h = constrain_rows(h + a)
-        return constrain_rows(h + self.mlp(self.post_attention_layernorm(h))), aux
+        h = sharding.constrain_rows(h + a)
+        return sharding.constrain_rows(h + self.mlp(self.post_attention_layernorm(h))), aux
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ import numpy as np
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
-from dflash_jax import paths
+from dflash_jax import paths, sharding
 from dflash_jax.data import pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
-from dflash_jax.train import cost, features, rundir, sharding
+from dflash_jax.train import cost, features, plots, rundir
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
@@ -409,8 +409,6 @@ def _train(
     if main:
         if params is not None:
             export_dir = str(export_lib.export_draft(draft_cfg, params, os.path.join(run_dir, rundir.EXPORT_DIR)))
-        from dflash_jax.train import plots
-
         plot_paths = tuple(plots.write_plots(rundir.read_metrics(run_dir), os.path.join(run_dir, rundir.PLOTS_DIR)))
     sharding.barrier("dflash_jax:run_finished")  # the others return once the export and plots exist
     if interrupted:

@@ -24,13 +24,14 @@ from jax.sharding import Mesh
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
+from dflash_jax import sharding
 from dflash_jax.data import chat, pipeline, readers
-from dflash_jax.models import layers, target_io
+from dflash_jax.eval import report
+from dflash_jax.models import hf_io, layers, target_io
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
-from dflash_jax.models.target import Target
-from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path
+from dflash_jax.models.target_io import Target, load_target, random_target, smollm2_gguf_path
 from dflash_jax.train import checkpoint as ckpt_lib
-from dflash_jax.train import optim, rundir, sharding
+from dflash_jax.train import optim, rundir
 from dflash_jax.train import step as step_lib
 
 SMOLLM2 = "smollm2"
@@ -43,12 +44,13 @@ _SECTION_ONLY = ("num_anchors", "init")
 def build_target(
     section: config_lib.TargetSection, mesh: Mesh | None = None, only: Callable[[str], bool] | None = None
 ) -> Target:
-    """The frozen target of ``target.path``: ``random`` (``target.random``, a ``TargetConfig`` plus ``seed``),
+    """The frozen target of ``target.path``: ``random`` (``target.random``: dims and ``seed``),
     ``smollm2`` (the installed SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in
     ``target.dtype``. ``mesh``: every tensor is placed straight onto its sharding by the rules table (never whole
     on one device); ``only``: the tensors to read (:func:`~dflash_jax.models.target_io.build_target_model`)."""
     if section.path == RANDOM:
-        return random_target(section.random, seed=section.random.seed, dtype=section.dtype, mesh=mesh, only=only)
+        cfg = hf_io.random_target_config(section.random)
+        return random_target(cfg, seed=section.random.seed, dtype=section.dtype, mesh=mesh, only=only)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
         raise ValueError(
@@ -362,10 +364,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree); prompts
     longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result."""
-    from dflash_jax.eval.report import evaluate
-
     draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
-    return evaluate(
+    return report.evaluate(
         target,
         draft,
         draft_cfg,

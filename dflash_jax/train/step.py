@@ -39,11 +39,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash_jax import blocks, losses
+from dflash_jax import blocks, losses, sharding
 from dflash_jax import config as config_lib
 from dflash_jax.models import target_io
 from dflash_jax.models.draft import DraftConfig
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 
 PARAM_DTYPES = ("float32", "bfloat16")  # train.param_dtype: fp32 master weights, or bf16 params (fp32 moments)
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")

@@ -303,7 +303,7 @@ def regenerate(
 ) -> dict[str, Any]:
     """Write ``out`` (OpenAI JSONL) with the target's answers to the conversations of ``data_path``.
 
-    ``target``: a ``models.target.Target``; ``renderer``: its :class:`ChatRenderer`; ``num_conversations``: the
+    ``target``: a ``models.target_io.Target``; ``renderer``: its :class:`ChatRenderer`; ``num_conversations``: the
     first N usable conversations (None = all); ``mesh``: rows sharded over its batch axes. Returns a JSON-ready
     summary (rows, skips by reason, generated tokens, tokens/s, seconds).
     """
