@@ -151,7 +151,6 @@ class DraftSection:
 
     num_layers: int = 1
     block_size: int = 8
-    num_anchors: int = 32
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 16
@@ -218,6 +217,7 @@ class TrainSection:
     b2: float = 0.999
     eps: float = 1e-8
     seed: int = 0
+    num_anchors: int = 32  # blocks sampled per row every step (static; padding blocks weigh nothing)
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -329,7 +329,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys of earlier releases: what replaced them, said in the unknown-key error.
-_REPLACED = {"loss.kd": "loss.per_token (kd: true -> per_token: kd; kd: false -> per_token: ce)"}
+_REPLACED = {
+    "loss.kd": "loss.per_token (kd: true -> per_token: kd; kd: false -> per_token: ce)",
+    "draft.num_anchors": "train.num_anchors (anchor sampling is a training setting, not the architecture)",
+}
 
 
 def _unknown_key(message: str, key: str, names: Any) -> str:
@@ -378,7 +381,6 @@ def validate(config: Config) -> Config:
     _check(bool(t.path), "target.path must not be empty")  # target.random checks itself
 
     check_draft_fields(d, "draft")
-    _check(d.num_anchors >= 1, f"draft.num_anchors must be >= 1, got {d.num_anchors}")
     if d.target_layer_ids is not None:
         ids = d.target_layer_ids
         _check(
@@ -427,7 +429,7 @@ def validate(config: Config) -> Config:
     )
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
 
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+    for name in ("steps", "num_anchors", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
     _check(

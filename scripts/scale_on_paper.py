@@ -191,6 +191,8 @@ def draft_config_for(tc: TargetConfig, num_layers: int = 5, block_size: int = 16
         num_target_layers=tc.num_layers,
         target_layer_ids=tuple(build_target_layer_ids(tc.num_layers, num_layers)),
         block_size=block_size,
+        mask_token_id=0,
+        rope_theta=1e6,
     )
 
 

@@ -31,7 +31,7 @@ def test_shipped_configs_load():
     )
     assert smol.draft.block_size in (8, 16) and smol.draft.num_layers <= 2
     q = load_config("qwen3-8b")
-    assert (q.draft.block_size, q.draft.num_anchors, q.draft.num_layers, q.data.seq_len) == (16, 512, 5, 3072)
+    assert (q.draft.block_size, q.train.num_anchors, q.draft.num_layers, q.data.seq_len) == (16, 512, 5, 3072)
     assert (q.train.lr, q.train.warmup_ratio, q.train.schedule, q.train.clip_norm) == (6e-4, 0.04, "cosine", 1.0)
 
 
@@ -88,7 +88,8 @@ def test_defaults_are_valid_and_empty_sections_allowed():
             {"draft": {"block_size": 1}, "data": {"seq_len": 8}},
             "draft.block_size must be > 1 with loss.objective dpace",
         ),
-        ({"draft": {"num_anchors": 0}}, "draft.num_anchors must be >= 1"),
+        ({"train": {"num_anchors": 0}}, "train.num_anchors must be >= 1"),
+        ({"draft": {"num_anchors": 8}}, "config key draft.num_anchors was replaced by train.num_anchors"),
         ({"draft": {"num_attention_heads": 6, "num_key_value_heads": 4}}, "draft.num_attention_heads"),
         ({"draft": {"head_dim": 15}}, "draft.head_dim must be even"),
         ({"draft": {"mask_token_id": -1}}, "draft.mask_token_id must be >= 0"),

@@ -51,6 +51,8 @@ DC = DraftConfig(
     num_target_layers=4,
     target_layer_ids=(1, 2),
     block_size=4,
+    mask_token_id=0,
+    rope_theta=1e6,
 )
 B, S, N = 8, 32, 3
 

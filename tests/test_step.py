@@ -181,7 +181,7 @@ def test_step_config_from_yaml_config():
 
     c = config.Config()
     sc = st.StepConfig.from_config(c)
-    assert sc.chunk_blocks == sc.num_anchors == c.draft.num_anchors  # null = one chunk of all blocks
+    assert sc.chunk_blocks == sc.num_anchors == c.train.num_anchors  # null = one chunk of all blocks
     assert (sc.loss, sc.mode) == (c.loss, c.train.mode)
 
 

@@ -54,9 +54,9 @@ class DraftConfig:
     vocab_size: int
     num_target_layers: int
     target_layer_ids: tuple[int, ...]
-    block_size: int = 16
-    mask_token_id: int = 0
-    rope_theta: float = 1e6
+    block_size: int  # no default: the YAML's (draft.block_size) is the one default
+    mask_token_id: int = 0  # draft.mask_token_id: null resolves against the target (train/run.py)
+    rope_theta: float = 1e6  # draft.rope_theta: null = the target's (train/run.py)
     rms_norm_eps: float = 1e-6
     sliding_window: int | None = None
     causal: bool = False
@@ -110,9 +110,8 @@ class DraftConfig:
 
         ``target_layer_ids`` defaults to the reference's ``build_target_layer_ids(num_target_layers, num_layers)``.
         """
-        num_layers = dims.setdefault("num_layers", 5)
         if "target_layer_ids" not in dims:
-            dims["target_layer_ids"] = blocks.build_target_layer_ids(num_target_layers, num_layers)
+            dims["target_layer_ids"] = blocks.build_target_layer_ids(num_target_layers, dims["num_layers"])
         return cls(hidden_size=target_hidden, vocab_size=vocab, num_target_layers=num_target_layers, **dims)
 
 

@@ -280,7 +280,7 @@ def _train(
             draft_cfg,
             config.data.batch_size,
             config.data.seq_len,
-            config.draft.num_anchors,
+            config.train.num_anchors,
             config.loss.kd,
             online=tc.mode == "online",
         )

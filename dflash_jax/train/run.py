@@ -38,7 +38,7 @@ SMOLLM2 = "smollm2"
 RANDOM = "random"
 _MASK_SPELLINGS = ("<mask>", "<|mask|>", "[MASK]", "<MASK>", "<|MASK|>", "<|mask_token|>")
 # DraftSection fields that are not DraftConfig fields of the same meaning.
-_SECTION_ONLY = ("num_anchors", "init")
+_SECTION_ONLY = ("init",)
 
 
 def build_target(

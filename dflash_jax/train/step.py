@@ -66,7 +66,7 @@ class StepConfig:
     """The step's own settings; block size, mask id and target layer ids are read from the draft's
     :class:`~dflash_jax.models.draft.DraftConfig`, never copied here.
 
-    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
+    ``num_anchors``: blocks per row (``train.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
     :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
     docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
     ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
@@ -88,7 +88,7 @@ class StepConfig:
     def from_config(cls, config: config_lib.Config) -> "StepConfig":
         """The step settings of a run configuration."""
         return cls(
-            num_anchors=config.draft.num_anchors,
+            num_anchors=config.train.num_anchors,
             loss=config.loss,
             mode=config.train.mode,
             attention=config.train.attention,
