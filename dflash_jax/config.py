@@ -26,6 +26,13 @@ import yaml
 from dflash_jax import sharding
 
 Dtype = Literal["float32", "bfloat16"]
+# The name lists of the loss pieces (dflash_jax.losses) and attention implementations (models/attention.py),
+# defined once here: those modules take their tuples from these types.
+Objective = Literal["dpace", "dpace_cumulative", "dpace_continuation", "decay", "uniform"]
+PerToken = Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"]
+Normalization = Literal["modelopt", "batch", "tokens"]
+Confidence = Literal["data", "loss"]
+AttentionImpl = Literal["auto", "dense", "chunked", "pallas"]
 
 
 def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = None) -> None:
@@ -173,12 +180,12 @@ class LossSection:
     distribution), the D-PACE ``confidence`` source and the ``normalization``; ``chunk_blocks`` blocks per fused
     vocabulary chunk."""
 
-    objective: Literal["dpace", "dpace_cumulative", "dpace_continuation", "decay", "uniform"] = "dpace"
+    objective: Objective = "dpace"
     alpha: float = 0.5
     gamma: float = 0.0
-    per_token: Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"] = "kd"
-    normalization: Literal["modelopt", "batch", "tokens"] = "modelopt"
-    confidence: Literal["data", "loss"] = "data"
+    per_token: PerToken = "kd"
+    normalization: Normalization = "modelopt"
+    confidence: Confidence = "data"
     chunk_blocks: int | None = None  # null = all blocks in one chunk
 
     @property
@@ -230,7 +237,7 @@ class TrainSection:
     # Attention implementation of the target and the draft (README "Attention"): auto = the measured choice per
     # backend; dense = the parity baseline; chunked = XLA online softmax, O(queries x chunk) memory; pallas =
     # fused kernels (splash / Mosaic on TPU, Triton on GPU; interpreted, slowly, on CPU).
-    attention: Literal["auto", "dense", "chunked", "pallas"] = "auto"
+    attention: AttentionImpl = "auto"
     max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
     grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size rows in all), inside the one jit
 

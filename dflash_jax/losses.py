@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 from typing import Any, Callable, Mapping
 
 import chex
@@ -44,12 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-DPACE_OBJECTIVES = ("dpace", "dpace_cumulative", "dpace_continuation")
-OBJECTIVES = DPACE_OBJECTIVES + ("decay", "uniform")
-PER_TOKEN_LOSSES = ("ce", "kd", "kl", "reverse_kl", "js", "tv")
-TEACHER_LOSSES = PER_TOKEN_LOSSES[1:]  # need the teacher's logits
-NORMALIZATIONS = ("modelopt", "batch", "tokens")
-CONFIDENCES = ("data", "loss")
+from dflash_jax import config as config_lib
+
+OBJECTIVES = typing.get_args(config_lib.Objective)
+DPACE_OBJECTIVES = tuple(o for o in OBJECTIVES if o.startswith("dpace"))
+PER_TOKEN_LOSSES = typing.get_args(config_lib.PerToken)
+TEACHER_LOSSES = tuple(p for p in PER_TOKEN_LOSSES if p != "ce")  # need the teacher's logits
+NORMALIZATIONS = typing.get_args(config_lib.Normalization)
+CONFIDENCES = typing.get_args(config_lib.Confidence)
 _EPS = 1e-6  # ModelOpt's "+ 1e-6" in both the loss normaliser and the accuracy denominator
 _TOKENS_EPS = 1e-5  # speculators' _LOSS_REDUCTION_EPS
 

@@ -206,20 +206,6 @@ def test_load_errors(tmp_path):
         load_config(bad)
 
 
-def test_loss_names_match_the_loss_module():
-    """config.py stays jax-free, so its Literal choices repeat dflash_jax.losses' names: they must agree."""
-    import typing
-
-    from dflash_jax import losses
-    from dflash_jax.config import LossSection
-
-    hints = typing.get_type_hints(LossSection)
-    assert typing.get_args(hints["objective"]) == losses.OBJECTIVES
-    assert typing.get_args(hints["per_token"]) == losses.PER_TOKEN_LOSSES
-    assert typing.get_args(hints["normalization"]) == losses.NORMALIZATIONS
-    assert typing.get_args(hints["confidence"]) == losses.CONFIDENCES
-
-
 def test_ignored_loss_keys_warn():
     with pytest.warns(UserWarning, match="loss.gamma=4.0 is ignored by loss.objective dpace"):
         load_config("tiny", ["loss.gamma=4"])

@@ -29,12 +29,14 @@ Every implementation returns exactly zero output, and zero gradient, for a query
 from __future__ import annotations
 
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.experimental import pallas as pl
 
+from dflash_jax import config as config_lib
 from dflash_jax.models import kernels
 from dflash_jax.models.layers import (
     MASK_VALUE,
@@ -61,7 +63,7 @@ __all__ = [
     "with_sinks",
 ]
 
-IMPLEMENTATIONS = ("auto", "dense", "chunked", "pallas")
+IMPLEMENTATIONS = typing.get_args(config_lib.AttentionImpl)
 CHUNK = 512  # keys per chunk of the chunked implementation (a multiple of the Pallas key block)
 CAUSAL_TILE = 256  # query rows per tile of the target's causal self-attention off the fused kernels (attend)
 
