@@ -147,3 +147,63 @@ def test_gguf_eot_and_eom_ids_are_eos_ids():
     meta |= {f"llama.{k}": v for k, v in dims.items()}
     meta |= {"tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.eot_token_id": 5, "tokenizer.ggml.eom_token_id": 6}
     assert gguf_io.config_from_metadata(meta, set(), "m.gguf").eos_token_ids == (1, 5, 6)
+
+
+def test_regenerate_keeps_newlines_and_indentation_byte_for_byte(tmp_path):
+    """``regenerate`` on a Gemma-style target: each answer is the target's greedy tokens decoded (stop excluded)
+    equal to the un-skipped decode, so user-defined ``\\n`` / space-run / tag tokens survive. The ``lm_head`` rows
+    of all but the user-defined tokens and three characters are zeroed, so that the answers
+    are made of them."""
+    from decode_oracle import greedy_reference
+    from dflash_jax.data import regenerate as regen
+
+    meta = _gemma_meta()
+    write_hf_target(tmp_path / "gemma", meta, seed=4)
+    target = load_target(tmp_path / "gemma")
+    renderer = chat.ChatRenderer.from_target(target)
+    types = np.asarray(meta["tokenizer.ggml.token_type"])
+    keep = types == 4
+    keep[[meta["tokenizer.ggml.tokens"].index(t) for t in ("x", ":", "▁")]] = True
+    head = target.model.lm_head
+    head[...] = head[...] * keep[:, None]
+    data = tmp_path / "chat.jsonl"
+    prompts = ["Write code.", "List fruit:", "Hi", "Why?", "<h1>x</h1>", "a\n  b"]
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "-"}]}) + "\n"
+            for p in prompts
+        )
+    )
+    out = tmp_path / "regen.jsonl"
+    sampling = regen.Sampling(max_new_tokens=24, batch_size=3, max_prompt_len=64)
+    summary = regen.regenerate(target, renderer, str(data), str(out), sampling, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    stop = regen.stop_token_ids(target, renderer)
+    answers = []
+    for row in rows:
+        msgs = [(m["role"], m["content"]) for m in row["messages"]]
+        ids = greedy_reference(target.model, renderer.render_prompt(tuple(msgs[:-1])), 24, stop)
+        ids = ids[:-1] if ids[-1] in stop else ids
+        assert msgs[-1][1] == target.tokenizer.decode(ids, skip_special_tokens=False)
+        answers.append(msgs[-1][1])
+    assert len(rows) == len(prompts), summary["skip_examples"]
+    joined = "".join(answers)
+    assert "\n" in joined and "    " in joined  # newlines and indentation were generated and kept
+
+
+def test_readme_base_model_template():
+    """The README's minimal template for base models: the EOS token after an answer is its end of turn."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```jinja\n(.*?)```", readme, re.S).group(1)
+    template = "\n".join(line.removeprefix("   ") for line in block.split("\n"))
+    renderer = chat.ChatRenderer(chat.byte_chat_tokenizer(), template, eos_token="<|endoftext|>")
+    assert renderer.end_of_turn == ("<|endoftext|>",)
+    text, spans = renderer.render_text((("user", "Hi"), ("assistant", "Hello.")))
+    assert text == "User: Hi\nAssistant: Hello.<|endoftext|>\n" and [text[s:e] for s, e in spans] == [
+        "Hello.<|endoftext|>"
+    ]
+    prompt = renderer.render_prompt((("user", "Hi"),))
+    assert renderer.tokenizer.decode(prompt.tolist(), skip_special_tokens=False) == "User: Hi\nAssistant:"
