@@ -144,10 +144,9 @@ def _byte_level_tokenizer(meta: Mapping[str, Any], tokens: Sequence[str], source
 def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
     """Rebuild the tokenizer from GGUF ``tokenizer.*`` metadata (``meta``: key -> decoded value): byte-level BPE
     (``gpt2``) or SentencePiece-BPE (``llama``); control and unknown tokens (types 3, 2) become special added
-    tokens, user-defined ones (type 4) non-special added tokens, matched whole (in the normalized text, spaces as
-    ``▁``, for a SentencePiece vocab without ``add_space_prefix``, e.g. Gemma's) and kept by
-    ``decode(skip_special_tokens=True)``; BOS/EOS added by a
-    post-processor when ``tokenizer.ggml.add_bos_token`` / ``add_eos_token``."""
+    tokens, user-defined ones (type 4) non-special added tokens, matched whole (see below) and kept by
+    ``decode(skip_special_tokens=True)``; BOS/EOS added by a post-processor when ``tokenizer.ggml.add_bos_token``
+    / ``add_eos_token``."""
     model = meta.get("tokenizer.ggml.model")
     if model not in SUPPORTED_GGUF_MODELS:
         raise ValueError(
