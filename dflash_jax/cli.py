@@ -464,7 +464,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = run.eval_prompts(renderer, conversations, num)
     if not prompts:
         raise ValueError(f"--prompts {prompts_path!r}: the chat template rendered none of its prompts")
-    result = run.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
+    result = run.run_eval(
+        target,
+        draft_cfg,
+        params,
+        prompts,
+        ev,
+        seed=args.seed,
+        check_lossless=args.check_lossless,
+        eos_token_ids=chat.stop_token_ids(target, renderer),
+    )
     paths = write_report(result, out)
     summary = {k: v for k, v in result.items() if k != "per_prompt"}
     summary.update(report=paths["json"], prompts=prompts_path)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dflash_jax import sharding
+from dflash_jax.data import chat
 from dflash_jax.models import families, gguf_io, hf_io, layers
 from dflash_jax.models.target import TargetConfig, TargetModel, make_target_model, resolve_dtype
 
@@ -163,6 +165,21 @@ def build_target_model(
     return nnx.merge(graphdef, state)
 
 
+def _with_end_of_turn(cfg: TargetConfig, tok: Any) -> TargetConfig:
+    """``cfg`` with the end-of-turn tokens of the target's own chat template (``tok``, a ``TokenizerBundle``;
+    :attr:`dflash_jax.data.chat.ChatRenderer.end_of_turn_ids`) appended to ``eos_token_ids``, so generation stops
+    at the end of a turn as llama.cpp does. A template the renderer cannot use adds none (training with it then
+    fails naming ``data.chat_template``)."""
+    if tok.tokenizer is None or not tok.chat_template:
+        return cfg
+    try:
+        ids = chat.ChatRenderer(tok.tokenizer, tok.chat_template, tok.bos_token, tok.eos_token).end_of_turn_ids
+    except chat.ChatTemplateError:
+        return cfg
+    ids = [i for i in ids if i < cfg.vocab_size]
+    return dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys((*cfg.eos_token_ids, *ids))))
+
+
 def load_target(
     path: str | os.PathLike,
     dtype: str = "float32",
@@ -182,6 +199,7 @@ def load_target(
         cfg, fetch, tok = gguf_io.open_gguf(path)
     else:
         raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
+    cfg = _with_end_of_turn(cfg, tok)
     model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings, only=only)
     return Target(
         cfg,

@@ -26,7 +26,7 @@ import numpy as np
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import paths, sharding
-from dflash_jax.data import pipeline
+from dflash_jax.data import chat, pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
 from dflash_jax.train import cost, features, plots, rundir
 from dflash_jax.train import run as run_lib
@@ -242,6 +242,7 @@ def _train(
             max_conversations=1,
             heldout=config.data.heldout,
         ).heldout
+    stop_ids = chat.stop_token_ids(target, renderer)
     prompts = (
         run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)
         if tc.eval_every and config.eval.num_prompts and heldout
@@ -365,7 +366,9 @@ def _train(
             if prompts and (step % tc.eval_every == 0 or step == tc.steps):
                 params = sharding.to_host(state.params)  # a collective: on every process
                 # Decoding runs on every process: the target is the step's own copy, sharded over all of them.
-                res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
+                res = run_lib.run_eval(
+                    target, draft_cfg, params, prompts, config.eval, seed=tc.seed, eos_token_ids=stop_ids
+                )
                 if main:
                     sink.write(
                         {

@@ -62,9 +62,8 @@ def build_target(
 
 def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat.ChatRenderer) -> int:
     """``draft.mask_token_id`` or, when null, the documented rule (module docstring). ValueError naming the key."""
-    vocab, eos = target.config.vocab_size, set(target.eos_token_ids)
+    vocab, eos = target.config.vocab_size, set(chat.stop_token_ids(target, renderer))
     tok = renderer.tokenizer
-    eos |= {i for i in (tok.token_to_id(t) for t in (renderer.eos_token, "<|im_end|>") if t) if i is not None}
     if configured is not None:  # its range is DraftConfig's check (build_draft_config)
         if configured in eos:
             raise ValueError(
@@ -361,9 +360,11 @@ def run_eval(
     *,
     seed: int = 0,
     check_lossless: bool = False,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree); prompts
-    longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result."""
+    longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result.
+    ``eos_token_ids`` (default the target's) stop generation (:func:`dflash_jax.data.chat.stop_token_ids`)."""
     draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
     return report.evaluate(
         target,
@@ -375,4 +376,5 @@ def run_eval(
         seed=seed,
         check_lossless=check_lossless,
         max_prompt_len=section.prompt_len,
+        eos_token_ids=eos_token_ids,
     )
