@@ -40,6 +40,10 @@ from dflash_jax.models.draft import DFlashDraft, DraftConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+_CODEBOOK_ALIASES = {
+    f"candidate_selector.{name}.weight": f"candidate_selector.{name}"
+    for name in ("predecessor_codebook", "successor_codebook")
+}
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -73,6 +77,9 @@ def from_torch_tensors(
     Raises ``ValueError`` listing unknown keys, missing keys and wrong shapes (``embed_tokens``/``lm_head``/
     ``rotary_emb`` entries are not part of a draft and count as unknown).
     """
+    # The codebooks are nn.Embedding modules in z-lab's model (state_dict ``....codebook.weight``); published
+    # checkpoints and our export name them without ``.weight`` (z-lab's from_pretrained key_mapping).
+    tensors = {_CODEBOOK_ALIASES.get(k, k): v for k, v in tensors.items()}
     abstract = nnx.state(_abstract_draft(config, param_dtype), nnx.Param)
     flat = list(nnx.to_flat_state(abstract))
     expected = {}
