@@ -378,3 +378,45 @@ def test_export_import_round_trip_is_byte_equal(tmp_path, kw):
         assert raw["architectures"] == ["DFlashDraftModel"] and dc["causal"] is True and raw["is_causal"] is True
         assert not any("conv" in k or "selector" in k for k in keys)
     assert dataclasses.replace(cfg2) == cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI end to end on the tiny config
+# ---------------------------------------------------------------------------------------------------------
+
+VARIANT_SETS = {  # the README's tiny recipes of the two variants
+    "dflash2": ["draft.variant=dflash2", "draft.selector_rank=16", "draft.selector_top_k=8"],
+    "jetspec": ["draft.variant=jetspec", "loss.per_token=kl", "loss.temperature=2.0"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_SETS))
+def test_tiny_variant_trains_exports_imports_and_evals_lossless(tmp_path, capsys, variant):
+    from dflash_jax import cli
+    from dflash_jax.train import rundir
+
+    sets = [a for s in VARIANT_SETS[variant] for a in ("--set", s)]
+    tiny = ["--config", "tiny", "--set", "mesh.shape=[2,2,2]", "--set", "data.max_conversations=32", *sets]
+    run = str(tmp_path / "run")
+    steps = ["--set", "train.steps=4", "--set", "train.log_every=2", "--no-progress"]
+    assert cli.main(["train", *tiny, "--run-dir", run, *steps]) == 0
+    last = rundir.read_metrics(run)[-1]
+    assert np.isfinite(last["loss"])
+    if variant == "dflash2":
+        assert 0.0 <= last["candidate_recall"] <= 1.0 and len(last["selector_position_accuracy"]) == 4
+    capsys.readouterr()
+    out = str(tmp_path / "exp")
+    assert cli.main(["export", "--run-dir", run, "--out", out, "--dtype", "float32"]) == 0
+    arch = {"dflash2": ["DFlash2DraftModel"], "jetspec": ["DFlashDraftModel"]}[variant]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["config"]["architectures"] == arch and summary["config"]["is_causal"] is (variant == "jetspec")
+    cfg, _ = export.import_draft(out)
+    assert cfg.variant == variant
+    assert cli.main(["import", out, "--out", str(tmp_path / "copy")]) == 0
+    for temperature in ("0", "1.0"):
+        capsys.readouterr()
+        args = ["eval", "--draft", run, "--max-new-tokens", "6", "--num-prompts", "2", "--temperature", temperature]
+        assert cli.main([*args, "--check-lossless"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert 1.0 <= result["tau"] <= 4
+        assert result["lossless"] is (True if temperature == "0" else None)  # T > 0: tests/test_speculative.py
