@@ -408,11 +408,10 @@ def _run_mesh(config):
         return None
     import jax
 
-    from dflash_jax import config as config_lib
     from dflash_jax import sharding
 
     try:
-        config_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
+        sharding.resolve_mesh_shape(config.mesh.shape, jax.device_count())
     except ValueError as e:
         log.warning("%s: the target loads whole on the default device", e)
         return None

@@ -33,6 +33,7 @@ PerToken = Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"]
 Normalization = Literal["modelopt", "batch", "tokens"]
 Confidence = Literal["data", "loss"]
 AttentionImpl = Literal["auto", "dense", "chunked", "pallas"]
+Variant = Literal["dflash", "dflash2", "jetspec"]  # the drafter families of models/draft.py
 
 
 def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = None) -> None:
@@ -72,6 +73,13 @@ def check_draft_fields(cfg: Any, name: str) -> None:
         raise ValueError(f"{name}.rope_theta must be > 0, got {cfg.rope_theta!r}")
     if not cfg.rms_norm_eps > 0:
         raise ValueError(f"{name}.rms_norm_eps must be > 0, got {cfg.rms_norm_eps!r}")
+    if cfg.variant not in typing.get_args(Variant):
+        raise ValueError(f"{name}.variant must be one of {list(typing.get_args(Variant))}, got {cfg.variant!r}")
+    check_model_dims(cfg, ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k"), name)
+    for key in ("output_multiplier", "final_logit_softcapping"):
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}.{key} must be > 0 or null, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,15 @@ class DraftSection:
     causal: bool = False
     rope_scaling: dict | None = None  # HF rope_scaling of the draft's RoPE (yarn / llama3 / linear), exported
     attention_sink: bool = False  # learned per-head sink logit in every draft layer (ModelOpt dflash_attention_sink)
+    # The drafter family (README "Drafters"): dflash; dflash2 (grouped dynamic causal convs around every sublayer +
+    # the path selector); jetspec (dflash with causal attention inside the block, the same as causal: true).
+    variant: Variant = "dflash"
+    conv_kernel_size: int = 2  # dflash2: taps of the in-block convolutions
+    conv_group_size: int = 16  # dflash2: channels sharing one dynamic tap correction (divides the hidden size)
+    selector_rank: int = 256  # dflash2: width r of the selector codebooks A, B [V, r] and projection P [r, H]
+    selector_top_k: int = 16  # dflash2: candidates per position the selector scores
+    output_multiplier: float | None = None  # logits = softcap(output_multiplier * h @ lm_head.T); null = 1
+    final_logit_softcapping: float | None = None  # cap * tanh(z / cap) on the draft logits; null = none
     init: str | None = None  # path to an exported drafter for warm start
 
 
@@ -187,6 +204,13 @@ class LossSection:
     normalization: Normalization = "modelopt"
     confidence: Confidence = "data"
     chunk_blocks: int | None = None  # null = all blocks in one chunk
+    # Teacher losses at temperature T: T^2 * l(z / T, z_teacher / T) (Hinton; JetSpec's forward KL at T).
+    temperature: float = 1.0
+    # dflash2: loss += selector_weight * sum(W * CE of the selector over the top-k candidates) / den, W the same
+    # position weights; selector_missing: a gold token outside the candidates is dropped (NeMo) or inserted in
+    # place of the weakest candidate (speculators).
+    selector_weight: float = 1.0
+    selector_missing: Literal["drop", "insert"] = "drop"
 
     @property
     def kd(self) -> bool:
@@ -419,6 +443,12 @@ def validate(config: Config) -> Config:
             UserWarning,
             stacklevel=2,
         )
+    _check(lo.temperature > 0.0, f"loss.temperature must be > 0, got {lo.temperature}")
+    _check(
+        lo.temperature == 1.0 or lo.kd,
+        f"loss.temperature ({lo.temperature}) needs a teacher loss (loss.per_token other than ce)",
+    )
+    _check(lo.selector_weight >= 0.0, f"loss.selector_weight must be >= 0, got {lo.selector_weight}")
     _check(
         lo.chunk_blocks is None or lo.chunk_blocks >= 1,
         f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}",

@@ -291,7 +291,7 @@ def test_hf_loader_places_onto_shardings(target, tmp_path):
     k = got.model.layers[1].mlp.up_proj.kernel[...]
     assert k.sharding.spec == jax.P("fsdp", "tensor") and len(k.addressable_shards) == 8
     assert k.addressable_shards[0].data.shape == (CFG.hidden_size // 2, CFG.intermediate_size // 4)
-    # no rules in scope: the one rules table (train/sharding.py) places it, the same way
+    # no rules in scope: the one rules table (dflash_jax/sharding.py) places it, the same way
     again = load_target(tmp_path / "m", mesh=mesh).model.layers[1].mlp.up_proj.kernel[...]
     assert again.sharding.spec == k.sharding.spec
     ids = _ids(2, 5, seed=8)

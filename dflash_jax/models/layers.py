@@ -142,8 +142,12 @@ class DecoderBlock(nnx.Module):
         dtype: Any = None,
         mlp: nnx.Module | None = None,
         norm_kw: Mapping[str, Any] | None = None,
+        convs: tuple[nnx.Module, nnx.Module] | None = None,
     ):
         norm_kw = dict(norm_kw or {}, param_dtype=param_dtype)
+        # DFlash2's in-block convolutions around the attention and the MLP (``prepare`` on the normed input,
+        # ``finish`` on the sublayer output; models/draft.py GroupedDynamicConv); None = plain sublayers.
+        self.attention_conv, self.mlp_conv = convs if convs is not None else (None, None)
         self.input_layernorm = RMSNorm(hidden, eps, **norm_kw)
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden, eps, **norm_kw)
@@ -154,9 +158,19 @@ class DecoderBlock(nnx.Module):
         )
 
     def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
-        a, aux = self.self_attn(self.input_layernorm(h), *args)
-        h = sharding.constrain_rows(h + a)
-        return sharding.constrain_rows(h + self.mlp(self.post_attention_layernorm(h))), aux
+        x, taps = _conv_prepare(self.attention_conv, self.input_layernorm(h))
+        a, aux = self.self_attn(x, *args)
+        h = sharding.constrain_rows(h + _conv_finish(self.attention_conv, a, taps))
+        x, taps = _conv_prepare(self.mlp_conv, self.post_attention_layernorm(h))
+        return sharding.constrain_rows(h + _conv_finish(self.mlp_conv, self.mlp(x), taps)), aux
+
+
+def _conv_prepare(conv: nnx.Module | None, x: jax.Array) -> tuple[jax.Array, Any]:
+    return (x, None) if conv is None else conv.prepare(x)
+
+
+def _conv_finish(conv: nnx.Module | None, y: jax.Array, taps: Any) -> jax.Array:
+    return y if conv is None else conv.finish(y, taps)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 _WARMUP_STEPS = 2  # timed steps after the first (compiling) one, for the plan's step-time estimate and ETA
 _MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
+# DFlash2 only (losses.reduce_partials): logged after the common keys when the step reports them.
+_SELECTOR_KEYS = (
+    "selector_loss",
+    "selector_accuracy",
+    "selector_simulated_tau",
+    "selector_accept_length",
+    "candidate_recall",
+    "selector_position_accuracy",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,6 +62,7 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
         for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr", "real_token_fraction")
     }
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
+    out.update({k: np.asarray(m[k], np.float64).tolist() for k in _SELECTOR_KEYS if k in m})
     out.update(
         skipped_updates=int(m["skipped_updates"]),
         tokens=int(m["tokens"]),
@@ -90,7 +100,9 @@ def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, e
         elapsed_s=round(elapsed, 3),
     )
     rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in _VECTOR_KEYS})
-    return {k: rec[k] for k in rundir.METRIC_KEYS}
+    selector = [k for k in _SELECTOR_KEYS if k in last]
+    rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in selector})
+    return {k: rec[k] for k in (*rundir.METRIC_KEYS, *selector)}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -154,6 +154,11 @@ def train_step(
     else:
         anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), batch["loss_mask"], bs, n)
     lm_head = target.lm_head_weight()
+    logits_options = dict(
+        temperature=lo.temperature,
+        logit_scale=draft_cfg.output_multiplier,
+        softcap=draft_cfg.final_logit_softcapping,
+    )
 
     def numerator_grad(params: Any, mb: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """Gradient w.r.t. ``params`` of ``sum(W*l)`` over the rows of ``mb`` (times the loss scale when K = 1:
@@ -188,21 +193,36 @@ def train_step(
                 attention_impl=cfg.attention,
             )
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
-            partials = losses.block_partials_from_hidden(
-                hidden,
-                lm_head,
-                labels,
-                mask,
+            pieces = dict(
                 objective=lo.objective,
                 alpha=lo.alpha,
                 gamma=lo.gamma,
                 teacher_hidden=teacher,
                 per_token=lo.per_token,
-                normalization=lo.normalization,
                 confidence=lo.confidence,
                 chunk_blocks=cfg.chunk_blocks,
                 compute_dtype=compute_dtype,
+                logits_options=logits_options,
             )
+            partials = losses.block_partials_from_hidden(
+                hidden, lm_head, labels, mask, normalization=lo.normalization, **pieces
+            )
+            if draft.candidate_selector is not None:  # DFlash2: + selector_weight * the selector loss
+                candidates, weights = losses.selector_targets(
+                    hidden, lm_head, labels, mask, top_k=draft_cfg.selector_top_k, **pieces
+                )
+                selector = losses.selector_partials(
+                    draft.candidate_selector.scores,
+                    hidden,
+                    lm_head,
+                    labels,
+                    mask,
+                    candidates,
+                    weights,
+                    missing=lo.selector_missing,
+                    logits_options=logits_options,
+                )
+                partials = losses.with_selector(partials, selector, lo.selector_weight)
             # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
             # K > 1: it is known only after the last micro-batch and applied to the summed gradients.
             scale = losses.numerator_scale(partials, lo.normalization) if k == 1 else 1.0
@@ -448,7 +468,7 @@ class TrainStep:
         self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         batch = self.place_batch(batch)
-        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
+        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (kernels.batch_sharded)
             if jax.process_count() > 1:
                 # Processes finish compiling at different times, and the first collective of the step gives up
                 # when its peers are late (gloo's connect timeout); compile first, meet, then run.
