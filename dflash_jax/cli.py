@@ -17,6 +17,7 @@ from typing import Any, Sequence
 EXIT_USAGE = 2
 EXIT_MISMATCH = 3  # eval --check-lossless found a speculative output that differs from plain decoding
 EXIT_DIVERGED = 4  # train stopped: train.max_consecutive_skips consecutive non-finite updates
+EXIT_NO_OUTPUT = 5  # regenerate / dump-features produced 0 rows (the reasons and the fix are printed)
 EXIT_INTERRUPTED = 130  # train stopped by Ctrl-C after saving a checkpoint
 
 log = logging.getLogger("dflash_jax")
@@ -25,6 +26,57 @@ _SET_HELP = (
     "override one config key, e.g. --set train.steps=50 --set mesh.shape=[2,2,2] "
     "(value parsed as YAML; repeatable; unknown keys are errors)"
 )
+
+
+# Flags that are thin aliases of config keys, per command: the flag's argparse dest -> the key it sets (after every
+# --set, through the same validation as the YAML).
+EVAL_ALIASES = {
+    "num_prompts": "eval.num_prompts",
+    "max_new_tokens": "eval.max_new_tokens",
+    "temperature": "eval.temperature",
+    "prompt_len": "eval.prompt_len",
+}
+REGENERATE_ALIASES = {
+    "max_new_tokens": "regenerate.max_new_tokens",
+    "temperature": "regenerate.temperature",
+    "top_p": "regenerate.top_p",
+    "seed": "regenerate.seed",
+    "batch_size": "regenerate.batch_size",
+    "max_prompt_len": "regenerate.max_prompt_len",
+    "num_conversations": "regenerate.num_conversations",
+}
+FEATURES_ALIASES = {
+    "out": "train.features_dir",
+    "max_rows": "features.max_rows",
+    "dtype": "features.dtype",
+    "shard_size": "features.shard_size",
+    "forward_batch": "features.forward_batch",
+}
+
+
+def _alias_help(key: str, text: str = "") -> str:
+    return f"{text + '; ' if text else ''}sets {key} (default from the config)"
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_help: str, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+
+
+def _load_config(path: str | None, args: argparse.Namespace, aliases: dict[str, str]):
+    """The validated config of ``path`` (None: the defaults) with ``args.overrides`` and then every alias flag
+    given applied as ``--set KEY=VALUE``; a validation error about a key a flag set names the flag too."""
+    from dflash_jax import config as config_lib
+
+    flags = {key: dest for dest, key in aliases.items() if getattr(args, dest) is not None}
+    sets = [*args.overrides, *(f"{key}={json.dumps(getattr(args, dest))}" for key, dest in flags.items())]
+    try:
+        return config_lib.from_dict({}, sets) if path is None else config_lib.load_config(path, sets)
+    except ValueError as e:
+        named = [f"--{dest.replace('_', '-')}" for key, dest in flags.items() if key in str(e)]
+        if named:
+            raise ValueError(f"{e} (set by {', '.join(named)})") from None
+        raise
 
 
 def _scripts_dir() -> str:
@@ -90,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speculative decoding with the drafter against its target on held-out prompts. "
         "Prints ONE JSON object last (tau, speedup, num_prompts, per-position acceptance, ...) and "
         "writes OUT/eval.json + OUT/acceptance_histogram.png. Exits with status 3 if "
-        "--check-lossless finds a mismatch. Defaults come from the run's config eval section.",
+        "--check-lossless finds a mismatch. Settings come from the config's eval section; "
+        "--num-prompts/--max-new-tokens/--temperature/--prompt-len set its keys.",
+    )
+    _add_config_args(
+        e,
+        "YAML config or shipped config name whose eval section is used (default: the run's "
+        "RUN/config.yaml; the built-in defaults for an export directory)",
+        required=False,
     )
     e.add_argument(
         "--draft",
@@ -110,17 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
         "assistant turn (default: RUN/heldout.jsonl, or 'sharegpt' for an export)",
     )
     e.add_argument(
-        "--num-prompts", type=int, help="number of prompts (default: all of a --prompts FILE, else eval.num_prompts)"
+        "--num-prompts",
+        type=int,
+        help="number of prompts; sets eval.num_prompts (default: all of a --prompts FILE, else eval.num_prompts)",
     )
-    e.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: eval.max_new_tokens)")
+    e.add_argument("--max-new-tokens", type=int, help=_alias_help("eval.max_new_tokens", "tokens generated per prompt"))
     e.add_argument(
-        "--temperature", type=float, help="0 = greedy, > 0 = speculative sampling (default: eval.temperature)"
+        "--temperature", type=float, help=_alias_help("eval.temperature", "0 = greedy, > 0 = speculative sampling")
     )
     e.add_argument(
         "--prompt-len",
         type=int,
-        help="keep the last N tokens of longer prompts, counted and warned "
-        "(default: eval.prompt_len; null = max_position_embeddings - max_new_tokens - block_size)",
+        help=_alias_help("eval.prompt_len", "keep the last N tokens of longer prompts, counted and warned"),
     )
     e.add_argument(
         "--check-lossless",
@@ -180,17 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         "re-running continues a partial dump. Then train with --set train.mode=offline "
         "--set train.features_dir=DIR.",
     )
-    d.add_argument("--config", required=True, help="YAML config file or shipped config name")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
-    d.add_argument("--out", help="feature directory (default: train.features_dir)")
-    d.add_argument(
-        "--max-rows", type=int, help="rows to dump (default: train.steps * data.batch_size, what training consumes)"
-    )
-    d.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="storage dtype (default %(default)s)"
-    )
-    d.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard (default %(default)s)")
-    d.add_argument("--forward-batch", type=int, default=8, help="rows per target forward (default %(default)s)")
+    _add_config_args(d, "YAML config file or shipped config name (its features section holds the settings)")
+    d.add_argument("--out", help=_alias_help("train.features_dir", "feature directory"))
+    d.add_argument("--max-rows", type=int, help=_alias_help("features.max_rows", "rows to dump"))
+    d.add_argument("--dtype", help=_alias_help("features.dtype", "storage dtype, bfloat16 or float32"))
+    d.add_argument("--shard-size", type=int, help=_alias_help("features.shard_size", "rows per safetensors shard"))
+    d.add_argument("--forward-batch", type=int, help=_alias_help("features.forward_batch", "rows per target forward"))
     d.add_argument("--no-resume", action="store_true", help="fail instead of continuing an existing dump")
 
     r = sub.add_parser(
@@ -203,44 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
         "train on it with --set data.path=OUT. Prints ONE JSON summary last (rows, skips by reason, "
         "tokens/s). Atomic: OUT appears when finished; an interrupted run continues with --resume.",
     )
-    r.add_argument(
-        "--config",
-        required=True,
-        help="YAML config file or shipped config name (its target and data sections are used)",
-    )
+    _add_config_args(r, "YAML config file or shipped config name (its target, data and regenerate sections are used)")
     r.add_argument("--out", required=True, help="output JSONL (must not exist; OUT.partial while running)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
-    r.add_argument("--max-new-tokens", type=int, default=256, help="token limit of one answer (default %(default)s)")
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 = sampling (default %(default)s)")
     r.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus sampling mass when temperature > 0 (default %(default)s = off)",
+        "--max-new-tokens", type=int, help=_alias_help("regenerate.max_new_tokens", "token limit of one answer")
     )
     r.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="sampling seed; each row's key is fold_in(seed, record, turn) (default %(default)s)",
+        "--temperature", type=float, help=_alias_help("regenerate.temperature", "0 = greedy, > 0 = sampling")
     )
+    r.add_argument("--top-p", type=float, help=_alias_help("regenerate.top_p", "nucleus sampling mass"))
+    r.add_argument("--seed", type=int, help=_alias_help("regenerate.seed", "sampling seed"))
     r.add_argument(
         "--num-conversations",
         type=int,
-        help="regenerate the first N usable conversations (default: "
-        "data.max_conversations + data.heldout, or all when data.max_conversations is null)",
+        help=_alias_help("regenerate.num_conversations", "regenerate the first N usable conversations"),
     )
     r.add_argument(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="conversations generated together (default %(default)s; padded to a multiple of mesh data*fsdp)",
+        "--batch-size", type=int, help=_alias_help("regenerate.batch_size", "conversations generated together")
     )
     r.add_argument(
-        "--max-prompt-len",
-        type=int,
-        help="longest prompt in tokens; a longer first prompt is a counted "
-        "skip, a longer later one ends the conversation (default: data.seq_len)",
+        "--max-prompt-len", type=int, help=_alias_help("regenerate.max_prompt_len", "longest prompt in tokens")
     )
     r.add_argument("--resume", action="store_true", help="continue OUT.partial after its last complete row")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -419,39 +456,19 @@ def _run_mesh(config):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from dflash_jax import config as config_lib
     from dflash_jax.data import chat, readers
     from dflash_jax.eval.report import write_report
     from dflash_jax.train import run, rundir
 
-    for name in ("num_prompts", "max_new_tokens", "prompt_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.temperature is not None and args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     is_run = rundir.is_run_dir(args.draft)
     prompts_path = args.prompts or (os.path.join(args.draft, rundir.HELDOUT_FILE) if is_run else "sharegpt")
     if not args.prompts and is_run and os.path.isfile(prompts_path) and os.path.getsize(prompts_path) == 0:
         raise ValueError(f"{prompts_path} holds no prompts (the run had data.heldout=0); pass --prompts FILE")
-    config = run.load_run(args.draft)[0] if is_run else None
-    ev = config.eval if config is not None else config_lib.EvalSection()
+    path = args.config or (os.path.join(args.draft, rundir.CONFIG_FILE) if is_run else None)
+    ev = _load_config(path, args, EVAL_ALIASES).eval
     # --prompts FILE: the whole file unless --num-prompts; the held-out set and 'sharegpt': eval.num_prompts.
-    whole = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE
-    num = args.num_prompts if args.num_prompts is not None else (None if whole else ev.num_prompts)
-    ev = dataclasses.replace(
-        ev,
-        **{
-            k: v
-            for k, v in (
-                ("max_new_tokens", args.max_new_tokens),
-                ("temperature", args.temperature),
-                ("prompt_len", args.prompt_len),
-            )
-            if v is not None
-        },
-    )
+    whole = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE and args.num_prompts is None
+    num = None if whole else ev.num_prompts
     conversations = _eval_prompt_conversations(prompts_path, num)
     out = args.out or os.path.join(args.draft, "eval")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -523,19 +540,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_dump_features(args: argparse.Namespace) -> int:
-    from dflash_jax import config as config_lib
     from dflash_jax import paths
     from dflash_jax.data import pipeline
     from dflash_jax.train import features, run
 
-    config = config_lib.load_config(args.config, args.overrides)
-    out = args.out or config.train.features_dir
+    config = _load_config(args.config, args, FEATURES_ALIASES)
+    fe, out = config.features, config.train.features_dir
     if not out:
         raise ValueError("dump-features: give --out or set train.features_dir")
     target, renderer, draft_cfg = run.assemble(config)
-    max_rows = args.max_rows if args.max_rows is not None else config.train.steps * config.data.batch_size
-    if max_rows < 1:
-        raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
     with paths.DirLock(out):  # one writer per feature directory
         index = features.dump_features(
             target,
@@ -543,11 +556,11 @@ def cmd_dump_features(args: argparse.Namespace) -> int:
             out,
             draft_cfg.target_layer_ids,
             with_teacher_hidden=config.loss.kd,
-            shard_size=args.shard_size,
+            shard_size=fe.shard_size,
             resume=not args.no_resume,
-            dtype=args.dtype,
-            max_rows=max_rows,
-            forward_batch=args.forward_batch,
+            dtype=fe.dtype,
+            max_rows=fe.max_rows if fe.max_rows is not None else config.train.steps * config.data.batch_size,
+            forward_batch=fe.forward_batch,
         )
     _print_json(
         {"features_dir": out, **{k: v for k, v in index.items() if k != "shards"}, "num_shards": len(index["shards"])}
@@ -571,28 +584,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_regenerate(args: argparse.Namespace) -> int:
     from flax import nnx
 
-    from dflash_jax import config as config_lib
     from dflash_jax import regenerate as regen
     from dflash_jax import sharding
     from dflash_jax.data import chat
     from dflash_jax.train import run
 
-    config = config_lib.load_config(args.config, args.overrides)
+    config = _load_config(args.config, args, REGENERATE_ALIASES)
     data = config.data
-    num = args.num_conversations
+    num = config.regenerate.num_conversations
     if num is None and data.max_conversations is not None:
         num = data.max_conversations + data.heldout
-    if num is not None and num < 1:
-        raise ValueError(f"--num-conversations must be >= 1, got {num}")
-    sampling = regen.Sampling(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_prompt_len=args.max_prompt_len or data.seq_len,
-    )
-    sampling.check()
+    sampling = regen.Sampling.of(config)
     regen.check_output(args.out, args.resume)
     if data.path != "sharegpt" and not os.path.isfile(data.path):
         raise ValueError(f"data.path {data.path!r} is not a file")
@@ -613,6 +615,9 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     _print_json(summary)
+    if not summary["rows"]:
+        print(f"error: {regen.no_rows_message(summary, sampling)}", file=sys.stderr)
+        return EXIT_NO_OUTPUT
     return 0
 
 

@@ -290,6 +290,33 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class RegenerateSection:
+    """``dflash-jax regenerate``: the target's own answers to data.path's conversations (dflash_jax/regenerate.py).
+    Every value but ``num_conversations`` is recorded in each row's ``generator`` (a resume must use the same)."""
+
+    max_new_tokens: int = 256  # token limit of one answer
+    temperature: float = 0.0  # 0 = greedy, > 0 = sampling
+    top_p: float = 1.0  # nucleus mass when temperature > 0 (1 = off)
+    seed: int = 0  # each row's key is fold_in(seed, record, turn)
+    batch_size: int = 16  # conversations generated together (padded to a multiple of mesh data*fsdp)
+    # Longest prompt in tokens (a longer first prompt is a counted skip, a longer later one ends the row); null =
+    # data.seq_len.
+    max_prompt_len: int | None = None
+    # The first N usable conversations; null = data.max_conversations + data.heldout (all when that is null).
+    num_conversations: int | None = None
+
+
+@dataclass(frozen=True)
+class FeaturesSection:
+    """``dflash-jax dump-features``: the target's features for ``train.mode: offline`` (into train.features_dir)."""
+
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # storage dtype
+    shard_size: int = 256  # rows per safetensors shard
+    forward_batch: int = 8  # rows per target forward
+    max_rows: int | None = None  # null = train.steps * data.batch_size (what training consumes)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run configuration (one section per YAML top-level key)."""
 
@@ -300,6 +327,8 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    regenerate: RegenerateSection = field(default_factory=RegenerateSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
 
 
 # --------------------------------------------------------------------------------------------------------- #
@@ -507,6 +536,23 @@ def validate(config: Config) -> Config:
         da.heldout == 0 or ev.num_prompts <= da.heldout,  # heldout 0: no in-training eval (train logs a note)
         f"eval.num_prompts must be in [0, data.heldout={da.heldout}], got {ev.num_prompts}",
     )
+
+    rg, fe = config.regenerate, config.features
+    for key, value in (
+        ("regenerate.max_new_tokens", rg.max_new_tokens),
+        ("regenerate.batch_size", rg.batch_size),
+        ("features.shard_size", fe.shard_size),
+        ("features.forward_batch", fe.forward_batch),
+    ):
+        _check(value >= 1, f"{key} must be >= 1, got {value}")
+    for key, value in (
+        ("regenerate.max_prompt_len", rg.max_prompt_len),
+        ("regenerate.num_conversations", rg.num_conversations),
+        ("features.max_rows", fe.max_rows),
+    ):
+        _check(value is None or value >= 1, f"{key} must be >= 1 or null, got {value}")
+    _check(rg.temperature >= 0, f"regenerate.temperature must be >= 0, got {rg.temperature}")
+    _check(0 < rg.top_p <= 1, f"regenerate.top_p must be in (0, 1], got {rg.top_p}")
 
     if t.path == "random":
         validate_runtime(config, num_devices=None, num_target_layers=t.random.num_layers)

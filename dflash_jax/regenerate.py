@@ -41,12 +41,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from dflash_jax import generate
+from dflash_jax.config import Config
 from dflash_jax.data import chat, readers
 from dflash_jax.data.chat import ChatRenderer, RenderError
 
@@ -57,24 +58,21 @@ MAX_REASONS = 5  # example skip messages kept in the summary
 
 @dataclass(frozen=True)
 class Sampling:
-    """Generation settings recorded in every row's ``generator`` (a resume must use the same)."""
+    """Generation settings recorded in every row's ``generator`` (a resume must use the same): the config's
+    ``regenerate`` section with ``max_prompt_len`` resolved (:meth:`of`); its defaults and range checks live there."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-    max_prompt_len: int = 256
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    batch_size: int
+    max_prompt_len: int
 
-    def check(self) -> None:
-        """ValueError naming the option that is out of range."""
-        for name in ("max_new_tokens", "batch_size", "max_prompt_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+    @classmethod
+    def of(cls, config: Config) -> "Sampling":
+        """The sampling of a validated ``config``: ``regenerate.*``, ``max_prompt_len`` null -> ``data.seq_len``."""
+        values = {k: v for k, v in asdict(config.regenerate).items() if k in {f.name for f in fields(cls)}}
+        return cls(**{**values, "max_prompt_len": values["max_prompt_len"] or config.data.seq_len})
 
 
 class _Counts:
@@ -89,6 +87,25 @@ class _Counts:
         if len(self.examples) < MAX_REASONS:
             self.examples.append(f"record {record}: {reason}{': ' + detail if detail else ''}")
             log.warning("regenerate: skipping %s", self.examples[-1])
+
+
+# What to change when every conversation was skipped for a reason (config key and its regenerate flag).
+_FIXES = {
+    "prompt too long": "raise regenerate.max_prompt_len (--max-prompt-len; null = data.seq_len, --set data.seq_len=N)",
+    "empty answer": "check the target and data.chat_template: its first generated token was a stop token",
+    "unreadable record": "check data.path and data.format (the skip examples above name the records)",
+}
+
+
+def no_rows_message(summary: dict[str, Any], sampling: Sampling) -> str:
+    """Why a run of :func:`regenerate` wrote no row (its skip counts by reason) and what to change."""
+    counts = summary["skipped_by_reason"]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    fixes = "; ".join(_FIXES[r] for r in counts if r in _FIXES)
+    return (
+        f"regenerate wrote 0 rows (skipped: {reasons or 'no conversation in data.path'}; "
+        f"max_prompt_len {sampling.max_prompt_len}){'; fix: ' + fixes if fixes else ''}"
+    )
 
 
 def stop_token_ids(target, renderer: ChatRenderer) -> tuple[int, ...]:
@@ -305,7 +322,6 @@ def regenerate(
     first N usable conversations (None = all); ``mesh``: rows sharded over its batch axes. Returns a JSON-ready
     summary (rows, skips by reason, generated tokens, tokens/s, seconds).
     """
-    sampling.check()
     check_output(out, resume)
     partial = out + PARTIAL_SUFFIX
     generator = {"target": repr(target), **asdict(sampling)}
@@ -350,11 +366,15 @@ def regenerate(
                 )
     if bar is not None:
         bar.close()
-    os.replace(partial, out)
+    rows = done_rows + rows_written
+    if rows:
+        os.replace(partial, out)
+    else:  # nothing to keep: no empty OUT that a rerun would refuse as existing
+        os.remove(partial)
     seconds = time.perf_counter() - start
     return {
-        "out": out,
-        "rows": done_rows + rows_written,
+        "out": out if rows else None,
+        "rows": rows,
         "resumed_rows": done_rows,
         "skipped": sum(counts.by_reason.values()),
         "skipped_by_reason": dict(counts.by_reason),

@@ -100,6 +100,29 @@ def test_train_export_import_eval(tiny_run, tmp_path, capsys):
     assert result["lossless"] is True and os.path.isfile(os.path.join(tiny_run, "eval", "eval.json"))
 
 
+def test_eval_flags_are_aliases_of_eval_keys(tiny_run, capsys):
+    """eval's flags set eval.* keys of the run's config and meet the config's checks (the error names the key and
+    the flag); --set reaches the same keys; --config replaces the run's config.yaml."""
+    assert cli.main(["eval", "--draft", tiny_run, "--max-new-tokens", "0"]) == 2
+    assert "eval.max_new_tokens must be >= 1, got 0 (set by --max-new-tokens)" in capsys.readouterr().err
+    assert cli.main(["eval", "--draft", tiny_run, "--set", "eval.temperature=-1"]) == 2
+    assert "eval.temperature must be >= 0, got -1.0" in capsys.readouterr().err
+    assert cli.main(["eval", "--draft", tiny_run, "--config", "tiny", "--set", "eval.bogus=1"]) == 2
+    assert "unknown config key eval.bogus" in capsys.readouterr().err
+
+
+def test_dump_features_of_no_usable_conversation_fails_with_the_reasons(tmp_path, capsys):
+    """A dump that would hold 0 rows is an error (status 2) naming data.path and each skip's reason."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{not json\n{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    sets = ["--set", f"data.path={data}", "--set", "data.heldout=0"]
+    assert cli.main(["dump-features", *TINY, *sets, "--out", str(tmp_path / "feats")]) == 2
+    err = capsys.readouterr().err
+    assert "gave no usable training conversation (skipped 2" in err
+    assert "malformed JSON" in err and "no assistant turn" in err
+    assert not (tmp_path / "feats" / "index.json").exists()
+
+
 def test_dump_features_then_offline_train(tmp_path, capsys):
     feats = str(tmp_path / "feats")
     common = [*TINY, "--set", "train.steps=3"]

@@ -1,12 +1,13 @@
 """Strict YAML config: shipped configs, unknown keys, types, ranges, cross-field checks, overrides, saving."""
 
 import os
+import re
 import warnings
 
 import pytest
 import yaml
 
-from dflash_jax import sharding
+from dflash_jax import cli, sharding
 from dflash_jax.config import (
     Config,
     apply_overrides,
@@ -118,6 +119,17 @@ def test_defaults_are_valid_and_empty_sections_allowed():
         ({"data": {"format": "alpaca"}}, "data.format must be one of"),
         ({"eval": {"num_prompts": 20}, "data": {"heldout": 4}}, r"eval.num_prompts must be in \[0, data.heldout=4\]"),
         ({"target": {"random": {"num_attention_heads": 3}}}, "target.random.num_attention_heads"),
+        ({"regenerate": {"max_new_tokens": 0}}, "regenerate.max_new_tokens must be >= 1"),
+        ({"regenerate": {"max_prompt_len": 0}}, "regenerate.max_prompt_len must be >= 1 or null"),
+        ({"regenerate": {"num_conversations": 0}}, "regenerate.num_conversations must be >= 1 or null"),
+        ({"regenerate": {"temperature": -1}}, "regenerate.temperature must be >= 0"),
+        ({"regenerate": {"top_p": 0}}, r"regenerate.top_p must be in \(0, 1\]"),
+        ({"regenerate": {"batch_size": 0}}, "regenerate.batch_size must be >= 1"),
+        ({"features": {"shard_size": 0}}, "features.shard_size must be >= 1"),
+        ({"features": {"forward_batch": 0}}, "features.forward_batch must be >= 1"),
+        ({"features": {"max_rows": 0}}, "features.max_rows must be >= 1 or null"),
+        ({"features": {"dtype": "float16"}}, "features.dtype must be one of"),
+        ({"features": {"shards": 1}}, "unknown config key features.shards"),
     ],
 )
 def test_invalid_configs_name_the_key(raw, message):
@@ -216,3 +228,18 @@ def test_ignored_loss_keys_warn():
         for name in ("tiny", "smollm2-135m", "qwen3-8b"):  # the shipped configs set nothing that is ignored
             load_config(name)
         load_config("tiny", ["loss.objective=decay", "loss.gamma=4"])
+
+
+def test_readme_alias_table_matches_the_config_and_the_cli():
+    """README's `section.key (default) | command --flag` table: every default is the dataclass field's, every flag
+    is the CLI alias of that key, and every alias is in the table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        rows = re.findall(r"^\| `(\w+)\.(\w+)` \((.*?)\) \| `([\w-]+) --([\w-]+)` \|", f.read(), flags=re.M)
+    defaults = to_dict(Config())
+    aliases = {"eval": cli.EVAL_ALIASES, "regenerate": cli.REGENERATE_ALIASES, "dump-features": cli.FEATURES_ALIASES}
+    table = set()
+    for section, key, default, command, flag in rows:
+        assert yaml.safe_load(default) == defaults[section][key], f"{section}.{key}"
+        table.add((command, flag.replace("-", "_"), f"{section}.{key}"))
+    assert table == {(c, dest, key) for c, m in aliases.items() for dest, key in m.items()}

@@ -176,7 +176,7 @@ def test_regenerate_keeps_newlines_and_indentation_byte_for_byte(tmp_path):
         )
     )
     out = tmp_path / "regen.jsonl"
-    sampling = regen.Sampling(max_new_tokens=24, batch_size=3, max_prompt_len=64)
+    sampling = regen.Sampling(max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0, batch_size=3, max_prompt_len=64)
     summary = regen.regenerate(target, renderer, str(data), str(out), sampling, progress=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     stop = regen.stop_token_ids(target, renderer)

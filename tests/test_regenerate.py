@@ -203,3 +203,34 @@ def test_bad_invocations_are_clear_errors(tmp_path, capsys):
     )
     assert "is not a file" in capsys.readouterr().err
     assert np.all([not os.path.exists(tmp_path / n) for n in ("x.jsonl", "y.jsonl")])
+
+
+def test_zero_rows_exits_5_with_the_reasons_and_the_fix(tmp_path, capsys):
+    """Every conversation skipped (prompts longer than max_prompt_len 8, unreadable records): exit status 5, the
+    skip counts by reason and the key (and flag) to raise on stderr, and no OUT file."""
+    data, out = _write_data(tmp_path / "data.jsonl"), tmp_path / "none.jsonl"
+    argv = ["regenerate", "--config", "tiny", *_sets(data), "--max-prompt-len", "8", "--no-progress"]
+    assert cli.main([*argv, "--out", str(out)]) == cli.EXIT_NO_OUTPUT == 5
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["rows"] == 0 and summary["out"] is None
+    too_long = summary["skipped_by_reason"]["prompt too long"]
+    assert too_long >= 1 and summary["skipped_by_reason"]["unreadable record"] >= 1
+    assert "regenerate wrote 0 rows" in captured.err and f"{too_long} prompt too long" in captured.err
+    assert "raise regenerate.max_prompt_len (--max-prompt-len" in captured.err and "data.seq_len" in captured.err
+    assert not out.exists() and not os.path.exists(str(out) + regen.PARTIAL_SUFFIX)
+
+
+def test_flags_are_aliases_of_regenerate_keys(tmp_path, capsys):
+    """A flag sets its config key and meets the same check: the error names the key and the flag; --set alone
+    gives the same error naming only the key."""
+    data = _write_data(tmp_path / "data.jsonl")
+    base = ["regenerate", "--config", "tiny", *_sets(data), "--out", str(tmp_path / "x.jsonl")]
+    assert cli.main([*base, "--max-prompt-len", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "regenerate.max_prompt_len must be >= 1 or null, got 0 (set by --max-prompt-len)" in err
+    assert cli.main([*base, "--set", "regenerate.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "regenerate.batch_size must be >= 1, got 0" in err and "--batch-size" not in err
+    sampling = regen.Sampling.of(config_lib.load_config("tiny", ["regenerate.top_p=0.5", "data.seq_len=64"]))
+    assert (sampling.top_p, sampling.max_prompt_len, sampling.max_new_tokens) == (0.5, 64, 256)
