@@ -465,9 +465,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.prompts and is_run and os.path.isfile(prompts_path) and os.path.getsize(prompts_path) == 0:
         raise ValueError(f"{prompts_path} holds no prompts (the run had data.heldout=0); pass --prompts FILE")
     path = args.config or (os.path.join(args.draft, rundir.CONFIG_FILE) if is_run else None)
-    ev = _load_config(path, args, EVAL_ALIASES).eval
     # --prompts FILE: the whole file unless --num-prompts; the held-out set and 'sharegpt': eval.num_prompts.
-    whole = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE and args.num_prompts is None
+    own_file = args.prompts is not None and args.prompts != readers.SHAREGPT_PACKAGE
+    if own_file:  # the prompts are not the held-out set: eval.num_prompts is not bounded by data.heldout
+        args.overrides = [*args.overrides, "data.heldout=0"]
+    ev = _load_config(path, args, EVAL_ALIASES).eval
+    whole = own_file and args.num_prompts is None
     num = None if whole else ev.num_prompts
     conversations = _eval_prompt_conversations(prompts_path, num)
     out = args.out or os.path.join(args.draft, "eval")

@@ -109,6 +109,8 @@ def test_eval_flags_are_aliases_of_eval_keys(tiny_run, capsys):
     assert "eval.temperature must be >= 0, got -1.0" in capsys.readouterr().err
     assert cli.main(["eval", "--draft", tiny_run, "--config", "tiny", "--set", "eval.bogus=1"]) == 2
     assert "unknown config key eval.bogus" in capsys.readouterr().err
+    assert cli.main(["eval", "--draft", tiny_run, "--num-prompts", "99"]) == 2  # the held-out set has fewer
+    assert "eval.num_prompts must be in [0, data.heldout=" in capsys.readouterr().err
 
 
 def test_dump_features_of_no_usable_conversation_fails_with_the_reasons(tmp_path, capsys):
