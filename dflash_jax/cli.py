@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "assistant turn with the target (turn by turn, its chat template and stop tokens), batched "
         "with a KV cache on the configured mesh. Writes OpenAI-format JSONL with provenance per row; "
         "train on it with --set data.path=OUT. Prints ONE JSON summary last (rows, skips by reason, "
-        "tokens/s). Atomic: OUT appears when finished; an interrupted run continues with --resume.",
+        "tokens/s). Atomic: OUT appears when finished; an interrupted run continues with --resume. Exits with "
+        "status 5, printing the skip counts and what to raise, when no row was written (no OUT then).",
     )
     _add_config_args(r, "YAML config file or shipped config name (its target, data and regenerate sections are used)")
     r.add_argument("--out", required=True, help="output JSONL (must not exist; OUT.partial while running)")
