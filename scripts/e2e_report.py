@@ -5,6 +5,10 @@ Headline: relative real τ gain of D-PACE over static decay, ``τ_dpace / τ_dec
 the per-prompt paired spread as the noise level.
 
     .venv/bin/python scripts/e2e_report.py --run runs/e2e-cpu --budget cpu
+
+``--variants RUN`` (a ``run_e2e.sh --arms variants`` directory: ``RUN/{dflash,dflash2,jetspec}``) writes only the
+"Drafter variants" section of the same file (between the ``VARIANTS_BEGIN`` / ``VARIANTS_END`` markers); a
+``--run`` report keeps the section the file already has.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import numpy as np
 OBJECTIVES = ("dpace", "decay")
 LABELS = {"dpace": "D-PACE (α 0.5)", "decay": "static decay (γ 4)"}
 REGEN_ARM = "dpace_regen"  # D-PACE trained on the target's own answers (regen.jsonl); optional
+VARIANTS = ("dflash", "dflash2", "jetspec")
+VARIANT_LABELS = {"dflash": "DFlash", "dflash2": "DFlash2", "jetspec": "JetSpec"}
+VARIANTS_BEGIN, VARIANTS_END = "<!-- variants:begin -->", "<!-- variants:end -->"
 TEMPERATURES = (0, 1)
 TAIL = 3  # logged windows averaged for the "final" training figures
 
@@ -49,8 +56,8 @@ def load_arm(run: str, arm: str) -> dict:
     return {"metrics": read_jsonl(metrics_path), "eval": evals}
 
 
-def load_run(run: str) -> dict:
-    """{objective: arm}, ``timings`` {phase: wall_s}, ``loads`` (1-minute load
+def load_run(run: str, arms: tuple[str, ...] = OBJECTIVES) -> dict:
+    """{arm name: arm} for ``arms``, ``timings`` {phase: wall_s}, ``loads`` (1-minute load
     averages at the phase ends, when recorded), ``feature_rows``, and when the regenerated-data arm ran,
     ``dpace_regen`` (an arm) with ``regen_rows`` (the rows of ``RUN/regen.jsonl``); ValueError if a run is
     missing."""
@@ -59,8 +66,8 @@ def load_run(run: str) -> dict:
     out["loads"] = [r["load1"] for r in phases if "load1" in r]
     with open(os.path.join(run, "features", "index.json")) as f:
         out["feature_rows"] = json.load(f)["num_rows"]
-    for obj in OBJECTIVES:
-        out[obj] = load_arm(run, obj)
+    for arm in arms:
+        out[arm] = load_arm(run, arm)
     if os.path.exists(os.path.join(run, REGEN_ARM)):
         out[REGEN_ARM] = load_arm(run, REGEN_ARM)
         out["regen_rows"] = read_jsonl(os.path.join(run, "regen.jsonl"))
@@ -385,9 +392,86 @@ Phase wall times: {", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())}{lo
 """
 
 
+def render_variants(data: dict, budget: str, command: str, commit: str | None = None) -> str:
+    """The "Drafter variants" section (with its markers): DFlash vs DFlash2 vs JetSpec, real τ paired per prompt
+    against DFlash."""
+    tm, base = data["timings"], data["dflash"]
+    steps, ev0 = base["metrics"][-1]["step"], base["eval"][0]
+    rows, lines = [], []
+    for v in VARIANTS:
+        m, ev = data[v]["metrics"], data[v]["eval"]
+        cells = []
+        for t in TEMPERATURES:
+            gain, d, se = paired_gain(ev[t], base["eval"][t])
+            cells.append(f"{ev[t]['tau']:.3f} | " + ("—" if v == "dflash" else f"{d:+.3f} ± {se:.3f} ({pct(gain)})"))
+            if v != "dflash":
+                lines.append(
+                    f"- {VARIANT_LABELS[v]} vs DFlash, {'greedy' if t == 0 else 'T = 1'}: Δτ = {d:+.3f} ± {se:.3f} "
+                    f"s.e. ({verdict(d, se, VARIANT_LABELS[v], 'DFlash')})"
+                )
+        recall = f"{tail_mean(m, 'candidate_recall'):.3f}" if "candidate_recall" in m[-1] else "—"
+        sim = "selector_simulated_tau" if "selector_simulated_tau" in m[-1] else "simulated_tau"
+        rows.append(
+            f"| {VARIANT_LABELS[v]} | {m[-1]['step']} | {tm[f'train_{v}'] / 60:.1f} min | "
+            f"{tail_mean(m, 'accuracy'):.3f} | {tail_mean(m, sim):.3f} | {recall} | {' | '.join(cells)} |"
+        )
+    return f"""{VARIANTS_BEGIN}
+## Drafter variants: DFlash vs DFlash2 vs JetSpec
+
+Produced by `{command}` (written by `scripts/e2e_report.py --variants`). Date: {datetime.date.today().isoformat()}.
+Budget: `{budget}`; {versions(commit)}; {machine()}.
+
+Three 1-layer drafters (`draft.variant`) trained with D-PACE (α 0.5) on the same {data["feature_rows"]} dumped
+rows, the same seed, data order and {steps} steps, evaluated by real speculative decoding on the same
+{ev0["num_prompts"]} held-out prompts ({ev0["max_new_tokens"]} new tokens, last ≤ 128 prompt tokens). DFlash and
+DFlash2 use the shipped per-token loss (`kd`, soft CE against the target); JetSpec uses its forward KL at T = 1,
+whose gradient is the same (KL = soft CE − the target's entropy), so the arms differ by the drafter only. DFlash2
+adds the convolutions and the path selector (rank 256, top-16 candidates, `loss.selector_weight` 1) and decodes
+with the selector walk. Δτ is the per-prompt paired difference against DFlash ± its standard error.
+
+| drafter | steps | train wall | final acc | simulated τ | candidate recall | real τ greedy | Δτ greedy | real τ T=1 | Δτ T=1 |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{chr(10).join(lines)}
+
+*final acc / simulated τ / candidate recall*: mean of the last {TAIL} logged windows (final acc: the backbone's
+argmax; simulated τ: of the tokens the drafter emits, for DFlash2 the selector's path; candidate recall: the
+share of gold tokens among DFlash2's top-k selector candidates). This measures {steps} steps of a 1-layer drafter
+on a 2-core CPU; it says nothing beyond that scale.
+Phase wall times: {", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())}{load_range(data["loads"])}.
+{VARIANTS_END}
+"""
+
+
+def splice_variants(text: str, section: str) -> str:
+    """``text`` with its variants section (between the markers) replaced by ``section``, or ``section`` put before
+    its "## Table" heading (at the end when it has none); ``section`` empty leaves ``text`` as it is."""
+    if not section:
+        return text
+    if VARIANTS_BEGIN in text and VARIANTS_END in text:
+        head, rest = text.split(VARIANTS_BEGIN, 1)
+        return head + section.rstrip("\n") + rest.split(VARIANTS_END, 1)[1]
+    head, sep, tail = text.partition("\n## Table\n")
+    return head + "\n" + section + sep + tail if sep else text.rstrip("\n") + "\n\n" + section
+
+
+def existing_variants(path: str) -> str:
+    """The variants section of the file at ``path`` (markers included), or "" when it has none."""
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    if VARIANTS_BEGIN not in text or VARIANTS_END not in text:
+        return ""
+    return VARIANTS_BEGIN + text.split(VARIANTS_BEGIN, 1)[1].split(VARIANTS_END, 1)[0] + VARIANTS_END + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", required=True, help="run directory written by scripts/run_e2e.sh")
+    runs = ap.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--run", help="run directory written by scripts/run_e2e.sh")
+    runs.add_argument("--variants", help="run directory written by scripts/run_e2e.sh --arms variants")
     ap.add_argument("--budget", default="cpu", help="budget name shown in the report")
     ap.add_argument("--command", default="bash scripts/run_e2e.sh", help="the command shown in the report")
     ap.add_argument("--out", default="docs/results.md", help="markdown file to write")
@@ -400,6 +484,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--commit", help="the dflash_jax commit the run used (default: this checkout's HEAD)")
     ap.add_argument("--note", default="", help="a line added to the Environment section (e.g. the machine's load)")
     args = ap.parse_args(argv)
+    if args.variants:
+        section = render_variants(load_run(args.variants, VARIANTS), args.budget, args.command, args.commit)
+        text = splice_variants(open(args.out).read(), section) if os.path.exists(args.out) else section
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote the variants section of {args.out}", file=sys.stderr)
+        return
     data = load_run(args.run)
     replicates = {rep: load_run(rep) for rep in args.replicate}
     fig_dir = os.path.join(os.path.dirname(args.out) or ".", "results")
@@ -409,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_weights(data, os.path.join(fig_dir, "dpace_weights.png"))
     fig_rel = os.path.relpath(fig_dir, os.path.dirname(args.out) or ".")
     text = render(data, args.run, args.budget, args.command, fig_rel, replicates, args.commit, args.note)
+    text = splice_variants(text, existing_variants(args.out))
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out} and {fig_dir}/*.png", file=sys.stderr)

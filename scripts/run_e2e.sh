@@ -11,6 +11,9 @@
 #   bash scripts/run_e2e.sh --budget smoke  # tiny sizes: checks the script path (numbers meaningless; the report
 #                                           # goes to OUT/results.md, not docs/); 22 min on a loaded 2-core CPU
 #   bash scripts/run_e2e.sh --out DIR       # run directory (default runs/e2e-<budget>, runs/e2e-<budget>-seed<N>)
+#   bash scripts/run_e2e.sh --arms variants # DFlash vs DFlash2 vs JetSpec, all D-PACE, same features, seed, data
+#                                           # order and steps (default out runs/e2e-variants-<budget>); the report
+#                                           # is the "Drafter variants" section of docs/results.md
 #   bash scripts/run_e2e.sh --seed 1 --report-with runs/e2e-cpu
 #                                           # a replicate (other init, data subset and order): the report is
 #                                           # rewritten from runs/e2e-cpu with this run as a replicate
@@ -20,18 +23,20 @@
 set -euo pipefail
 
 BUDGET=cpu
+ARMS=objectives
 OUT=""
 SEED=0
 MAIN=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --budget) BUDGET="$2"; shift 2 ;;
+    --arms) ARMS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --seed) SEED="$2"; shift 2 ;;
     --report-with) MAIN="$2"; shift 2 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
-    *) echo "run_e2e.sh: unknown argument '$1' (expected --budget cpu|gpu|smoke, --out DIR, --seed N," \
-            "--report-with DIR)" >&2
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+    *) echo "run_e2e.sh: unknown argument '$1' (expected --budget cpu|gpu|smoke, --arms objectives|variants," \
+            "--out DIR, --seed N, --report-with DIR)" >&2
        exit 2 ;;
   esac
 done
@@ -47,11 +52,16 @@ case "$BUDGET" in
   smoke) ROWS=8; STEPS=4; WARMUP=1; NUM_PROMPTS=2; MAX_NEW=8; LOG_EVERY=2; CKPT_EVERY=4; REGEN_CONV=24; REGEN_NEW=16 ;;
   *) echo "run_e2e.sh: --budget must be cpu, gpu or smoke, got '$BUDGET'" >&2; exit 2 ;;
 esac
+case "$ARMS" in
+  objectives) TAG="$BUDGET" ;;
+  variants) TAG="variants-$BUDGET" ;;
+  *) echo "run_e2e.sh: --arms must be objectives or variants, got '$ARMS'" >&2; exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 BIN="${DFLASH_JAX_BIN:-.venv/bin}"
-if [[ "$SEED" == 0 ]]; then OUT="${OUT:-runs/e2e-$BUDGET}"; else OUT="${OUT:-runs/e2e-$BUDGET-seed$SEED}"; fi
+if [[ "$SEED" == 0 ]]; then OUT="${OUT:-runs/e2e-$TAG}"; else OUT="${OUT:-runs/e2e-$TAG-seed$SEED}"; fi
 mkdir -p "$OUT"
 FEATS="$OUT/features"
 TIMES="$OUT/timings.jsonl"
@@ -72,6 +82,34 @@ timed() {  # timed NAME CMD...: run CMD, append {"phase": NAME, "wall_s": ..., "
 }
 
 timed dump "$BIN/dflash-jax" dump-features "${COMMON[@]}" --out "$FEATS" --max-rows "$ROWS"
+
+if [[ "$ARMS" == variants ]]; then
+  # Three drafters, all D-PACE (alpha 0.5) on the same dumped features, seed, data order and steps; the shipped
+  # per-token loss (kd: soft CE against the target) for dflash and dflash2; JetSpec's forward KL at T = 1 (the
+  # same gradient as kd: KL = soft CE - the target's entropy) so that the arms differ by the drafter only.
+  # dflash2 adds the recipe's selector (rank 256, top-16 candidates, loss.selector_weight 1).
+  declare -A VARIANT_SET=(
+    [dflash]="--set draft.variant=dflash"
+    [dflash2]="--set draft.variant=dflash2"
+    [jetspec]="--set draft.variant=jetspec --set loss.per_token=kl --set loss.temperature=1.0"
+  )
+  for V in dflash dflash2 jetspec; do
+    # shellcheck disable=SC2086  # VARIANT_SET values are word lists
+    timed "train_$V" "$BIN/dflash-jax" train "${COMMON[@]}" --run-dir "$OUT/$V" --overwrite --no-progress \
+      --set train.mode=offline --set "train.features_dir=$FEATS" --set loss.objective=dpace --set loss.alpha=0.5 \
+      ${VARIANT_SET[$V]}
+    for T in 0 1; do
+      timed "eval_${V}_T$T" "$BIN/dflash-jax" eval --draft "$OUT/$V" --prompts "$OUT/dflash/heldout.jsonl" \
+        --num-prompts "$NUM_PROMPTS" --max-new-tokens "$MAX_NEW" --temperature "$T" --seed 0 --prompt-len 128 \
+        --out "$OUT/$V/eval_T$T"
+    done
+  done
+  REPORT_OUT=docs/results.md
+  if [[ "$BUDGET" == smoke ]]; then REPORT_OUT="$OUT/results.md"; fi
+  "$BIN/python" scripts/e2e_report.py --variants "$OUT" --budget "$BUDGET" --out "$REPORT_OUT" \
+    --command "bash scripts/run_e2e.sh --arms variants --budget $BUDGET"
+  exit 0
+fi
 
 # gamma: the recipe's decay for block 8 (7 for block 16, 5 for block 10); decay only (dpace ignores it, warning).
 for OBJ in dpace decay; do

@@ -41,15 +41,22 @@ def _metrics(sim_tau):
     ]
 
 
-def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1), regen_taus=None):
+def _write_run(root, arms, phases):
+    """A run directory: features/index.json (12 rows), timings.jsonl (60 s a phase), and per (name, taus, sim)
+    arm its metrics.jsonl and eval_T{0,1}/eval.json."""
     os.makedirs(root / "features")
     (root / "features" / "index.json").write_text(json.dumps({"num_rows": 12}))
-    (root / "timings.jsonl").write_text(
-        "\n".join(
-            json.dumps({"phase": p, "wall_s": 60.0}) for p in ("dump", "train_dpace", "train_decay", "eval_dpace_T0")
-        )
-        + "\n"
-    )
+    (root / "timings.jsonl").write_text("\n".join(json.dumps({"phase": p, "wall_s": 60.0}) for p in phases) + "\n")
+    for obj, taus, sim in arms:
+        (root / obj).mkdir()
+        (root / obj / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in _metrics(sim)) + "\n")
+        for t in (0, 1):
+            (root / obj / f"eval_T{t}").mkdir()
+            (root / obj / f"eval_T{t}" / "eval.json").write_text(json.dumps(_eval(list(taus), 0.5)))
+    return root
+
+
+def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1), regen_taus=None):
     arms = [("dpace", dpace_taus, 1.2), ("decay", decay_taus, 1.1)]
     if regen_taus is not None:
         arms.append(("dpace_regen", regen_taus, 1.3))
@@ -72,14 +79,9 @@ def _run_dir(root, dpace_taus=(1.4, 1.2, 1.3), decay_taus=(1.2, 1.2, 1.1), regen
             }
             for i in range(5)
         ]
+        os.makedirs(root, exist_ok=True)
         (root / "regen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for obj, taus, sim in arms:
-        (root / obj).mkdir()
-        (root / obj / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in _metrics(sim)) + "\n")
-        for t in (0, 1):
-            (root / obj / f"eval_T{t}").mkdir()
-            (root / obj / f"eval_T{t}" / "eval.json").write_text(json.dumps(_eval(list(taus), 0.5)))
-    return root
+    return _write_run(root, arms, ("dump", "train_dpace", "train_decay", "eval_dpace_T0"))
 
 
 def test_paired_gain():
@@ -154,3 +156,34 @@ def test_report_regenerated_data_winning_and_run_notes(tmp_path):
     assert "Regenerated data wins beyond noise at both temperatures: the README quick start trains on it." in text
     assert "dflash_jax at commit abc1234" in text and "\n- shared machine\n" in text
     assert "(1-minute load average at the phase ends: 3.2–3.2)" in text
+
+
+def _variants_dir(root):
+    arms = [("dflash", (1.2, 1.2, 1.1), 1.1), ("dflash2", (1.4, 1.2, 1.3), 1.2), ("jetspec", (1.1, 1.2, 1.1), 1.0)]
+    return _write_run(root, arms, ("dump", "train_dflash", "train_dflash2", "train_jetspec"))
+
+
+def test_report_variants_section_paired_against_dflash(tmp_path):
+    """--variants writes the section: every arm's τ and its per-prompt paired Δτ against DFlash (hand values)."""
+    out = tmp_path / "results.md"
+    report.main(["--variants", str(_variants_dir(tmp_path / "var")), "--out", str(out), "--budget", "cpu"])
+    text = out.read_text()
+    assert text.startswith(report.VARIANTS_BEGIN) and text.rstrip().endswith(report.VARIANTS_END)
+    # dflash2 - dflash per prompt: (0.2, 0, 0.2): mean 0.133, s.d. 0.1155, s.e. 0.0667; tau 1.3 / 1.1667 - 1
+    assert "| DFlash2 | 10 | 1.0 min | 0.100 | 1.200 | — | 1.300 | +0.133 ± 0.067 (+11.4 %) |" in text
+    # jetspec - dflash: (-0.1, 0, 0): mean -0.033, s.e. 0.0333
+    assert "JetSpec vs DFlash, greedy: Δτ = -0.033 ± 0.033 s.e. (within noise" in text
+    assert "| DFlash | 10 | 1.0 min | 0.100 | 1.100 | — | 1.167 | — |" in text
+
+
+def test_report_variants_section_survives_both_reports(tmp_path):
+    """The objectives report keeps the file's variants section; a new --variants run replaces it in place."""
+    out = tmp_path / "results.md"
+    report.main(["--run", str(_run_dir(tmp_path / "run")), "--out", str(out)])
+    report.main(["--variants", str(_variants_dir(tmp_path / "var")), "--out", str(out)])
+    first, section = out.read_text(), report.existing_variants(str(out))
+    assert "| DFlash2 | 10 |" in section
+    assert first.count(report.VARIANTS_BEGIN) == 1 and first.index(report.VARIANTS_END) < first.index("## Table")
+    report.main(["--run", str(_run_dir(tmp_path / "run2")), "--out", str(out)])
+    assert out.read_text().count("## Drafter variants") == 1
+    assert report.existing_variants(str(out)) == section and "**greedy: +11.4 %**" in out.read_text()
