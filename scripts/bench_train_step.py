@@ -31,7 +31,6 @@ import numpy as np
 from flax import nnx
 
 from bench_loss import median_seconds, speedup_lines
-from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops
 from dflash_jax import blocks
 from dflash_jax.config import LossSection
 from dflash_jax.models import layers
@@ -41,7 +40,7 @@ from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype
 from dflash_jax.train import optim, sharding
 from dflash_jax.train import step as st
-from dflash_jax.train.cost import train_flops
+from dflash_jax.train.cost import peak_tflops, train_flops
 
 SHAPES = {
     # CPU: a small Qwen3-like target (6 layers) and 2-layer draft; seconds per step on 2 cores.
@@ -376,11 +375,7 @@ def time_reference(
 
 def nominal_or_measured_peak(dtype: str) -> tuple[float, str]:
     """The device's nominal dense TFLOP/s for ``dtype`` if known, else a measured matmul's."""
-    dev = jax.devices()[0]
-    peak = next((v for (k, d), v in NOMINAL_PEAK_TFLOPS.items() if k in dev.device_kind and d == dtype), None)
-    if peak is not None:
-        return peak, "nominal"
-    return measured_matmul_tflops(resolve_dtype(dtype), 2048 if dev.platform == "cpu" else 8192), "measured matmul"
+    return peak_tflops(jax.devices()[0], dtype)
 
 
 def main(argv=None):
