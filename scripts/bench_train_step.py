@@ -392,6 +392,13 @@ def main(argv=None):
         default="auto",
         help="comma list of train.attention values timed one after the other (e.g. dense,auto)",
     )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="after timing, write a jax.profiler trace of 2 steps of the last --attention value into DIR "
+        "(TensorBoard's profile plugin: plugins/profile/*/*.xplane.pb; ui.perfetto.dev: *.trace.json.gz)",
+    )
     args = p.parse_args(argv)
     impls = args.attention.split(",")
     bad = [a for a in impls if a not in IMPLEMENTATIONS]
@@ -435,6 +442,12 @@ def main(argv=None):
             warmup=0,
             repeats=args.steps,
         )  # round-robin
+        if args.profile:
+            one = built[impls[-1]][0]
+            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+                for _ in range(2):
+                    jax.block_until_ready(one())
+            print(f"profile={args.profile}")
         runs = {impl: dict(rec, step_s=medians[impl]) for impl, (_, rec) in built.items()}
     tokens = shape["batch"] * shape["anchors"] * shape["block"]
     for impl, r in runs.items():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dflash_jax import cli
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import chat
@@ -151,9 +152,22 @@ def test_wall_clock_checkpoints_and_profile_window(tmp_path):
     result = loop.train(config, str(run_dir), progress=False)
     assert result.step == 4
     assert sorted(os.listdir(run_dir / rundir.CHECKPOINT_DIR), key=int) == ["1", "2", "3", "4"]
-    traces = [os.path.join(d, f) for d, _, files in os.walk(profile) for f in files]
+    _assert_trace(profile)
+
+
+def _assert_trace(directory) -> None:
+    """``directory`` holds a non-empty TensorBoard (xplane) and Perfetto (trace.json.gz) trace."""
+    traces = [os.path.join(d, f) for d, _, files in os.walk(directory) for f in files]
     assert any(t.endswith(".xplane.pb") and os.path.getsize(t) > 0 for t in traces), traces
     assert any(t.endswith(".trace.json.gz") and os.path.getsize(t) > 0 for t in traces), traces
+
+
+def test_bench_train_step_profile_writes_a_trace(tmp_path, capsys):
+    """``dflash-jax bench train_step --profile DIR`` traces two timed steps into DIR."""
+    profile = tmp_path / "bench_profile"
+    assert cli.main(["bench", "train_step", "--shape", "cpu", "--steps", "1", "--profile", str(profile)]) == 0
+    assert f"profile={profile}" in capsys.readouterr().out
+    _assert_trace(profile)
 
 
 def test_resume_rejects_a_changed_config(full_run, tmp_path):
