@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -18,7 +19,8 @@ EXIT_USAGE = 2
 EXIT_MISMATCH = 3  # eval --check-lossless found a speculative output that differs from plain decoding
 EXIT_DIVERGED = 4  # train stopped: train.max_consecutive_skips consecutive non-finite updates
 EXIT_NO_OUTPUT = 5  # regenerate / dump-features produced 0 rows (the reasons and the fix are printed)
-EXIT_INTERRUPTED = 130  # train stopped by Ctrl-C after saving a checkpoint
+EXIT_INTERRUPTED = 130  # train stopped by Ctrl-C after saving a checkpoint (128 + SIGINT)
+EXIT_SIGNAL_BASE = 128  # train stopped by a train.stop_signals signal after saving a checkpoint: 128 + its number
 
 log = logging.getLogger("dflash_jax")
 
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a drafter (progress bar, metrics, checkpoints, plots, export)",
         description="Train a drafter. Writes RUN_DIR/{config.yaml, draft_config.json, heldout.jsonl, "
         "metrics.jsonl, checkpoints/, export/, plots/} (and tb/ when TensorBoard is installed). "
-        "Ctrl-C saves a checkpoint and exits with status 130 (Ctrl-C again aborts at once); continue "
+        "Ctrl-C saves a checkpoint and exits with status 130 (Ctrl-C again aborts at once); SIGTERM / SIGUSR1 "
+        "(train.stop_signals) likewise, exiting with 128 + the signal number (143 / 138); continue "
         "with --resume. Exits with status 4 if training diverges (train.max_consecutive_skips).",
     )
     t.add_argument(
@@ -366,6 +369,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "run_dir": result.run_dir,
         "step": result.step,
         "interrupted": result.interrupted,
+        "stop_signal": signal.Signals(result.stop_signal).name if result.stop_signal else None,
         "export": result.export_dir,
         "plots": list(result.plots),
     }
@@ -377,7 +381,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             loss=records[-1]["loss"],
         )
     _print_json(summary)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    return EXIT_SIGNAL_BASE + result.stop_signal if result.stop_signal else EXIT_INTERRUPTED
 
 
 def _eval_draft(draft_dir: str, target_arg: str | None):

@@ -233,6 +233,21 @@ class DataSection:
     shuffle_seed: int = 0
 
 
+# Signals train.stop_signals may name (SIGINT is always a stop signal; SIGKILL cannot be caught).
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+
+@dataclass(frozen=True)
+class ProfileSection:
+    """A ``jax.profiler`` trace of a window of training steps (README "Profiling"): steps ``start_step`` ..
+    ``start_step + num_steps - 1`` (1-based step numbers, as in metrics.jsonl); ``num_steps: 0`` = off; ``dir``
+    null = ``RUN/profile``."""
+
+    start_step: int = 3  # after the compiling first step and a warm-up step
+    num_steps: int = 0
+    dir: str | None = None
+
+
 @dataclass(frozen=True)
 class TrainSection:
     """Optimisation (AdamW + schedule) and loop settings."""
@@ -264,6 +279,14 @@ class TrainSection:
     attention: AttentionImpl = "auto"
     max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
     grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size rows in all), inside the one jit
+    # Preemption (README "Stopping and preemption"): these signals (and SIGINT) finish the current step, save a
+    # checkpoint synchronously and exit with status 128 + the signal number; [] = only SIGINT.
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    # Steps between the processes' agreement on a stop signal / a due wall-clock checkpoint (one tiny all-gather
+    # of a host flag; multi-process only, a single process checks its own flag after every step).
+    stop_check_every: int = 1
+    checkpoint_every_minutes: float | None = None  # also save when this much wall-clock time passed since a save
+    profile: ProfileSection = field(default_factory=ProfileSection)
 
 
 @dataclass(frozen=True)
@@ -495,7 +518,15 @@ def validate(config: Config) -> Config:
     )
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
 
-    for name in ("steps", "num_anchors", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+    for name in (
+        "steps",
+        "num_anchors",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_consecutive_skips",
+        "stop_check_every",
+    ):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
     _check(
@@ -521,6 +552,17 @@ def validate(config: Config) -> Config:
     _check(0 <= tr.b2 < 1, f"train.b2 must be in [0, 1), got {tr.b2}")
     _check(tr.eps > 0, f"train.eps must be > 0, got {tr.eps}")
     _check(tr.mode != "offline" or bool(tr.features_dir), "train.features_dir must be set when train.mode is offline")
+    for name in tr.stop_signals:
+        _check(
+            name in STOP_SIGNALS,
+            f"train.stop_signals: {name!r} is not one of {list(STOP_SIGNALS)} (SIGINT is always handled)",
+        )
+    _check(
+        tr.checkpoint_every_minutes is None or tr.checkpoint_every_minutes > 0,
+        f"train.checkpoint_every_minutes must be > 0 or null, got {tr.checkpoint_every_minutes}",
+    )
+    _check(tr.profile.start_step >= 1, f"train.profile.start_step must be >= 1, got {tr.profile.start_step}")
+    _check(tr.profile.num_steps >= 0, f"train.profile.num_steps must be >= 0 (0 = off), got {tr.profile.num_steps}")
 
     sharding.check_mesh_shape(m.shape)
     _check(

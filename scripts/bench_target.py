@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from dflash_jax.blocks import build_target_layer_ids
-from dflash_jax.models.target import TargetConfig, resolve_dtype
+from dflash_jax.models.target import TargetConfig
 from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path
-from dflash_jax.train.cost import prefill_flops
+from dflash_jax.train.cost import peak_tflops, prefill_flops
 
 QWEN3_8B = TargetConfig(
     arch="qwen3",
@@ -45,18 +45,6 @@ QWEN3_8B = TargetConfig(
     qk_norm=True,
     max_position_embeddings=40960,
 )
-NOMINAL_PEAK_TFLOPS = {("H100", "bfloat16"): 989.0, ("H200", "bfloat16"): 989.0}
-
-
-def measured_matmul_tflops(dtype, n: int, iters: int = 3) -> float:
-    """TFLOP/s of ``iters`` back-to-back ``[n,n] @ [n,n]`` matmuls in ``dtype`` (after one warm-up call)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(iters):
-        f(a).block_until_ready()
-    return iters * 2 * n**3 / (time.perf_counter() - t) / 1e12
 
 
 def main(argv=None):
@@ -70,7 +58,6 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     dtype_name = args.dtype or ("float32" if dev.platform == "cpu" else "bfloat16")
-    dtype = resolve_dtype(dtype_name)
     seq = args.seq or (256 if args.shape == "smollm2" else 4096)
     t0 = time.perf_counter()
     if args.shape == "smollm2":
@@ -99,10 +86,7 @@ def main(argv=None):
     step = float(np.median(times))
     flops = prefill_flops(cfg, args.batch, seq)
     kind = dev.device_kind
-    peak = next((v for (k, d), v in NOMINAL_PEAK_TFLOPS.items() if k in kind and d == dtype_name), None)
-    peak_src = "nominal"
-    if peak is None:
-        peak, peak_src = measured_matmul_tflops(dtype, 2048 if dev.platform == "cpu" else 8192), "measured matmul"
+    peak, peak_src = peak_tflops(dev, dtype_name)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     print(
         f"device: {kind} ({dev.platform}), jax {jax.__version__}, python {platform.python_version()}, "

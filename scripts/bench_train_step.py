@@ -31,7 +31,6 @@ import numpy as np
 from flax import nnx
 
 from bench_loss import median_seconds, speedup_lines
-from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops
 from dflash_jax import blocks, sharding
 from dflash_jax.config import LossSection
 from dflash_jax.models import layers
@@ -41,7 +40,7 @@ from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype
 from dflash_jax.train import optim
 from dflash_jax.train import step as st
-from dflash_jax.train.cost import train_flops
+from dflash_jax.train.cost import peak_tflops, train_flops
 
 SHAPES = {
     # CPU: a small Qwen3-like target (6 layers) and 2-layer draft; seconds per step on 2 cores.
@@ -376,11 +375,7 @@ def time_reference(
 
 def nominal_or_measured_peak(dtype: str) -> tuple[float, str]:
     """The device's nominal dense TFLOP/s for ``dtype`` if known, else a measured matmul's."""
-    dev = jax.devices()[0]
-    peak = next((v for (k, d), v in NOMINAL_PEAK_TFLOPS.items() if k in dev.device_kind and d == dtype), None)
-    if peak is not None:
-        return peak, "nominal"
-    return measured_matmul_tflops(resolve_dtype(dtype), 2048 if dev.platform == "cpu" else 8192), "measured matmul"
+    return peak_tflops(jax.devices()[0], dtype)
 
 
 def main(argv=None):
@@ -396,6 +391,13 @@ def main(argv=None):
         "--attention",
         default="auto",
         help="comma list of train.attention values timed one after the other (e.g. dense,auto)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="after timing, write a jax.profiler trace of 2 steps of the last --attention value into DIR "
+        "(TensorBoard's profile plugin: plugins/profile/*/*.xplane.pb; ui.perfetto.dev: *.trace.json.gz)",
     )
     args = p.parse_args(argv)
     impls = args.attention.split(",")
@@ -440,6 +442,12 @@ def main(argv=None):
             warmup=0,
             repeats=args.steps,
         )  # round-robin
+        if args.profile:
+            one = built[impls[-1]][0]
+            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+                for _ in range(2):
+                    jax.block_until_ready(one())
+            print(f"profile={args.profile}")
         runs = {impl: dict(rec, step_s=medians[impl]) for impl, (_, rec) in built.items()}
     tokens = shape["batch"] * shape["anchors"] * shape["block"]
     for impl, r in runs.items():

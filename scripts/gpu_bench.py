@@ -41,10 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 
 import bench_train_step as bts  # noqa: E402
 from bench_loss import median_seconds  # noqa: E402
-from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops  # noqa: E402
 from dflash_jax import blocks, losses  # noqa: E402
 from dflash_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dflash_jax.models.target import make_target_model, resolve_dtype  # noqa: E402
+from dflash_jax.train.cost import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops  # noqa: E402
 
 CONFIGS = ("qwen3-1.7b", "qwen3-8b")
 DRY_RUN_CONFIGS = ("tiny",)

@@ -41,6 +41,19 @@ def test_compile_lowers_for_tpu_and_cuda(capsys):
         assert rep["lowered"] and rep["nr_devices"] == 8 and rep["module_bytes"] > 0
 
 
+def test_compile_lowers_the_pallas_step_for_tpu_and_cuda_through_the_cli(capsys, monkeypatch):
+    """train.attention=pallas: the Mosaic (TPU) and Triton (CUDA) kernels lower through ``dflash-jax compile``; the
+    CUDA module does hold the Triton custom call (without its allowance the export refuses it)."""
+    pallas = ["--config", "tiny", *SETS, "--set", "train.attention=pallas"]
+    for platform in ("tpu", "cuda"):
+        assert cli.main(["compile", *pallas, "--platform", platform]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["platform"] == platform and rep["lowered"] and rep["module_bytes"] > 0
+    monkeypatch.setattr(aot, "PALLAS_CUSTOM_CALLS", {})
+    assert cli.main(["compile", *pallas, "--platform", "cuda"]) != 0
+    assert "__gpu$xla.gpu.triton" in capsys.readouterr().err
+
+
 def test_rows_constraint_keeps_fsdp_activations_batch_sharded(monkeypatch):
     """The residual stream's batch constraint (``sharding.constrain_rows`` in every decoder block) is what keeps
     the ``[1,8,1]`` step's activations split by rows: without it XLA lays them out like the fsdp-sharded weights

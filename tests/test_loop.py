@@ -9,10 +9,12 @@ import os
 import signal
 import types
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from dflash_jax import cli
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax.data import chat
@@ -66,6 +68,12 @@ def test_run_dir_outputs(full_run):
         assert acc[0] == 0.0
         assert 1 + acc[1] - 1e-6 <= r["simulated_tau"] <= 1 + np.sum(np.minimum.accumulate(acc[1:])) + 1e-6
         assert 0 < r["real_token_fraction"] <= 1 and r["skipped_samples"] >= 0
+        # run health: the window's seconds per step, of which data wait is a part; 8 devices share the tokens
+        assert 0 <= r["data_wait_s"] < r["step_time_s"]
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 8)
+        assert 0 < r["mfu"] < 1
+        if jax.devices()[0].platform == "cpu":  # the CPU backend reports no memory statistics
+            assert r["memory_bytes_in_use"] is None and r["memory_peak_bytes"] is None
     assert train[-1]["loss"] < train[0]["loss"]
     assert max(r["position_accuracy"][1] for r in train) > 0  # the tau bounds bite in some window
     evals = [r for r in records if "eval_tau" in r]
@@ -103,6 +111,63 @@ def test_sigint_checkpoint_then_resume_equals_uninterrupted(full_run, tmp_path):
     second = loop.train(tiny_config(), run_dir, resume=True, progress=False)
     assert not second.interrupted and second.step == STEPS
     assert _untimed(rundir.read_metrics(run_dir)) == _untimed(rundir.read_metrics(ref_dir))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoint_then_resume_equals_uninterrupted(full_run, tmp_path, signum):
+    """SIGTERM / SIGUSR1 (train.stop_signals) after step 7 finish the step, save step 7 and report the signal;
+    --resume then reproduces every metric and the export byte for byte."""
+    ref_dir, ref = full_run
+    run_dir = str(tmp_path / "run")
+
+    def stop(step):
+        if step == INTERRUPT_AT:
+            os.kill(os.getpid(), signum)
+
+    first = loop.train(tiny_config(), run_dir, progress=False, on_step=stop)
+    assert first.interrupted and first.step == INTERRUPT_AT and first.stop_signal == signum
+    assert sorted(os.listdir(os.path.join(run_dir, rundir.CHECKPOINT_DIR)), key=int)[-1] == str(INTERRUPT_AT)
+    assert signal.getsignal(signum) is signal.SIG_DFL  # the handler is removed when train returns
+    second = loop.train(tiny_config(), run_dir, resume=True, progress=False)
+    assert not second.interrupted and second.step == STEPS and second.stop_signal is None
+    assert _untimed(rundir.read_metrics(run_dir)) == _untimed(rundir.read_metrics(ref_dir))
+    with open(os.path.join(second.export_dir, "model.safetensors"), "rb") as a:
+        with open(os.path.join(ref.export_dir, "model.safetensors"), "rb") as b:
+            assert a.read() == b.read()
+
+
+def test_wall_clock_checkpoints_and_profile_window(tmp_path):
+    """train.checkpoint_every_minutes (tiny: due after every step) saves steps that train.checkpoint_every never
+    reaches; train.profile writes a TensorBoard (xplane) and a Perfetto trace of its step window."""
+    run_dir = tmp_path / "run"
+    profile = tmp_path / "profile"
+    config = tiny_config(
+        "train.steps=4",
+        "train.eval_every=0",
+        "train.checkpoint_every=1000",
+        "train.keep_checkpoints=10",
+        "train.checkpoint_every_minutes=1e-9",
+        f"train.profile={{start_step: 2, num_steps: 2, dir: {profile}}}",
+    )
+    result = loop.train(config, str(run_dir), progress=False)
+    assert result.step == 4
+    assert sorted(os.listdir(run_dir / rundir.CHECKPOINT_DIR), key=int) == ["1", "2", "3", "4"]
+    _assert_trace(profile)
+
+
+def _assert_trace(directory) -> None:
+    """``directory`` holds a non-empty TensorBoard (xplane) and Perfetto (trace.json.gz) trace."""
+    traces = [os.path.join(d, f) for d, _, files in os.walk(directory) for f in files]
+    assert any(t.endswith(".xplane.pb") and os.path.getsize(t) > 0 for t in traces), traces
+    assert any(t.endswith(".trace.json.gz") and os.path.getsize(t) > 0 for t in traces), traces
+
+
+def test_bench_train_step_profile_writes_a_trace(tmp_path, capsys):
+    """``dflash-jax bench train_step --profile DIR`` traces two timed steps into DIR."""
+    profile = tmp_path / "bench_profile"
+    assert cli.main(["bench", "train_step", "--shape", "cpu", "--steps", "1", "--profile", str(profile)]) == 0
+    assert f"profile={profile}" in capsys.readouterr().out
+    _assert_trace(profile)
 
 
 def test_resume_rejects_a_changed_config(full_run, tmp_path):

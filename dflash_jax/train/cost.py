@@ -14,11 +14,57 @@ T = #taps, P_mm = L*(H*(NH+2*KVH)*HD + NH*HD*H + 3*H*I), the target's decoder ma
 
 The vocabulary enters through ``lm_head`` and ``teacher`` (``2*B*Q*H*V`` each): with a 152k vocabulary they
 dominate small targets.
+
+MFU (``mfu`` in metrics.jsonl) = F / step time / (devices x peak FLOP/s of one device): the peak is the nominal
+dense bf16 figure of :data:`NOMINAL_PEAK_TFLOPS` for a bfloat16 run on a listed chip, else a matmul measured on the
+run's first device in the run's compute dtype (:func:`measured_matmul_tflops`; CPUs, fp32 runs, unlisted chips).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense (no sparsity) peak TFLOP/s of one device, matched as a substring of ``jax.Device.device_kind`` in this
+# order (the first match wins: "TPU v5 lite" before "TPU v5"). Sources: NVIDIA H100 Tensor Core GPU datasheet
+# (SXM 989 / PCIe 756 bf16 dense; the 1979 / 1513 figures are with 2:4 sparsity); NVIDIA H200 Tensor Core GPU
+# datasheet (989 bf16 dense); Google Cloud TPU system architecture pages cloud.google.com/tpu/docs/v5e (197),
+# /v5p (459), /v6e (918) bf16 peak per chip.
+NOMINAL_PEAK_TFLOPS = {
+    ("H100 PCIe", "bfloat16"): 756.0,
+    ("H100", "bfloat16"): 989.0,
+    ("H200", "bfloat16"): 989.0,
+    ("TPU v5 lite", "bfloat16"): 197.0,
+    ("TPU v5e", "bfloat16"): 197.0,
+    ("TPU v6 lite", "bfloat16"): 918.0,
+    ("TPU v6e", "bfloat16"): 918.0,
+    ("TPU v5", "bfloat16"): 459.0,  # v5p reports "TPU v5p" or "TPU v5"
+}
+
+
+def measured_matmul_tflops(dtype: Any, n: int, iters: int = 3, device: jax.Device | None = None) -> float:
+    """TFLOP/s of ``iters`` back-to-back ``[n,n] @ [n,n]`` matmuls in ``dtype`` on ``device`` (default: the first
+    device), after one warm-up call."""
+    a = jax.device_put(jnp.ones((n, n), dtype), device or jax.devices()[0])
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(iters):
+        f(a).block_until_ready()
+    return iters * 2 * n**3 / (time.perf_counter() - t) / 1e12
+
+
+def peak_tflops(device: jax.Device, dtype: str) -> tuple[float, str]:
+    """``(peak TFLOP/s of one device, source)``: the nominal figure of :data:`NOMINAL_PEAK_TFLOPS` for ``dtype``
+    on ``device``'s kind, else a measured ``[n,n]`` matmul (n = 2048 on CPU, 8192 on accelerators)."""
+    peak = next((v for (k, d), v in NOMINAL_PEAK_TFLOPS.items() if k in device.device_kind and d == dtype), None)
+    if peak is not None:
+        return peak, "nominal"
+    n = 2048 if device.platform == "cpu" else 8192
+    return measured_matmul_tflops(getattr(jnp, dtype), n, device=device), "measured matmul"
 
 
 def prefill_flops(c: Any, b: int, s: int) -> float:

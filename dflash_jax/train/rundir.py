@@ -10,6 +10,7 @@ Run directory layout (``RUN``)::
     RUN/export/              the final drafter (``config.json`` + ``model.safetensors``, z-lab / vLLM / SGLang)
     RUN/plots/*.png          loss and simulated tau vs step, per-position acceptance, D-PACE weights per position
     RUN/tb/                  TensorBoard events (only when a SummaryWriter is importable)
+    RUN/profile/             jax.profiler traces of train.profile's step window (README "Profiling")
     RUN/.lock.<process>      the run-directory lock of each writing process (dflash_jax.paths.DirLock)
 """
 
@@ -38,6 +39,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 PLOTS_DIR = "plots"
+PROFILE_DIR = "profile"
 TB_DIR = "tb"
 RUN_MARKERS = (CONFIG_FILE, DRAFT_CONFIG_FILE)  # what --overwrite requires before deleting a directory
 
@@ -61,7 +63,27 @@ METRIC_KEYS = (
     "epoch",
     "elapsed_s",
 )
-TIMING_KEYS = ("tokens_per_s", "elapsed_s", "eval_speedup", "eval_tokens_per_s_spec", "eval_tokens_per_s_plain")
+# Run health (README "Run health"): seconds per step of the window and the part of them spent waiting for data,
+# tokens/s per device, model FLOPs utilisation (dflash_jax.train.cost), and the largest device memory in use /
+# peak over this process's devices (null where the backend reports none, e.g. CPU).
+HEALTH_KEYS = (
+    "step_time_s",
+    "data_wait_s",
+    "tokens_per_s_per_device",
+    "mfu",
+    "memory_bytes_in_use",
+    "memory_peak_bytes",
+)
+METRIC_KEYS += HEALTH_KEYS
+# Keys that depend on the machine and the wall clock, not on the training math: a resumed run reproduces all others.
+TIMING_KEYS = (
+    "tokens_per_s",
+    "elapsed_s",
+    "eval_speedup",
+    "eval_tokens_per_s_spec",
+    "eval_tokens_per_s_plain",
+    *HEALTH_KEYS,
+)
 
 
 def check_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> bool:
