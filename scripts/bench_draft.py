@@ -128,7 +128,7 @@ def make_step(graphdef, block_size, impl):
                 data["lm_head"],
                 data["labels"],
                 data["mask"],
-                objective="dpace",
+                spec=losses.LossSpec(objective="dpace"),
             )
             return loss
 

@@ -223,7 +223,11 @@ def test_draft_and_loss_gradients_match_dense(impl, monkeypatch):
                 noise, taps, anchors, keep, positions=pos, segment_ids=seg, attention_impl=impl_
             )
             return losses.block_loss_from_hidden(
-                hidden.reshape(b, n, tf.BS, -1), target.lm_head_weight(), labels, lmask, objective="dpace"
+                hidden.reshape(b, n, tf.BS, -1),
+                target.lm_head_weight(),
+                labels,
+                lmask,
+                spec=losses.LossSpec(objective="dpace"),
             )[0]
 
         return taps, jax.value_and_grad(f)(params)

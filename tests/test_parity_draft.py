@@ -83,7 +83,11 @@ def _loss_and_grads(
         hidden = nnx.merge(graphdef, p)(noise, target_hidden, anchors, keep)
         logits = (hidden @ lm_head.T).reshape(*anchors.shape, BS, V)
         loss, _ = losses.block_loss(
-            logits, labels, mask, objective=objective, alpha=0.5, gamma=4.0, teacher_logits=teacher
+            logits,
+            labels,
+            mask,
+            spec=losses.LossSpec(objective=objective, alpha=0.5, gamma=4.0),
+            teacher_logits=teacher,
         )
         return loss, hidden @ lm_head.T
 

@@ -154,11 +154,7 @@ def train_step(
     else:
         anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), batch["loss_mask"], bs, n)
     lm_head = target.lm_head_weight()
-    logits_options = dict(
-        temperature=lo.temperature,
-        logit_scale=draft_cfg.output_multiplier,
-        softcap=draft_cfg.final_logit_softcapping,
-    )
+    spec = losses.LossSpec.from_config(lo, draft_cfg)
 
     def numerator_grad(params: Any, mb: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """Gradient w.r.t. ``params`` of ``sum(W*l)`` over the rows of ``mb`` (times the loss scale when K = 1:
@@ -193,23 +189,11 @@ def train_step(
                 attention_impl=cfg.attention,
             )
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
-            pieces = dict(
-                objective=lo.objective,
-                alpha=lo.alpha,
-                gamma=lo.gamma,
-                teacher_hidden=teacher,
-                per_token=lo.per_token,
-                confidence=lo.confidence,
-                chunk_blocks=cfg.chunk_blocks,
-                compute_dtype=compute_dtype,
-                logits_options=logits_options,
-            )
-            partials = losses.block_partials_from_hidden(
-                hidden, lm_head, labels, mask, normalization=lo.normalization, **pieces
-            )
+            chunking = dict(teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+            partials = losses.block_partials_from_hidden(hidden, lm_head, labels, mask, spec, **chunking)
             if draft.candidate_selector is not None:  # DFlash2: + selector_weight * the selector loss
                 candidates, weights = losses.selector_targets(
-                    hidden, lm_head, labels, mask, top_k=draft_cfg.selector_top_k, **pieces
+                    hidden, lm_head, labels, mask, spec, top_k=draft_cfg.selector_top_k, **chunking
                 )
                 selector = losses.selector_partials(
                     draft.candidate_selector.scores,
@@ -219,8 +203,8 @@ def train_step(
                     mask,
                     candidates,
                     weights,
+                    spec,
                     missing=lo.selector_missing,
-                    logits_options=logits_options,
                 )
                 partials = losses.with_selector(partials, selector, lo.selector_weight)
             # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
