@@ -175,7 +175,7 @@ NEMO_JETSPEC = np.array(
 @pytest.mark.parametrize("impl", ["dense", "chunked", "pallas"])
 def test_jetspec_mask_equals_nemo_hand_case(impl):
     anchors, keep, seg = jnp.array([[1, 4]]), jnp.ones((1, 2), bool), jnp.ones((1, 6), jnp.int32)
-    mask = training_masks(anchors, keep, seg, 3, None, _cfg(variant="jetspec").causal, impl)
+    mask = training_masks(anchors, keep, seg, 3, None, _cfg(variant="jetspec").causal)
     ctx, blk = np.asarray(mask.ctx.visible()[0]), np.asarray(mask.block(3)[0])
     ours = np.zeros((6, 12), bool)
     ours[:, :6] = ctx
@@ -185,7 +185,7 @@ def test_jetspec_mask_equals_nemo_hand_case(impl):
     ks = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(ks[0], (1, 6, 4, 8))
     kb, vb, kc, vc = (jax.random.normal(k, (1, 6, 2, 8)) for k in ks[1:])
-    got = attention.block_sparse_attention(q, kb, vb, kc, vc, mask)
+    got = attention.block_sparse_attention(q, kb, vb, kc, vc, mask, impl=impl)
     want = attention.masked_attention(
         q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), jnp.asarray(NEMO_JETSPEC)[None]
     )
