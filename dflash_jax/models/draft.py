@@ -19,7 +19,6 @@ Fully masked rows (dropped blocks) give an exactly zero attention output and zer
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import typing
 from typing import Any
@@ -392,7 +391,10 @@ class DFlashDraft(nnx.Module):
 
     def _decode(self, h, kv_of_layer, cos, sin, mask, impl):
         h = h.astype(self.dtype)
-        layer_fn = functools.partial(_apply_layer, impl=impl)  # a static string, never a traced argument
+
+        def layer_fn(layer, *args):  # impl (a string) is closed over: never an argument of nnx.remat
+            return _apply_layer(layer, *args, impl=impl)
+
         apply = nnx.remat(layer_fn) if self.remat else layer_fn
         for i, layer in enumerate(self.layers):
             k_ctx, v_ctx = kv_of_layer(i, layer)
