@@ -10,6 +10,7 @@ from dflash_jax.blocks import sample_anchors as sample_anchors
 from dflash_jax.blocks import teacher_positions as teacher_positions
 from dflash_jax.export import export_draft as export_draft
 from dflash_jax.export import import_draft as import_draft
+from dflash_jax.losses import LossSpec as LossSpec
 from dflash_jax.losses import block_loss as block_loss
 from dflash_jax.losses import block_loss_from_hidden as block_loss_from_hidden
 from dflash_jax.losses import decay_weights as decay_weights

@@ -90,24 +90,6 @@ def check_alpha(alpha: Any, *, allow_zero: bool = False) -> None:
             raise ValueError(f"alpha must be a scalar in {'[0' if allow_zero else '(0'}, 1], got {alpha!r}")
 
 
-def check_loss_options(objective: Any, per_token: Any, normalization: str, confidence: str, has_teacher: bool) -> None:
-    """Names (or callables) of the loss pieces; ``ValueError`` naming the option. A built-in teacher loss needs a
-    teacher, ``ce`` refuses one (it would be computed for nothing)."""
-    if not callable(objective) and objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES} or a weighting function, got {objective!r}")
-    if not callable(per_token) and per_token not in PER_TOKEN_LOSSES:
-        raise ValueError(f"per_token must be one of {PER_TOKEN_LOSSES} or a function, got {per_token!r}")
-    if isinstance(per_token, str) and (per_token in TEACHER_LOSSES) != has_teacher:
-        raise ValueError(
-            f"per_token {per_token!r} "
-            + ("needs teacher logits (KD)" if not has_teacher else "takes no teacher logits; use 'kd' or another")
-        )
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if confidence not in CONFIDENCES:
-        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
-
-
 def _check_block_inputs(logits_or_hidden: jax.Array, name: str, labels: jax.Array, mask: jax.Array) -> None:
     """Shared checks: ``labels`` int ``[B,N,bs]``, ``mask`` float ``[B,N,bs]`` with slot 0 zero, ``bs >= 1``."""
     _chex(name, chex.assert_rank, logits_or_hidden, 4)
@@ -377,15 +359,82 @@ def is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """The static loss pieces: the ``objective`` (a name, built with the run-time ``alpha``/``gamma`` so that changing
-    them does not recompile, or a weighting function), the ``per_token`` function and the confidence source."""
+    """Every loss setting, validated once at construction (``ValueError`` naming the option): the position
+    weighting ``objective`` (a name of :data:`OBJECTIVES`, ``alpha`` for the D-PACE family, ``gamma`` for
+    ``decay``, or a weighting function ``(confidence, mask) -> W``), the ``per_token`` loss (a name of
+    :data:`PER_TOKEN_LOSSES` or a function ``(logits, labels, teacher_logits) -> [B,N,bs]``; ``None``: ``kd`` with a
+    teacher, else ``ce``), the ``normalization`` (:func:`normalizer`), the ``confidence`` source (``data``: hard CE
+    vs the data token, ModelOpt; ``loss``: the per-token loss, speculators), the teacher-loss ``temperature`` and the
+    draft's logit transform (``logit_scale`` = its ``output_multiplier``, ``softcap`` = its
+    ``final_logit_softcapping``; see :func:`logit_transform`).
 
-    objective: str | Weighting
-    per_token: PerTokenLoss
+    ``alpha`` and ``gamma`` enter the compiled loss as run-time values (changing them does not recompile); the
+    other fields are static (:meth:`pieces`). Whether a teacher is given is checked per call (:meth:`pieces`)."""
+
+    objective: str | Weighting = "dpace"
+    alpha: float = 0.5
+    gamma: float = 0.0
+    per_token: str | PerTokenLoss | None = None
+    normalization: str = "modelopt"
     confidence: str = "data"
     temperature: float = 1.0  # teacher losses: T^2 * l(x / T, teacher / T) (Hinton; JetSpec's KL at T)
     logit_scale: float | None = None  # the draft's output_multiplier (models/draft.py)
     softcap: float | None = None  # the draft's final_logit_softcapping
+
+    def __post_init__(self):
+        if not callable(self.objective) and self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} or a weighting function, got {self.objective!r}")
+        if self.per_token is not None and not callable(self.per_token) and self.per_token not in PER_TOKEN_LOSSES:
+            raise ValueError(f"per_token must be one of {PER_TOKEN_LOSSES} or a function, got {self.per_token!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}")
+        if isinstance(self.objective, str) and self.objective in DPACE_OBJECTIVES:
+            check_alpha(self.alpha, allow_zero=True)
+        for key in ("temperature", "logit_scale", "softcap"):
+            value = getattr(self, key)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{key} must be > 0, got {value!r}")
+
+    @classmethod
+    def from_config(cls, loss: config_lib.LossSection, draft_cfg: Any) -> "LossSpec":
+        """The spec of a run: the ``loss`` section, and the logit transform of the draft's config
+        (``output_multiplier``, ``final_logit_softcapping``)."""
+        shared = {f.name: getattr(loss, f.name) for f in dataclasses.fields(cls) if hasattr(loss, f.name)}
+        return cls(**shared, logit_scale=draft_cfg.output_multiplier, softcap=draft_cfg.final_logit_softcapping)
+
+    def weight_params(self) -> tuple[jax.Array, jax.Array]:
+        """The run-time ``(alpha, gamma)`` as float32 scalars (traced arguments of the compiled loss)."""
+        return jnp.asarray(self.alpha, jnp.float32), jnp.asarray(self.gamma, jnp.float32)
+
+    def pieces(self, has_teacher: bool) -> "_LossPieces":
+        """The static (hashable) part for a call with or without a teacher: the per-token name resolved to its
+        function. A built-in teacher loss needs a teacher, ``ce`` refuses one (it would be computed for nothing)."""
+        per_token = ("kd" if has_teacher else "ce") if self.per_token is None else self.per_token
+        if isinstance(per_token, str) and (per_token in TEACHER_LOSSES) != has_teacher:
+            raise ValueError(
+                f"per_token {per_token!r} "
+                + ("needs teacher logits (KD)" if not has_teacher else "takes no teacher logits; use 'kd' or another")
+            )
+        if self.temperature != 1.0 and not has_teacher:
+            raise ValueError(f"temperature {self.temperature} needs a teacher (a teacher per-token loss)")
+        per_token_fn = PER_TOKEN[per_token] if isinstance(per_token, str) else per_token
+        return _LossPieces(
+            self.objective, per_token_fn, self.confidence, self.temperature, self.logit_scale, self.softcap
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _LossPieces:
+    """The static part of a :class:`LossSpec` (a jit static argument): ``alpha``/``gamma`` travel separately."""
+
+    objective: str | Weighting
+    per_token: PerTokenLoss
+    confidence: str
+    temperature: float
+    logit_scale: float | None
+    softcap: float | None
 
 
 def partial_sums(loss_tok: jax.Array, correct: jax.Array, mask: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
@@ -466,7 +515,7 @@ def _logit_partials(
     labels: jax.Array,
     mask: jax.Array,
     teacher_logits: jax.Array | None,
-    spec: LossSpec,
+    spec: _LossPieces,
     alpha: jax.Array,
     gamma: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -488,7 +537,7 @@ def logit_transform(z: jax.Array, scale: float | None, softcap: float | None) ->
     return z
 
 
-def _weighted_terms(logits, labels, mask, teacher_logits, spec: LossSpec, alpha, gamma):
+def _weighted_terms(logits, labels, mask, teacher_logits, spec: _LossPieces, alpha, gamma):
     """``(x, l, W)``: the draft logits ``x = logit_transform(logits)``, the per-token loss ``l`` (at the spec's
     temperature ``T``: ``T^2 * l(x / T, teacher / T)``) and the detached position weights ``W`` from the
     confidences (``exp(-CE(x))`` for ``data``, ``exp(-l)`` for ``loss``)."""
@@ -511,25 +560,6 @@ def _zero_slot0(mask: jax.Array) -> jax.Array:
     return mask.astype(jnp.float32) * (jnp.arange(mask.shape[-1]) > 0)
 
 
-def _spec(objective, alpha, gamma, per_token, normalization, confidence, has_teacher, logits_options=None) -> LossSpec:
-    """Validate the options (and ``alpha`` for a named D-PACE objective) and resolve the per-token name.
-    ``logits_options``: ``{temperature, logit_scale, softcap}`` (:class:`LossSpec`), checked > 0."""
-    per_token = ("kd" if has_teacher else "ce") if per_token is None else per_token
-    check_loss_options(objective, per_token, normalization, confidence, has_teacher)
-    if isinstance(objective, str) and objective in DPACE_OBJECTIVES:
-        check_alpha(alpha, allow_zero=True)
-    options = dict(logits_options or {})
-    for key, value in options.items():
-        if key not in ("temperature", "logit_scale", "softcap"):
-            raise ValueError(f"unknown logits option {key!r}")
-        if value is not None and not float(value) > 0:
-            raise ValueError(f"{key} must be > 0, got {value!r}")
-    if options.get("temperature", 1.0) != 1.0 and not has_teacher:
-        raise ValueError(f"temperature {options['temperature']} needs a teacher (a teacher per-token loss)")
-    per_token_fn = PER_TOKEN[per_token] if isinstance(per_token, str) else per_token
-    return LossSpec(objective, per_token_fn, confidence, **options)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Public losses
 # ---------------------------------------------------------------------------------------------------------
@@ -539,34 +569,25 @@ def block_loss(
     logits: jax.Array,
     labels: jax.Array,
     mask: jax.Array,
+    spec: LossSpec = LossSpec(),
     *,
-    objective: str | Weighting = "dpace",
-    alpha: float = 0.5,
-    gamma: float = 0.0,
     teacher_logits: jax.Array | None = None,
-    per_token: str | PerTokenLoss | None = None,
-    normalization: str = "modelopt",
-    confidence: str = "data",
-    logits_options: Mapping[str, Any] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """DFlash block loss: ``(loss, metrics)`` from full draft logits (defaults: ModelOpt ``_compute_loss``).
+    """DFlash block loss: ``(loss, metrics)`` from full draft logits (default spec: ModelOpt ``_compute_loss``).
 
     Shapes: ``logits [B,N,bs,V]`` (any float dtype; math in float32), ``labels [B,N,bs]`` int (slot ``k`` of block
     ``n`` is the data token at ``anchor_n + k``), ``mask [B,N,bs]`` float (slot 0 must be 0), optional
-    ``teacher_logits [B,N,bs,V]``. ``objective``: a name of :data:`OBJECTIVES` (``alpha`` for the D-PACE family,
-    ``gamma`` for ``decay``) or a weighting function ``(confidence, mask) -> W``. ``per_token``: a name of
-    :data:`PER_TOKEN_LOSSES` or a function ``(logits, labels, teacher_logits) -> [B,N,bs]``; default ``kd`` with a
-    teacher, else ``ce``. ``confidence``: ``data`` (hard CE vs the data token, ModelOpt) or ``loss`` (the per-token
-    loss, speculators). ``normalization``: see :func:`normalizer`. ``logits_options``: as in
-    :func:`block_partials_from_hidden`. Metrics as in :func:`reduce_partials`.
+    ``teacher_logits [B,N,bs,V]``. ``spec``: every loss setting (:class:`LossSpec`). Metrics as in
+    :func:`reduce_partials`.
     """
     _check_block_inputs(logits, "logits", labels, mask)
     _check_label_range(labels, logits.shape[-1])
     if teacher_logits is not None:
         _chex("teacher_logits", chex.assert_shape, teacher_logits, logits.shape)
-    has_teacher = teacher_logits is not None
-    spec = _spec(objective, alpha, gamma, per_token, normalization, confidence, has_teacher, logits_options)
-    return _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, spec=spec, normalization=normalization)
+    pieces = spec.pieces(teacher_logits is not None)
+    return _block_loss(
+        logits, labels, mask, teacher_logits, *spec.weight_params(), spec=pieces, normalization=spec.normalization
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "normalization"))
@@ -584,41 +605,31 @@ def block_loss_from_hidden(
     lm_head: jax.Array,
     labels: jax.Array,
     mask: jax.Array,
+    spec: LossSpec = LossSpec(),
     *,
-    objective: str | Weighting = "dpace",
-    alpha: float = 0.5,
-    gamma: float = 0.0,
     teacher_hidden: jax.Array | None = None,
-    per_token: str | PerTokenLoss | None = None,
-    normalization: str = "modelopt",
-    confidence: str = "data",
     chunk_blocks: int = 64,
     compute_dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`block_loss` of ``hidden @ lm_head.T`` by the fused chunked linear cross-entropy (same result):
-    ``reduce_partials(block_partials_from_hidden(...), normalization)``.
+    ``reduce_partials(block_partials_from_hidden(...), spec.normalization)``.
 
     ``hidden [B,N,bs,H]`` (draft final hidden), ``lm_head [V,H]`` (differentiable; the step's frozen head is simply
     not differentiated, and then no ``lm_head`` gradient is computed), ``labels``/``mask [B,N,bs]``, optional
-    ``teacher_hidden [B,N,bs,H]`` (teacher logits ``teacher_hidden @ lm_head.T``, detached). The other options as
-    in :func:`block_loss`; ``chunk_blocks`` and ``compute_dtype`` as in :func:`block_partials_from_hidden`.
+    ``teacher_hidden [B,N,bs,H]`` (teacher logits ``teacher_hidden @ lm_head.T``, detached). ``spec`` as in
+    :func:`block_loss`; ``chunk_blocks`` and ``compute_dtype`` as in :func:`block_partials_from_hidden`.
     """
     partials = block_partials_from_hidden(
         hidden,
         lm_head,
         labels,
         mask,
-        objective=objective,
-        alpha=alpha,
-        gamma=gamma,
+        spec,
         teacher_hidden=teacher_hidden,
-        per_token=per_token,
-        normalization=normalization,
-        confidence=confidence,
         chunk_blocks=chunk_blocks,
         compute_dtype=compute_dtype,
     )
-    return reduce_partials(partials, normalization)
+    return reduce_partials(partials, spec.normalization)
 
 
 def numerator_scale(partials: Mapping[str, jax.Array], normalization: str = "modelopt") -> jax.Array:
@@ -635,17 +646,11 @@ def block_partials_from_hidden(
     lm_head: jax.Array,
     labels: jax.Array,
     mask: jax.Array,
+    spec: LossSpec = LossSpec(),
     *,
-    objective: str | Weighting = "dpace",
-    alpha: float = 0.5,
-    gamma: float = 0.0,
     teacher_hidden: jax.Array | None = None,
-    per_token: str | PerTokenLoss | None = None,
-    normalization: str = "modelopt",
-    confidence: str = "data",
     chunk_blocks: int = 64,
     compute_dtype: Any = None,
-    logits_options: Mapping[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """The unnormalised partials of one batch (see the module docstring's accumulation contract), computed
     ``chunk_blocks`` blocks at a time by a ``jax.custom_vjp`` whose forward pass also computes the gradient of
@@ -653,10 +658,9 @@ def block_partials_from_hidden(
 
     The blocks axis is padded to a multiple of ``chunk_blocks`` with mask 0 and scanned, so only one chunk's
     float32 ``[B, chunk, bs, V]`` logits (and their gradient) live at a time. ``compute_dtype`` is the matmul input
-    dtype (default: promoted dtype of ``hidden`` and ``lm_head``); matmuls accumulate in float32.
-    ``normalization`` is only validated here (the partials do not depend on it). ``logits_options``: the draft
-    logit transform and the teacher-loss temperature (``temperature``, ``logit_scale``, ``softcap``; see
-    :class:`LossSpec`).
+    dtype (default: promoted dtype of ``hidden`` and ``lm_head``); matmuls accumulate in float32. Both are memory
+    and speed knobs, not loss settings, so they stay outside ``spec`` (:class:`LossSpec`; its ``normalization`` is
+    not used here: the partials do not depend on it).
     """
     _check_block_inputs(hidden, "hidden", labels, mask)
     _chex("lm_head", chex.assert_rank, lm_head, 2)
@@ -667,21 +671,22 @@ def block_partials_from_hidden(
         _chex("teacher_hidden", chex.assert_shape, teacher_hidden, hidden.shape)
     if not isinstance(chunk_blocks, (int, np.integer)) or chunk_blocks < 1:
         raise ValueError(f"chunk_blocks must be a positive int, got {chunk_blocks!r}")
-    spec = _spec(
-        objective, alpha, gamma, per_token, normalization, confidence, teacher_hidden is not None, logits_options
-    )
+    pieces = spec.pieces(teacher_hidden is not None)
     dtype = jnp.dtype(compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype))
     opts = _ChunkOptions(
-        spec, max(1, min(int(chunk_blocks), hidden.shape[1])), dtype, jnp.dtype(hidden.dtype), jnp.dtype(lm_head.dtype)
+        pieces,
+        max(1, min(int(chunk_blocks), hidden.shape[1])),
+        dtype,
+        jnp.dtype(hidden.dtype),
+        jnp.dtype(lm_head.dtype),
     )
-    return _block_partials_from_hidden(hidden, lm_head, teacher_hidden, labels, mask, alpha, gamma, opts=opts)
+    return _block_partials_from_hidden(hidden, lm_head, teacher_hidden, labels, mask, *spec.weight_params(), opts=opts)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
 def _block_partials_from_hidden(hidden, lm_head, teacher_hidden, labels, mask, alpha, gamma, *, opts):
     """Jitted body of :func:`block_partials_from_hidden`."""
-    weight_params = (jnp.asarray(alpha, jnp.float32), jnp.asarray(gamma, jnp.float32))
-    partials = _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, _zero_slot0(mask), weight_params)
+    partials = _fused_partials(opts, hidden, lm_head, teacher_hidden, labels, _zero_slot0(mask), (alpha, gamma))
     return dict(partials, rows=jnp.float32(hidden.shape[0]))
 
 
@@ -689,7 +694,7 @@ def _block_partials_from_hidden(hidden, lm_head, teacher_hidden, labels, mask, a
 class _ChunkOptions:
     """Static options of the fused pass: the loss pieces, blocks per chunk, matmul and cotangent dtypes."""
 
-    spec: LossSpec
+    spec: _LossPieces
     chunk: int
     dtype: Any
     hidden_dtype: Any
@@ -795,44 +800,28 @@ def selector_targets(
     lm_head: jax.Array,
     labels: jax.Array,
     mask: jax.Array,
+    spec: LossSpec = LossSpec(),
     *,
     top_k: int,
     teacher_hidden: jax.Array | None = None,
     chunk_blocks: int = 64,
     compute_dtype: Any = None,
-    **pieces: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """The selector's candidates and position weights (detached, forward only): ``(candidates [B,N,bs,k] int32,
     W [B,N,bs] float32)``.
 
     ``candidates`` are the top-``k`` ids of the draft logits ``logit_transform(hidden @ lm_head.T)`` (descending);
     ``W`` the backbone's position weights of the same blocks (the weighting, confidence source and per-token loss
-    of :func:`block_partials_from_hidden`, slot 0 zero), so the selector term weighs a position as the backbone
-    term does. ``pieces``: that function's ``objective``, ``alpha``, ``gamma``, ``per_token``, ``confidence`` and
-    ``logits_options``. One extra forward vocabulary matmul, ``chunk_blocks`` blocks at a time (``lax.map``)."""
+    of ``spec``, slot 0 zero, as :func:`block_partials_from_hidden`), so the selector term weighs a position as the
+    backbone term does. One extra forward vocabulary matmul, ``chunk_blocks`` blocks at a time (``lax.map``)."""
     _check_block_inputs(hidden, "hidden", labels, mask)
-    opts = dict(objective="dpace", alpha=0.5, gamma=0.0, per_token=None, confidence="data", logits_options=None)
-    unknown = set(pieces) - set(opts)
-    if unknown:
-        raise TypeError(f"selector_targets got unknown loss pieces {sorted(unknown)}")
-    opts.update(pieces)
-    alpha, gamma = opts["alpha"], opts["gamma"]
-    spec = _spec(
-        opts["objective"],
-        alpha,
-        gamma,
-        opts["per_token"],
-        "modelopt",
-        opts["confidence"],
-        teacher_hidden is not None,
-        opts["logits_options"],
-    )
+    pieces = spec.pieces(teacher_hidden is not None)
+    weight_params = spec.weight_params()
     dtype = jnp.dtype(compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype))
     b, n, bs, h = hidden.shape
     c = max(1, min(int(chunk_blocks), n))
     pad = -n % c
     w = jax.lax.stop_gradient(lm_head).astype(dtype)
-    weight_params = (jnp.asarray(alpha, jnp.float32), jnp.asarray(gamma, jnp.float32))
 
     def to_chunks(x):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -844,7 +833,7 @@ def selector_targets(
     def chunk(xs):
         hc, y, m, *th = xs
         teacher = project(th[0]) if th else None
-        x, _, weights = _weighted_terms(project(hc), y, m, teacher, spec, *weight_params)
+        x, _, weights = _weighted_terms(project(hc), y, m, teacher, pieces, *weight_params)
         return jax.lax.top_k(x, top_k)[1].astype(jnp.int32), weights
 
     xs = (jax.lax.stop_gradient(hidden), labels, _zero_slot0(mask))
@@ -862,9 +851,9 @@ def selector_partials(
     mask: jax.Array,
     candidates: jax.Array,
     weights: jax.Array,
+    spec: LossSpec = LossSpec(),
     *,
     missing: str = "drop",
-    logits_options: Mapping[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """Partials of the DFlash2 selector loss: position-weighted cross-entropy of the selector over the candidate
     set, the predecessor teacher-forced (slot ``j`` is scored after the data token of slot ``j - 1``; slot 1 after
@@ -873,7 +862,7 @@ def selector_partials(
     ``score_fn(hidden [..., H], unary [..., k], candidates [..., k], predecessor [...]) -> S [..., k]`` (the
     draft's ``candidate_selector.scores``), ``hidden [B,N,bs,H]``, ``lm_head [V,H]``, ``labels``/``mask``
     ``[B,N,bs]``, ``candidates [B,N,bs,k]`` and ``W [B,N,bs]`` of :func:`selector_targets`. ``unary`` =
-    ``logit_transform(h . lm_head[b])``. ``missing``: a gold token outside the candidates is ``drop``-ped (NeMo;
+    ``logit_transform(h . lm_head[b])`` with ``spec``'s ``logit_scale``/``softcap``. ``missing``: a gold token outside the candidates is ``drop``-ped (NeMo;
     no selector signal there) or ``insert``-ed in place of the weakest candidate (speculators).
 
     Returns ``selector_weighted_loss`` ``sum W * CE`` (differentiable), per-slot ``selector_correct`` (argmax of
@@ -883,7 +872,6 @@ def selector_partials(
     if missing not in SELECTOR_MISSING:
         raise ValueError(f"missing must be one of {SELECTOR_MISSING}, got {missing!r}")
     _check_block_inputs(hidden, "hidden", labels, mask)
-    options = dict(logits_options or {})
     mask = _zero_slot0(mask)
     valid = mask > 0.5
     gold = labels.astype(jnp.int32)
@@ -893,7 +881,7 @@ def selector_partials(
     found = candidates == gold[..., None]
     rows = jnp.take(lm_head, candidates, axis=0)  # [B, N, bs, k, H]
     unary = jnp.einsum("bnsh,bnskh->bnsk", hidden, rows.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    unary = logit_transform(unary, options.get("logit_scale"), options.get("softcap"))
+    unary = logit_transform(unary, spec.logit_scale, spec.softcap)
     predecessor = jnp.concatenate([gold[..., :1], gold[..., :-1]], axis=-1)
     scores = score_fn(hidden, unary, candidates, predecessor).astype(jnp.float32)
     has_gold = jnp.any(found, axis=-1)

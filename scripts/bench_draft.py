@@ -128,7 +128,7 @@ def make_step(graphdef, block_size, impl):
                 data["lm_head"],
                 data["labels"],
                 data["mask"],
-                objective="dpace",
+                spec=losses.LossSpec(objective="dpace"),
             )
             return loss
 
@@ -188,8 +188,8 @@ def attention_temp_bytes(shape: dict, impl: str) -> float:
     def loss(q, kb, vb, kc, vc, anchors, seg):
         from dflash_jax.models.draft import training_masks
 
-        mask = training_masks(anchors, jnp.ones(anchors.shape, bool), seg, bs, None, False, impl)
-        return jnp.sum(attention.block_sparse_attention(q, kb, vb, kc, vc, mask).astype(jnp.float32))
+        mask = training_masks(anchors, jnp.ones(anchors.shape, bool), seg, bs, None, False)
+        return jnp.sum(attention.block_sparse_attention(q, kb, vb, kc, vc, mask, impl=impl).astype(jnp.float32))
 
     return temp_bytes(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile())
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dflash_jax import block_loss, block_loss_from_hidden, block_targets
+from dflash_jax import LossSpec, block_loss, block_loss_from_hidden, block_targets
 
 BIG_ELEMENTS = 2**26  # shapes with more logits than this use --big-repeats
 
@@ -81,7 +81,9 @@ def jax_step(case, objective: str):
         bs,
     )
     step = jax.jit(
-        jax.value_and_grad(lambda x: block_loss(x, labels, mask, objective=objective, gamma=4.0), has_aux=True)
+        jax.value_and_grad(
+            lambda x: block_loss(x, labels, mask, spec=LossSpec(objective=objective, gamma=4.0)), has_aux=True
+        )
     )
     x = jnp.asarray(logits)
     return lambda: jax.block_until_ready(step(x))
@@ -103,7 +105,7 @@ def jax_hidden_step(case, objective: str, hidden_size: int, chunk_blocks: int):
     step = jax.jit(
         jax.value_and_grad(
             lambda h: block_loss_from_hidden(
-                h, lm_head, labels, mask, objective=objective, gamma=4.0, chunk_blocks=chunk_blocks
+                h, lm_head, labels, mask, spec=LossSpec(objective=objective, gamma=4.0), chunk_blocks=chunk_blocks
             ),
             has_aux=True,
         )

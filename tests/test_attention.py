@@ -74,10 +74,10 @@ def test_target_attention_matches_dense(impl, tile, variant, dtype, monkeypatch)
     window, kw = (
         (None, {}) if variant == "causal" else (11, dict(scale=0.3, sinks=jax.random.normal(jax.random.key(5), (NH,))))
     )
-    mask = attention.SelfMask(jnp.asarray(SEG), window=window, impl=impl)
+    mask = attention.SelfMask(jnp.asarray(SEG), window=window)
 
     def fn(*a):
-        return attention.attend(*a, mask, **kw)
+        return attention.attend(*a, mask, impl=impl, **kw)
 
     def ref(*a):
         return attention.masked_attention(*a, _self_mask(window), **kw)
@@ -87,7 +87,9 @@ def test_target_attention_matches_dense(impl, tile, variant, dtype, monkeypatch)
     for g, r, name in zip(got[1], want[1], "qkv"):
         _close(g, r, dtype, f"d{name}")
     if "sinks" in kw:  # the sink logits are trained (gpt-oss): their gradient too
-        gs = jax.grad(lambda sk: jnp.sum(attention.attend(q, k, v, mask, scale=0.3, sinks=sk).astype(jnp.float32) * w))
+        gs = jax.grad(
+            lambda sk: jnp.sum(attention.attend(q, k, v, mask, impl=impl, scale=0.3, sinks=sk).astype(jnp.float32) * w)
+        )
         gr = jax.grad(
             lambda sk: jnp.sum(
                 attention.masked_attention(q, k, v, _self_mask(window), scale=0.3, sinks=sk).astype(jnp.float32) * w
@@ -183,8 +185,8 @@ def test_block_sparse_attention_matches_dense(impl, window, causal, sinks, dtype
     sk = jax.random.normal(jax.random.key(7), (NH,)) if sinks else None
 
     def fn(impl_):
-        mask = training_masks(anchors, keep, seg, BS, window, causal, impl_)
-        return lambda q, kb, vb, kc, vc: attention.block_sparse_attention(q, kb, vb, kc, vc, mask, sk)
+        mask = training_masks(anchors, keep, seg, BS, window, causal)
+        return lambda q, kb, vb, kc, vc: attention.block_sparse_attention(q, kb, vb, kc, vc, mask, sk, impl=impl_)
 
     def grads(f):
         return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=range(5)))(q, kb, vb, kc, vc)
@@ -223,7 +225,11 @@ def test_draft_and_loss_gradients_match_dense(impl, monkeypatch):
                 noise, taps, anchors, keep, positions=pos, segment_ids=seg, attention_impl=impl_
             )
             return losses.block_loss_from_hidden(
-                hidden.reshape(b, n, tf.BS, -1), target.lm_head_weight(), labels, lmask, objective="dpace"
+                hidden.reshape(b, n, tf.BS, -1),
+                target.lm_head_weight(),
+                labels,
+                lmask,
+                spec=losses.LossSpec(objective="dpace"),
             )[0]
 
         return taps, jax.value_and_grad(f)(params)

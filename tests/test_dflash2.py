@@ -175,7 +175,7 @@ NEMO_JETSPEC = np.array(
 @pytest.mark.parametrize("impl", ["dense", "chunked", "pallas"])
 def test_jetspec_mask_equals_nemo_hand_case(impl):
     anchors, keep, seg = jnp.array([[1, 4]]), jnp.ones((1, 2), bool), jnp.ones((1, 6), jnp.int32)
-    mask = training_masks(anchors, keep, seg, 3, None, _cfg(variant="jetspec").causal, impl)
+    mask = training_masks(anchors, keep, seg, 3, None, _cfg(variant="jetspec").causal)
     ctx, blk = np.asarray(mask.ctx.visible()[0]), np.asarray(mask.block(3)[0])
     ours = np.zeros((6, 12), bool)
     ours[:, :6] = ctx
@@ -185,7 +185,7 @@ def test_jetspec_mask_equals_nemo_hand_case(impl):
     ks = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(ks[0], (1, 6, 4, 8))
     kb, vb, kc, vc = (jax.random.normal(k, (1, 6, 2, 8)) for k in ks[1:])
-    got = attention.block_sparse_attention(q, kb, vb, kc, vc, mask)
+    got = attention.block_sparse_attention(q, kb, vb, kc, vc, mask, impl=impl)
     want = attention.masked_attention(
         q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), jnp.asarray(NEMO_JETSPEC)[None]
     )
@@ -256,7 +256,9 @@ def _selector_case():
 @pytest.mark.parametrize("missing", ["drop", "insert"])
 def test_selector_loss_hand_case(missing):
     hidden, lm_head, labels, mask = _selector_case()
-    cand, weights = losses.selector_targets(hidden, lm_head, labels, mask, top_k=2, objective="uniform")
+    cand, weights = losses.selector_targets(
+        hidden, lm_head, labels, mask, top_k=2, spec=losses.LossSpec(objective="uniform")
+    )
     assert [sorted(c) for c in np.asarray(cand)[0, 0, 1:].tolist()] == [[0, 3], [2, 4], [1, 3]]
     np.testing.assert_array_equal(np.asarray(weights), np.asarray(mask))  # uniform: W = mask, slot 0 zero
 
@@ -277,7 +279,9 @@ def test_selector_loss_hand_case(missing):
     np.testing.assert_array_equal(np.asarray(parts["candidate_hits"]), [0, 1, 0, 1])  # before any insertion
     np.testing.assert_array_equal(np.asarray(parts["selector_correct"]), [0, 0, 0, 1])  # slot 1 argmax is 0
     # reduce: candidate_recall = 2 hits / 3 tokens, selector accuracy 1 / 3
-    backbone = losses.block_partials_from_hidden(hidden, lm_head, labels, mask, objective="uniform", per_token="ce")
+    backbone = losses.block_partials_from_hidden(
+        hidden, lm_head, labels, mask, spec=losses.LossSpec(objective="uniform", per_token="ce")
+    )
     _, metrics = losses.reduce_partials(losses.with_selector(backbone, parts, 0.5))
     assert float(metrics["candidate_recall"]) == pytest.approx(2 / 3, rel=1e-5)
     assert float(metrics["selector_accuracy"]) == pytest.approx(1 / 3, rel=1e-5)
@@ -321,14 +325,12 @@ def test_kl_at_temperature_is_t_squared_scaled():
         jnp.asarray(labels),
         jnp.asarray(mask),
         teacher_logits=jnp.asarray(teacher),
-        per_token="kl",
-        objective="uniform",
-        logits_options={"temperature": t},
+        spec=losses.LossSpec(per_token="kl", objective="uniform", temperature=t),
     )
     np.testing.assert_allclose(float(loss), (kl * mask).sum() / (mask.sum() + 1e-6), rtol=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         losses.block_loss(
-            jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), logits_options={"temperature": t}
+            jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), spec=losses.LossSpec(temperature=t)
         )
 
 

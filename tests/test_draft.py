@@ -170,7 +170,7 @@ def test_block_sparse_attention_equals_dense_mask(window, causal):
     q = jax.random.normal(ks[0], (b, n * BS, nh, hd))
     kb, vb = (jax.random.normal(k, (b, n * BS, kvh, hd)) for k in ks[1:3])
     kc, vc = (jax.random.normal(k, (b, s, kvh, hd)) for k in ks[3:5])
-    mask = training_masks(jnp.asarray(anchors), jnp.asarray(keep), jnp.asarray(seg), BS, window, causal, "dense")
+    mask = training_masks(jnp.asarray(anchors), jnp.asarray(keep), jnp.asarray(seg), BS, window, causal)
     ctx_mask = mask.ctx.visible()
     dense = jnp.asarray(dense_mask(anchors, keep, seg, BS, window, causal))
     np.testing.assert_array_equal(np.asarray(ctx_mask), np.asarray(dense[..., :s]))
@@ -178,7 +178,7 @@ def test_block_sparse_attention_equals_dense_mask(window, causal):
     assert (~visible).sum() == BS  # exactly the dropped block's rows are fully masked
 
     def sparse(q, kb, vb, kc, vc):
-        return block_sparse_attention(q, kb, vb, kc, vc, mask)
+        return block_sparse_attention(q, kb, vb, kc, vc, mask, impl="dense")
 
     def reference(q, kb, vb, kc, vc):
         return masked_attention(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), dense)

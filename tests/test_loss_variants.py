@@ -14,7 +14,7 @@ import pytest
 
 import train_fixtures as tf
 from dflash_jax import losses
-from dflash_jax.losses import block_loss, block_loss_from_hidden, block_partials_from_hidden, reduce_partials
+from dflash_jax.losses import LossSpec, block_loss, block_loss_from_hidden, block_partials_from_hidden, reduce_partials
 
 B, N, BS, H, V = 2, 5, 4, 8, 23
 
@@ -143,7 +143,7 @@ def test_alpha_zero_underflow():
         np.testing.assert_array_equal(w[0, 2:], 0.0)  # everything from the zero confidence on
     np.testing.assert_allclose(losses.dpace_continuation(0.0)(conf, mask)[0, 1], 1.0)  # 0.9 / 0.9
     x, lm, y, m, _ = case(3)
-    lo, g = jax.value_and_grad(lambda h: block_loss_from_hidden(h, lm * 40.0, y, m, alpha=0.0)[0])(x)
+    lo, g = jax.value_and_grad(lambda h: block_loss_from_hidden(h, lm * 40.0, y, m, spec=LossSpec(alpha=0.0))[0])(x)
     assert np.isfinite(float(lo)) and np.all(np.isfinite(g))
 
 
@@ -213,12 +213,14 @@ def test_variant_values_and_gradients(per_token, objective, normalization, confi
     g_want = jax.grad(dense)(hidden)
     (lo_d, _), g_d = jax.value_and_grad(
         lambda h: block_loss(
-            h @ lm_head.T, labels, mask, teacher_logits=None if teacher is None else teacher @ lm_head.T, **kw
+            h @ lm_head.T, labels, mask, LossSpec(**kw), teacher_logits=None if teacher is None else teacher @ lm_head.T
         ),
         has_aux=True,
     )(hidden)
     (lo_f, _), g_f = jax.value_and_grad(
-        lambda h: block_loss_from_hidden(h, lm_head, labels, mask, teacher_hidden=teacher, chunk_blocks=2, **kw),
+        lambda h: block_loss_from_hidden(
+            h, lm_head, labels, mask, LossSpec(**kw), teacher_hidden=teacher, chunk_blocks=2
+        ),
         has_aux=True,
     )(hidden)
     for lo, g in ((lo_d, g_d), (lo_f, g_f)):
@@ -238,9 +240,9 @@ def test_speculators_tokens_and_specforge_batch_have_no_zero_loss_rule():
         ("batch", (0.5 + 0.5 * q) * ce / B),
         ("tokens", (0.5 + 0.5 * q) * ce / 1.00001),
     ):
-        lo, g = jax.value_and_grad(lambda h: block_loss_from_hidden(h, lm_head, labels, mask, normalization=norm)[0])(
-            hidden
-        )
+        lo, g = jax.value_and_grad(
+            lambda h: block_loss_from_hidden(h, lm_head, labels, mask, spec=LossSpec(normalization=norm))[0]
+        )(hidden)
         np.testing.assert_allclose(lo, want, rtol=2e-6, err_msg=norm)
         assert (float(jnp.max(jnp.abs(g))) == 0.0) == (norm == "modelopt"), norm
 
@@ -258,7 +260,7 @@ def test_zero_loss_rule_gives_exactly_zero_fused_gradient():
 def test_fused_equals_dense_with_trainable_lm_head(chunk):
     """Gradients w.r.t. ``lm_head`` too (computed in the forward pass only when it is differentiated)."""
     hidden, lm_head, labels, mask, th = case(7)
-    kw = dict(per_token="js", objective="dpace", normalization="tokens")
+    kw = dict(spec=LossSpec(per_token="js", objective="dpace", normalization="tokens"))
 
     def dense(h, w):
         return block_loss(h @ w.T, labels, mask, teacher_logits=th @ w.T, **kw)[0]
@@ -296,7 +298,7 @@ def test_micro_batch_partials_sum_to_the_batch(normalization):
     """Two micro-batches: summed partials and summed gradients of ``weighted_loss`` divided once by the summed
     partials' denominator equal the whole batch's loss and gradient (the gradient-accumulation contract)."""
     hidden, lm_head, labels, mask, th = case(9)
-    kw = dict(teacher_hidden=None, normalization=normalization, chunk_blocks=2)
+    kw = dict(spec=LossSpec(normalization=normalization), chunk_blocks=2)
 
     def parts(h, sl):
         return block_partials_from_hidden(h, lm_head, labels[sl], mask[sl], **kw)
@@ -334,7 +336,7 @@ def test_readme_composition_example_runs():
 
 def test_readme_user_weighting_example():
     hidden, lm_head, labels, mask, _ = case(10)
-    loss, _ = block_loss_from_hidden(hidden, lm_head, labels, mask, objective=floored_dpace)
+    loss, _ = block_loss_from_hidden(hidden, lm_head, labels, mask, spec=LossSpec(objective=floored_dpace))
     logits = np.asarray(hidden @ lm_head.T, np.float64)
     ce = np_per_token("ce", logits, labels, None)
     w = np.asarray(mask) * np.maximum(np_weights("dpace", np.exp(-ce), mask), 0.25)
@@ -350,7 +352,7 @@ def test_user_per_token_loss_and_step_without_editing_it():
         return -(0.9 * jnp.take_along_axis(logq, labels[..., None], -1)[..., 0] + 0.1 * jnp.mean(logq, -1))
 
     hidden, lm_head, labels, mask, _ = case(11)
-    loss, _ = block_loss(hidden @ lm_head.T, labels, mask, per_token=smoothed_ce, objective="uniform")
+    loss, _ = block_loss(hidden @ lm_head.T, labels, mask, spec=LossSpec(per_token=smoothed_ce, objective="uniform"))
     logq = np_log_softmax(np.asarray(hidden @ lm_head.T, np.float64))
     lt = -(0.9 * np.take_along_axis(logq, np.asarray(labels)[..., None], -1)[..., 0] + 0.1 * logq.mean(-1))
     np.testing.assert_allclose(loss, (np.asarray(mask) * lt).sum() / (np.sum(mask) + 1e-6), rtol=2e-6)
@@ -406,8 +408,6 @@ def test_specforge_dpace_test_inputs(objective, normalization, want):
         jnp.asarray(logits, jnp.float32),
         jnp.asarray(_SF_LABELS),
         jnp.asarray(_SF_MASK),
-        objective=objective,
-        alpha=0.5,
-        normalization=normalization,
+        spec=LossSpec(objective=objective, alpha=0.5, normalization=normalization),
     )
     assert float(loss) == pytest.approx(want, abs=5e-5 + 1e-6 * want)

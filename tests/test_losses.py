@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dflash_jax import (
+    LossSpec,
     block_loss,
     block_loss_from_hidden,
     block_targets,
@@ -21,6 +24,7 @@ from dflash_jax import (
     losses,
     position_weights,
 )
+from dflash_jax import config as config_lib
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -184,7 +188,7 @@ GOLDEN_LOSS = [  # objective, gamma, alpha, CE loss, KD loss
 @pytest.mark.parametrize("objective,gamma,alpha,ce_loss,kd_loss", GOLDEN_LOSS)
 def test_block_loss_golden(objective, gamma, alpha, ce_loss, kd_loss):
     logits, labels, mask, teacher = golden_case()
-    kw = dict(objective=objective, gamma=gamma, alpha=alpha)
+    kw = dict(spec=LossSpec(objective=objective, gamma=gamma, alpha=alpha))
     loss, metrics = block_loss(logits, labels, mask, **kw)
     kd, kd_metrics = block_loss(logits, labels, mask, teacher_logits=teacher, **kw)
     np.testing.assert_allclose(loss, ce_loss, rtol=1e-6)
@@ -196,13 +200,13 @@ def test_block_loss_golden(objective, gamma, alpha, ce_loss, kd_loss):
 
 def test_block_loss_metrics_golden():
     logits, labels, mask, _ = golden_case()
-    _, m = block_loss(logits, labels, mask, objective="decay", gamma=0.0)
+    _, m = block_loss(logits, labels, mask, spec=LossSpec(objective="decay", gamma=0.0))
     # slot 1: 2 tokens, 1 correct; slot 2: 2 tokens, 1 correct; slot 3: 1 token, 0 correct.
     np.testing.assert_allclose(m["position_accuracy"], [0.0, 0.5, 0.5, 0.0])
     np.testing.assert_allclose(m["simulated_tau"], 1 + 0.5 + 0.25 + 0.0)
     np.testing.assert_allclose(m["position_weight_mean"], [0.0, 1.0, 1.0, 1.0])
     np.testing.assert_allclose(m["weight_sum"], 5.0, rtol=1e-6)
-    _, m = block_loss(logits, labels, mask, objective="decay", gamma=4.0)
+    _, m = block_loss(logits, labels, mask, spec=LossSpec(objective="decay", gamma=4.0))
     np.testing.assert_allclose(m["position_weight_mean"], [0.0, 1.0, np.exp(-0.25), np.exp(-0.5)], rtol=1e-6)
     assert set(m) == {
         "accuracy",
@@ -245,7 +249,7 @@ class DpaceWeightsVariantsTest(chex.TestCase):
 def test_padded_blocks_change_nothing(kd):
     logits, labels, mask, teacher = random_blocks(jax.random.key(5))
     pad = lambda x, v: jnp.concatenate([x, jnp.full((x.shape[0], 2) + x.shape[2:], v, x.dtype)], axis=1)  # noqa: E731
-    kw = dict(objective="dpace", alpha=0.4)
+    kw = dict(spec=LossSpec(objective="dpace", alpha=0.4))
     loss, m = block_loss(logits, labels, mask, teacher_logits=teacher if kd else None, **kw)
     loss_p, m_p = block_loss(
         pad(logits, 3.0), pad(labels, 1), pad(mask, 0.0), teacher_logits=pad(teacher, -1.0) if kd else None, **kw
@@ -255,7 +259,7 @@ def test_padded_blocks_change_nothing(kd):
 
 def test_weighted_mean_by_hand():
     logits, labels, mask, _ = random_blocks(jax.random.key(7))
-    loss, _ = block_loss(logits, labels, mask, objective="decay", gamma=2.0)
+    loss, _ = block_loss(logits, labels, mask, spec=LossSpec(objective="decay", gamma=2.0))
     ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]
     w = mask * decay_weights(4, 2.0)
     np.testing.assert_allclose(loss, jnp.sum(w * ce) / (jnp.sum(w) + 1e-6), rtol=1e-6)
@@ -276,7 +280,8 @@ def test_dpace_loss_weights_use_data_token_confidence_in_kd():
 def test_no_valid_slot_gives_zero_loss_and_finite_grads(objective, kd):
     logits, labels, mask, teacher = random_blocks(jax.random.key(9))
     zero = jnp.zeros_like(mask)
-    f = lambda x: block_loss(x, labels, zero, objective=objective, teacher_logits=teacher if kd else None)  # noqa
+    spec = LossSpec(objective=objective)
+    f = lambda x: block_loss(x, labels, zero, spec, teacher_logits=teacher if kd else None)  # noqa: E731
     (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logits)
     assert float(loss) == 0.0 and float(metrics["accuracy"]) == 0.0
     np.testing.assert_array_equal(grad, 0.0)
@@ -286,7 +291,9 @@ def test_single_token_weight_sum_at_most_one_gives_zero():
     logits, labels, _, _ = random_blocks(jax.random.key(10))
     mask = jnp.zeros(labels.shape).at[0, 0, 1].set(1.0)
     assert float(block_loss(logits, labels, mask)[0]) == 0.0  # D-PACE: w = q~ < 1, so den = w + 1e-6 <= 1
-    assert float(block_loss(logits, labels, mask, objective="decay")[0]) > 0.0  # W = 1: den = 1 + 1e-6 > 1
+    assert (
+        float(block_loss(logits, labels, mask, spec=LossSpec(objective="decay"))[0]) > 0.0
+    )  # W = 1: den = 1 + 1e-6 > 1
 
 
 def test_grad_flows_only_through_token_loss():
@@ -313,9 +320,9 @@ def test_block_size_one():
 def test_bad_inputs():
     logits, labels, mask, teacher = random_blocks(jax.random.key(13))
     with pytest.raises(ValueError, match="alpha"):
-        block_loss(logits, labels, mask, alpha=-0.1)
+        block_loss(logits, labels, mask, spec=LossSpec(alpha=-0.1))
     with pytest.raises(ValueError, match="alpha"):
-        jax.jit(lambda x: block_loss(x, labels, mask, alpha=2.0))(logits)
+        jax.jit(lambda x: block_loss(x, labels, mask, spec=LossSpec(alpha=2.0)))(logits)
     with pytest.raises(ValueError, match="labels"):
         block_loss(logits, labels[:, :2], mask)
     with pytest.raises(ValueError, match="labels"):
@@ -333,15 +340,52 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="teacher_logits"):
         block_loss(logits, labels, mask, teacher_logits=teacher[..., :5])
     with pytest.raises(ValueError, match="objective"):
-        block_loss(logits, labels, mask, objective="kl")
+        block_loss(logits, labels, mask, spec=LossSpec(objective="kl"))
     with pytest.raises(ValueError, match="per_token"):
-        block_loss(logits, labels, mask, per_token="kl")  # needs a teacher
+        block_loss(logits, labels, mask, spec=LossSpec(per_token="kl"))  # needs a teacher
     with pytest.raises(ValueError, match="per_token"):
-        block_loss(logits, labels, mask, teacher_logits=teacher, per_token="ce")
+        block_loss(logits, labels, mask, teacher_logits=teacher, spec=LossSpec(per_token="ce"))
     with pytest.raises(ValueError, match="normalization"):
-        block_loss(logits, labels, mask, normalization="mean")
+        block_loss(logits, labels, mask, spec=LossSpec(normalization="mean"))
     with pytest.raises(ValueError, match="confidence"):
-        block_loss(logits, labels, mask, confidence="teacher")
+        block_loss(logits, labels, mask, spec=LossSpec(confidence="teacher"))
+
+
+def test_alpha_gamma_changes_do_not_recompile():
+    """alpha/gamma are run-time values of the compiled loss: new values reuse the compiled programs (the jit cache
+    of the dense and the fused path gains no entry) and still change the loss."""
+    logits, labels, mask, _ = random_blocks(jax.random.key(15))
+    hidden, lm_head, h_labels, h_mask, _ = hidden_case(jax.random.key(16))
+    dense, fused = losses._block_loss, losses._block_partials_from_hidden
+    values = []
+    for alpha, gamma in ((0.3, 1.0), (0.7, 2.0)):
+        for objective in ("dpace", "decay"):
+            spec = LossSpec(objective=objective, alpha=alpha, gamma=gamma)
+            values.append(float(block_loss(logits, labels, mask, spec)[0]))
+            block_loss_from_hidden(hidden, lm_head, h_labels, h_mask, spec, chunk_blocks=2)
+        if alpha == 0.3:
+            sizes = dense._cache_size(), fused._cache_size()
+    assert (dense._cache_size(), fused._cache_size()) == sizes
+    assert values[0] != values[2] and values[1] != values[3]
+
+
+def test_loss_spec_from_config():
+    """from_config copies the loss section and takes the logit transform from the draft config."""
+    section = config_lib.LossSection(objective="decay", alpha=0.3, gamma=2.0, per_token="kl", temperature=2.0)
+    draft = types.SimpleNamespace(output_multiplier=0.5, final_logit_softcapping=30.0)
+    assert LossSpec.from_config(section, draft) == LossSpec(
+        objective="decay",
+        alpha=0.3,
+        gamma=2.0,
+        per_token="kl",
+        normalization="modelopt",
+        confidence="data",
+        temperature=2.0,
+        logit_scale=0.5,
+        softcap=30.0,
+    )
+    with pytest.raises(ValueError, match="softcap"):
+        LossSpec.from_config(section, types.SimpleNamespace(output_multiplier=None, final_logit_softcapping=0.0))
 
 
 def test_traced_slot0_mask_is_ignored():
@@ -372,7 +416,7 @@ def hidden_case(key, b=2, n=5, bs=4, h=8, v=23):
 def test_chunked_matches_full(objective, kd, chunk):
     hidden, lm_head, labels, mask, teacher_hidden = hidden_case(jax.random.key(20))
     th = teacher_hidden if kd else None
-    kw = dict(objective=objective, alpha=0.4, gamma=3.0)
+    kw = dict(spec=LossSpec(objective=objective, alpha=0.4, gamma=3.0))
 
     def full(hd, w):
         teacher = None if th is None else th @ w.T

@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import oracle
+import train_fixtures as tf
 from dflash_jax import blocks, losses
 from dflash_jax.export import draft_from_params, export_draft, from_torch_tensors, import_draft, to_torch_tensors
 from dflash_jax.models import layers
@@ -33,19 +34,9 @@ KEEP = np.array([[True, True, True, False], [True, True, True, True]])
 
 
 def _config(target_layer_ids, window=None, causal=False) -> DraftConfig:
-    return DraftConfig(
-        hidden_size=H,
-        num_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        vocab_size=V,
+    return tf.tiny_draft_config(
         num_target_layers=6,
         target_layer_ids=target_layer_ids,
-        block_size=BS,
-        mask_token_id=0,
-        rope_theta=1e4,
         sliding_window=window,
         causal=causal,
         max_position_embeddings=128,
@@ -83,7 +74,11 @@ def _loss_and_grads(
         hidden = nnx.merge(graphdef, p)(noise, target_hidden, anchors, keep)
         logits = (hidden @ lm_head.T).reshape(*anchors.shape, BS, V)
         loss, _ = losses.block_loss(
-            logits, labels, mask, objective=objective, alpha=0.5, gamma=4.0, teacher_logits=teacher
+            logits,
+            labels,
+            mask,
+            spec=losses.LossSpec(objective=objective, alpha=0.5, gamma=4.0),
+            teacher_logits=teacher,
         )
         return loss, hidden @ lm_head.T
 

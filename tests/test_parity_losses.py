@@ -9,6 +9,7 @@ import pytest
 
 import oracle
 from dflash_jax import (
+    LossSpec,
     block_loss,
     block_targets,
     build_target_layer_ids,
@@ -82,7 +83,9 @@ def ours(input_ids, loss_mask, anchors, keep, logits, base, block_size, objectiv
         jnp.asarray(input_ids, jnp.int32), jnp.asarray(loss_mask), anchors_j, jnp.asarray(keep), block_size
     )
     teacher = None if base is None else gather_teacher_logits(jnp.asarray(base), anchors_j, block_size)
-    return lambda x: block_loss(x, labels, mask, objective=objective, alpha=alpha, gamma=gamma, teacher_logits=teacher)
+    return lambda x: block_loss(
+        x, labels, mask, spec=LossSpec(objective=objective, alpha=alpha, gamma=gamma), teacher_logits=teacher
+    )
 
 
 @pytest.mark.parametrize("kd", [False, True])

@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 import oracle
+import train_fixtures as tf
 from dflash_jax.eval import speculative
 from dflash_jax.export import to_torch_tensors
-from dflash_jax.models.draft import DraftConfig
 from dflash_jax.models.target_io import load_target
 from test_speculative import train_drafter
 
@@ -32,20 +32,8 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("target")
     oracle.ref_save_target(ref, path)
     target = load_target(path)
-    cfg = DraftConfig(
-        hidden_size=H,
-        num_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        vocab_size=V,
-        num_target_layers=6,
-        target_layer_ids=tuple(ref.target_layer_ids),
-        block_size=BS,
-        mask_token_id=0,
-        rope_theta=1e4,
-        max_position_embeddings=128,
+    cfg = tf.tiny_draft_config(
+        num_target_layers=6, target_layer_ids=tuple(ref.target_layer_ids), max_position_embeddings=128
     )
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, V, n).astype(np.int32) for n in (6, 9, 11)]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import oracle
+import train_fixtures as tf
 from dflash_jax import sharding
 from dflash_jax.config import LossSection
 from dflash_jax.export import draft_from_params, from_torch_tensors, to_torch_tensors
-from dflash_jax.models.draft import DraftConfig
 from dflash_jax.models.target_io import load_target
 from dflash_jax.train import optim
 from dflash_jax.train import step as st
@@ -36,21 +36,7 @@ def test_two_steps_match_reference_adamw(tmp_path):
     oracle.ref_save_target(ref_model, tmp_path / "target")
     target = load_target(tmp_path / "target", dtype="float32")
     layer_ids = tuple(ref_model.target_layer_ids)
-    cfg = DraftConfig(
-        hidden_size=H,
-        num_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        vocab_size=V,
-        num_target_layers=6,
-        target_layer_ids=layer_ids,
-        block_size=BS,
-        mask_token_id=0,
-        rope_theta=1e4,
-        max_position_embeddings=128,
-    )
+    cfg = tf.tiny_draft_config(num_target_layers=6, target_layer_ids=layer_ids, max_position_embeddings=128)
     initial = oracle.ref_draft_state(ref_model)
     draft = draft_from_params(cfg, from_torch_tensors(cfg, initial))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,12 @@ DRAFT_CFG = DraftConfig(
     mask_token_id=0,
     rope_theta=10000.0,
 )
+
+
+def tiny_draft_config(**overrides) -> DraftConfig:
+    """The tests' tiny drafter :data:`DRAFT_CFG` (H=32, 2 layers, V=64, block size 4) with ``overrides`` (other
+    :class:`DraftConfig` fields: a parity test's reference target has 6 layers and its own tap ids)."""
+    return dataclasses.replace(DRAFT_CFG, **overrides)
 
 
 def target_model(seed: int = 0):

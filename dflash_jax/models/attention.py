@@ -109,12 +109,12 @@ class RangeMask:
 class BlockMask:
     """The draft's training (or proposal) visibility: ``ctx`` over the context keys for the ``N*bs`` queries, and
     the block-diagonal part: slot ``j`` of block ``n`` sees slot ``i`` of its own block iff ``keep[b, n]`` (and
-    ``i <= j`` when ``causal``). ``keep [B, N]`` bool; ``impl`` the implementation that attends under it."""
+    ``i <= j`` when ``causal``). ``keep [B, N]`` bool. Which implementation attends under it is an argument of
+    :func:`block_sparse_attention`, not part of the mask."""
 
     ctx: RangeMask
     keep: jax.Array
     causal: bool = struct.field(pytree_node=False, default=False)
-    impl: str = struct.field(pytree_node=False, default="auto")  # see IMPLEMENTATIONS
 
     def block(self, block_size: int) -> jax.Array:
         """Boolean ``[B, N, bs, bs]`` block-diagonal visibility."""
@@ -289,11 +289,10 @@ def range_attention(
 @struct.dataclass
 class SelfMask:
     """The target's packed causal self-attention, described: query ``i`` sees key ``t <= i`` of its segment
-    (``segment_ids [B, S]``) and, on sliding layers, ``t > i - window``; ``impl`` the implementation."""
+    (``segment_ids [B, S]``) and, on sliding layers, ``t > i - window``."""
 
     segment_ids: jax.Array
     window: int | None = struct.field(pytree_node=False, default=None)
-    impl: str = struct.field(pytree_node=False, default="auto")
 
     def range_mask(self) -> RangeMask:
         seg = self.segment_ids.astype(jnp.int32)
@@ -328,18 +327,19 @@ def attend(
     v: jax.Array,
     mask: jax.Array | SelfMask,
     *,
+    impl: str = "auto",
     scale: float | None = None,
     sinks: jax.Array | None = None,
 ) -> jax.Array:
     """The target's attention: a boolean ``mask [B, Lq, Lk]`` runs :func:`masked_attention` (decode, and the
-    ``dense`` forward); a :class:`SelfMask` runs its implementation. ``pallas``: splash attention on TPU and
+    ``dense`` forward); a :class:`SelfMask` runs implementation ``impl`` (:data:`IMPLEMENTATIONS`). ``pallas``: splash attention on TPU and
     Triton on CUDA for full layers without sinks, the range kernel otherwise (interpreted off TPU/GPU).
     ``q [B, S, NH, HD]``, ``k/v [B, Lk, KVH, HD]`` -> ``[B, S, NH, HD]``.
     """
     if not isinstance(mask, SelfMask):
         return masked_attention(q, k, v, mask, scale=scale, sinks=sinks)
-    impl = resolve(mask.impl, keys=k.shape[1])
-    if impl == "pallas" and sinks is None and mask.window is None:
+    chosen = resolve(impl, keys=k.shape[1])
+    if chosen == "pallas" and sinks is None and mask.window is None:
         seg = mask.segment_ids.astype(jnp.int32)
         return jax.lax.platform_dependent(
             q,
@@ -351,8 +351,8 @@ def attend(
             default=lambda *a: range_attention(*a[:3], mask.range_mask(), "pallas", scale=scale)[0],
         )
     rm = mask.range_mask()
-    if impl == "pallas" or q.shape[1] <= CAUSAL_TILE:
-        return _self_attend(q, k, v, rm, impl, scale, sinks)
+    if chosen == "pallas" or q.shape[1] <= CAUSAL_TILE:
+        return _self_attend(q, k, v, rm, chosen, scale, sinks)
     # Causal tiling: query rows [q0, q1) never see a key at or past q1 (nor, on a sliding layer, before
     # q0 - window + 1), so each tile attends over that key range only (about half the scores of the whole square).
     outs = []
@@ -362,7 +362,7 @@ def attend(
         tile = RangeMask(
             q_seg=rm.q_seg[:, q0:q1], k_seg=rm.k_seg[:, k0:q1], lo=rm.lo[:, q0:q1] - k0, hi=rm.hi[:, q0:q1] - k0
         )
-        outs.append(_self_attend(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], tile, mask.impl, scale, sinks))
+        outs.append(_self_attend(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], tile, impl, scale, sinks))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -382,11 +382,13 @@ def block_sparse_attention(
     v_ctx: jax.Array,
     mask: BlockMask,
     sinks: jax.Array | None = None,
+    *,
+    impl: str = "auto",
 ) -> jax.Array:
     """Attention of ``N`` query blocks over shared context keys plus each block's own keys.
 
     Shapes: ``q [B, N*bs, NH, HD]``, ``k_blk/v_blk [B, N*bs, KVH, HD]``, ``k_ctx/v_ctx [B, S, KVH, HD]``,
-    ``mask.keep [B, N]``; ``mask.impl`` picks the implementation. Returns ``[B, N*bs, NH, HD]`` in ``v``'s dtype.
+    ``mask.keep [B, N]``; ``impl`` the implementation (:data:`IMPLEMENTATIONS`). Returns ``[B, N*bs, NH, HD]`` in ``v``'s dtype.
 
     Equals ``softmax(q k^T / sqrt(HD) + M) v`` over keys ``[ctx ; all blocks]`` with the reference's dense mask
     ``M`` (docs/design.md §4.4), because block ``n`` sees no other block: the ``[Q, S]`` and block-diagonal
@@ -402,7 +404,7 @@ def block_sparse_attention(
     m_blk = mask.block(bs)[:, :, None, None]  # [B, N, 1, 1, bs, bs]
     s_blk = attention_scores(q.reshape(b * n, bs, nh, hd), k_blk.reshape(b * n, bs, kvh, hd))
     s_blk = jnp.where(m_blk, s_blk.reshape(b, n, kvh, g, bs, bs), MASK_VALUE)  # [B, N, KVH, G, bs, bs]
-    impl = resolve(mask.impl, keys=k_ctx.shape[1])
+    impl = resolve(impl, keys=k_ctx.shape[1])
     if impl == "dense":
         m_ctx = mask.ctx.visible()[:, None, None]
         s_ctx = jnp.where(m_ctx, attention_scores(q, k_ctx), MASK_VALUE)  # [B, KVH, G, Q, S]

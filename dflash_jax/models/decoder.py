@@ -204,13 +204,14 @@ class Attention(nnx.Module):
         self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
         self.shape = (nh, kvh, hd)
 
-    def __call__(self, x, cos, sin, mask, past=None, write_pos=None):
+    def __call__(self, x, cos, sin, mask, past=None, write_pos=None, impl="auto"):
         """``x [B,S,H]`` (normed) -> ``(o_proj(attention) [B,S,H], kv)``. Without ``past`` the keys are the S new
         tokens, ``mask [B,S,Lk]`` is bool or an ``attention.SelfMask`` (the packed causal mask without building it),
         and ``kv = (k, v)`` of those tokens. With ``past = (k, v, i)``, the whole cache ``k, v [L,B,KVH,max_len,HD]``
         and this layer's index ``i``, the new k/v are scattered into layer ``i`` at ``write_pos [B,S]`` (out-of-range
         writes dropped; in place: a decode step copies no cache), attention runs over that layer's cache under the
-        bool ``mask [B,S,max_len]``, and ``kv`` is the updated ``(k, v)`` of all layers."""
+        bool ``mask [B,S,max_len]``, and ``kv`` is the updated ``(k, v)`` of all layers. ``impl``: the attention
+        implementation under a ``SelfMask`` (``attention.attend``)."""
         q, k, v = self.qkv(x, cos, sin)
         kv = (k, v)
         if past is not None:
@@ -222,7 +223,9 @@ class Attention(nnx.Module):
             k, v = kv[0][past[2]], kv[1][past[2]]
         sinks = None if self.sinks is None else self.sinks[...]
         if past is None:
-            a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks)
+            a = attention.attend(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=impl, scale=self.scale, sinks=sinks
+            )
         else:
             a = layers.masked_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale, sinks=sinks, heads_first=True

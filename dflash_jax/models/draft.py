@@ -165,14 +165,12 @@ def training_masks(
     block_size: int,
     sliding_window: int | None,
     causal: bool,
-    impl: str = "auto",
 ) -> attention.BlockMask:
     """Visibility for the training forward (docs/design.md §4.4, generalised to packed segments), as positions.
 
     ``anchors/keep [B, N]``, ``segment_ids [B, S]``: context ``t`` is visible to slot ``j`` of block ``n`` iff
     ``keep[n]``, ``t < a_n``, ``segment_ids[t] == segment_ids[a_n]`` and (with a window ``W``) ``a_n + j - W < t``;
-    a block sees its own keys iff ``keep[n]`` (key slot <= query slot if ``causal``). ``impl``: the attention
-    implementation (``attention.IMPLEMENTATIONS``).
+    a block sees its own keys iff ``keep[n]`` (key slot <= query slot if ``causal``).
     """
     b, n = anchors.shape
     s = segment_ids.shape[1]
@@ -183,7 +181,7 @@ def training_masks(
     if sliding_window is not None:
         lo = per_slot(anchors) + jnp.tile(jnp.arange(block_size, dtype=jnp.int32), n)[None] - sliding_window
     ctx = attention.RangeMask(q_seg=per_slot(seg_a), k_seg=segment_ids.astype(jnp.int32), lo=lo, hi=hi)
-    return attention.BlockMask(ctx=ctx, keep=keep, causal=causal, impl=impl)
+    return attention.BlockMask(ctx=ctx, keep=keep, causal=causal)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,16 +215,16 @@ class DraftAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         return layers.apply_rope(k, cos, sin), v
 
-    def __call__(self, x, k_ctx, v_ctx, cos, sin, mask):
+    def __call__(self, x, k_ctx, v_ctx, cos, sin, mask, impl):
         """``x [B, Q, H]`` (normed block stream), context K/V ``[B, S, KVH, HD]``, block cos/sin ``[B, Q, HD]``,
-        ``mask`` an ``attention.BlockMask`` ->
+        ``mask`` an ``attention.BlockMask``, ``impl`` the attention implementation ->
         ``(out [B, Q, H], None)`` (the :class:`~dflash_jax.models.layers.DecoderBlock` contract)."""
         b, q_len, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, q_len, self.num_heads, self.head_dim))
         q = layers.apply_rope(q, cos, sin)
         k_blk, v_blk = self.key_values(x, cos, sin)
         sinks = None if self.attention_sink_bias is None else self.attention_sink_bias[...]
-        out = attention.block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, mask, sinks)
+        out = attention.block_sparse_attention(q, k_blk, v_blk, k_ctx, v_ctx, mask, sinks, impl=impl)
         return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim)), None
 
 
@@ -326,9 +324,9 @@ def draft_layer(cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: An
     )
 
 
-def _apply_layer(layer, *args):
-    """``layer(*args)``: the unit :func:`nnx.remat` recomputes in the backward pass when ``remat`` is on."""
-    return layer(*args)
+def _apply_layer(layer, *args, impl):
+    """``layer(*args, impl)``: the unit :func:`nnx.remat` recomputes in the backward pass when ``remat`` is on."""
+    return layer(*args, impl)
 
 
 class DFlashDraft(nnx.Module):
@@ -391,9 +389,13 @@ class DFlashDraft(nnx.Module):
             )
         return self.hidden_norm(self.fc(target_hidden.astype(self.dtype)))
 
-    def _decode(self, h, kv_of_layer, cos, sin, mask):
+    def _decode(self, h, kv_of_layer, cos, sin, mask, impl):
         h = h.astype(self.dtype)
-        apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
+
+        def layer_fn(layer, *args):  # impl (a string) is closed over: never an argument of nnx.remat
+            return _apply_layer(layer, *args, impl=impl)
+
+        apply = nnx.remat(layer_fn) if self.remat else layer_fn
         for i, layer in enumerate(self.layers):
             k_ctx, v_ctx = kv_of_layer(i, layer)
             h, _ = apply(layer, h, k_ctx, v_ctx, cos, sin, mask)
@@ -431,9 +433,14 @@ class DFlashDraft(nnx.Module):
         ctx = self.fuse(target_hidden)
         cos, sin = self._cos_sin(blocks.draft_position_ids(s, anchors, bs, positions))  # [B, S + N*bs, HD]
         cos_c, sin_c, cos_b, sin_b = cos[:, :s], sin[:, :s], cos[:, s:], sin[:, s:]
-        mask = training_masks(anchors, keep, segment_ids, bs, cfg.sliding_window, cfg.causal, attention_impl)
+        mask = training_masks(anchors, keep, segment_ids, bs, cfg.sliding_window, cfg.causal)
         return self._decode(
-            noise_emb, lambda i, layer: layer.self_attn.key_values(ctx, cos_c, sin_c), cos_b, sin_b, mask
+            noise_emb,
+            lambda i, layer: layer.self_attn.key_values(ctx, cos_c, sin_c),
+            cos_b,
+            sin_b,
+            mask,
+            attention_impl,
         )
 
     # ----------------------------------------------------------------------------------------------------
@@ -499,5 +506,5 @@ class DFlashDraft(nnx.Module):
         ctx = attention.RangeMask(
             q_seg=zeros[:, :bs], k_seg=zeros, lo=lo, hi=jnp.broadcast_to(cache.length[:, None], (b, bs))
         )
-        mask = attention.BlockMask(ctx=ctx, keep=jnp.ones((b, 1), bool), causal=cfg.causal, impl="dense")
-        return self._decode(noise_emb, lambda i, layer: (cache.k[i], cache.v[i]), cos, sin, mask)
+        mask = attention.BlockMask(ctx=ctx, keep=jnp.ones((b, 1), bool), causal=cfg.causal)
+        return self._decode(noise_emb, lambda i, layer: (cache.k[i], cache.v[i]), cos, sin, mask, "dense")

@@ -82,8 +82,9 @@ class TargetModel(nnx.Module):
             raise ValueError(f"layer_ids {bad} out of range [0, {self.config.num_layers})")
         return ids
 
-    def _run(self, input_ids, positions, mask, key_positions, layer_ids, cache=None):
-        """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``.
+    def _run(self, input_ids, positions, mask, key_positions, layer_ids, cache=None, impl="auto"):
+        """Shared body of ``__call__`` and ``decode``: returns ``(taps, final_hidden, new_kv or None)``; ``impl``
+        the attention implementation under an ``attention.SelfMask``.
 
         ``mask [B,S,Lk]`` (or an ``attention.SelfMask``) is the full-attention mask; sliding layers also need
         ``key_positions [B|1, Lk]``:
@@ -100,7 +101,7 @@ class TargetModel(nnx.Module):
         h = self.embed(input_ids)
         outs, kv = {}, None if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
-            h, new_kv = layer(h, *ctx[cfg.layer_type(i)], None if kv is None else (*kv, i), positions)
+            h, new_kv = layer(h, *ctx[cfg.layer_type(i)], None if kv is None else (*kv, i), positions, impl)
             kv = None if cache is None else new_kv
             if i in ids:
                 outs[i] = h
@@ -143,8 +144,8 @@ class TargetModel(nnx.Module):
             causal = jnp.tril(jnp.ones((s, s), bool))
             mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
         else:  # described, never materialised
-            mask = attention.SelfMask(segment_ids, impl=attention_impl)
-        taps, final, _ = self._run(input_ids, positions, mask, positions, layer_ids)
+            mask = attention.SelfMask(segment_ids)
+        taps, final, _ = self._run(input_ids, positions, mask, positions, layer_ids, impl=attention_impl)
         return taps, final
 
     # -- KV-cache decoding -------------------------------------------------------------------------------

@@ -62,6 +62,68 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlineTeacher:
+    """Target features computed inside the step: the frozen target's forward over the batch's tokens."""
+
+    reads_whole_target = True  # every target layer up to the last tap and the final norm
+
+    def batch_keys(self, kd: bool) -> tuple[str, ...]:
+        """Batch keys this source needs beyond :data:`BATCH_KEYS`."""
+        return ()
+
+    def features(
+        self, target: nnx.Module, mb: Mapping[str, jax.Array], draft_cfg: DraftConfig, attention: str
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(taps [B,S,T*H], final hidden [B,S,H])`` of the target at the draft's ``target_layer_ids``."""
+        return target(
+            mb["input_ids"],
+            positions=mb["positions"],
+            segment_ids=mb["segment_ids"],
+            layer_ids=draft_cfg.target_layer_ids,
+            attention_impl=attention,
+        )
+
+    def check_batch(self, batch: Mapping[str, Any], draft_cfg: DraftConfig, kd: bool) -> None:
+        """Shape checks of this source's batch keys (none)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineTeacher:
+    """Target features read from the batch (``dflash-jax dump-features``): ``target_hidden`` and, for a teacher
+    loss, ``teacher_hidden``; the target's embedding table and ``lm_head`` are all the step reads of it."""
+
+    reads_whole_target = False
+
+    def batch_keys(self, kd: bool) -> tuple[str, ...]:
+        return ("target_hidden",) + (("teacher_hidden",) if kd else ())
+
+    def features(
+        self, target: nnx.Module, mb: Mapping[str, jax.Array], draft_cfg: DraftConfig, attention: str
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``(taps [B,S,T*H], final hidden [B,S,H] | None)`` as stored."""
+        return mb["target_hidden"], mb.get("teacher_hidden")
+
+    def check_batch(self, batch: Mapping[str, Any], draft_cfg: DraftConfig, kd: bool) -> None:
+        """``target_hidden [B,S,T*H]`` and (KD) ``teacher_hidden [B,S,H]``: a ValueError naming the key."""
+        b, s = np.shape(batch["input_ids"])
+        hidden_size = draft_cfg.hidden_size
+        th = (b, s, draft_cfg.num_features * hidden_size)
+        if tuple(np.shape(batch["target_hidden"])) != th:
+            raise ValueError(
+                f"batch['target_hidden'] must be [B,S,T*H] = {th} (T = len(target_layer_ids)), "
+                f"got {tuple(np.shape(batch['target_hidden']))}"
+            )
+        if kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
+            raise ValueError(
+                f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
+                f"got {tuple(np.shape(batch['teacher_hidden']))}"
+            )
+
+
+TEACHERS = {"online": OnlineTeacher(), "offline": OfflineTeacher()}  # by train.mode
+
+
+@dataclasses.dataclass(frozen=True)
 class StepConfig:
     """The step's own settings; block size, mask id and target layer ids are read from the draft's
     :class:`~dflash_jax.models.draft.DraftConfig`, never copied here.
@@ -69,7 +131,8 @@ class StepConfig:
     ``num_anchors``: blocks per row (``train.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
     :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
     docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
-    ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
+    ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch), the
+    :attr:`teacher` source (:class:`OnlineTeacher` / :class:`OfflineTeacher`) the step uses. ``attention``: the
     target's and the draft's attention implementation (``train.attention``). ``grad_accum``: micro-batches per step
     (:func:`train_step`). Values are validated where they are born (:func:`dflash_jax.config.validate`).
     """
@@ -79,6 +142,11 @@ class StepConfig:
     mode: str = "online"
     attention: str = "auto"
     grad_accum: int = 1
+
+    @property
+    def teacher(self) -> OnlineTeacher | OfflineTeacher:
+        """The target-feature source of ``mode`` (:data:`TEACHERS`)."""
+        return TEACHERS[self.mode]
 
     @property
     def chunk_blocks(self) -> int:
@@ -148,33 +216,20 @@ def train_step(
     step equals the K = 1 step up to float summation order. ``target_unread``: the target's tensors that were
     never loaded (``jax.ShapeDtypeStruct`` leaves, offline mode only; the step must not read them)."""
     target = nnx.merge(target_graphdef, target_state, *([] if target_unread is None else [target_unread]))
-    bs, n, lo, k = draft_cfg.block_size, cfg.num_anchors, cfg.loss, cfg.grad_accum
+    bs, n, lo, k, teacher_source = draft_cfg.block_size, cfg.num_anchors, cfg.loss, cfg.grad_accum, cfg.teacher
     if "anchors" in batch:  # injected (parity tests, replaying a run): [B, num_anchors] int32 + keep bool
         anchors, keep = batch["anchors"].astype(jnp.int32), batch["keep"].astype(bool)
     else:
         anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), batch["loss_mask"], bs, n)
     lm_head = target.lm_head_weight()
-    logits_options = dict(
-        temperature=lo.temperature,
-        logit_scale=draft_cfg.output_multiplier,
-        softcap=draft_cfg.final_logit_softcapping,
-    )
+    spec = losses.LossSpec.from_config(lo, draft_cfg)
 
     def numerator_grad(params: Any, mb: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """Gradient w.r.t. ``params`` of ``sum(W*l)`` over the rows of ``mb`` (times the loss scale when K = 1:
         the loss gradient itself), and their loss partials."""
         input_ids, segment_ids, positions = mb["input_ids"], mb["segment_ids"], mb["positions"]
         b = input_ids.shape[0]
-        if cfg.mode == "online":
-            taps, final = target(
-                input_ids,
-                positions=positions,
-                segment_ids=segment_ids,
-                layer_ids=draft_cfg.target_layer_ids,
-                attention_impl=cfg.attention,
-            )
-        else:
-            taps, final = mb["target_hidden"], mb.get("teacher_hidden")
+        taps, final = teacher_source.features(target, mb, draft_cfg, cfg.attention)
         labels, mask = blocks.block_targets(input_ids, mb["loss_mask"], mb["anchors"], mb["keep"], bs, segment_ids)
         noise_emb = target.embed(noise_ids(input_ids, mb["anchors"], mb["keep"], bs, draft_cfg.mask_token_id))
         teacher = None
@@ -193,23 +248,11 @@ def train_step(
                 attention_impl=cfg.attention,
             )
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
-            pieces = dict(
-                objective=lo.objective,
-                alpha=lo.alpha,
-                gamma=lo.gamma,
-                teacher_hidden=teacher,
-                per_token=lo.per_token,
-                confidence=lo.confidence,
-                chunk_blocks=cfg.chunk_blocks,
-                compute_dtype=compute_dtype,
-                logits_options=logits_options,
-            )
-            partials = losses.block_partials_from_hidden(
-                hidden, lm_head, labels, mask, normalization=lo.normalization, **pieces
-            )
+            chunking = dict(teacher_hidden=teacher, chunk_blocks=cfg.chunk_blocks, compute_dtype=compute_dtype)
+            partials = losses.block_partials_from_hidden(hidden, lm_head, labels, mask, spec, **chunking)
             if draft.candidate_selector is not None:  # DFlash2: + selector_weight * the selector loss
                 candidates, weights = losses.selector_targets(
-                    hidden, lm_head, labels, mask, top_k=draft_cfg.selector_top_k, **pieces
+                    hidden, lm_head, labels, mask, spec, top_k=draft_cfg.selector_top_k, **chunking
                 )
                 selector = losses.selector_partials(
                     draft.candidate_selector.scores,
@@ -219,8 +262,8 @@ def train_step(
                     mask,
                     candidates,
                     weights,
+                    spec,
                     missing=lo.selector_missing,
-                    logits_options=logits_options,
                 )
                 partials = losses.with_selector(partials, selector, lo.selector_weight)
             # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
@@ -339,12 +382,8 @@ def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainS
 
 def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfig, mesh: Mesh) -> None:
     """Shape checks before compiling: clear ValueErrors naming the field (never a silent broadcast)."""
-    kd, hidden_size = cfg.loss.kd, draft_cfg.hidden_size
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if cfg.mode == "offline" and "target_hidden" not in batch:
-        missing.append("target_hidden")
-    if cfg.mode == "offline" and kd and "teacher_hidden" not in batch:
-        missing.append("teacher_hidden")
+    kd = cfg.loss.kd
+    missing = [k for k in BATCH_KEYS + cfg.teacher.batch_keys(kd) if k not in batch]
     if ("anchors" in batch) != ("keep" in batch):
         missing.append("keep" if "anchors" in batch else "anchors")
     if missing:
@@ -360,18 +399,7 @@ def check_batch(batch: Mapping[str, Any], cfg: StepConfig, draft_cfg: DraftConfi
             raise ValueError(f"batch[{k!r}] must have shape {(b, s)} like input_ids, got {tuple(np.shape(batch[k]))}")
     if s % draft_cfg.block_size:
         raise ValueError(f"seq_len {s} must be a multiple of block_size {draft_cfg.block_size}")
-    if cfg.mode == "offline":
-        th = (b, s, draft_cfg.num_features * hidden_size)
-        if tuple(np.shape(batch["target_hidden"])) != th:
-            raise ValueError(
-                f"batch['target_hidden'] must be [B,S,T*H] = {th} (T = len(target_layer_ids)), "
-                f"got {tuple(np.shape(batch['target_hidden']))}"
-            )
-        if kd and tuple(np.shape(batch["teacher_hidden"])) != (b, s, hidden_size):
-            raise ValueError(
-                f"batch['teacher_hidden'] must be [B,S,H] = {(b, s, hidden_size)}, "
-                f"got {tuple(np.shape(batch['teacher_hidden']))}"
-            )
+    cfg.teacher.check_batch(batch, draft_cfg, kd)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.grad_accum
     if b * jax.process_count() % n_batch:
         raise ValueError(
@@ -440,7 +468,7 @@ class TrainStep:
         self.cfg, self.draft_cfg, self.mesh = cfg, draft.cfg, mesh
         target_graphdef, target_state = nnx.split(target, nnx.Param)
         target_state, unread = nnx.split_state(target_state, lambda _, v: not target_io.is_unread(v.get_value()), ...)
-        if unread and cfg.mode == "online":
+        if unread and cfg.teacher.reads_whole_target:
             raise ValueError("online training reads the whole target, but it was loaded with only some tensors")
         self.target_shardings = sharding.state_shardings(target_state, mesh)
         self.target_state = sharding.place(target_state, self.target_shardings)  # no copy when already placed

@@ -43,8 +43,8 @@ class Gemma3DecoderLayer(nnx.Module):
         )
         self.post_feedforward_layernorm = norm()
 
-    def __call__(self, h, cos, sin, mask, past=None, write_pos=None):
-        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, write_pos)
+    def __call__(self, h, cos, sin, mask, past=None, write_pos=None, impl="auto"):
+        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, write_pos, impl)
         h = h + self.post_attention_layernorm(a)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         return h, kv
