@@ -405,6 +405,19 @@ class DataIterator:
             "packing": self.packing,
         }
 
+    # grain's checkpointable-iterator protocol (the loader's prefetch thread drives the iterator through it)
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return self.next()
+
+    def get_state(self) -> dict[str, Any]:
+        return self.state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.restore(state)
+
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state()``; ValueError if it was taken over a different dataset or batching."""
         for key, mine in (
