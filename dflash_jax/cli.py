@@ -306,7 +306,8 @@ def _print_json(obj: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dflash_jax import config as config_lib
-    from dflash_jax.train import loop, rundir, sharding
+    from dflash_jax import sharding
+    from dflash_jax.train import loop, rundir
 
     sharding.maybe_initialize_distributed()
     path = args.config
@@ -407,11 +408,10 @@ def _run_mesh(config):
         return None
     import jax
 
-    from dflash_jax import config as config_lib
-    from dflash_jax.train import sharding
+    from dflash_jax import sharding
 
     try:
-        config_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())
+        sharding.resolve_mesh_shape(config.mesh.shape, jax.device_count())
     except ValueError as e:
         log.warning("%s: the target loads whole on the default device", e)
         return None
@@ -463,7 +463,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = run.eval_prompts(renderer, conversations, num)
     if not prompts:
         raise ValueError(f"--prompts {prompts_path!r}: the chat template rendered none of its prompts")
-    result = run.run_eval(target, draft_cfg, params, prompts, ev, seed=args.seed, check_lossless=args.check_lossless)
+    result = run.run_eval(
+        target,
+        draft_cfg,
+        params,
+        prompts,
+        ev,
+        seed=args.seed,
+        check_lossless=args.check_lossless,
+        eos_token_ids=chat.stop_token_ids(target, renderer),
+    )
     paths = write_report(result, out)
     summary = {k: v for k, v in result.items() if k != "per_prompt"}
     summary.update(report=paths["json"], prompts=prompts_path)
@@ -563,9 +572,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from dflash_jax import config as config_lib
+    from dflash_jax import regenerate as regen
+    from dflash_jax import sharding
     from dflash_jax.data import chat
-    from dflash_jax.data import regenerate as regen
-    from dflash_jax.train import run, sharding
+    from dflash_jax.train import run
 
     config = config_lib.load_config(args.config, args.overrides)
     data = config.data

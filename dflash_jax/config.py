@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
@@ -21,29 +20,78 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import yaml
 
-from dflash_jax import paths
-from dflash_jax.models import draft as draft_lib
-from dflash_jax.models import hf_io
-from dflash_jax.models.target import TargetConfig
+from dflash_jax import sharding
 
 Dtype = Literal["float32", "bfloat16"]
+# The name lists of the loss pieces (dflash_jax.losses) and attention implementations (models/attention.py),
+# defined once here: those modules take their tuples from these types.
+Objective = Literal["dpace", "dpace_cumulative", "dpace_continuation", "decay", "uniform"]
+PerToken = Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"]
+Normalization = Literal["modelopt", "batch", "tokens"]
+Confidence = Literal["data", "loss"]
+AttentionImpl = Literal["auto", "dense", "chunked", "pallas"]
+Variant = Literal["dflash", "dflash2", "jetspec"]  # the drafter families of models/draft.py
+
+
+def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = None) -> None:
+    """Shared architecture checks of a model config or its YAML section (target, draft, ``target.random``):
+    every ``int_fields`` entry is a positive int, ``num_attention_heads % num_key_value_heads == 0`` and
+    ``head_dim`` is even (RoPE). ``ValueError`` names the field as ``<name>.<field>`` (default: the class)."""
+    name = name or type(cfg).__name__
+    for f in int_fields:
+        v = getattr(cfg, f)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}.{f} must be a positive integer, got {v!r}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(
+            f"{name}.num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({cfg.num_key_value_heads})"
+        )
+    if cfg.head_dim % 2:
+        raise ValueError(f"{name}.head_dim must be even for RoPE, got {cfg.head_dim}")
+
+
+def check_draft_fields(cfg: Any, name: str) -> None:
+    """The draft rules shared by the YAML ``draft`` section and ``models.draft.DraftConfig`` (``None`` = resolved
+    later): positive dims, GQA heads, even ``head_dim``, ``mask_token_id >= 0``, ``sliding_window >= block_size``,
+    ``rope_theta > 0``, ``rms_norm_eps > 0``. ``ValueError`` names ``<name>.<field>``."""
+    check_model_dims(
+        cfg,
+        ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "block_size"),
+        name,
+    )
+    if cfg.mask_token_id is not None and cfg.mask_token_id < 0:
+        raise ValueError(f"{name}.mask_token_id must be >= 0, got {cfg.mask_token_id}")
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size:
+        raise ValueError(
+            f"{name}.sliding_window must be >= {name}.block_size ({cfg.block_size}) or null, got {cfg.sliding_window}"
+        )
+    if cfg.rope_theta is not None and not cfg.rope_theta > 0:
+        raise ValueError(f"{name}.rope_theta must be > 0, got {cfg.rope_theta!r}")
+    if not cfg.rms_norm_eps > 0:
+        raise ValueError(f"{name}.rms_norm_eps must be > 0, got {cfg.rms_norm_eps!r}")
+    if cfg.variant not in typing.get_args(Variant):
+        raise ValueError(f"{name}.variant must be one of {list(typing.get_args(Variant))}, got {cfg.variant!r}")
+    check_model_dims(cfg, ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k"), name)
+    for key in ("output_multiplier", "final_logit_softcapping"):
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}.{key} must be > 0 or null, got {value!r}")
 
 
 @dataclass(frozen=True)
-class RandomTargetConfig(TargetConfig):
-    """A random-init target (``target.path: random``; tests and CI): a :class:`TargetConfig` (every field, checked
-    by it) with small defaults, plus the init ``seed``.
+class RandomTargetSection:
+    """A random-init target (``target.path: random``; tests and CI): its dimensions and the init ``seed``.
 
-    Its fields pass through the ``config.json`` parser (:func:`~dflash_jax.models.hf_io.config_from_hf`), which fills
-    those left at their defaults here, so a random target is built like a loaded one (Qwen2's q/k/v biases; for the
-    families of ``models/families/``: MoE on every layer with ``num_experts``/``num_experts_per_tok``/
-    ``moe_intermediate_size``, every ``sliding_window_pattern``-th layer full attention and the others sliding with
-    ``sliding_window``, Gemma's norms and scales).
+    ``models.hf_io.random_target_config`` turns it into a ``TargetConfig`` through the ``config.json`` parser, so
+    a random target is built like a loaded one: these dims are its own, every other field is the parser's
+    (Qwen2's q/k/v biases; for the families of ``models/families/``: MoE on every layer with ``num_experts``/
+    ``num_experts_per_tok``/``moe_intermediate_size``, every ``sliding_window_pattern``-th layer full attention
+    and the others sliding with ``sliding_window``, Gemma's norms and scales).
     """
-
-    __hash__ = TargetConfig.__hash__
 
     arch: str = "llama"
     vocab_size: int = 512
@@ -53,6 +101,8 @@ class RandomTargetConfig(TargetConfig):
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 16
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     num_experts: int = 4
     num_experts_per_tok: int = 2
@@ -62,7 +112,13 @@ class RandomTargetConfig(TargetConfig):
     seed: int = 0
 
     def __post_init__(self):
-        name = type(self).__name__
+        name = "target.random"
+        check_model_dims(
+            self,
+            ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads")
+            + ("num_key_value_heads", "head_dim"),
+            name,
+        )
         if self.sliding_window_pattern < 1:
             raise ValueError(f"{name}.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -70,14 +126,8 @@ class RandomTargetConfig(TargetConfig):
                 f"{name}.num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, "
                 f"{name}.num_experts ({self.num_experts})]"
             )
-        super().__post_init__()  # the fields as given (errors name this class)
-        parsed = hf_io.config_from_hf(self._hf_config())
-        for f in dataclasses.fields(TargetConfig):  # the derived fields (not the dims above) left at their defaults
-            if f.name not in _RANDOM_DIMS and getattr(self, f.name) == f.default:
-                object.__setattr__(self, f.name, getattr(parsed, f.name))
-        super().__post_init__()  # the filled fields
 
-    def _hf_config(self) -> dict:
+    def hf_config(self) -> dict:
         """These dims as an HF ``config.json`` dict (the input of the parser)."""
         return dict(
             model_type=self.arch,
@@ -101,16 +151,13 @@ class RandomTargetConfig(TargetConfig):
         )
 
 
-_RANDOM_DIMS = set(RandomTargetConfig.__annotations__)  # the random target's own dims: never filled by the parser
-
-
 @dataclass(frozen=True)
 class TargetSection:
     """``path``: HF directory, ``.gguf`` file, ``smollm2`` (the installed SmolLM2-135M-Instruct GGUF) or ``random``."""
 
     path: str = "random"
     dtype: Dtype = "float32"
-    random: RandomTargetConfig = field(default_factory=RandomTargetConfig)
+    random: RandomTargetSection = field(default_factory=RandomTargetSection)
 
 
 @dataclass(frozen=True)
@@ -119,7 +166,6 @@ class DraftSection:
 
     num_layers: int = 1
     block_size: int = 8
-    num_anchors: int = 32
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 16
@@ -132,6 +178,15 @@ class DraftSection:
     causal: bool = False
     rope_scaling: dict | None = None  # HF rope_scaling of the draft's RoPE (yarn / llama3 / linear), exported
     attention_sink: bool = False  # learned per-head sink logit in every draft layer (ModelOpt dflash_attention_sink)
+    # The drafter family (README "Drafters"): dflash; dflash2 (grouped dynamic causal convs around every sublayer +
+    # the path selector); jetspec (dflash with causal attention inside the block, the same as causal: true).
+    variant: Variant = "dflash"
+    conv_kernel_size: int = 2  # dflash2: taps of the in-block convolutions
+    conv_group_size: int = 16  # dflash2: channels sharing one dynamic tap correction (divides the hidden size)
+    selector_rank: int = 256  # dflash2: width r of the selector codebooks A, B [V, r] and projection P [r, H]
+    selector_top_k: int = 16  # dflash2: candidates per position the selector scores
+    output_multiplier: float | None = None  # logits = softcap(output_multiplier * h @ lm_head.T); null = 1
+    final_logit_softcapping: float | None = None  # cap * tanh(z / cap) on the draft logits; null = none
     init: str | None = None  # path to an exported drafter for warm start
 
 
@@ -142,13 +197,20 @@ class LossSection:
     distribution), the D-PACE ``confidence`` source and the ``normalization``; ``chunk_blocks`` blocks per fused
     vocabulary chunk."""
 
-    objective: Literal["dpace", "dpace_cumulative", "dpace_continuation", "decay", "uniform"] = "dpace"
+    objective: Objective = "dpace"
     alpha: float = 0.5
     gamma: float = 0.0
-    per_token: Literal["ce", "kd", "kl", "reverse_kl", "js", "tv"] = "kd"
-    normalization: Literal["modelopt", "batch", "tokens"] = "modelopt"
-    confidence: Literal["data", "loss"] = "data"
+    per_token: PerToken = "kd"
+    normalization: Normalization = "modelopt"
+    confidence: Confidence = "data"
     chunk_blocks: int | None = None  # null = all blocks in one chunk
+    # Teacher losses at temperature T: T^2 * l(z / T, z_teacher / T) (Hinton; JetSpec's forward KL at T).
+    temperature: float = 1.0
+    # dflash2: loss += selector_weight * sum(W * CE of the selector over the top-k candidates) / den, W the same
+    # position weights; selector_missing: a gold token outside the candidates is dropped (NeMo) or inserted in
+    # place of the weakest candidate (speculators).
+    selector_weight: float = 1.0
+    selector_missing: Literal["drop", "insert"] = "drop"
 
     @property
     def kd(self) -> bool:
@@ -196,6 +258,7 @@ class TrainSection:
     b2: float = 0.999
     eps: float = 1e-8
     seed: int = 0
+    num_anchors: int = 32  # blocks sampled per row every step (static; padding blocks weigh nothing)
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -208,7 +271,7 @@ class TrainSection:
     # Attention implementation of the target and the draft (README "Attention"): auto = the measured choice per
     # backend; dense = the parity baseline; chunked = XLA online softmax, O(queries x chunk) memory; pallas =
     # fused kernels (splash / Mosaic on TPU, Triton on GPU; interpreted, slowly, on CPU).
-    attention: Literal["auto", "dense", "chunked", "pallas"] = "auto"
+    attention: AttentionImpl = "auto"
     max_consecutive_skips: int = 5  # stop (exit 4) after this many consecutive non-finite (skipped) updates
     grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size rows in all), inside the one jit
 
@@ -307,7 +370,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys of earlier releases: what replaced them, said in the unknown-key error.
-_REPLACED = {"loss.kd": "loss.per_token (kd: true -> per_token: kd; kd: false -> per_token: ce)"}
+_REPLACED = {
+    "loss.kd": "loss.per_token (kd: true -> per_token: kd; kd: false -> per_token: ce)",
+    "draft.num_anchors": "train.num_anchors (anchor sampling is a training setting, not the architecture)",
+}
 
 
 def _unknown_key(message: str, key: str, names: Any) -> str:
@@ -353,10 +419,9 @@ def validate(config: Config) -> Config:
         config.mesh,
         config.eval,
     )
-    _check(bool(t.path), "target.path must not be empty")  # target.random checks itself (TargetConfig)
+    _check(bool(t.path), "target.path must not be empty")  # target.random checks itself
 
-    draft_lib.check_draft_fields(d, "draft")
-    _check(d.num_anchors >= 1, f"draft.num_anchors must be >= 1, got {d.num_anchors}")
+    check_draft_fields(d, "draft")
     if d.target_layer_ids is not None:
         ids = d.target_layer_ids
         _check(
@@ -388,6 +453,12 @@ def validate(config: Config) -> Config:
             UserWarning,
             stacklevel=2,
         )
+    _check(lo.temperature > 0.0, f"loss.temperature must be > 0, got {lo.temperature}")
+    _check(
+        lo.temperature == 1.0 or lo.kd,
+        f"loss.temperature ({lo.temperature}) needs a teacher loss (loss.per_token other than ce)",
+    )
+    _check(lo.selector_weight >= 0.0, f"loss.selector_weight must be >= 0, got {lo.selector_weight}")
     _check(
         lo.chunk_blocks is None or lo.chunk_blocks >= 1,
         f"loss.chunk_blocks must be >= 1 or null, got {lo.chunk_blocks}",
@@ -408,7 +479,7 @@ def validate(config: Config) -> Config:
     _check(da.prepare_workers >= 0, f"data.prepare_workers must be >= 0 (0 = every core), got {da.prepare_workers}")
     _check(da.prefetch >= 0, f"data.prefetch must be >= 0, got {da.prefetch}")
 
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+    for name in ("steps", "num_anchors", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     _check(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {tr.eval_every}")
     _check(
@@ -435,7 +506,7 @@ def validate(config: Config) -> Config:
     _check(tr.eps > 0, f"train.eps must be > 0, got {tr.eps}")
     _check(tr.mode != "offline" or bool(tr.features_dir), "train.features_dir must be set when train.mode is offline")
 
-    check_mesh_shape(m.shape)
+    sharding.check_mesh_shape(m.shape)
     _check(
         0.0 <= m.replicated_tolerance <= 1.0,
         f"mesh.replicated_tolerance must be in [0, 1], got {m.replicated_tolerance}",
@@ -455,35 +526,6 @@ def validate(config: Config) -> Config:
     return config
 
 
-def check_mesh_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """``mesh.shape`` as ints: 3 entries ``[data, fsdp, tensor]``, each >= 1 or at most one ``-1``."""
-    shape = tuple(int(s) for s in shape)
-    _check(len(shape) == 3, f"mesh.shape must have 3 entries [data, fsdp, tensor], got {list(shape)}")
-    _check(
-        all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
-        f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(shape)}",
-    )
-    return shape
-
-
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """``mesh.shape`` with its (at most one) ``-1`` entry replaced by the remaining devices; the product must equal
-    ``num_devices``. Raises ``ValueError`` naming ``mesh.shape``."""
-    shape = check_mesh_shape(shape)
-    known = math.prod(s for s in shape if s != -1)
-    if -1 in shape:
-        _check(
-            num_devices % known == 0, f"mesh.shape {list(shape)}: {num_devices} devices are not divisible by {known}"
-        )
-        shape = tuple(num_devices // known if s == -1 else s for s in shape)
-    _check(
-        math.prod(shape) == num_devices,
-        f"mesh.shape {list(shape)} has {math.prod(shape)} devices, but this machine has {num_devices} "
-        f"(jax.device_count())",
-    )
-    return shape
-
-
 def validate_runtime(
     config: Config,
     num_devices: int | None,
@@ -493,7 +535,7 @@ def validate_runtime(
     the batch divides over ``data*fsdp``, layer ids ``< num_target_layers``."""
     d = config.draft
     if num_devices is not None:
-        shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+        shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
         k = config.train.grad_accum
         _check(
             config.data.batch_size % (k * shape[0] * shape[1]) == 0,
@@ -602,13 +644,3 @@ def to_dict(config: Config) -> dict[str, Any]:
         return x
 
     return plain(dataclasses.asdict(config))
-
-
-def save_resolved(config: Config, run_dir: str | os.PathLike) -> str:
-    """Write the fully resolved ``config`` to ``run_dir/config.yaml`` atomically (a temporary file renamed over
-    it: a process killed while writing leaves the previous file, never a truncated one); returns the path."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "config.yaml")
-    with paths.atomic_open(path) as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False, default_flow_style=None)
-    return path

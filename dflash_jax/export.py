@@ -7,6 +7,14 @@ A checkpoint is a directory with ``model.safetensors`` (torch ``[out, in]`` layo
 ``lm_head``) and ``config.json`` (Qwen3-style dims plus ``block_size``, ``num_target_layers``, ``dflash_config``,
 ``rope_scaling``).
 
+DFlash2 (``architectures: ["DFlash2DraftModel"]``) adds ``layers.{i}.{attention_conv,mlp_conv}.{base_kernel,
+kernel_projection.weight}`` and ``candidate_selector.{predecessor_codebook,successor_codebook,
+hidden_projection.weight}``, and ``dflash_config`` ``conv_kernel_size``, ``conv_group_size``, ``selector_rank``,
+``selector_top_k`` (z-lab ``dflash/model.py``; NeMo Automodel ``draft_qwen3_dflash2.py``); ``is_causal: false``.
+JetSpec is the DFlash checkpoint with ``dflash_config.causal = true`` and ``is_causal: true`` (vLLM reads
+``is_causal``, then ``dflash_config.causal``). ``output_multiplier`` / ``final_logit_softcapping``, when set, are
+``dflash_config`` fields of any variant.
+
 ``params`` is always the draft's ``nnx.State`` of ``nnx.Param`` (``nnx.state(model, nnx.Param)``).
 """
 
@@ -32,6 +40,10 @@ from dflash_jax.models.draft import DFlashDraft, DraftConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+_CODEBOOK_ALIASES = {
+    f"candidate_selector.{name}.weight": f"candidate_selector.{name}"
+    for name in ("predecessor_codebook", "successor_codebook")
+}
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -65,6 +77,9 @@ def from_torch_tensors(
     Raises ``ValueError`` listing unknown keys, missing keys and wrong shapes (``embed_tokens``/``lm_head``/
     ``rotary_emb`` entries are not part of a draft and count as unknown).
     """
+    # The codebooks are nn.Embedding modules in z-lab's model (state_dict ``....codebook.weight``); published
+    # checkpoints and our export name them without ``.weight`` (z-lab's from_pretrained key_mapping).
+    tensors = {_CODEBOOK_ALIASES.get(k, k): v for k, v in tensors.items()}
     abstract = nnx.state(_abstract_draft(config, param_dtype), nnx.Param)
     flat = list(nnx.to_flat_state(abstract))
     expected = {}
@@ -105,8 +120,18 @@ def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
         "target_layer_ids": list(config.target_layer_ids),
         "causal": bool(config.causal),
     }
+    if config.variant == "dflash2":
+        dflash_config.update(
+            conv_kernel_size=config.conv_kernel_size,
+            conv_group_size=config.conv_group_size,
+            selector_rank=config.selector_rank,
+            selector_top_k=config.selector_top_k,
+        )
+    for key in ("output_multiplier", "final_logit_softcapping"):
+        if getattr(config, key) is not None:
+            dflash_config[key] = getattr(config, key)
     out = {
-        "architectures": ["DFlashDraftModel"],
+        "architectures": ["DFlash2DraftModel" if config.variant == "dflash2" else "DFlashDraftModel"],
         "model_type": "qwen3",
         "block_size": config.block_size,
         "dflash_config": dflash_config,
@@ -131,6 +156,8 @@ def config_to_json(config: DraftConfig, dtype: str = "bfloat16") -> dict:
         "num_target_layers": config.num_target_layers,
         "layer_types": ["full_attention"] * config.num_layers,
     }
+    if config.variant != "dflash":
+        out["is_causal"] = bool(config.causal)
     if config.sliding_window is not None:
         out["sliding_window"] = config.sliding_window
         dflash_config.update(use_swa=True, swa_window_size=config.sliding_window)
@@ -174,6 +201,14 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
             )
     hidden = int(_field(d, "hidden_size"))
     heads = int(_field(d, "num_attention_heads"))
+    variant = "dflash2" if "DFlash2DraftModel" in (d.get("architectures") or ()) else "dflash"
+    extra = {}
+    if variant == "dflash2":  # z-lab / NeMo defaults for the fields a checkpoint may leave out
+        defaults = dict(conv_kernel_size=2, conv_group_size=16, selector_rank=256, selector_top_k=16)
+        extra = {k: int(dc.get(k, v)) for k, v in defaults.items()}
+    for key in ("output_multiplier", "final_logit_softcapping"):
+        if dc.get(key) is not None:
+            extra[key] = float(dc[key])
     return DraftConfig(
         hidden_size=hidden,
         num_layers=int(_field(d, "num_hidden_layers")),
@@ -189,12 +224,14 @@ def config_from_json(d: Mapping[str, Any]) -> DraftConfig:
         rope_theta=float(theta),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         sliding_window=None if window is None else int(window),
-        causal=bool(dc.get("causal", False)),
+        causal=bool(d.get("is_causal", dc.get("causal", False))),
         attention_bias=bool(d.get("attention_bias", False)),
         initializer_range=float(d.get("initializer_range", 0.02)),
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
         rope_scaling=dict(scaling) if scaling else None,
         attention_sink=bool(dc.get("attention_sink_bias", d.get("attention_sink_bias", False))),
+        variant=variant,
+        **extra,
     )
 
 

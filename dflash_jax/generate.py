@@ -1,5 +1,5 @@
 """Batched autoregressive generation with the target's KV cache: the one decoding loop behind eval's plain
-decoding, ``Target.greedy_generate`` and ``dflash-jax regenerate``.
+decoding, :func:`greedy_generate` and ``dflash-jax regenerate``.
 
 Shapes are static per (rows, prompt bucket, capacity): prompts are right-padded to a bucket ``P`` (power of two),
 the cache holds ``P + capacity`` slots, and a ``lax.while_loop`` emits one token per row per step until every row
@@ -26,6 +26,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from dflash_jax import sharding
 
 MIN_BUCKET = 8
 
@@ -166,8 +168,6 @@ def run_compiled(fn: Callable, statics: dict, args: tuple) -> tuple[Any, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(_COMPILED[sig](*args))
     secs = time.perf_counter() - start
-    from dflash_jax.train import sharding  # a target sharded over several processes: outputs gathered on each
-
     return sharding.to_host(out), secs
 
 
@@ -189,15 +189,13 @@ def row_keys(seed: int, *ids: Sequence[int]) -> jax.Array:
 class Generator:
     """Batched generation for one target model (a ``models.target.TargetModel``), optionally on a mesh.
 
-    ``mesh``: a ``("data", "fsdp", "tensor")`` mesh (``train.sharding.make_mesh``); the parameters are placed by
+    ``mesh``: a ``("data", "fsdp", "tensor")`` mesh (``sharding.make_mesh``); the parameters are placed by
     the logical-axis rules once, here, and every batch is padded to a multiple of ``data * fsdp`` rows.
     """
 
     def __init__(self, model, *, mesh=None):
         self.graph, state = nnx.split(model)
         if mesh is not None:
-            from dflash_jax.train import sharding
-
             with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
                 state = jax.device_put(state, sharding.state_shardings(state, mesh))
         self.state, self.mesh = state, mesh
@@ -254,8 +252,6 @@ class Generator:
         keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (rows - n,))]) if rows > n else keys
         args = (self.state, jnp.asarray(padded), jnp.asarray(num_valid), jnp.asarray(limits), keys)
         if self.mesh is not None:
-            from dflash_jax.train import sharding
-
             args = (self.state, *(jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim)) for a in args[1:]))
         statics = dict(
             graph=self.graph,
@@ -267,3 +263,14 @@ class Generator:
         )
         (tokens, lengths), secs = run_compiled(decode_fn, statics, args)
         return Generated([np.asarray(tokens[i, : lengths[i]], np.int32) for i in range(n)], secs)
+
+
+def greedy_generate(target: Any, prompt_ids: Sequence[int], max_new_tokens: int, *, stop_ids=None) -> list[int]:
+    """Greedy continuation of one prompt by ``target`` (a ``models.target_io.Target``) with the KV cache; stops
+    after a token in ``stop_ids`` (default the target's ``eos_token_ids``), which is included in the result. The
+    batched loop above: one executable per power-of-two bucket of the prompt length and of ``max_new_tokens``."""
+    prompt = np.asarray(prompt_ids, np.int32)
+    if prompt.ndim != 1 or prompt.size == 0 or max_new_tokens <= 0:
+        raise ValueError("greedy_generate: prompt_ids must be a non-empty 1-D sequence and max_new_tokens > 0")
+    stop = target.eos_token_ids if stop_ids is None else stop_ids
+    return Generator(target.model)([prompt], int(max_new_tokens), eos_token_ids=stop).tokens[0].tolist()

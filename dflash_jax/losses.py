@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 from typing import Any, Callable, Mapping
 
 import chex
@@ -44,12 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-DPACE_OBJECTIVES = ("dpace", "dpace_cumulative", "dpace_continuation")
-OBJECTIVES = DPACE_OBJECTIVES + ("decay", "uniform")
-PER_TOKEN_LOSSES = ("ce", "kd", "kl", "reverse_kl", "js", "tv")
-TEACHER_LOSSES = PER_TOKEN_LOSSES[1:]  # need the teacher's logits
-NORMALIZATIONS = ("modelopt", "batch", "tokens")
-CONFIDENCES = ("data", "loss")
+from dflash_jax import config as config_lib
+
+OBJECTIVES = typing.get_args(config_lib.Objective)
+DPACE_OBJECTIVES = tuple(o for o in OBJECTIVES if o.startswith("dpace"))
+PER_TOKEN_LOSSES = typing.get_args(config_lib.PerToken)
+TEACHER_LOSSES = tuple(p for p in PER_TOKEN_LOSSES if p != "ce")  # need the teacher's logits
+NORMALIZATIONS = typing.get_args(config_lib.Normalization)
+CONFIDENCES = typing.get_args(config_lib.Confidence)
 _EPS = 1e-6  # ModelOpt's "+ 1e-6" in both the loss normaliser and the accuracy denominator
 _TOKENS_EPS = 1e-5  # speculators' _LOSS_REDUCTION_EPS
 
@@ -380,6 +383,9 @@ class LossSpec:
     objective: str | Weighting
     per_token: PerTokenLoss
     confidence: str = "data"
+    temperature: float = 1.0  # teacher losses: T^2 * l(x / T, teacher / T) (Hinton; JetSpec's KL at T)
+    logit_scale: float | None = None  # the draft's output_multiplier (models/draft.py)
+    softcap: float | None = None  # the draft's final_logit_softcapping
 
 
 def partial_sums(loss_tok: jax.Array, correct: jax.Array, mask: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
@@ -441,6 +447,17 @@ def reduce_partials(
         "num_tokens": num_tokens,
         "position_weight_mean": jax.lax.stop_gradient(partials["weight"] / per_slot_count),
     }
+    if "selector_correct" in partials:  # DFlash2: the selector's path (what the drafter emits) and its ceiling
+        selector_position = jax.lax.stop_gradient(partials["selector_correct"] / per_slot_count)
+        scale = jnp.where(active, 1.0 / jnp.where(active, den, 1.0), 0.0)
+        metrics.update(
+            selector_loss=jax.lax.stop_gradient(partials["selector_weighted_loss"] * scale),
+            selector_accuracy=jnp.sum(partials["selector_correct"]) / (num_tokens + _EPS),
+            selector_position_accuracy=selector_position,
+            selector_simulated_tau=1.0 + jnp.sum(jnp.cumprod(selector_position[1:])),
+            selector_accept_length=1.0 + partials["selector_accepted"] / jnp.maximum(partials["blocks"], 1.0),
+            candidate_recall=jnp.sum(partials["candidate_hits"]) / (num_tokens + _EPS),
+        )
     return loss, metrics
 
 
@@ -455,15 +472,38 @@ def _logit_partials(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss of one set of blocks from float32 logits: ``(sum W*l, other partials)``; the one code path of
     :func:`block_loss` and of every chunk of :func:`block_loss_from_hidden`. Only ``l`` carries gradient."""
-    loss_tok = spec.per_token(logits, labels, teacher_logits)
-    chex.assert_shape(loss_tok, labels.shape)
-    data_ce = spec.confidence == "data" and spec.per_token is not ce_loss
-    ce = ce_loss(logits, labels) if data_ce else loss_tok
-    conf = jnp.exp(-jax.lax.stop_gradient(ce).astype(jnp.float32))
-    weights = jax.lax.stop_gradient(make_weighting(spec.objective, alpha, gamma)(conf, mask).astype(jnp.float32))
+    logits, loss_tok, weights = _weighted_terms(logits, labels, mask, teacher_logits, spec, alpha, gamma)
     correct = is_argmax(logits, labels)
     partials = partial_sums(loss_tok.astype(jnp.float32), correct, mask, weights)
     return partials.pop("weighted_loss"), partials
+
+
+def logit_transform(z: jax.Array, scale: float | None, softcap: float | None) -> jax.Array:
+    """``softcap(scale * z)`` with ``softcap(x) = c * tanh(x / c)`` (a draft's ``output_multiplier`` and
+    ``final_logit_softcapping``); a null option is the identity."""
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    return z
+
+
+def _weighted_terms(logits, labels, mask, teacher_logits, spec: LossSpec, alpha, gamma):
+    """``(x, l, W)``: the draft logits ``x = logit_transform(logits)``, the per-token loss ``l`` (at the spec's
+    temperature ``T``: ``T^2 * l(x / T, teacher / T)``) and the detached position weights ``W`` from the
+    confidences (``exp(-CE(x))`` for ``data``, ``exp(-l)`` for ``loss``)."""
+    x = logit_transform(logits, spec.logit_scale, spec.softcap)
+    t = spec.temperature
+    if t == 1.0:
+        loss_tok = spec.per_token(x, labels, teacher_logits)
+    else:
+        loss_tok = t * t * spec.per_token(x / t, labels, teacher_logits / t)
+    chex.assert_shape(loss_tok, labels.shape)
+    data_ce = spec.confidence == "data" and (spec.per_token is not ce_loss or t != 1.0)
+    ce = ce_loss(x, labels) if data_ce else loss_tok
+    conf = jnp.exp(-jax.lax.stop_gradient(ce).astype(jnp.float32))
+    weights = jax.lax.stop_gradient(make_weighting(spec.objective, alpha, gamma)(conf, mask).astype(jnp.float32))
+    return x, loss_tok, weights
 
 
 def _zero_slot0(mask: jax.Array) -> jax.Array:
@@ -471,14 +511,23 @@ def _zero_slot0(mask: jax.Array) -> jax.Array:
     return mask.astype(jnp.float32) * (jnp.arange(mask.shape[-1]) > 0)
 
 
-def _spec(objective, alpha, gamma, per_token, normalization, confidence, has_teacher) -> LossSpec:
-    """Validate the options (and ``alpha`` for a named D-PACE objective) and resolve the per-token name."""
+def _spec(objective, alpha, gamma, per_token, normalization, confidence, has_teacher, logits_options=None) -> LossSpec:
+    """Validate the options (and ``alpha`` for a named D-PACE objective) and resolve the per-token name.
+    ``logits_options``: ``{temperature, logit_scale, softcap}`` (:class:`LossSpec`), checked > 0."""
     per_token = ("kd" if has_teacher else "ce") if per_token is None else per_token
     check_loss_options(objective, per_token, normalization, confidence, has_teacher)
     if isinstance(objective, str) and objective in DPACE_OBJECTIVES:
         check_alpha(alpha, allow_zero=True)
+    options = dict(logits_options or {})
+    for key, value in options.items():
+        if key not in ("temperature", "logit_scale", "softcap"):
+            raise ValueError(f"unknown logits option {key!r}")
+        if value is not None and not float(value) > 0:
+            raise ValueError(f"{key} must be > 0, got {value!r}")
+    if options.get("temperature", 1.0) != 1.0 and not has_teacher:
+        raise ValueError(f"temperature {options['temperature']} needs a teacher (a teacher per-token loss)")
     per_token_fn = PER_TOKEN[per_token] if isinstance(per_token, str) else per_token
-    return LossSpec(objective, per_token_fn, confidence)
+    return LossSpec(objective, per_token_fn, confidence, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,6 +547,7 @@ def block_loss(
     per_token: str | PerTokenLoss | None = None,
     normalization: str = "modelopt",
     confidence: str = "data",
+    logits_options: Mapping[str, Any] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DFlash block loss: ``(loss, metrics)`` from full draft logits (defaults: ModelOpt ``_compute_loss``).
 
@@ -507,13 +557,15 @@ def block_loss(
     ``gamma`` for ``decay``) or a weighting function ``(confidence, mask) -> W``. ``per_token``: a name of
     :data:`PER_TOKEN_LOSSES` or a function ``(logits, labels, teacher_logits) -> [B,N,bs]``; default ``kd`` with a
     teacher, else ``ce``. ``confidence``: ``data`` (hard CE vs the data token, ModelOpt) or ``loss`` (the per-token
-    loss, speculators). ``normalization``: see :func:`normalizer`. Metrics as in :func:`reduce_partials`.
+    loss, speculators). ``normalization``: see :func:`normalizer`. ``logits_options``: as in
+    :func:`block_partials_from_hidden`. Metrics as in :func:`reduce_partials`.
     """
     _check_block_inputs(logits, "logits", labels, mask)
     _check_label_range(labels, logits.shape[-1])
     if teacher_logits is not None:
         _chex("teacher_logits", chex.assert_shape, teacher_logits, logits.shape)
-    spec = _spec(objective, alpha, gamma, per_token, normalization, confidence, teacher_logits is not None)
+    has_teacher = teacher_logits is not None
+    spec = _spec(objective, alpha, gamma, per_token, normalization, confidence, has_teacher, logits_options)
     return _block_loss(logits, labels, mask, teacher_logits, alpha, gamma, spec=spec, normalization=normalization)
 
 
@@ -593,6 +645,7 @@ def block_partials_from_hidden(
     confidence: str = "data",
     chunk_blocks: int = 64,
     compute_dtype: Any = None,
+    logits_options: Mapping[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """The unnormalised partials of one batch (see the module docstring's accumulation contract), computed
     ``chunk_blocks`` blocks at a time by a ``jax.custom_vjp`` whose forward pass also computes the gradient of
@@ -601,7 +654,9 @@ def block_partials_from_hidden(
     The blocks axis is padded to a multiple of ``chunk_blocks`` with mask 0 and scanned, so only one chunk's
     float32 ``[B, chunk, bs, V]`` logits (and their gradient) live at a time. ``compute_dtype`` is the matmul input
     dtype (default: promoted dtype of ``hidden`` and ``lm_head``); matmuls accumulate in float32.
-    ``normalization`` is only validated here (the partials do not depend on it).
+    ``normalization`` is only validated here (the partials do not depend on it). ``logits_options``: the draft
+    logit transform and the teacher-loss temperature (``temperature``, ``logit_scale``, ``softcap``; see
+    :class:`LossSpec`).
     """
     _check_block_inputs(hidden, "hidden", labels, mask)
     _chex("lm_head", chex.assert_rank, lm_head, 2)
@@ -612,7 +667,9 @@ def block_partials_from_hidden(
         _chex("teacher_hidden", chex.assert_shape, teacher_hidden, hidden.shape)
     if not isinstance(chunk_blocks, (int, np.integer)) or chunk_blocks < 1:
         raise ValueError(f"chunk_blocks must be a positive int, got {chunk_blocks!r}")
-    spec = _spec(objective, alpha, gamma, per_token, normalization, confidence, teacher_hidden is not None)
+    spec = _spec(
+        objective, alpha, gamma, per_token, normalization, confidence, teacher_hidden is not None, logits_options
+    )
     dtype = jnp.dtype(compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype))
     opts = _ChunkOptions(
         spec, max(1, min(int(chunk_blocks), hidden.shape[1])), dtype, jnp.dtype(hidden.dtype), jnp.dtype(lm_head.dtype)
@@ -723,3 +780,140 @@ def _fused_partials_bwd(opts, residuals, cotangents):
 
 
 _fused_partials.defvjp(_fused_partials_fwd, _fused_partials_bwd, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DFlash2 path selector loss
+# ---------------------------------------------------------------------------------------------------------
+
+SELECTOR_MISSING = ("drop", "insert")
+ScoreFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def selector_targets(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    top_k: int,
+    teacher_hidden: jax.Array | None = None,
+    chunk_blocks: int = 64,
+    compute_dtype: Any = None,
+    **pieces: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """The selector's candidates and position weights (detached, forward only): ``(candidates [B,N,bs,k] int32,
+    W [B,N,bs] float32)``.
+
+    ``candidates`` are the top-``k`` ids of the draft logits ``logit_transform(hidden @ lm_head.T)`` (descending);
+    ``W`` the backbone's position weights of the same blocks (the weighting, confidence source and per-token loss
+    of :func:`block_partials_from_hidden`, slot 0 zero), so the selector term weighs a position as the backbone
+    term does. ``pieces``: that function's ``objective``, ``alpha``, ``gamma``, ``per_token``, ``confidence`` and
+    ``logits_options``. One extra forward vocabulary matmul, ``chunk_blocks`` blocks at a time (``lax.map``)."""
+    _check_block_inputs(hidden, "hidden", labels, mask)
+    opts = dict(objective="dpace", alpha=0.5, gamma=0.0, per_token=None, confidence="data", logits_options=None)
+    unknown = set(pieces) - set(opts)
+    if unknown:
+        raise TypeError(f"selector_targets got unknown loss pieces {sorted(unknown)}")
+    opts.update(pieces)
+    alpha, gamma = opts["alpha"], opts["gamma"]
+    spec = _spec(
+        opts["objective"],
+        alpha,
+        gamma,
+        opts["per_token"],
+        "modelopt",
+        opts["confidence"],
+        teacher_hidden is not None,
+        opts["logits_options"],
+    )
+    dtype = jnp.dtype(compute_dtype or jnp.result_type(hidden.dtype, lm_head.dtype))
+    b, n, bs, h = hidden.shape
+    c = max(1, min(int(chunk_blocks), n))
+    pad = -n % c
+    w = jax.lax.stop_gradient(lm_head).astype(dtype)
+    weight_params = (jnp.asarray(alpha, jnp.float32), jnp.asarray(gamma, jnp.float32))
+
+    def to_chunks(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, (n + pad) // c, c, *x.shape[2:]), 1, 0)
+
+    def project(x):
+        return jnp.einsum("bnkh,vh->bnkv", x.astype(dtype), w, preferred_element_type=jnp.float32)
+
+    def chunk(xs):
+        hc, y, m, *th = xs
+        teacher = project(th[0]) if th else None
+        x, _, weights = _weighted_terms(project(hc), y, m, teacher, spec, *weight_params)
+        return jax.lax.top_k(x, top_k)[1].astype(jnp.int32), weights
+
+    xs = (jax.lax.stop_gradient(hidden), labels, _zero_slot0(mask))
+    xs = xs + (() if teacher_hidden is None else (jax.lax.stop_gradient(teacher_hidden),))
+    cand, weights = jax.lax.map(chunk, tuple(to_chunks(x) for x in xs))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n + pad, *x.shape[3:])[:, :n]  # noqa: E731
+    return unchunk(cand), unchunk(weights)
+
+
+def selector_partials(
+    score_fn: ScoreFn,
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    candidates: jax.Array,
+    weights: jax.Array,
+    *,
+    missing: str = "drop",
+    logits_options: Mapping[str, Any] | None = None,
+) -> dict[str, jax.Array]:
+    """Partials of the DFlash2 selector loss: position-weighted cross-entropy of the selector over the candidate
+    set, the predecessor teacher-forced (slot ``j`` is scored after the data token of slot ``j - 1``; slot 1 after
+    the anchor), as NeMo Automodel ``DFlash2TrainerModule``.
+
+    ``score_fn(hidden [..., H], unary [..., k], candidates [..., k], predecessor [...]) -> S [..., k]`` (the
+    draft's ``candidate_selector.scores``), ``hidden [B,N,bs,H]``, ``lm_head [V,H]``, ``labels``/``mask``
+    ``[B,N,bs]``, ``candidates [B,N,bs,k]`` and ``W [B,N,bs]`` of :func:`selector_targets`. ``unary`` =
+    ``logit_transform(h . lm_head[b])``. ``missing``: a gold token outside the candidates is ``drop``-ped (NeMo;
+    no selector signal there) or ``insert``-ed in place of the weakest candidate (speculators).
+
+    Returns ``selector_weighted_loss`` ``sum W * CE`` (differentiable), per-slot ``selector_correct`` (argmax of
+    ``S`` is the gold token) and ``candidate_hits`` (gold among the top-k, before any insertion) ``[bs]``, and
+    ``selector_accepted`` (sum over blocks of the leading run of selector-correct valid slots). They add up over
+    disjoint blocks like :func:`partial_sums`."""
+    if missing not in SELECTOR_MISSING:
+        raise ValueError(f"missing must be one of {SELECTOR_MISSING}, got {missing!r}")
+    _check_block_inputs(hidden, "hidden", labels, mask)
+    options = dict(logits_options or {})
+    mask = _zero_slot0(mask)
+    valid = mask > 0.5
+    gold = labels.astype(jnp.int32)
+    hits = jnp.any(candidates == gold[..., None], axis=-1)
+    if missing == "insert":
+        candidates = candidates.at[..., -1].set(jnp.where(hits, candidates[..., -1], gold))
+    found = candidates == gold[..., None]
+    rows = jnp.take(lm_head, candidates, axis=0)  # [B, N, bs, k, H]
+    unary = jnp.einsum("bnsh,bnskh->bnsk", hidden, rows.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    unary = logit_transform(unary, options.get("logit_scale"), options.get("softcap"))
+    predecessor = jnp.concatenate([gold[..., :1], gold[..., :-1]], axis=-1)
+    scores = score_fn(hidden, unary, candidates, predecessor).astype(jnp.float32)
+    has_gold = jnp.any(found, axis=-1)
+    gold_score = jnp.sum(jnp.where(found, scores, 0.0), axis=-1)
+    ce = jax.nn.logsumexp(scores, axis=-1) - gold_score
+    correct = has_gold & (jnp.argmax(scores, axis=-1) == jnp.argmax(found, axis=-1))
+    axes = tuple(range(mask.ndim - 1))
+    run = jnp.sum(jnp.cumprod((correct | ~valid).astype(jnp.float32), axis=-1) * valid, axis=-1)
+    return {
+        "selector_weighted_loss": jnp.sum(jnp.where(has_gold & valid, jax.lax.stop_gradient(weights) * ce, 0.0)),
+        "selector_correct": jnp.sum((correct & valid).astype(jnp.float32), axis=axes),
+        "candidate_hits": jnp.sum((hits & valid).astype(jnp.float32), axis=axes),
+        "selector_accepted": jnp.sum(run),
+    }
+
+
+def with_selector(partials: Mapping[str, jax.Array], selector: Mapping[str, jax.Array], weight: float) -> dict:
+    """The backbone ``partials`` joined with the selector's: ``weighted_loss += weight * selector_weighted_loss``
+    (one normaliser for both terms: ``loss = (sum W*l + weight * sum W*CE_sel) / den``, so gradient accumulation
+    stays exact)."""
+    out = dict(partials, **selector)
+    out["weighted_loss"] = partials["weighted_loss"] + weight * selector["selector_weighted_loss"]
+    return out

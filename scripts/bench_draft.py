@@ -87,6 +87,8 @@ def draft_config(shape: dict) -> dflash_jax.DraftConfig:
         num_target_layers=max(8, shape["layers"] + 3),
         target_layer_ids=tuple(blocks.build_target_layer_ids(max(8, shape["layers"] + 3), shape["layers"])),
         block_size=shape["block"],
+        mask_token_id=0,
+        rope_theta=1e6,
     )
 
 

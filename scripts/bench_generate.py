@@ -6,7 +6,7 @@
 The prompts are the first ``--prompts`` ShareGPT conversations cut before their first assistant turn, rendered
 with the target's chat template (what ``dflash-jax regenerate`` feeds it), at most ``--max-prompt-len`` tokens.
 Every batch size decodes the same prompts greedily with :class:`dflash_jax.generate.Generator` (the loop of
-``regenerate``, eval and ``Target.greedy_generate``), stopping at the template's end of turn; tokens/s counts
+``regenerate``, eval and ``generate.greedy_generate``), stopping at the template's end of turn; tokens/s counts
 generated tokens only (rows that stopped early do not count while they wait) over the compiled runs' wall time
 (compiles excluded: every shape runs once before it is timed); "decoding" excludes the prefill (timed apart:
 the same batches with a one-token limit) and its first token. Prompts are sorted by length, so a batch's prompt
@@ -26,8 +26,8 @@ import numpy as np
 
 from dflash_jax import config as config_lib
 from dflash_jax import generate
+from dflash_jax import regenerate as regen
 from dflash_jax.data import chat, pipeline, readers
-from dflash_jax.data import regenerate as regen
 from dflash_jax.train import run as run_lib
 
 

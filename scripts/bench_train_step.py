@@ -32,14 +32,14 @@ from flax import nnx
 
 from bench_loss import median_seconds, speedup_lines
 from bench_target import NOMINAL_PEAK_TFLOPS, measured_matmul_tflops
-from dflash_jax import blocks
+from dflash_jax import blocks, sharding
 from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.attention import IMPLEMENTATIONS
 from dflash_jax.models.attention import resolve as resolve_attention
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model, resolve_dtype
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 from dflash_jax.train import step as st
 from dflash_jax.train.cost import train_flops
 

@@ -3,7 +3,7 @@
     python scripts/scale_on_paper.py            # markdown table: v5p-128 pod and 8xH100 node, Qwen3-8B and 70B
 
 Per-device bytes of the persistent training state on a ``("data", "fsdp", "tensor")`` mesh of sizes ``(D, F, Tn)``,
-by the rules table of ``dflash_jax.train.sharding`` (``embed`` -> fsdp; ``vocab``/``mlp``/``q_heads``/``kv_heads``/
+by the rules table of ``dflash_jax.sharding`` (``embed`` -> fsdp; ``vocab``/``mlp``/``q_heads``/``kv_heads``/
 ``fused`` -> tensor; norms replicated; a dimension that its mesh axis does not divide stays whole):
 
     sh(n, k)  = n / k if k divides n, else n                 (k = F for embed, Tn for the tensor axes, 1 for norms)
@@ -191,6 +191,8 @@ def draft_config_for(tc: TargetConfig, num_layers: int = 5, block_size: int = 16
         num_target_layers=tc.num_layers,
         target_layer_ids=tuple(build_target_layer_ids(tc.num_layers, num_layers)),
         block_size=block_size,
+        mask_token_id=0,
+        rope_theta=1e6,
     )
 
 

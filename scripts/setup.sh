@@ -11,4 +11,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e '.[test,parity,lint]'
 .venv/bin/python -m pip install -q --no-deps --require-hashes -r requirements-assets.txt
+.venv/bin/python -m pip install -q --no-deps --require-hashes -r requirements-reference.txt
 .venv/bin/python -c "import dflash_jax, jax, flax; print('dflash_jax ready: jax', jax.__version__, 'flax', flax.__version__)"

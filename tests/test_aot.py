@@ -7,9 +7,9 @@ import math
 import jax
 import numpy as np
 
-from dflash_jax import cli
+from dflash_jax import cli, sharding
 from dflash_jax import config as config_lib
-from dflash_jax.train import aot, sharding
+from dflash_jax.train import aot
 
 SETS = ["--set", "mesh.shape=[2,2,2]", "--set", "train.grad_accum=2", "--set", "data.batch_size=8"]
 

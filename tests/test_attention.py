@@ -3,8 +3,6 @@ and the whole train step with ``pallas`` lowered for TPU and CUDA (``jax.export`
 
 from __future__ import annotations
 
-import typing
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +12,7 @@ from flax import nnx
 import train_fixtures as tf
 from dflash_jax import blocks, losses
 from dflash_jax import config as config_lib
-from dflash_jax.models import attention
+from dflash_jax.models import attention, kernels
 from dflash_jax.models.draft import training_masks
 from dflash_jax.train.step import noise_ids
 
@@ -42,7 +40,7 @@ def _value_and_grads(fn, w, *args):
 
 
 def test_config_switch_matches_module():
-    assert typing.get_args(typing.get_type_hints(config_lib.TrainSection)["attention"]) == attention.IMPLEMENTATIONS
+    assert attention.IMPLEMENTATIONS == ("auto", "dense", "chunked", "pallas")
     assert config_lib.from_dict({}).train.attention == "auto"
     with pytest.raises(ValueError, match="train.attention"):
         config_lib.from_dict({"train": {"attention": "flash"}})
@@ -140,7 +138,7 @@ def test_pallas_range_kernel_interpreted(blocks_qk):
     lq, lk = 37, 64
     q, k, v, _ = _qkv(lq, lk, jnp.float32, seed=3)
     mask, empty = _range_mask(lq, lk)
-    out, lse = jax.jit(lambda *a: attention._pallas_call(*a, mask, None, *blocks_qk))(q, k, v)
+    out, lse = jax.jit(lambda *a: kernels.pallas_call(*a, mask, None, *blocks_qk))(q, k, v)
     out_d, lse_d = attention.range_attention(q, k, v, mask, "dense")
     _close(out, out_d, jnp.float32, "out")
     _close(lse, lse_d, jnp.float32, "lse")
@@ -150,7 +148,7 @@ def test_pallas_range_kernel_interpreted(blocks_qk):
 @pytest.mark.parametrize("kernel", ["splash", "triton"])
 def test_target_kernels_interpreted(kernel):
     """Splash (TPU) and the Triton flash kernel (GPU) of the target, interpreted on CPU: values and gradients."""
-    fn = {"splash": attention._splash_causal, "triton": attention._triton_causal}[kernel]
+    fn = {"splash": kernels.splash_causal, "triton": kernels.triton_causal}[kernel]
     q, k, v, w = _qkv(S, S, jnp.float32)
     seg = jnp.asarray(SEG)
     got = _value_and_grads(lambda *a: fn(*a, seg, interpret=True), w, q, k, v)

@@ -6,17 +6,17 @@ import warnings
 import pytest
 import yaml
 
+from dflash_jax import sharding
 from dflash_jax.config import (
     Config,
     apply_overrides,
     from_dict,
     load_config,
     parse_override,
-    resolve_mesh_shape,
-    save_resolved,
     to_dict,
     validate_runtime,
 )
+from dflash_jax.train import rundir
 
 
 def test_shipped_configs_load():
@@ -31,7 +31,7 @@ def test_shipped_configs_load():
     )
     assert smol.draft.block_size in (8, 16) and smol.draft.num_layers <= 2
     q = load_config("qwen3-8b")
-    assert (q.draft.block_size, q.draft.num_anchors, q.draft.num_layers, q.data.seq_len) == (16, 512, 5, 3072)
+    assert (q.draft.block_size, q.train.num_anchors, q.draft.num_layers, q.data.seq_len) == (16, 512, 5, 3072)
     assert (q.train.lr, q.train.warmup_ratio, q.train.schedule, q.train.clip_norm) == (6e-4, 0.04, "cosine", 1.0)
 
 
@@ -88,7 +88,8 @@ def test_defaults_are_valid_and_empty_sections_allowed():
             {"draft": {"block_size": 1}, "data": {"seq_len": 8}},
             "draft.block_size must be > 1 with loss.objective dpace",
         ),
-        ({"draft": {"num_anchors": 0}}, "draft.num_anchors must be >= 1"),
+        ({"train": {"num_anchors": 0}}, "train.num_anchors must be >= 1"),
+        ({"draft": {"num_anchors": 8}}, "config key draft.num_anchors was replaced by train.num_anchors"),
         ({"draft": {"num_attention_heads": 6, "num_key_value_heads": 4}}, "draft.num_attention_heads"),
         ({"draft": {"head_dim": 15}}, "draft.head_dim must be even"),
         ({"draft": {"mask_token_id": -1}}, "draft.mask_token_id must be >= 0"),
@@ -143,10 +144,10 @@ def test_runtime_validation():
     with pytest.raises(ValueError, match=r"mesh.shape \[2, 2, 2\] has 8 devices, but this machine has 1"):
         validate_runtime(c, num_devices=1)
     c_fill = from_dict({"mesh": {"shape": [1, -1, 1]}, "data": {"batch_size": 8}})
-    assert resolve_mesh_shape(c_fill.mesh.shape, 8) == (1, 8, 1)
+    assert sharding.resolve_mesh_shape(c_fill.mesh.shape, 8) == (1, 8, 1)
     validate_runtime(c_fill, num_devices=8)
     with pytest.raises(ValueError, match=r"mesh.shape \[1, -1, 3\]: 8 devices are not divisible by 3"):
-        resolve_mesh_shape((1, -1, 3), 8)
+        sharding.resolve_mesh_shape((1, -1, 3), 8)
     with pytest.raises(ValueError, match="at most one -1"):
         from_dict({"mesh": {"shape": [-1, -1, 1]}})
     c2 = from_dict({"mesh": {"shape": [4, 1, 2]}, "data": {"batch_size": 6}})
@@ -186,7 +187,7 @@ def test_overrides():
 
 def test_save_resolved_round_trip(tmp_path):
     c = load_config("smollm2-135m", ["train.steps=7"])
-    path = save_resolved(c, tmp_path / "run")
+    path = rundir.save_resolved(c, tmp_path / "run")
     assert path == str(tmp_path / "run" / "config.yaml")
     assert load_config(path) == c
     with open(path) as f:
@@ -203,20 +204,6 @@ def test_load_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a mapping of sections"):
         load_config(bad)
-
-
-def test_loss_names_match_the_loss_module():
-    """config.py stays jax-free, so its Literal choices repeat dflash_jax.losses' names: they must agree."""
-    import typing
-
-    from dflash_jax import losses
-    from dflash_jax.config import LossSection
-
-    hints = typing.get_type_hints(LossSection)
-    assert typing.get_args(hints["objective"]) == losses.OBJECTIVES
-    assert typing.get_args(hints["per_token"]) == losses.PER_TOKEN_LOSSES
-    assert typing.get_args(hints["normalization"]) == losses.NORMALIZATIONS
-    assert typing.get_args(hints["confidence"]) == losses.CONFIDENCES
 
 
 def test_ignored_loss_keys_warn():

@@ -28,6 +28,7 @@ BASE = dict(
     num_target_layers=6,
     target_layer_ids=(1, 3),
     block_size=BS,
+    mask_token_id=0,
     rope_theta=1e4,
 )
 
@@ -92,7 +93,15 @@ def test_config_rejects_bad_field(field, value):
 
 def test_config_from_target_uses_reference_layer_ids():
     cfg = DraftConfig.from_target(
-        32, 64, 36, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48
+        32,
+        64,
+        36,
+        num_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        block_size=4,
     )
     assert cfg.target_layer_ids == (1, 9, 17, 25, 33) and cfg.num_layers == 5 and cfg.num_features == 5
     assert isinstance(_cfg(target_layer_ids=[1, 1]).target_layer_ids, tuple)  # lists normalised, duplicates legal

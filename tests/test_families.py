@@ -9,21 +9,24 @@ from tokenizers import pre_tokenizers
 
 from dflash_jax import config as config_lib
 from dflash_jax import load_target
+from dflash_jax.models import hf_io
 from dflash_jax.models.target_io import random_target
 
-MOE = config_lib.RandomTargetConfig(
-    arch="qwen3_moe",
-    vocab_size=300,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    tie_word_embeddings=False,
+MOE = hf_io.random_target_config(
+    config_lib.RandomTargetSection(
+        arch="qwen3_moe",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        tie_word_embeddings=False,
+    )
 )
 _NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -106,7 +109,7 @@ def test_qwen3_moe_gguf_loads_with_stacked_experts(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "gemma3_text"])
 def test_random_target_configs(arch):
-    cfg = config_lib.RandomTargetConfig(arch=arch, num_layers=4)
+    cfg = hf_io.random_target_config(config_lib.RandomTargetSection(arch=arch, num_layers=4))
     assert cfg.arch == arch
     if arch != "qwen3_moe":
         assert cfg.layer_types == ("sliding_attention", "full_attention") * 2 and cfg.sliding_window == 8
@@ -118,7 +121,9 @@ def test_random_target_configs(arch):
 
 def test_random_target_fields_come_from_the_hf_parser():
     """A random target's derived fields are the config.json parser's (Qwen2: q/k/v biases), its dims stay its own."""
-    qwen2 = config_lib.RandomTargetConfig(arch="qwen2")
+    qwen2 = hf_io.random_target_config(config_lib.RandomTargetSection(arch="qwen2"))
     assert qwen2.attention_bias and not qwen2.qk_norm and (qwen2.num_experts, qwen2.sliding_window) == (4, 8)
-    explicit = config_lib.RandomTargetConfig(arch="gpt_oss", layer_types=("full_attention",) * 4, attention_bias=False)
+    explicit = hf_io.random_target_config(
+        config_lib.RandomTargetSection(arch="gpt_oss"), layer_types=("full_attention",) * 4, attention_bias=False
+    )
     assert explicit.layer_types == ("full_attention",) * 4 and explicit.moe_layers == (0, 1, 2, 3)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from decode_oracle import greedy_reference
-from dflash_jax import generate
+from dflash_jax import generate, sharding
 from dflash_jax.models.target import TargetConfig
 from dflash_jax.models.target_io import random_target
-from dflash_jax.train import sharding
 
 CFG = TargetConfig(
     arch="qwen2",
@@ -89,11 +88,11 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 
 def test_greedy_generate_compiles_once_per_bucket(target, prompts):
-    """Target.greedy_generate (public API) reuses one executable for prompt lengths and token counts that share
+    """generate.greedy_generate (public API) reuses one executable for prompt lengths and token counts that share
     their power-of-two buckets."""
-    target.greedy_generate(prompts[0], 5)  # 3 tokens -> bucket 8, 5 new -> capacity 8
+    generate.greedy_generate(target, prompts[0], 5)  # 3 tokens -> bucket 8, 5 new -> capacity 8
     before = len(generate._COMPILED)
     for n, new in ((5, 6), (8, 7), (2, 8)):
         p = np.arange(n, dtype=np.int32) + 1
-        assert target.greedy_generate(p, new) == greedy_reference(target.model, p, new)
+        assert generate.greedy_generate(target, p, new) == greedy_reference(target.model, p, new)
     assert len(generate._COMPILED) == before

@@ -17,11 +17,10 @@ transformers = pytest.importorskip("transformers")
 from transformers.integrations import mxfp4 as hf_mxfp4  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from dflash_jax import load_target  # noqa: E402
+from dflash_jax import load_target, sharding  # noqa: E402
 from dflash_jax.models import hf_io, layers  # noqa: E402
 from dflash_jax.models.families import gpt_oss  # noqa: E402
 from dflash_jax.models.target import TargetModel  # noqa: E402
-from dflash_jax.train import sharding  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 import oracle
+from dflash_jax import sharding
 from dflash_jax.config import LossSection
 from dflash_jax.export import draft_from_params, from_torch_tensors, to_torch_tensors
 from dflash_jax.models.draft import DraftConfig
 from dflash_jax.models.target_io import load_target
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
 pytestmark = pytest.mark.parity

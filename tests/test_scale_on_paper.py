@@ -20,11 +20,12 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
 import scale_on_paper as sop
+from dflash_jax import sharding
 from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
 # Tiny but not trivial: V = 250 is divisible by 2 but not by 4 or 8 (vocab replicated when tensor >= 4).
@@ -50,6 +51,8 @@ DC = DraftConfig(
     num_target_layers=4,
     target_layer_ids=(1, 2),
     block_size=4,
+    mask_token_id=0,
+    rope_theta=1e6,
 )
 B, S, N = 8, 32, 3
 

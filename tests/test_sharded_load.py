@@ -13,9 +13,10 @@ import numpy as np
 from flax import nnx
 
 from dflash_jax import config as config_lib
+from dflash_jax import sharding
 from dflash_jax.models import hf_io
 from dflash_jax.models.target_io import build_target_model, head_tensors, is_unread, load_target, random_target
-from dflash_jax.train import run, sharding
+from dflash_jax.train import run
 from test_target import CFG, _save_hf
 
 MESH = "mesh.shape=[2,2,2]"

@@ -9,7 +9,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import train_fixtures as tf
-from dflash_jax.train import optim, sharding
+from dflash_jax import sharding
+from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
 

@@ -52,8 +52,10 @@ def test_smollm2_config_and_template(smollm2):
 
 
 def test_smollm2_answers_paris_greedily(smollm2):
+    from dflash_jax import generate
+
     prompt = smollm2.tokenizer.encode(_chatml([("user", "What is the capital of France?")], True)).ids
-    out = smollm2.greedy_generate(prompt, 20)
+    out = generate.greedy_generate(smollm2, prompt, 20)
     reply = smollm2.tokenizer.decode(out)
     assert "Paris" in reply, reply
 

@@ -1,5 +1,6 @@
 """Speculative decoding: lossless (greedy, token-identical), distribution-exact (sampling), metrics, bad input."""
 
+import dataclasses
 import functools
 import json
 
@@ -12,6 +13,7 @@ from flax import nnx
 from scipy import stats
 
 from decode_oracle import greedy_reference
+from dflash_jax import generate
 from dflash_jax.eval import report, speculative
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
@@ -20,6 +22,8 @@ from dflash_jax.models.target_io import random_target
 
 BS = 4
 MAX_NEW = 24
+# DFlash2 with a selector scoring 3 candidates (of 8 tokens in the sampling test: q is zero off them).
+SMALL_DFLASH2 = dict(variant="dflash2", conv_group_size=8, selector_rank=4, selector_top_k=3)
 
 
 def _target_cfg(**kw):
@@ -91,10 +95,39 @@ def test_greedy_lossless_random_drafter(target, draft_cfg, prompts):
         assert res["tokens"] == greedy_reference(target.model, p, MAX_NEW)
 
 
+def _randomised(
+    draft: DFlashDraft, scale: float = 1.0, parts=("attention_conv", "mlp_conv", "candidate_selector")
+) -> DFlashDraft:
+    """DFlash2's convolutions and selector (``parts``) moved off their identity start (a no-op for the other
+    variants)."""
+    state = nnx.state(draft, nnx.Param)
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        if any(p in parts for p in map(str, path)):
+            var[...] = var[...] + scale * jax.random.normal(jax.random.key(i), var[...].shape, var[...].dtype)
+    nnx.update(draft, state)
+    return draft
+
+
+@pytest.mark.parametrize("variant", [SMALL_DFLASH2, {"variant": "jetspec"}], ids=["dflash2", "jetspec"])
+def test_greedy_lossless_dflash2_and_jetspec(target, draft_cfg, prompts, variant):
+    """A trained backbone with a (randomised) selector walk, and JetSpec's causal block: token-identical output,
+    drafts accepted often enough that the walk decides outcomes."""
+    cfg = dataclasses.replace(draft_cfg, **variant)
+    draft = train_drafter(target, cfg, prompts[:2], steps=120)
+    if cfg.variant == "dflash2":
+        _randomised(draft, scale=0.5, parts=("candidate_selector",))
+    r = report.evaluate(target, draft, cfg, prompts, max_new_tokens=MAX_NEW, check_lossless=True)
+    assert r["lossless"] is True and r["mismatches"] == []
+    _check_metrics(r, prompts)
+    assert r["tau"] > 1.2
+    for p, res in zip(prompts, r["per_prompt"]):
+        assert res["tokens"] == greedy_reference(target.model, p, MAX_NEW)
+
+
 def train_drafter(target, cfg, prompts, steps=200):
     """Teach a fresh drafter the target's greedy continuations of ``prompts`` (CE on slots 1..bs-1, all anchors)."""
     seq_len, bs = 32, cfg.block_size
-    seqs = np.stack([np.concatenate([p, target.greedy_generate(p, seq_len - p.size)]) for p in prompts])
+    seqs = np.stack([np.concatenate([p, generate.greedy_generate(target, p, seq_len - p.size)]) for p in prompts])
     n_anchor = seq_len - bs + 1
     anchors = np.broadcast_to(np.arange(n_anchor, dtype=np.int32), (len(prompts), n_anchor))
     noise = np.full((len(prompts), n_anchor, bs), cfg.mask_token_id, np.int32)
@@ -173,9 +206,11 @@ def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
 
 
-def test_sampling_matches_target_distribution():
+@pytest.mark.parametrize("variant", [{}, SMALL_DFLASH2, {"variant": "jetspec"}], ids=["dflash", "dflash2", "jetspec"])
+def test_sampling_matches_target_distribution(variant):
     """T > 0: the first 3 generated tokens (prefill sample, accept/residual, bonus or next block) follow the exact
-    target distribution, computed by enumerating all V^2 continuations of a V=8 target."""
+    target distribution, computed by enumerating all V^2 continuations of a V=8 target; DFlash2's drafts come from
+    the selector walk (rejection sampling against its candidate-supported q)."""
     temperature, n = 1.0, 16000
     target = random_target(
         _target_cfg(
@@ -200,10 +235,11 @@ def test_sampling_matches_target_distribution():
         intermediate_size=32,
         block_size=2,
         rope_theta=1e4,
+        **variant,
     )
     prompt = np.array([1, 2, 3, 4, 5], np.int32)
     t_graph, t_state = nnx.split(target.model)
-    d_graph, d_state = nnx.split(_draft(cfg))
+    d_graph, d_state = nnx.split(_randomised(_draft(cfg)))
     fn = jax.jit(
         jax.vmap(
             functools.partial(

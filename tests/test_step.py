@@ -181,7 +181,7 @@ def test_step_config_from_yaml_config():
 
     c = config.Config()
     sc = st.StepConfig.from_config(c)
-    assert sc.chunk_blocks == sc.num_anchors == c.draft.num_anchors  # null = one chunk of all blocks
+    assert sc.chunk_blocks == sc.num_anchors == c.train.num_anchors  # null = one chunk of all blocks
     assert (sc.loss, sc.mode) == (c.loss, c.train.mode)
 
 
@@ -235,9 +235,9 @@ def test_bf16_params_train_with_fp32_moments_and_resume(tmp_path):
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 1)])
 def test_grad_accum_equals_the_full_batch(mesh_shape):
     """``grad_accum=2`` (lax.scan over 2 micro-batches, partials summed, one normalisation) gives the K=1 loss,
-    grad norm and params after 3 steps within 1e-6; also on a batch whose first micro-batch alone has no loss
+    grad norm and params after each of 4 steps within 1e-6; also on a batch whose first micro-batch alone has no loss
     weight (its own zero-loss rule would fire: the global one must not) and on an all-masked batch (global zero
-    loss: params untouched)."""
+    loss and zero gradient; Adam's momentum still moves the params, equally in both)."""
     # lr 1e-4: Adam's first update is lr * g / (|g| + eps), so on elements with |g| near eps the fp32 summation
     # order of the fused loss's gradient (per micro-batch vs whole batch, sharded) moves an update by up to ~1e-2 lr.
     one = _built((1, 1, 1), per_token="kd", lr=1e-4)

@@ -17,7 +17,7 @@ from tokenizers import pre_tokenizers
 from dflash_jax import load_target
 from dflash_jax.models import gguf_io
 from dflash_jax.models.hf_io import config_from_hf
-from dflash_jax.models.target import KVCache, TargetConfig, TargetModel
+from dflash_jax.models.target import KVCache, TargetConfig, TargetModel, make_target_model
 from dflash_jax.models.target_io import build_target_model, hf_name, random_target
 
 CFG = TargetConfig(
@@ -224,8 +224,8 @@ def test_bad_inputs(target):
         m.decode(jnp.zeros((1, 2), jnp.int32), m.init_cache(1, 4), num_valid=jnp.array([1, 1]))
     with pytest.raises(ValueError, match="rollback"):
         TargetModel.rollback(m.init_cache(2, 4), jnp.array([1, 2, 3]))
-    with pytest.raises(ValueError, match="arch"):
-        TargetConfig(**{**CFG.__dict__, "arch": "gpt2"})
+    with pytest.raises(ValueError, match="target arch 'gpt2' is not supported"):  # no family registered for it
+        make_target_model(TargetConfig(**{**CFG.__dict__, "arch": "gpt2"}))
     with pytest.raises(ValueError, match="num_key_value_heads"):
         TargetConfig(**{**CFG.__dict__, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="rope_type"):
@@ -291,7 +291,7 @@ def test_hf_loader_places_onto_shardings(target, tmp_path):
     k = got.model.layers[1].mlp.up_proj.kernel[...]
     assert k.sharding.spec == jax.P("fsdp", "tensor") and len(k.addressable_shards) == 8
     assert k.addressable_shards[0].data.shape == (CFG.hidden_size // 2, CFG.intermediate_size // 4)
-    # no rules in scope: the one rules table (train/sharding.py) places it, the same way
+    # no rules in scope: the one rules table (dflash_jax/sharding.py) places it, the same way
     again = load_target(tmp_path / "m", mesh=mesh).model.layers[1].mlp.up_proj.kernel[...]
     assert again.sharding.spec == k.sharding.spec
     ids = _ids(2, 5, seed=8)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dflash_jax import sharding
 from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
 V, H, LT, BS, S = 64, 32, 4, 4, 16

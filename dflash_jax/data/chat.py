@@ -8,9 +8,15 @@ iff its first character lies inside an assistant span):
 
 * templates with HF ``{% generation %}...{% endgeneration %}`` tags: the span is exactly the tagged text;
 * other templates: each assistant content is wrapped in two Unicode noncharacters (U+FDD0/U+FDD1) before
-  rendering, the markers are located and removed, and the span is extended over the end-of-turn string
-  (``eos_token``, e.g. ``<|im_end|>``) when the template emits it right after the content. The marked
-  rendering, with the markers removed, must equal the plain rendering, so the markers cannot change the text.
+  rendering, the markers are located and removed, and the span is extended over the end-of-turn token when the
+  template emits it right after the content. The marked rendering, with the markers removed, must equal the
+  plain rendering, so the markers cannot change the text.
+
+**End of turn.** The end-of-turn tokens are read off the template itself: in the probe rendering (two
+user/assistant exchanges, made when the renderer is built) the special token the template writes right after an
+assistant's content (Gemma ``<end_of_turn>``, Llama 3 ``<|eot_id|>``, ChatML ``<|im_end|>``; ``eos_token``
+where the template writes that). They are training targets (inside the span) and stop generation
+(:func:`stop_token_ids`).
 
 The role header (``<|im_start|>assistant\\n``) and everything the user or system wrote stay outside the mask.
 """
@@ -153,22 +159,39 @@ class ChatRenderer:
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.end_of_turn: tuple[str, ...] = ()  # found by the probe below
         self._template = _compile(chat_template)
         self._tagged = re.search(r"{%-?\s*generation\s*-?%}", chat_template) is not None
-        probe = (("user", "Hello"), ("assistant", "Hi there."), ("user", "Why?"), ("assistant", "Because."))
+        answers = ("Hi there.", "Because.")
+        probe = (("user", "Hello"), ("assistant", answers[0]), ("user", "Why?"), ("assistant", answers[1]))
         try:
             text, spans = self.render_text(probe)
         except RenderError as e:
             raise ChatTemplateError(f"chat template fails on a plain user/assistant probe: {e}. {_TEMPLATE_HELP}")
-        if len(spans) != 2 or "Hi there." not in text[spans[0][0] : spans[0][1]]:
+        if len(spans) != 2 or any(a not in text[s:e] for a, (s, e) in zip(answers, spans)):
             raise ChatTemplateError(
                 f"cannot locate the assistant spans in the rendered chat template output. {_TEMPLATE_HELP}"
             )
+        self.end_of_turn = self._tokens_after(text, [text.index(a, s) + len(a) for a, (s, _) in zip(answers, spans)])
+
+    def _tokens_after(self, text: str, ends: Sequence[int]) -> tuple[str, ...]:
+        """The special tokens (added tokens marked special) that ``text`` has right at the offsets ``ends``."""
+        special = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        found = []
+        for enc in self.tokenizer.encode_batch([text[e:] for e in ends], add_special_tokens=False):
+            if enc.ids and enc.ids[0] in special and enc.offsets[0][0] == 0:
+                found.append(self.tokenizer.id_to_token(enc.ids[0]))
+        return tuple(dict.fromkeys(found))
+
+    @property
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        """Token ids of :attr:`end_of_turn`."""
+        return tuple(self.tokenizer.token_to_id(t) for t in self.end_of_turn)
 
     @classmethod
     def from_target(cls, target: Any, chat_template_path: str | os.PathLike | None = None) -> "ChatRenderer":
         """Renderer for a loaded target (anything with ``tokenizer, chat_template, bos_token, eos_token``, e.g.
-        ``models.target.Target``); ``chat_template_path`` (config ``data.chat_template``) overrides the
+        ``models.target_io.Target``); ``chat_template_path`` (config ``data.chat_template``) overrides the
         template. A target without a tokenizer (``target.path: random``) gets :func:`byte_chat_tokenizer` and
         ChatML."""
         if getattr(target, "tokenizer", None) is None:
@@ -207,10 +230,8 @@ class ChatRenderer:
         if not self._tagged:
             if text != self._render(plain, False):
                 raise RenderError("the template renders assistant content differently when it is marked")
-            if self.eos_token:
-                spans = [
-                    (s, e + len(self.eos_token)) if text.startswith(self.eos_token, e) else (s, e) for s, e in spans
-                ]
+            ends = self.end_of_turn + ((self.eos_token,) if self.eos_token else ())
+            spans = [next(((s, e + len(t)) for t in ends if text.startswith(t, e)), (s, e)) for s, e in spans]
         n_assistant = sum(r == "assistant" for r, _ in conversation)
         if len(spans) != n_assistant and not self._tagged:
             raise RenderError(f"found {len(spans)} assistant spans for {n_assistant} assistant messages")
@@ -259,3 +280,12 @@ class ChatRenderer:
         """Token ids (int32 [L]) of ``conversation_prefix`` followed by the assistant generation prompt."""
         text = self._render([{"role": r, "content": t} for r, t in conversation_prefix], True)
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+
+def stop_token_ids(target: Any, renderer: ChatRenderer) -> tuple[int, ...]:
+    """Where generation for ``target`` (``eos_token_ids``, ``config.vocab_size``) stops, sorted: its EOS ids, the
+    renderer's end-of-turn tokens (:attr:`ChatRenderer.end_of_turn_ids`) and ``eos_token``, within the vocab."""
+    named = renderer.end_of_turn + ((renderer.eos_token,) if renderer.eos_token else ())
+    ids = {int(i) for i in target.eos_token_ids}
+    ids |= {i for i in map(renderer.tokenizer.token_to_id, named) if i is not None}
+    return tuple(sorted(i for i in ids if i < target.config.vocab_size))

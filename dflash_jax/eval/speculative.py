@@ -59,6 +59,16 @@ def verify_block(
     Greedy: longest prefix with ``drafts[i] == argmax target_logits[i]``, bonus ``argmax target_logits[a]``.
     Sampling: accept with ``min(1, p/q)``; bonus from ``norm(max(p_a - q_a, 0))`` (``q_{bs-1} := 0``).
     """
+    q = None if temperature == 0.0 else jax.nn.softmax(draft_logits.astype(jnp.float32) / temperature, axis=-1)
+    return verify_proposal(q, drafts, target_logits, key, temperature)
+
+
+def verify_proposal(
+    q: jax.Array | None, drafts: jax.Array, target_logits: jax.Array, key: jax.Array, temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`verify_block` given the proposal distributions ``q [bs-1, V]`` the drafts were drawn from (any
+    proposal: DFlash's ``softmax(z / T)``, DFlash2's selector walk supported on its candidates; unused, may be
+    None, at ``temperature == 0``)."""
     n = drafts.shape[0]
     if temperature == 0.0:
         best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
@@ -66,7 +76,6 @@ def verify_block(
         return a, best[a]
     k_u, k_b = jax.random.split(key)
     p = jax.nn.softmax(target_logits.astype(jnp.float32) / temperature, axis=-1)
-    q = jax.nn.softmax(draft_logits.astype(jnp.float32) / temperature, axis=-1)
     idx = jnp.arange(n)
     p_d, q_d = p[idx, drafts], q[idx, drafts]
     u = jax.random.uniform(k_u, (n,))
@@ -76,6 +85,45 @@ def verify_block(
     resid = jnp.where(jnp.sum(resid) > 0, resid, p[a])  # p == q exactly: rejection had probability 0
     bonus = jax.random.categorical(k_b, jnp.log(resid)).astype(jnp.int32)
     return a, bonus
+
+
+def selector_walk(
+    selector, hidden: jax.Array, logits: jax.Array, anchor: jax.Array, key: jax.Array, temperature: float
+) -> tuple[jax.Array, jax.Array | None]:
+    """DFlash2's walk from the anchor through the per-position candidates: ``(drafts [n] int32, q [n, V] | None)``.
+
+    ``hidden [n, H]`` / ``logits [n, V]`` of the block's draft slots, ``anchor`` the last committed token (the
+    predecessor of slot 1). Step ``i`` scores its top-``k`` candidates ``S_i = selector.scores(h_i, U_i, C_i,
+    d_{i-1})`` and takes ``argmax S_i`` (greedy) or a sample of ``softmax(S_i / T)``; ``q`` is that proposal
+    over the vocabulary (zero off the candidates), what rejection sampling needs to stay lossless."""
+    unary, cand = jax.lax.top_k(logits.astype(jnp.float32), selector.top_k)
+    keys = jax.random.split(key, hidden.shape[0])
+
+    def step(prev, xs):
+        h, u, c, k = xs
+        s = selector.scores(h, u, c, prev)
+        if temperature == 0.0:
+            choice, probs = jnp.argmax(s), jnp.zeros_like(s)
+        else:
+            choice, probs = jax.random.categorical(k, s / temperature), jax.nn.softmax(s / temperature)
+        tok = c[choice].astype(jnp.int32)
+        return tok, (tok, probs)
+
+    _, (drafts, probs) = jax.lax.scan(step, jnp.asarray(anchor, jnp.int32), (hidden, unary, cand, keys))
+    if temperature == 0.0:
+        return drafts, None
+    rows = jnp.arange(hidden.shape[0])[:, None]
+    return drafts, jnp.zeros(logits.shape, jnp.float32).at[rows, cand].set(probs)
+
+
+def propose_drafts(draft, hidden: jax.Array, logits: jax.Array, anchor: jax.Array, key: jax.Array, temperature):
+    """The drafts of one block and their proposal ``q`` (None when greedy): DFlash samples each slot from
+    ``softmax(z / T)`` (argmax at 0); DFlash2 walks its selector (:func:`selector_walk`)."""
+    if draft.candidate_selector is not None:
+        return selector_walk(draft.candidate_selector, hidden, logits, anchor, key, temperature)
+    drafts = generate.sample_logits(logits, key, temperature)
+    q = None if temperature == 0.0 else jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    return drafts, q
 
 
 def _write(out: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
@@ -121,11 +169,11 @@ def speculative_decode_fn(
         key, k_draft, k_ver = jax.random.split(key, 3)
         block = jnp.full((1, cfg.block_size), cfg.mask_token_id, jnp.int32).at[0, 0].set(last)
         hidden = draft.propose(dcache, target.embed(block), pos[None])
-        d_logits = target.logits(hidden[0, 1:bs])  # [bs-1, V] fp32
-        drafts = generate.sample_logits(d_logits, k_draft, temperature)
+        d_logits = draft.transform_logits(target.logits(hidden[0, 1:bs]))  # [bs-1, V] fp32
+        drafts, q = propose_drafts(draft, hidden[0, 1:bs], d_logits, last, k_draft, temperature)
         ver = jnp.concatenate([last[None], drafts])[None]  # [1, bs]
         t_taps, t_hidden, tcache = target.decode(ver, tcache, layer_ids=layer_ids)
-        a, bonus = verify_block(d_logits, drafts, target.logits(t_hidden[0]), k_ver, temperature)
+        a, bonus = verify_proposal(q, drafts, target.logits(t_hidden[0]), k_ver, temperature)
         new = jnp.concatenate([drafts, jnp.zeros((1,), jnp.int32)]).at[a].set(bonus)  # [bs], first a+1 valid
         tcache = target.rollback(tcache, (pos + a + 1)[None])
         dcache = draft.extend_cache(dcache, t_taps, (pos + jnp.arange(bs))[None], num_valid=(a + 1)[None])

@@ -20,35 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dflash_jax import blocks
+from dflash_jax import blocks, losses
+from dflash_jax import config as config_lib
 from dflash_jax.models import attention, layers
 
-
-def check_draft_fields(cfg: Any, name: str) -> None:
-    """The draft rules shared by the YAML ``draft`` section and :class:`DraftConfig` (``None`` = resolved later):
-    positive dims, GQA heads, even ``head_dim``, ``mask_token_id >= 0``, ``sliding_window >= block_size``,
-    ``rope_theta > 0``, ``rms_norm_eps > 0``. ``ValueError`` names ``<name>.<field>``."""
-    layers.check_model_dims(
-        cfg,
-        ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "block_size"),
-        name,
-    )
-    if cfg.mask_token_id is not None and cfg.mask_token_id < 0:
-        raise ValueError(f"{name}.mask_token_id must be >= 0, got {cfg.mask_token_id}")
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size:
-        raise ValueError(
-            f"{name}.sliding_window must be >= {name}.block_size ({cfg.block_size}) or null, got {cfg.sliding_window}"
-        )
-    if cfg.rope_theta is not None and not cfg.rope_theta > 0:
-        raise ValueError(f"{name}.rope_theta must be > 0, got {cfg.rope_theta!r}")
-    if not cfg.rms_norm_eps > 0:
-        raise ValueError(f"{name}.rms_norm_eps must be > 0, got {cfg.rms_norm_eps!r}")
+VARIANTS = typing.get_args(config_lib.Variant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +57,9 @@ class DraftConfig:
     vocab_size: int
     num_target_layers: int
     target_layer_ids: tuple[int, ...]
-    block_size: int = 16
-    mask_token_id: int = 0
-    rope_theta: float = 1e6
+    block_size: int  # no default: the YAML's (draft.block_size) is the one default
+    mask_token_id: int = 0  # draft.mask_token_id: null resolves against the target (train/run.py)
+    rope_theta: float = 1e6  # draft.rope_theta: null = the target's (train/run.py)
     rms_norm_eps: float = 1e-6
     sliding_window: int | None = None
     causal: bool = False
@@ -85,9 +68,20 @@ class DraftConfig:
     max_position_embeddings: int = 32768
     rope_scaling: dict | None = None
     attention_sink: bool = False
+    variant: str = "dflash"
+    conv_kernel_size: int = 2
+    conv_group_size: int = 16
+    selector_rank: int = 256
+    selector_top_k: int = 16
+    output_multiplier: float | None = None
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        # One normal form: JetSpec is DFlash with causal in-block attention (either spelling gives both fields).
+        if self.variant == "jetspec" or (self.variant == "dflash" and self.causal):
+            object.__setattr__(self, "variant", "jetspec")
+            object.__setattr__(self, "causal", True)
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         self.validate()
@@ -97,8 +91,8 @@ class DraftConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
-        check_draft_fields(self, "DraftConfig")
-        layers.check_model_dims(self, ("hidden_size", "vocab_size", "num_target_layers", "max_position_embeddings"))
+        config_lib.check_draft_fields(self, "DraftConfig")
+        config_lib.check_model_dims(self, ("hidden_size", "vocab_size", "num_target_layers", "max_position_embeddings"))
         if not self.target_layer_ids:
             raise ValueError("DraftConfig.target_layer_ids must not be empty")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
@@ -112,6 +106,17 @@ class DraftConfig:
                 f"DraftConfig.mask_token_id {self.mask_token_id} must be in [0, vocab_size="
                 f"{self.vocab_size}) (a row of the target's embedding table)"
             )
+        if self.variant == "dflash2":
+            if self.causal:
+                raise ValueError("DraftConfig.causal must be false with variant dflash2 (a bidirectional block)")
+            if self.hidden_size % self.conv_group_size:
+                raise ValueError(
+                    f"DraftConfig.conv_group_size ({self.conv_group_size}) must divide hidden_size ({self.hidden_size})"
+                )
+            if not self.selector_top_k <= self.vocab_size:
+                raise ValueError(
+                    f"DraftConfig.selector_top_k ({self.selector_top_k}) must be <= vocab_size ({self.vocab_size})"
+                )
         if not self.initializer_range > 0:
             raise ValueError(f"DraftConfig.initializer_range must be > 0, got {self.initializer_range!r}")
         try:
@@ -130,9 +135,8 @@ class DraftConfig:
 
         ``target_layer_ids`` defaults to the reference's ``build_target_layer_ids(num_target_layers, num_layers)``.
         """
-        num_layers = dims.setdefault("num_layers", 5)
         if "target_layer_ids" not in dims:
-            dims["target_layer_ids"] = blocks.build_target_layer_ids(num_target_layers, num_layers)
+            dims["target_layer_ids"] = blocks.build_target_layer_ids(num_target_layers, dims["num_layers"])
         return cls(hidden_size=target_hidden, vocab_size=vocab, num_target_layers=num_target_layers, **dims)
 
 
@@ -226,18 +230,99 @@ class DraftAttention(nnx.Module):
         return self.o_proj(out.reshape(b, q_len, self.num_heads * self.head_dim)), None
 
 
+def block_conv(x: jax.Array, taps: jax.Array, base: jax.Array, block_size: int) -> jax.Array:
+    """Grouped dynamic causal convolution inside blocks (DFlash2):
+    ``y_t = sum_o (base[o] + taps_t[o, g(c)]) * x_{t-o}`` per channel ``c`` of group ``g(c) = c // (H / G)``.
+
+    ``x [B, L, H]`` (``L`` a whole number of blocks laid end to end), ``taps [B, L, K, G]`` the per-position
+    corrections, ``base [K, H]`` -> ``[B, L, H]``. Tap ``o`` reads slot ``j - o`` of the same block: slots ``j < o``
+    read zeros, never the previous block's tail (so the packed training layout equals drafting one block at a
+    time)."""
+    b, length, h = x.shape
+    k, g = taps.shape[-2:]
+    n = length // block_size
+    xb = x.reshape(b, n, block_size, g, h // g)
+    tb = taps.reshape(b, n, block_size, k, g, 1).astype(x.dtype)
+    wb = base.reshape(k, g, h // g).astype(x.dtype)
+    out = jnp.zeros_like(xb)
+    for o in range(min(k, block_size)):
+        shifted = xb if o == 0 else jnp.pad(xb[:, :, : block_size - o], ((0, 0), (0, 0), (o, 0), (0, 0), (0, 0)))
+        out = out + (wb[o] + tb[:, :, :, o]) * shifted
+    return out.reshape(b, length, h)
+
+
+class GroupedDynamicConv(nnx.Module):
+    """The pre- and post-convolution of one sublayer (DFlash2 ``attention_conv`` / ``mlp_conv``).
+
+    ``base_kernel [2, K, H]`` (index 0 the pre-, 1 the post-convolution) and ``kernel_projection: H -> 2*K*G`` (no
+    bias; both sets of taps predicted from the sublayer's normed input). Identity at init: ``base[:, 0] = 1``,
+    the rest and the projection zero, so a fresh DFlash2 layer computes the DFlash layer."""
+
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+        h, k = cfg.hidden_size, cfg.conv_kernel_size
+        self.kernel_size, self.groups, self.block_size = k, h // cfg.conv_group_size, cfg.block_size
+        base = jnp.zeros((2, k, h), param_dtype).at[:, 0].set(1)
+        self.base_kernel = nnx.Param(base, out_sharding=("norm", "norm", "embed"))
+        self.kernel_projection = nnx.Linear(
+            h,
+            2 * k * self.groups,
+            use_bias=False,
+            kernel_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed", "norm")),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def prepare(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, L, H]`` (normed sublayer input) -> (pre-convolved ``[B, L, H]``, post taps ``[B, L, K, G]``)."""
+        taps = self.kernel_projection(x).reshape(*x.shape[:-1], 2, self.kernel_size, self.groups)
+        return block_conv(x, taps[..., 0, :, :], self.base_kernel[0], self.block_size), taps[..., 1, :, :]
+
+    def finish(self, y: jax.Array, taps: jax.Array) -> jax.Array:
+        """The post-convolution of the sublayer output ``y [B, L, H]`` with the taps of :meth:`prepare`."""
+        return block_conv(y, taps, self.base_kernel[1], self.block_size)
+
+
+class CandidateSelector(nnx.Module):
+    """DFlash2's path selector: ``S_t(a, b) = U_t(b) + <A[a] * (P h_t), B[b]>`` over the top-``k`` candidates
+    ``b`` of position ``t`` after predecessor ``a``.
+
+    ``predecessor_codebook A [V, r]`` ~ N(0, std), ``successor_codebook B [V, r]`` zeros (a fresh selector scores
+    the draft logits alone), ``hidden_projection P: H -> r`` (no bias)."""
+
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+        v, r = cfg.vocab_size, cfg.selector_rank
+        self.top_k = cfg.selector_top_k
+        a = cfg.initializer_range * jax.random.normal(rngs.params(), (v, r), param_dtype)
+        self.predecessor_codebook = nnx.Param(a, out_sharding=("vocab", "norm"))
+        self.successor_codebook = nnx.Param(jnp.zeros((v, r), param_dtype), out_sharding=("vocab", "norm"))
+        kw = dict(rngs=rngs, std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype)
+        self.hidden_projection = layers.dense(cfg.hidden_size, r, ("embed", "norm"), **kw)
+
+    def scores(self, hidden: jax.Array, unary: jax.Array, candidates: jax.Array, predecessor: jax.Array) -> jax.Array:
+        """``hidden [..., H]``, ``unary [..., k]`` (the draft logits of the candidates), ``candidates [..., k]`` and
+        ``predecessor [...]`` int -> ``S [..., k]`` float32."""
+        gate = self.predecessor_codebook[...][predecessor].astype(jnp.float32) * self.hidden_projection(hidden)
+        succ = self.successor_codebook[...][candidates].astype(jnp.float32)
+        return unary.astype(jnp.float32) + jnp.einsum("...r,...kr->...k", gate, succ)
+
+
 def draft_layer(cfg: DraftConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> layers.DecoderBlock:
-    """One draft decoder layer: the shared pre-norm block around :class:`DraftAttention`."""
-    attn = DraftAttention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    """One draft decoder layer: the shared pre-norm block around :class:`DraftAttention` (with DFlash2's
+    :class:`GroupedDynamicConv` around both sublayers)."""
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    attn = DraftAttention(cfg, **kw)
+    convs = None
+    if cfg.variant == "dflash2":
+        convs = (GroupedDynamicConv(cfg, **kw), GroupedDynamicConv(cfg, **kw))
     return layers.DecoderBlock(
         attn,
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.rms_norm_eps,
-        rngs=rngs,
         std=cfg.initializer_range,
-        param_dtype=param_dtype,
-        dtype=dtype,
+        convs=convs,
+        **kw,
     )
 
 
@@ -280,6 +365,16 @@ class DFlashDraft(nnx.Module):
             [draft_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype) for _ in range(cfg.num_layers)]
         )
         self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.candidate_selector = (
+            CandidateSelector(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+            if cfg.variant == "dflash2"
+            else None
+        )
+
+    def transform_logits(self, z: jax.Array) -> jax.Array:
+        """``softcap(output_multiplier * z)`` of raw logits ``z = hidden @ lm_head.T`` (identity when both are
+        null); ``softcap(x) = c * tanh(x / c)``."""
+        return losses.logit_transform(z, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
 
     def _cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         scaling = self.cfg.rope_scaling

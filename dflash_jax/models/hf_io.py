@@ -8,6 +8,7 @@ and the tokenizer (``tokenizer.json``) with its chat template (``tokenizer_confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping
@@ -17,7 +18,7 @@ from safetensors import safe_open
 
 from dflash_jax.models import families
 from dflash_jax.models import tokenizer as tok_lib
-from dflash_jax.models.target import DENSE_ARCHS, SUPPORTED_ARCHS, TargetConfig
+from dflash_jax.models.decoder import TargetConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,10 +68,10 @@ def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
     """Build from an HF ``config.json`` dict; transformers v4 (``rope_theta``/``rope_scaling``) and v5
     (``rope_parameters``) semantics. Unsupported families or features raise ValueError."""
     arch = cfg.get("model_type")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"config.json model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    if arch in DENSE_ARCHS and cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r} is not supported (supported: silu)")
+    if arch not in families.FAMILIES:
+        raise ValueError(
+            f"config.json model_type={arch!r} is not supported (supported: {', '.join(families.SUPPORTED_ARCHS)})"
+        )
     if cfg.get("mlp_bias", False):
         raise ValueError("config.json mlp_bias=true is not supported (supported: no MLP bias)")
     if cfg.get("use_sliding_window", False):
@@ -108,8 +109,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> TargetConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos,
     )
-    if arch in families.FAMILIES:
-        fields.update(families.FAMILIES[arch].config_fields(cfg))
+    fields.update(families.FAMILIES[arch].config_fields(cfg))
     return TargetConfig(**fields)
 
 
@@ -152,6 +152,19 @@ class _SafetensorsReader:
         if tuple(sl.get_shape()) != tuple(shape):
             raise ValueError(f"{where}: shape {tuple(sl.get_shape())} does not match the config's {tuple(shape)}")
         return h.get_tensor(name)
+
+
+def random_target_config(section: Any, **fields: Any) -> TargetConfig:
+    """The ``TargetConfig`` of a random target (``config.RandomTargetSection``): parsed from its ``config.json``
+    form like a loaded target's, its own dims kept (those that are ``TargetConfig`` fields), then any explicit
+    ``fields``. ValueError names ``target.random.<field>``."""
+    families.family(section.arch, "target.random.arch")
+    own = {f.name for f in dataclasses.fields(TargetConfig)}
+    dims = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in own}
+    try:
+        return dataclasses.replace(config_from_hf(section.hf_config()), **dims, **fields)
+    except ValueError as err:
+        raise ValueError(str(err).replace("TargetConfig.", "target.random.")) from None
 
 
 def open_hf(path: str) -> tuple[TargetConfig, "_SafetensorsReader", tok_lib.TokenizerBundle]:

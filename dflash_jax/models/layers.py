@@ -5,7 +5,7 @@ One implementation of each piece serves both models: RMSNorm (Qwen3/Llama semant
 partition names, and grouped-query attention with a boolean mask.
 
 Parameters are created with logical axis names only (``nnx.use_eager_sharding(False)`` is active inside
-:func:`unsharded_init`); ``dflash_jax.train.sharding`` maps those names onto a device mesh through one rules
+:func:`unsharded_init`); ``dflash_jax.sharding`` maps those names onto a device mesh through one rules
 table. Logical axis names used here:
 
 ``embed`` (model width H), ``mlp`` (intermediate I), ``q_heads`` (NH*HD), ``kv_heads`` (KVH*HD),
@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dflash_jax import sharding
+
 # Large finite negative used for masked attention logits. A finite value keeps fully-masked rows finite
 # (softmax becomes uniform instead of NaN), which is what the reference does with finfo(dtype).min.
 MASK_VALUE = -1e30
@@ -35,24 +37,6 @@ def unsharded_init():
     """Create variables with logical sharding metadata but without placing them on a mesh."""
     with nnx.use_eager_sharding(False):
         yield
-
-
-def check_model_dims(cfg: Any, int_fields: tuple[str, ...], name: str | None = None) -> None:
-    """Shared architecture checks of a model config (or its YAML section): every ``int_fields`` entry is a
-    positive int, ``num_attention_heads % num_key_value_heads == 0`` and ``head_dim`` is even (RoPE).
-    ``ValueError`` names the field as ``<name>.<field>`` (default name: the config's class)."""
-    name = name or type(cfg).__name__
-    for f in int_fields:
-        v = getattr(cfg, f)
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}.{f} must be a positive integer, got {v!r}")
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ValueError(
-            f"{name}.num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
-            f"num_key_value_heads ({cfg.num_key_value_heads})"
-        )
-    if cfg.head_dim % 2:
-        raise ValueError(f"{name}.head_dim must be even for RoPE, got {cfg.head_dim}")
 
 
 def dense(
@@ -158,8 +142,12 @@ class DecoderBlock(nnx.Module):
         dtype: Any = None,
         mlp: nnx.Module | None = None,
         norm_kw: Mapping[str, Any] | None = None,
+        convs: tuple[nnx.Module, nnx.Module] | None = None,
     ):
         norm_kw = dict(norm_kw or {}, param_dtype=param_dtype)
+        # DFlash2's in-block convolutions around the attention and the MLP (``prepare`` on the normed input,
+        # ``finish`` on the sublayer output; models/draft.py GroupedDynamicConv); None = plain sublayers.
+        self.attention_conv, self.mlp_conv = convs if convs is not None else (None, None)
         self.input_layernorm = RMSNorm(hidden, eps, **norm_kw)
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden, eps, **norm_kw)
@@ -170,11 +158,19 @@ class DecoderBlock(nnx.Module):
         )
 
     def __call__(self, h: jax.Array, *args: Any) -> tuple[jax.Array, Any]:
-        from dflash_jax.train.sharding import constrain_rows  # (train.sharding imports this module's users)
+        x, taps = _conv_prepare(self.attention_conv, self.input_layernorm(h))
+        a, aux = self.self_attn(x, *args)
+        h = sharding.constrain_rows(h + _conv_finish(self.attention_conv, a, taps))
+        x, taps = _conv_prepare(self.mlp_conv, self.post_attention_layernorm(h))
+        return sharding.constrain_rows(h + _conv_finish(self.mlp_conv, self.mlp(x), taps)), aux
 
-        a, aux = self.self_attn(self.input_layernorm(h), *args)
-        h = constrain_rows(h + a)
-        return constrain_rows(h + self.mlp(self.post_attention_layernorm(h))), aux
+
+def _conv_prepare(conv: nnx.Module | None, x: jax.Array) -> tuple[jax.Array, Any]:
+    return (x, None) if conv is None else conv.prepare(x)
+
+
+def _conv_finish(conv: nnx.Module | None, y: jax.Array, taps: Any) -> jax.Array:
+    return y if conv is None else conv.finish(y, taps)
 
 
 # ---------------------------------------------------------------------------------------------------------

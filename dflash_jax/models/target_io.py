@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,60 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from dflash_jax.models import families, layers
-from dflash_jax.models.target import Target, TargetConfig, TargetModel, make_target_model, resolve_dtype
+from dflash_jax import sharding
+from dflash_jax.data import chat
+from dflash_jax.models import families, gguf_io, hf_io, layers
+from dflash_jax.models.target import TargetConfig, TargetModel, make_target_model, resolve_dtype
+
+# ---------------------------------------------------------------------------------------------------------
+# Target: the loaded bundle (model + tokenizer + chat template)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(nnx.jit, static_argnames=("layer_ids",))
+def _taps_jit(model, input_ids, layer_ids):
+    return model(input_ids, layer_ids=layer_ids)[0]
+
+
+@nnx.jit
+def _logits_jit(model, input_ids):
+    return model.logits(model(input_ids)[1])
+
+
+class Target:
+    """A loaded frozen target: model + tokenizer + chat template (what :func:`load_target` returns)."""
+
+    def __init__(
+        self,
+        config: TargetConfig,
+        model: TargetModel,
+        *,
+        tokenizer=None,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        source: str | None = None,
+    ):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = config.bos_token_id
+        self.eos_token_ids = config.eos_token_ids
+        self.source = source
+
+    def __repr__(self):
+        c = self.config
+        return f"Target({c.arch}, L={c.num_layers}, H={c.hidden_size}, V={c.vocab_size}, source={self.source!r})"
+
+    def logits(self, input_ids) -> jax.Array:
+        """``[B,S]`` int -> ``[B,S,V]`` float32 logits (full causal forward, jitted)."""
+        return _logits_jit(self.model, jnp.asarray(input_ids))
+
+    def taps(self, input_ids, layer_ids: Sequence[int]) -> jax.Array:
+        """``[B,S]`` int -> ``[B,S,len(layer_ids)*H]`` (id k = output of decoder layer k), jitted."""
+        return _taps_jit(self.model, jnp.asarray(input_ids), tuple(int(i) for i in layer_ids))
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -48,8 +101,6 @@ def _abstract_target(cfg: TargetConfig, dt: Any, mesh, shardings) -> tuple[nnx.G
         abs_model = nnx.eval_shape(lambda: TargetModel(cfg, rngs=nnx.Rngs(0), param_dtype=dt, dtype=dt))
     graphdef, abs_state = nnx.split(abs_model)
     if shardings is None and mesh is not None:
-        from dflash_jax.train import sharding
-
         shardings = sharding.state_shardings(abs_state, mesh)
     flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     return graphdef, abs_state, {p: (v.get_value() if isinstance(v, nnx.Variable) else v) for p, v in flat.items()}
@@ -82,7 +133,7 @@ def build_target_model(
     (nothing allocated); each tensor, one at a time (host memory bounded by the largest tensor), is cast to
     ``dtype`` on the host, transposed where needed and placed directly onto its sharding: ``shardings`` (a state
     of ``NamedSharding`` matching the model) or, given only ``mesh``, the one rules table
-    (:func:`dflash_jax.train.sharding.state_shardings`); otherwise the default device. With several processes
+    (:func:`dflash_jax.sharding.state_shardings`); otherwise the default device. With several processes
     each process puts only its addressable shards (``jax.make_array_from_callback``). ``only(hf_name)``: read
     just the tensors it accepts (e.g. :func:`head_tensors`); the others stay ``jax.ShapeDtypeStruct``s
     (:func:`is_unread`), never read nor allocated.
@@ -90,8 +141,7 @@ def build_target_model(
     dt = resolve_dtype(dtype)
     graphdef, abs_state, sh_flat = _abstract_target(cfg, dt, mesh, shardings)
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
-    if cfg.arch in families.FAMILIES:
-        fetch = functools.partial(families.FAMILIES[cfg.arch].read_tensor, cfg, fetch)
+    fetch = functools.partial(families.family(cfg.arch).read_tensor, cfg, fetch)
     leaves = {}
     for path, var in nnx.to_flat_state(abs_state):
         name, transpose = hf_name(path)
@@ -115,6 +165,21 @@ def build_target_model(
     return nnx.merge(graphdef, state)
 
 
+def _with_end_of_turn(cfg: TargetConfig, tok: Any) -> TargetConfig:
+    """``cfg`` with the end-of-turn tokens of the target's own chat template (``tok``, a ``TokenizerBundle``;
+    :attr:`dflash_jax.data.chat.ChatRenderer.end_of_turn_ids`) appended to ``eos_token_ids``, so generation stops
+    at the end of a turn as llama.cpp does. A template the renderer cannot use adds none (training with it then
+    fails naming ``data.chat_template``)."""
+    if tok.tokenizer is None or not tok.chat_template:
+        return cfg
+    try:
+        ids = chat.ChatRenderer(tok.tokenizer, tok.chat_template, tok.bos_token, tok.eos_token).end_of_turn_ids
+    except chat.ChatTemplateError:
+        return cfg
+    ids = [i for i in ids if i < cfg.vocab_size]
+    return dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys((*cfg.eos_token_ids, *ids))))
+
+
 def load_target(
     path: str | os.PathLike,
     dtype: str = "float32",
@@ -129,15 +194,12 @@ def load_target(
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        from dflash_jax.models import hf_io
-
         cfg, fetch, tok = hf_io.open_hf(path)
     elif path.endswith(".gguf"):
-        from dflash_jax.models import gguf_io
-
         cfg, fetch, tok = gguf_io.open_gguf(path)
     else:
         raise ValueError(f"load_target: path {path!r} is neither an HF checkpoint directory nor a .gguf file")
+    cfg = _with_end_of_turn(cfg, tok)
     model = build_target_model(cfg, fetch, dtype=dtype, mesh=mesh, shardings=shardings, only=only)
     return Target(
         cfg,

@@ -27,8 +27,11 @@ _O200K_REGEX = (
 _SPLIT_REGEX = {"qwen2": _QWEN2_REGEX, "gpt-4o": _O200K_REGEX}
 SUPPORTED_GGUF_PRE = ("smollm", "qwen2", "gpt-2", "gpt-4o")
 SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
-# GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-_SPECIAL_TOKEN_TYPES = (3, 4)
+# GGUF token types (SentencePiece's ``ModelProto.SentencePiece.Type``): 1 normal, 2 unknown, 3 control,
+# 4 user-defined, 5 unused, 6 byte. Control and unknown tokens are special (``decode(skip_special_tokens=True)``
+# drops them); user-defined ones (Gemma's ``\n``, space runs, HTML tags) are text, matched whole as SentencePiece does.
+_SPECIAL_TOKEN_TYPES = (2, 3)
+_USER_DEFINED = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,8 @@ def _spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[
 def _spm_tokenizer(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int], source: str) -> Tokenizer:
     """SentencePiece-BPE (``tokenizer.ggml.model == "llama"``, e.g. Gemma 3): BPE with byte fallback over the
     scores' merges (:func:`_spm_merges`), spaces replaced by ``▁``, a ``▁`` prepended when
-    ``tokenizer.ggml.add_space_prefix`` (llama.cpp's default: true), no pre-split; the decoder reverses it."""
+    ``tokenizer.ggml.add_space_prefix`` (llama.cpp's default: true), no pre-split; the decoder reverses it (and
+    drops that prefix space again, as SentencePiece and llama.cpp do)."""
     scores = meta.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise ValueError(f"{source}: tokenizer.ggml.scores is missing or not one score per token")
@@ -99,10 +103,12 @@ def _spm_tokenizer(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequen
     except Exception as e:  # tokenizers raises a bare Exception on an inconsistent vocab
         raise ValueError(f"{source}: tokenizer.ggml.tokens/scores do not form a BPE model ({e})") from e
     norm = [normalizers.Replace(" ", "▁")]
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if meta.get("tokenizer.ggml.add_space_prefix", True):
         norm.insert(0, normalizers.Prepend("▁"))
+        dec.append(decoders.Strip(" ", 1, 0))
     tok.normalizer = normalizers.Sequence(norm)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.decoder = decoders.Sequence(dec)
     return tok
 
 
@@ -137,8 +143,10 @@ def _byte_level_tokenizer(meta: Mapping[str, Any], tokens: Sequence[str], source
 
 def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
     """Rebuild the tokenizer from GGUF ``tokenizer.*`` metadata (``meta``: key -> decoded value): byte-level BPE
-    (``gpt2``) or SentencePiece-BPE (``llama``); token types 3/4 (control, user-defined) become special tokens;
-    BOS/EOS added by a post-processor when ``tokenizer.ggml.add_bos_token`` / ``add_eos_token``."""
+    (``gpt2``) or SentencePiece-BPE (``llama``); control and unknown tokens (types 3, 2) become special added
+    tokens, user-defined ones (type 4) non-special added tokens, matched whole (see below) and kept by
+    ``decode(skip_special_tokens=True)``; BOS/EOS added by a post-processor when ``tokenizer.ggml.add_bos_token``
+    / ``add_eos_token``."""
     model = meta.get("tokenizer.ggml.model")
     if model not in SUPPORTED_GGUF_MODELS:
         raise ValueError(
@@ -152,6 +160,18 @@ def gguf_tokenizer(meta: Mapping[str, Any], source: str) -> TokenizerBundle:
     )
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in _SPECIAL_TOKEN_TYPES]
+    )
+    # A user-defined piece is matched in the text as stored: with spaces as ``▁`` (a SentencePiece model's form) in
+    # the normalized text, with raw spaces (llama.cpp's converter pre-normalizes added tokens) in the raw text.
+    # With ``add_space_prefix`` the normalized form cannot be matched (tokenizers slices a normalized added token
+    # wrongly after the length-changing ``▁`` prefix), so such pieces are left to the BPE model.
+    spm_normalized = model == "llama" and not meta.get("tokenizer.ggml.add_space_prefix", True)
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=spm_normalized and "▁" in t)
+            for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED
+        ]
     )
     bos_id, eos_id = (meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos"))
     bos_id, eos_id = (None if i is None else int(i) for i in (bos_id, eos_id))

@@ -26,10 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dflash_jax import config as config_lib
+from dflash_jax import sharding
 from dflash_jax.models import hf_io, layers
 from dflash_jax.models.draft import DFlashDraft
-from dflash_jax.models.target import Target, TargetConfig, TargetModel, resolve_dtype
-from dflash_jax.train import optim, sharding
+from dflash_jax.models.target import TargetConfig, TargetModel, resolve_dtype
+from dflash_jax.models.target_io import Target
+from dflash_jax.train import optim
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
@@ -42,7 +44,7 @@ def target_config(config: config_lib.Config, config_json: str | None = None) -> 
     path = config_json
     if path is None:
         if config.target.path == run_lib.RANDOM:
-            return config.target.random
+            return hf_io.random_target_config(config.target.random)
         path = config.target.path
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")

@@ -49,7 +49,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dflash_jax.train import sharding
+from dflash_jax import sharding
 from dflash_jax.train.step import TrainState
 
 log = logging.getLogger(__name__)

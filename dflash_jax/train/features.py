@@ -101,7 +101,7 @@ def dump_features(
 ) -> dict[str, Any]:
     """Run the frozen ``target`` over ``batches`` and write feature shards to ``out_dir``; returns the index.
 
-    ``target``: a ``models.target.Target`` (or a bare ``TargetModel``); ``batches``: dicts with ``input_ids``,
+    ``target``: a ``models.target_io.Target`` (or a bare ``TargetModel``); ``batches``: dicts with ``input_ids``,
     ``loss_mask``, ``segment_ids``, ``positions`` ``[B,S]`` (or ``(batch, stats)`` tuples, as ``DataIterator``
     yields), consumed until exhausted or ``max_rows`` rows (required for infinite iterators). Rows are grouped
     ``forward_batch`` at a time through the target and ``shard_size`` per shard. ``dtype``: storage dtype of the

@@ -25,10 +25,10 @@ import numpy as np
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
-from dflash_jax import paths
-from dflash_jax.data import pipeline
+from dflash_jax import paths, sharding
+from dflash_jax.data import chat, pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
-from dflash_jax.train import cost, features, rundir, sharding
+from dflash_jax.train import cost, features, plots, rundir
 from dflash_jax.train import run as run_lib
 from dflash_jax.train import step as step_lib
 
@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 _WARMUP_STEPS = 2  # timed steps after the first (compiling) one, for the plan's step-time estimate and ETA
 _MEAN_KEYS = ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "real_token_fraction")
 _VECTOR_KEYS = ("position_accuracy", "position_weight_mean")
+# DFlash2 only (losses.reduce_partials): logged after the common keys when the step reports them.
+_SELECTOR_KEYS = (
+    "selector_loss",
+    "selector_accuracy",
+    "selector_simulated_tau",
+    "selector_accept_length",
+    "candidate_recall",
+    "selector_position_accuracy",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,6 +62,7 @@ def _host_step_metrics(m: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
         for k in ("loss", "accuracy", "simulated_tau", "accept_length", "grad_norm", "lr", "real_token_fraction")
     }
     out.update({k: [float(x) for x in np.asarray(m[k])] for k in _VECTOR_KEYS})
+    out.update({k: np.asarray(m[k], np.float64).tolist() for k in _SELECTOR_KEYS if k in m})
     out.update(
         skipped_updates=int(m["skipped_updates"]),
         tokens=int(m["tokens"]),
@@ -90,7 +100,9 @@ def window_record(step: int, window: Sequence[dict[str, Any]], seconds: float, e
         elapsed_s=round(elapsed, 3),
     )
     rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in _VECTOR_KEYS})
-    return {k: rec[k] for k in rundir.METRIC_KEYS}
+    selector = [k for k in _SELECTOR_KEYS if k in last]
+    rec.update({k: np.mean([w[k] for w in applied], axis=0).tolist() if applied else None for k in selector})
+    return {k: rec[k] for k in (*rundir.METRIC_KEYS, *selector)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,6 +254,7 @@ def _train(
             max_conversations=1,
             heldout=config.data.heldout,
         ).heldout
+    stop_ids = chat.stop_token_ids(target, renderer)
     prompts = (
         run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)
         if tc.eval_every and config.eval.num_prompts and heldout
@@ -280,7 +293,7 @@ def _train(
             draft_cfg,
             config.data.batch_size,
             config.data.seq_len,
-            config.draft.num_anchors,
+            config.train.num_anchors,
             config.loss.kd,
             online=tc.mode == "online",
         )
@@ -365,7 +378,9 @@ def _train(
             if prompts and (step % tc.eval_every == 0 or step == tc.steps):
                 params = sharding.to_host(state.params)  # a collective: on every process
                 # Decoding runs on every process: the target is the step's own copy, sharded over all of them.
-                res = run_lib.run_eval(target, draft_cfg, params, prompts, config.eval, seed=tc.seed)
+                res = run_lib.run_eval(
+                    target, draft_cfg, params, prompts, config.eval, seed=tc.seed, eos_token_ids=stop_ids
+                )
                 if main:
                     sink.write(
                         {
@@ -409,8 +424,6 @@ def _train(
     if main:
         if params is not None:
             export_dir = str(export_lib.export_draft(draft_cfg, params, os.path.join(run_dir, rundir.EXPORT_DIR)))
-        from dflash_jax.train import plots
-
         plot_paths = tuple(plots.write_plots(rundir.read_metrics(run_dir), os.path.join(run_dir, rundir.PLOTS_DIR)))
     sharding.barrier("dflash_jax:run_finished")  # the others return once the export and plots exist
     if interrupted:

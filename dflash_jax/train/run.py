@@ -24,31 +24,33 @@ from jax.sharding import Mesh
 
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
+from dflash_jax import sharding
 from dflash_jax.data import chat, pipeline, readers
-from dflash_jax.models import layers, target_io
+from dflash_jax.eval import report
+from dflash_jax.models import hf_io, layers, target_io
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
-from dflash_jax.models.target import Target
-from dflash_jax.models.target_io import load_target, random_target, smollm2_gguf_path
+from dflash_jax.models.target_io import Target, load_target, random_target, smollm2_gguf_path
 from dflash_jax.train import checkpoint as ckpt_lib
-from dflash_jax.train import optim, rundir, sharding
+from dflash_jax.train import optim, rundir
 from dflash_jax.train import step as step_lib
 
 SMOLLM2 = "smollm2"
 RANDOM = "random"
 _MASK_SPELLINGS = ("<mask>", "<|mask|>", "[MASK]", "<MASK>", "<|MASK|>", "<|mask_token|>")
 # DraftSection fields that are not DraftConfig fields of the same meaning.
-_SECTION_ONLY = ("num_anchors", "init")
+_SECTION_ONLY = ("init",)
 
 
 def build_target(
     section: config_lib.TargetSection, mesh: Mesh | None = None, only: Callable[[str], bool] | None = None
 ) -> Target:
-    """The frozen target of ``target.path``: ``random`` (``target.random``, a ``TargetConfig`` plus ``seed``),
+    """The frozen target of ``target.path``: ``random`` (``target.random``: dims and ``seed``),
     ``smollm2`` (the installed SmolLM2-135M-Instruct GGUF), an HF checkpoint directory or a ``.gguf`` file; in
     ``target.dtype``. ``mesh``: every tensor is placed straight onto its sharding by the rules table (never whole
     on one device); ``only``: the tensors to read (:func:`~dflash_jax.models.target_io.build_target_model`)."""
     if section.path == RANDOM:
-        return random_target(section.random, seed=section.random.seed, dtype=section.dtype, mesh=mesh, only=only)
+        cfg = hf_io.random_target_config(section.random)
+        return random_target(cfg, seed=section.random.seed, dtype=section.dtype, mesh=mesh, only=only)
     path = smollm2_gguf_path() if section.path == SMOLLM2 else section.path
     if not os.path.exists(path):
         raise ValueError(
@@ -60,9 +62,8 @@ def build_target(
 
 def resolve_mask_token_id(configured: int | None, target: Target, renderer: chat.ChatRenderer) -> int:
     """``draft.mask_token_id`` or, when null, the documented rule (module docstring). ValueError naming the key."""
-    vocab, eos = target.config.vocab_size, set(target.eos_token_ids)
+    vocab, eos = target.config.vocab_size, set(chat.stop_token_ids(target, renderer))
     tok = renderer.tokenizer
-    eos |= {i for i in (tok.token_to_id(t) for t in (renderer.eos_token, "<|im_end|>") if t) if i is not None}
     if configured is not None:  # its range is DraftConfig's check (build_draft_config)
         if configured in eos:
             raise ValueError(
@@ -359,13 +360,13 @@ def run_eval(
     *,
     seed: int = 0,
     check_lossless: bool = False,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Speculative decoding of ``prompts`` with a drafter holding ``params`` (host or device pytree); prompts
-    longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result."""
-    from dflash_jax.eval.report import evaluate
-
+    longer than ``section.prompt_len`` (or the target's context) keep their last tokens, counted in the result.
+    ``eos_token_ids`` (default the target's) stop generation (:func:`dflash_jax.data.chat.stop_token_ids`)."""
     draft = export_lib.draft_from_params(draft_cfg, sharding.to_host(params))
-    return evaluate(
+    return report.evaluate(
         target,
         draft,
         draft_cfg,
@@ -375,4 +376,5 @@ def run_eval(
         seed=seed,
         check_lossless=check_lossless,
         max_prompt_len=section.prompt_len,
+        eos_token_ids=eos_token_ids,
     )

@@ -21,6 +21,8 @@ import logging
 import os
 from typing import Any, Sequence
 
+import yaml
+
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import paths
@@ -89,13 +91,23 @@ def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
+def save_resolved(config: config_lib.Config, run_dir: str | os.PathLike) -> str:
+    """Write the fully resolved ``config`` to ``run_dir/config.yaml`` atomically (a temporary file renamed over
+    it: a process killed while writing leaves the previous file, never a truncated one); returns the path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CONFIG_FILE)
+    with paths.atomic_open(path) as f:
+        yaml.safe_dump(config_lib.to_dict(config), f, sort_keys=False, default_flow_style=None)
+    return path
+
+
 def write_run_files(
     run_dir: str, config: config_lib.Config, draft_cfg: DraftConfig, heldout: Sequence[readers.Conversation]
 ) -> None:
     """``config.yaml`` (with the resolved ``draft.mask_token_id``), ``draft_config.json`` and ``heldout.jsonl``, each
     written atomically."""
     resolved = dataclasses.replace(config.draft, mask_token_id=draft_cfg.mask_token_id)
-    config_lib.save_resolved(dataclasses.replace(config, draft=resolved), run_dir)
+    save_resolved(dataclasses.replace(config, draft=resolved), run_dir)
     with paths.atomic_open(os.path.join(run_dir, DRAFT_CONFIG_FILE)) as f:
         json.dump(export_lib.config_to_json(draft_cfg, "float32"), f, indent=2)
     write_heldout(os.path.join(run_dir, HELDOUT_FILE), heldout)

@@ -39,11 +39,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash_jax import blocks, losses
+from dflash_jax import blocks, losses, sharding
 from dflash_jax import config as config_lib
 from dflash_jax.models import target_io
 from dflash_jax.models.draft import DraftConfig
-from dflash_jax.train import optim, sharding
+from dflash_jax.train import optim
 
 PARAM_DTYPES = ("float32", "bfloat16")  # train.param_dtype: fp32 master weights, or bf16 params (fp32 moments)
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
@@ -66,7 +66,7 @@ class StepConfig:
     """The step's own settings; block size, mask id and target layer ids are read from the draft's
     :class:`~dflash_jax.models.draft.DraftConfig`, never copied here.
 
-    ``num_anchors``: blocks per row (``draft.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
+    ``num_anchors``: blocks per row (``train.num_anchors``). ``loss``: the YAML ``loss`` section, the pieces of
     :func:`dflash_jax.losses.block_loss_from_hidden` (``objective`` / ``per_token`` may also be functions, see
     docs/losses.md; ``chunk_blocks`` = blocks per vocabulary-loss chunk, None: all ``num_anchors`` in one chunk).
     ``mode``: ``online`` (target forward inside the step) or ``offline`` (features in the batch). ``attention``: the
@@ -88,7 +88,7 @@ class StepConfig:
     def from_config(cls, config: config_lib.Config) -> "StepConfig":
         """The step settings of a run configuration."""
         return cls(
-            num_anchors=config.draft.num_anchors,
+            num_anchors=config.train.num_anchors,
             loss=config.loss,
             mode=config.train.mode,
             attention=config.train.attention,
@@ -154,6 +154,11 @@ def train_step(
     else:
         anchors, keep = blocks.sample_anchors(jax.random.fold_in(key, state.step), batch["loss_mask"], bs, n)
     lm_head = target.lm_head_weight()
+    logits_options = dict(
+        temperature=lo.temperature,
+        logit_scale=draft_cfg.output_multiplier,
+        softcap=draft_cfg.final_logit_softcapping,
+    )
 
     def numerator_grad(params: Any, mb: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """Gradient w.r.t. ``params`` of ``sum(W*l)`` over the rows of ``mb`` (times the loss scale when K = 1:
@@ -188,21 +193,36 @@ def train_step(
                 attention_impl=cfg.attention,
             )
             hidden = hidden.reshape(b, n, bs, hidden.shape[-1])
-            partials = losses.block_partials_from_hidden(
-                hidden,
-                lm_head,
-                labels,
-                mask,
+            pieces = dict(
                 objective=lo.objective,
                 alpha=lo.alpha,
                 gamma=lo.gamma,
                 teacher_hidden=teacher,
                 per_token=lo.per_token,
-                normalization=lo.normalization,
                 confidence=lo.confidence,
                 chunk_blocks=cfg.chunk_blocks,
                 compute_dtype=compute_dtype,
+                logits_options=logits_options,
             )
+            partials = losses.block_partials_from_hidden(
+                hidden, lm_head, labels, mask, normalization=lo.normalization, **pieces
+            )
+            if draft.candidate_selector is not None:  # DFlash2: + selector_weight * the selector loss
+                candidates, weights = losses.selector_targets(
+                    hidden, lm_head, labels, mask, top_k=draft_cfg.selector_top_k, **pieces
+                )
+                selector = losses.selector_partials(
+                    draft.candidate_selector.scores,
+                    hidden,
+                    lm_head,
+                    labels,
+                    mask,
+                    candidates,
+                    weights,
+                    missing=lo.selector_missing,
+                    logits_options=logits_options,
+                )
+                partials = losses.with_selector(partials, selector, lo.selector_weight)
             # K = 1: the scale of this (whole) batch enters the backward pass as the loss's cotangent would;
             # K > 1: it is known only after the last micro-batch and applied to the summed gradients.
             scale = losses.numerator_scale(partials, lo.normalization) if k == 1 else 1.0
@@ -448,7 +468,7 @@ class TrainStep:
         self, state: TrainState, batch: Mapping[str, Any], key: jax.Array
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         batch = self.place_batch(batch)
-        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (attention._batch_sharded)
+        with jax.set_mesh(self.mesh):  # the Pallas attention kernels run per batch shard (kernels.batch_sharded)
             if jax.process_count() > 1:
                 # Processes finish compiling at different times, and the first collective of the step gives up
                 # when its peers are late (gloo's connect timeout); compile first, meet, then run.

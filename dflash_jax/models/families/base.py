@@ -1,12 +1,12 @@
 """The per-family interface of a target decoder (what a new family implements; README "Adding a target family").
 
-A family is the difference between its HF architecture and the dense pre-norm decoder of ``models/target.py``:
+A family is the difference between its HF architecture and the dense pre-norm decoder (``families/dense.py``, pieces in ``models/decoder.py``):
 
-* ``config_fields(hf_config) -> dict``: the :class:`~dflash_jax.models.target.TargetConfig` fields that
+* ``config_fields(hf_config) -> dict``: the :class:`~dflash_jax.models.decoder.TargetConfig` fields that
   ``config.json`` sets beyond the common ones (layer types, window, MoE dims, ...); ValueError on unsupported input;
 * ``make_layer(cfg, i, *, rngs, param_dtype, dtype) -> nnx.Module``: decoder layer ``i``, called as
-  ``layer(h, cos, sin, mask, past, write_pos) -> (h, kv)`` (the contract of ``target.decoder_layer``; ``past``
-  and ``kv`` as in ``target.Attention.__call__``);
+  ``layer(h, cos, sin, mask, past, write_pos) -> (h, kv)`` (the contract of ``decoder.decoder_layer``; ``past``
+  and ``kv`` as in ``decoder.Attention.__call__``);
 * ``read_tensor(cfg, fetch, name, shape) -> np.ndarray``: the checkpoint tensor behind parameter ``name`` (HF
   naming, torch layout ``shape``), e.g. stacking per-expert tensors; default ``fetch(name, shape)``;
 * ``embed_scale(cfg)``: multiplier of the embedding lookup (``None`` = none) and ``norm_kw``: the final norm's

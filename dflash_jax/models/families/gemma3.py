@@ -21,21 +21,21 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from dflash_jax.models import layers, target
+from dflash_jax.models import decoder, layers
 from dflash_jax.models.families import base
 
 NORM_KW = {"offset": 1.0}
 
 
 class Gemma3DecoderLayer(nnx.Module):
-    """Sandwich-norm decoder layer (see the module docstring); same call contract as ``target.decoder_layer``."""
+    """Sandwich-norm decoder layer (see the module docstring); same call contract as ``decoder.decoder_layer``."""
 
-    def __init__(self, cfg: target.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+    def __init__(self, cfg: decoder.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         def norm():
             return layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, **NORM_KW)
 
         self.input_layernorm = norm()
-        self.self_attn = target.Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, norm_kw=NORM_KW)
+        self.self_attn = decoder.Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, norm_kw=NORM_KW)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
         self.mlp = layers.SwiGLU(
@@ -90,7 +90,7 @@ def unwrap_multimodal(hf: Mapping[str, Any]) -> tuple[dict, str]:
     return {**text, **inherited, "model_type": "gemma3_text"}, "language_model."
 
 
-def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
+def make_layer(cfg: decoder.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
     del i
     return Gemma3DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dflash_jax.models import layers, target
+from dflash_jax.models import decoder, layers
 from dflash_jax.models.families import base, moe
 
 ALPHA, LIMIT = 1.702, 7.0  # transformers GptOssExperts constants
@@ -57,7 +57,7 @@ class ClampedSwiGLUExperts(nnx.Module):
 class GptOssMLP(nnx.Module):
     """``x [B,S,H] -> [B,S,H]``: biased router, softmax over the top-k logits, ragged expert dispatch."""
 
-    def __init__(self, cfg: target.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+    def __init__(self, cfg: decoder.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         self.router = layers.dense(
             cfg.hidden_size,
             cfg.num_experts,
@@ -91,9 +91,9 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
     )
 
 
-def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
+def make_layer(cfg: decoder.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
     del i
-    return target.decoder_layer(
+    return decoder.decoder_layer(
         cfg,
         rngs=rngs,
         param_dtype=param_dtype,
@@ -118,7 +118,7 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return vals.reshape(*blocks.shape[:2], -1).swapaxes(1, 2)
 
 
-def read_tensor(cfg: target.TargetConfig, fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def read_tensor(cfg: decoder.TargetConfig, fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The tensor under its own name, or for an MXFP4 checkpoint (``fetch`` is a container of tensor names
     without ``name`` but with ``name_blocks``) the dequantised ``*_blocks``/``*_scales`` pair."""
     del cfg

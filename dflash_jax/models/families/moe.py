@@ -1,7 +1,7 @@
 """Sparse mixture-of-experts pieces shared by the MoE families (Qwen3-MoE, gpt-oss).
 
 Experts are stacked parameters ``[E, in, out]`` whose first logical axis is ``expert`` (mapped onto the mesh by
-``train/sharding.py``). Token dispatch never computes an expert for a token that did not pick it: the ``T*K``
+``dflash_jax/sharding.py``). Token dispatch never computes an expert for a token that did not pick it: the ``T*K``
 (token, slot) pairs are sorted by expert and each expert's contiguous rows go through ``jax.lax.ragged_dot``
 (:func:`dispatch`). ``dense=True`` runs every expert on every token instead; it exists only as a test oracle.
 """

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dflash_jax.models import layers, target
+from dflash_jax.models import decoder, layers
 from dflash_jax.models.families import base, moe
 
 _STACKED = re.compile(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)")
@@ -44,7 +44,7 @@ class SwiGLUExperts(nnx.Module):
 class SparseMoeBlock(nnx.Module):
     """``x [B,S,H] -> [B,S,H]``: router ``gate``, top-k of the softmax, ragged expert dispatch."""
 
-    def __init__(self, cfg: target.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+    def __init__(self, cfg: decoder.TargetConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
         self.gate = layers.dense(
             cfg.hidden_size, cfg.num_experts, ("embed", None), rngs=rngs, param_dtype=param_dtype, dtype=dtype
         )
@@ -75,13 +75,13 @@ def config_fields(hf: Mapping[str, Any]) -> dict:
     )
 
 
-def make_layer(cfg: target.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
+def make_layer(cfg: decoder.TargetConfig, i: int, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any) -> nnx.Module:
     """Pre-norm decoder layer whose MLP is a :class:`SparseMoeBlock` on ``cfg.moe_layers``."""
     mlp = SparseMoeBlock(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype) if i in cfg.moe_layers else None
-    return target.decoder_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, mlp=mlp)
+    return decoder.decoder_layer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, mlp=mlp)
 
 
-def read_tensor(cfg: target.TargetConfig, fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def read_tensor(cfg: decoder.TargetConfig, fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Stack the per-expert checkpoint tensors ``{prefix}.{e}.{proj}.weight`` (torch ``[out, in]``) into the
     ``[E, in, out]`` parameter ``{prefix}.{proj}``, unless ``fetch`` (a container of names) has it stacked
     already (GGUF); every other tensor is read under its own name."""

@@ -21,8 +21,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash_jax.config import resolve_mesh_shape
-
 log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
@@ -86,10 +84,44 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def check_mesh_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """``mesh.shape`` as ints: 3 entries ``[data, fsdp, tensor]``, each >= 1 or at most one ``-1``."""
+    shape = tuple(int(s) for s in shape)
+    _check(len(shape) == 3, f"mesh.shape must have 3 entries [data, fsdp, tensor], got {list(shape)}")
+    _check(
+        all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
+        f"mesh.shape entries must be >= 1, with at most one -1 (= all remaining devices), got {list(shape)}",
+    )
+    return shape
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """``mesh.shape`` with its (at most one) ``-1`` entry replaced by the remaining devices; the product must equal
+    ``num_devices``. Raises ``ValueError`` naming ``mesh.shape``."""
+    shape = check_mesh_shape(shape)
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        _check(
+            num_devices % known == 0, f"mesh.shape {list(shape)}: {num_devices} devices are not divisible by {known}"
+        )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    _check(
+        math.prod(shape) == num_devices,
+        f"mesh.shape {list(shape)} has {math.prod(shape)} devices, but this machine has {num_devices} "
+        f"(jax.device_count())",
+    )
+    return shape
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """An Auto-axis mesh ``("data", "fsdp", "tensor")`` of ``shape``; one entry may be -1 (fill the rest).
 
-    ``devices`` defaults to all devices (of all processes); see :func:`dflash_jax.config.resolve_mesh_shape`.
+    ``devices`` defaults to all devices (of all processes); see :func:`resolve_mesh_shape`.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))

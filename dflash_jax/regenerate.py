@@ -17,6 +17,8 @@ answer does not depend on which rows shared its batch.
      "source": {"path": ..., "record": 17}, "generator": {"target": ..., "temperature": 0.0, ...},
      "truncated_answers": 0, "dropped_turns": 0}
 
+An answer is its generated tokens decoded (the stop token excluded, control tokens dropped, every newline and
+space kept as generated); an answer of whitespace only counts as empty.
 ``truncated_answers``: answers that reached ``max_new_tokens`` without a stop token (kept as they are);
 ``dropped_turns``: assistant turns not generated: those before the first user turn (no prompt; ShareGPT has
 conversations continued from a cut-off start), and those whose prompt exceeded ``max_prompt_len`` or that follow
@@ -45,7 +47,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from dflash_jax import generate
-from dflash_jax.data import readers
+from dflash_jax.data import chat, readers
 from dflash_jax.data.chat import ChatRenderer, RenderError
 
 log = logging.getLogger(__name__)
@@ -90,18 +92,15 @@ class _Counts:
 
 
 def stop_token_ids(target, renderer: ChatRenderer) -> tuple[int, ...]:
-    """The target's EOS ids plus the template's end-of-turn token (``renderer.eos_token``, e.g. ``<|im_end|>``)."""
-    ids = set(int(i) for i in target.eos_token_ids)
-    if renderer.eos_token:
-        tid = renderer.tokenizer.token_to_id(renderer.eos_token)
-        if tid is not None and tid < target.config.vocab_size:
-            ids.add(int(tid))
+    """:func:`dflash_jax.data.chat.stop_token_ids` (EOS and the template's end-of-turn tokens); ValueError when
+    there are none."""
+    ids = chat.stop_token_ids(target, renderer)
     if not ids:
         raise ValueError(
             "regenerate: the target has no EOS token and the chat template no end-of-turn token; "
             "answers could never stop"
         )
-    return tuple(sorted(ids))
+    return ids
 
 
 def _windows(
@@ -217,8 +216,7 @@ def _regenerate_window(
             tokens += ids.size
             stopped = ids.size > 0 and int(ids[-1]) in stop_ids
             text = renderer.tokenizer.decode((ids[:-1] if stopped else ids).tolist(), skip_special_tokens=True)
-            text = text.strip()
-            if not text:
+            if not text.strip():
                 row.stop("empty answer")
                 continue
             row.truncated += not stopped
@@ -303,7 +301,7 @@ def regenerate(
 ) -> dict[str, Any]:
     """Write ``out`` (OpenAI JSONL) with the target's answers to the conversations of ``data_path``.
 
-    ``target``: a ``models.target.Target``; ``renderer``: its :class:`ChatRenderer`; ``num_conversations``: the
+    ``target``: a ``models.target_io.Target``; ``renderer``: its :class:`ChatRenderer`; ``num_conversations``: the
     first N usable conversations (None = all); ``mesh``: rows sharded over its batch axes. Returns a JSON-ready
     summary (rows, skips by reason, generated tokens, tokens/s, seconds).
     """
