@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -277,8 +278,10 @@ def prepare(
                 yield (out, k, items, settings, settings_sha)
 
     tasks = mine()
+    first = list(itertools.islice(tasks, 2))
+    tasks = itertools.chain(first, tasks)
     done = 0
-    if workers == 1:
+    if workers == 1 or len(first) < 2:  # one part to write (a small source): no worker processes to spawn
         for task in tasks:
             write_part(renderer, *task)
             done += 1

@@ -26,7 +26,7 @@ import numpy as np
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import paths, sharding
-from dflash_jax.data import chat, pipeline
+from dflash_jax.data import chat, loader, pipeline
 from dflash_jax.train import checkpoint as ckpt_lib
 from dflash_jax.train import cost, features, plots, rundir
 from dflash_jax.train import run as run_lib
@@ -230,10 +230,10 @@ def _train(
     log.info("target %r; drafter %s; mask_token_id %d", target, draft_cfg, draft_cfg.mask_token_id)
 
     if tc.mode == "online":
-        iterator = pipeline.build_iterator(
-            config.data, renderer, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-        heldout = iterator.dataset.heldout
+        procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        store = loader.ensure_store(config.data, renderer, run_dir, barrier=sharding.barrier, **procs)
+        iterator = loader.build_loader(config.data, renderer, store, **procs)
+        heldout = iterator.heldout
     else:
         iterator = features.FeatureReader(
             tc.features_dir,
