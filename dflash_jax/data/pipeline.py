@@ -1,8 +1,9 @@
 """Tokenised chat dataset, packing/padding batcher and a resumable, deterministic iterator.
 
-Why not grain: grain is not installed, and what training needs is small. The whole (capped) dataset is rendered
-and tokenised once into memory; the iterator is plain numpy whose complete position is two integers
-``(epoch, index)`` plus the seed, so ``state()`` is a JSON dict saved next to the Orbax checkpoint and
+``build_dataset`` renders and tokenises a whole (capped) source into memory (``dump-features``, the tests);
+training reads the same examples from a token store (:mod:`dflash_jax.data.store`) through the grain loader
+(:mod:`dflash_jax.data.loader`), with this module's :class:`DataIterator` planning the batches. The iterator is
+plain numpy whose complete position is two integers ``(epoch, index)`` plus the seed, so ``state()`` is a JSON dict saved next to the Orbax checkpoint and
 ``restore(state)`` continues bit-exactly.
 
 Stream: epoch ``e`` visits the training examples in the order ``default_rng([seed, e]).permutation(n)``; the
