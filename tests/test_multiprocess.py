@@ -79,38 +79,18 @@ def _train_one_process(run_dir, args) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _train_two_processes(run_dir, args, logs) -> None:
-    """``dflash-jax train`` as 2 processes x 2 simulated CPU devices; both must exit 0."""
+def _two_processes(argv, logs) -> None:
+    """``dflash-jax ARGV`` as 2 processes x 2 simulated CPU devices; both must exit 0."""
     env = dict(_env(), PYTHON=sys.executable)
-    proc = subprocess.run(
-        [
-            "bash",
-            SCRIPT,
-            "-n",
-            "2",
-            "-d",
-            "2",
-            "-p",
-            str(_free_port()),
-            "-l",
-            str(logs),
-            "--",
-            "train",
-            "--config",
-            "tiny",
-            "--run-dir",
-            str(run_dir),
-            "--no-progress",
-            *args,
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    cmd = ["bash", SCRIPT, "-n", "2", "-d", "2", "-p", str(_free_port()), "-l", str(logs), "--", *argv]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     tails = "\n".join(open(os.path.join(logs, f)).read()[-2000:] for f in sorted(os.listdir(logs)))
     assert proc.returncode == 0, proc.stderr + tails
+
+
+def _train_two_processes(run_dir, args, logs) -> None:
+    """``dflash-jax train`` as 2 processes x 2 simulated CPU devices; both must exit 0."""
+    _two_processes(["train", "--config", "tiny", "--run-dir", str(run_dir), "--no-progress", *args], logs)
     for i in (0, 1):  # each process printed its summary: it reached the end
         summary = json.loads(open(os.path.join(logs, f"process{i}.log")).read().strip().splitlines()[-1])
         assert summary["step"] == 4 and not summary["interrupted"]
@@ -143,7 +123,8 @@ def _assert_same_run(ref_dir, run_dir) -> None:
 
 
 def test_two_processes_online_equal_one_process_with_eval_checkpoint_and_resume(tmp_path):
-    args = [*SHORT, "--set", "mesh.shape=[2,2,1]"]
+    # 16 records per store part: both processes prepare parts of RUN/data (part k by process k % 2)
+    args = [*SHORT, "--set", "mesh.shape=[2,2,1]", "--set", "data.shard_records=16"]
     _train_one_process(tmp_path / "ref", args)
     run = tmp_path / "run"
     _train_two_processes(run, args, tmp_path / "logs")
@@ -177,3 +158,19 @@ def test_two_processes_offline_equal_one_process(tmp_path, capsys):
     _train_one_process(tmp_path / "ref", args)
     _train_two_processes(tmp_path / "run", args, tmp_path / "logs")
     _assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_two_processes_prepare_one_store_byte_equal_to_one_process(tmp_path, capsys):
+    """``dflash-jax prepare`` on 2 processes, each writing its parts (part k by process k % 2) of one store with
+    one manifest: every file byte-equal to the store one process prepares."""
+    args = ["--workers", "1", "--set", "data.max_conversations=48", "--set", "data.shard_records=8"]
+    ref = tmp_path / "ref"
+    assert cli.main(["prepare", "--config", "tiny", "--out", str(ref), *args]) == 0
+    capsys.readouterr()
+    out = tmp_path / "two"
+    _two_processes(["prepare", "--config", "tiny", "--out", str(out), *args], tmp_path / "logs")
+    for i, mine in ((0, 4), (1, 3)):  # 7 parts of 8 records (52 selected records and 2 skips)
+        assert f"process {i} of 2 wrote {mine} parts of 7" in open(tmp_path / "logs" / f"process{i}.log").read()
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+    for name in os.listdir(ref):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name

@@ -156,6 +156,7 @@ class ChatRenderer:
         eos_token: str | None = None,
     ):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.end_of_turn: tuple[str, ...] = ()  # found by the probe below

@@ -1,8 +1,9 @@
 """Tokenised chat dataset, packing/padding batcher and a resumable, deterministic iterator.
 
-Why not grain: grain is not installed, and what training needs is small. The whole (capped) dataset is rendered
-and tokenised once into memory; the iterator is plain numpy whose complete position is two integers
-``(epoch, index)`` plus the seed, so ``state()`` is a JSON dict saved next to the Orbax checkpoint and
+``build_dataset`` renders and tokenises a whole (capped) source into memory (``dump-features``, the tests);
+training reads the same examples from a token store (:mod:`dflash_jax.data.store`) through the grain loader
+(:mod:`dflash_jax.data.loader`), with this module's :class:`DataIterator` planning the batches. The iterator is
+plain numpy whose complete position is two integers ``(epoch, index)`` plus the seed, so ``state()`` is a JSON dict saved next to the Orbax checkpoint and
 ``restore(state)`` continues bit-exactly.
 
 Stream: epoch ``e`` visits the training examples in the order ``default_rng([seed, e]).permutation(n)``; the
@@ -21,6 +22,7 @@ Batch (all numpy, ``S = seq_len``): ``input_ids [B,S] int32``, ``loss_mask [B,S]
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -28,7 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dflash_jax.data.chat import ChatRenderer, RenderError
-from dflash_jax.data.readers import Conversation, Skip, read_indexed
+from dflash_jax.data.readers import Conversation, Fields, Skip
+from dflash_jax.data.sources import read_records
 
 log = logging.getLogger(__name__)
 MAX_REASONS = 5  # how many skip reasons are kept and logged
@@ -47,6 +50,16 @@ class TokenizedDataset:
     skip_reasons: tuple[str, ...] = ()
     truncated: int = 0  # conversations with assistant tokens that no example trains on
     split: int = 0  # conversations split into several examples (split_long)
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Tokens of every example, ``int64 [N]`` (what packing plans with)."""
+        return np.array([len(ids) for ids, _ in self.examples], np.int64)
+
+    @functools.cached_property
+    def loss_tokens(self) -> np.ndarray:
+        """Loss-mask sum of every example, ``float64 [N]`` (the batch stats)."""
+        return np.array([float(np.sum(mask)) for _, mask in self.examples], np.float64)
 
     def heldout_prompts(self, n: int) -> list[Conversation]:
         """The first ``n`` held-out conversations cut before their first assistant turn (never trained on)."""
@@ -95,6 +108,84 @@ def split_example(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[list
     return out, cut
 
 
+def tokenize_rendered(
+    renderer: ChatRenderer,
+    records: Sequence[int],
+    texts: list[str],
+    spans: list[list[tuple[int, int]]],
+    seq_len: int,
+    split_long: bool,
+) -> tuple[list[Example], list[Skip], int, int, int]:
+    """Batch-tokenise rendered conversations (``records`` = their record indices) into training examples.
+
+    Each becomes one example truncated to ``seq_len`` tokens, or with ``split_long`` (packing), when longer, the
+    examples of :func:`split_example`; one with no assistant token inside ``seq_len`` is a :class:`Skip`. Returns
+    ``(examples, skips, truncated, split, kept)`` in record order (counters as in :class:`TokenizedDataset`;
+    ``kept`` = conversations giving examples). The one tokenisation behind :func:`build_dataset` and the token
+    store (:mod:`dflash_jax.data.store`).
+    """
+    examples, skips, truncated, split, kept = [], [], 0, 0, 0
+    # one extra token tells "was truncated"; splitting needs every token
+    encoded = renderer.encode(texts, spans, max_tokens=None if split_long else seq_len + 1)
+    for record, (ids, mask) in zip(records, encoded):
+        if split_long and len(ids) > seq_len and mask.any():
+            pieces, cut = split_example(ids, mask, seq_len)
+            examples.extend(pieces)
+            truncated += cut
+            split += len(pieces) > 1
+            kept += 1
+            continue
+        if not mask[:seq_len].any():
+            skips.append(Skip(record, f"no assistant token within the first seq_len={seq_len} tokens"))
+            continue
+        truncated += len(ids) > seq_len
+        examples.append((ids[:seq_len], mask[:seq_len]))
+        kept += 1
+    return examples, skips, truncated, split, kept
+
+
+Rendered = tuple[str, list[tuple[int, int]]]  # ChatRenderer.render_text: text and assistant character spans
+
+
+def select_conversations(
+    items: Iterator[tuple[int, Conversation | Skip]],
+    renderer: ChatRenderer,
+    heldout: int,
+    max_conversations: int | None,
+    held: list[Conversation],
+    render_all: bool,
+) -> Iterator[tuple[int, Conversation | Skip, Rendered | None]]:
+    """The training items of a record stream, in order: ``(record, conversation, rendered)`` or
+    ``(record, Skip, None)`` (unusable record or a template rejection).
+
+    The first ``heldout`` conversations that render and have a user turn before their first assistant turn are
+    appended to ``held`` instead; after them the next ``max_conversations`` (None = all) that render are training
+    items and reading stops. A conversation is rendered here when ``render_all``, or when that is needed to decide
+    held-out / cap (else ``rendered`` is None and the caller renders it).
+    """
+    trained = 0
+    for record, item in items:
+        if max_conversations is not None and trained >= max_conversations and len(held) >= heldout:
+            return
+        if isinstance(item, Skip):
+            yield record, item, None
+            continue
+        rendered = None
+        if render_all or len(held) < heldout or max_conversations is not None:
+            try:
+                rendered = renderer.render_text(item)
+            except RenderError as e:
+                yield record, Skip(record, str(e)), None
+                continue
+            if len(held) < heldout and _has_prompt(item):
+                held.append(item)
+                continue
+            if max_conversations is not None and trained >= max_conversations:
+                continue
+        trained += 1
+        yield record, item, rendered
+
+
 def build_dataset(
     path: str,
     renderer: ChatRenderer,
@@ -104,8 +195,10 @@ def build_dataset(
     max_conversations: int | None = None,
     heldout: int = 0,
     split_long: bool = False,
+    fields: Fields = (None, None, None),
 ) -> TokenizedDataset:
-    """Read, render and batch-tokenise ``path`` once.
+    """Read (:func:`~dflash_jax.data.sources.read_records`; ``fields`` = the column mapping), render and
+    batch-tokenise ``path`` once, in memory.
 
     The first ``heldout`` usable conversations that have a user turn before their first assistant turn are held
     out; the next ``max_conversations`` (None = all) usable ones are training examples, truncated to
@@ -131,40 +224,20 @@ def build_dataset(
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
     records: list[int] = []
-    for record, item in read_indexed(path, fmt):
-        if max_conversations is not None and len(texts) >= max_conversations and len(held) >= heldout:
-            break
+    for record, item, rendered in select_conversations(
+        read_records(path, fmt, fields), renderer, heldout, max_conversations, held, render_all=True
+    ):
         if isinstance(item, Skip):
             skip(item)
             continue
-        try:
-            text, sp = renderer.render_text(item)
-        except RenderError as e:
-            skip(Skip(record, str(e)))
-            continue
-        if len(held) < heldout and _has_prompt(item):
-            held.append(item)
-        elif max_conversations is None or len(texts) < max_conversations:
-            texts.append(text)
-            spans.append(sp)
-            records.append(record)
-    examples, truncated, split, kept = [], 0, 0, 0
-    # one extra token tells "was truncated"; splitting needs every token
-    encoded = renderer.encode(texts, spans, max_tokens=None if split_long else seq_len + 1)
-    for record, (ids, mask) in zip(records, encoded):
-        if split_long and len(ids) > seq_len and mask.any():
-            pieces, cut = split_example(ids, mask, seq_len)
-            examples.extend(pieces)
-            truncated += cut
-            split += len(pieces) > 1
-            kept += 1
-            continue
-        if not mask[:seq_len].any():
-            skip(Skip(record, f"no assistant token within the first seq_len={seq_len} tokens"))
-            continue
-        truncated += len(ids) > seq_len
-        examples.append((ids[:seq_len], mask[:seq_len]))
-        kept += 1
+        texts.append(rendered[0])
+        spans.append(rendered[1])
+        records.append(record)
+    examples, tok_skips, truncated, split, kept = tokenize_rendered(
+        renderer, records, texts, spans, seq_len, split_long
+    )
+    for item in tok_skips:
+        skip(item)
     if len(held) < heldout:
         raise ValueError(f"data.heldout={heldout} but only {len(held)} conversations with a prompt were found")
     if not examples:
@@ -273,51 +346,54 @@ class DataIterator:
             self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset.examples))
         return self._order
 
-    def _peek(self) -> Example:
-        return self.dataset.examples[self._perm()[self.index]]
-
     def _advance(self) -> None:
         self.index += 1
         if self.index == len(self.dataset.examples):
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
 
-    def next(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The next batch (see module docstring) and its stats."""
-        s = self.dataset.seq_len
-        rows: list[list[Example]] = []
+    def plan(self) -> list[list[int]]:
+        """Example indices of the next global batch's rows, advancing the position; needs only the lengths."""
+        s, lengths = self.dataset.seq_len, self.dataset.lengths
+        rows: list[list[int]] = []
         used = 0
         while True:
-            ex = self._peek()
-            if rows and self.packing and used + len(ex[0]) <= s:
-                rows[-1].append(ex)
+            i = int(self._perm()[self.index])
+            n = int(lengths[i])
+            if rows and self.packing and used + n <= s:
+                rows[-1].append(i)
             elif len(rows) < self.batch_size:
-                rows.append([ex])
+                rows.append([i])
                 used = 0
             else:
                 break
-            used += len(ex[0])
+            used += n
             self._advance()
             if not self.packing and len(rows) == self.batch_size:
                 break
+        return rows
+
+    def next(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The next batch (see module docstring) and its stats; reads only this process's rows' examples."""
+        s, ds = self.dataset.seq_len, self.dataset
+        rows = self.plan()
         per = self.batch_size // self.process_count
-        batch = make_batch(rows[self.process_index * per : (self.process_index + 1) * per], s, self.pad_id)
+        mine = [
+            [ds.examples[i] for i in row] for row in rows[self.process_index * per : (self.process_index + 1) * per]
+        ]
+        batch = make_batch(mine, s, self.pad_id)
         cells = len(rows) * s
+        flat = [i for row in rows for i in row]
         stats = {
-            "real_token_fraction": sum(len(ids) for row in rows for ids, _ in row) / cells,
-            "loss_token_fraction": float(sum(np.sum(mask) for row in rows for _, mask in row)) / cells,
-            "conversations": sum(len(r) for r in rows),
+            "real_token_fraction": int(ds.lengths[flat].sum()) / cells,
+            "loss_token_fraction": float(ds.loss_tokens[flat].sum()) / cells,
+            "conversations": len(flat),
             "epoch": self.epoch,
-            "skipped": self.dataset.skipped,
-            "skip_reasons": list(self.dataset.skip_reasons),
-            "truncated": self.dataset.truncated,
-            "split": self.dataset.split,
+            "skipped": ds.skipped,
+            "skip_reasons": list(ds.skip_reasons),
+            "truncated": ds.truncated,
+            "split": ds.split,
         }
         return batch, stats
-
-    __next__ = next
-
-    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
-        return self
 
     def state(self) -> dict[str, Any]:
         """JSON-able position: restoring it into an iterator over the same dataset continues exactly."""
@@ -329,6 +405,19 @@ class DataIterator:
             "batch_size": self.batch_size,
             "packing": self.packing,
         }
+
+    # grain's checkpointable-iterator protocol (the loader's prefetch thread drives the iterator through it)
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return self.next()
+
+    def get_state(self) -> dict[str, Any]:
+        return self.state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.restore(state)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state()``; ValueError if it was taken over a different dataset or batching."""

@@ -106,6 +106,29 @@ def parse_record(obj: Any, fmt: str = "auto", require_assistant: bool = True) ->
     return tuple(out)
 
 
+Fields = tuple[Union[str, None], Union[str, None], Union[str, None]]
+"""Column mapping ``(messages, role, content)``: the user's names for the turn list and a turn's role / text
+(config ``data.messages_field`` / ``data.role_field`` / ``data.content_field``); None = the format's own key."""
+
+
+def map_fields(obj: Any, fmt: str, fields: Fields) -> Any:
+    """``obj`` with the mapped fields renamed to the canonical keys of ``fmt`` (``sharegpt``:
+    ``conversations/from/value``, else ``messages/role/content``); unchanged without a mapping."""
+    messages, role, content = fields
+    if not isinstance(obj, dict) or not any(fields):
+        return obj
+    key, role_key, text_key = (
+        ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
+    )
+    turns = obj.get(messages or key)
+    if isinstance(turns, list) and (role or content):
+        turns = [
+            {role_key: t.get(role or role_key), text_key: t.get(content or text_key)} if isinstance(t, dict) else t
+            for t in turns
+        ]
+    return {key: turns}
+
+
 def _jsonl_records(f: BinaryIO) -> Iterator[tuple[int, Any, str | None]]:
     """(line index, decoded object, error or None) for every non-blank line."""
     for i, raw in enumerate(f):
@@ -214,14 +237,17 @@ def _records(f: BinaryIO) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def read_indexed(
-    path: str | os.PathLike, fmt: str = "auto", require_assistant: bool = True
+    path: str | os.PathLike, fmt: str = "auto", require_assistant: bool = True, fields: Fields = (None, None, None)
 ) -> Iterator[tuple[int, Union[Conversation, Skip]]]:
-    """Like :func:`read_conversations`, with each item's record index (0-based array element or file line)."""
+    """Like :func:`read_conversations`, with each item's record index (0-based array element or file line);
+    ``fields`` maps the user's key names (:func:`map_fields`; with a mapping, ``fmt`` ``auto`` means ``openai``)."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    if any(fields) and fmt == "auto":
+        fmt = "openai"
     with _open_source(path) as f:
         for idx, obj, error in _records(f):
-            parsed = error if error is not None else parse_record(obj, fmt, require_assistant)
+            parsed = error if error is not None else parse_record(map_fields(obj, fmt, fields), fmt, require_assistant)
             yield idx, Skip(idx, parsed) if isinstance(parsed, str) else parsed
 
 

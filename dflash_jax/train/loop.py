@@ -25,7 +25,7 @@ import numpy as np
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import paths, sharding
-from dflash_jax.data import chat, pipeline
+from dflash_jax.data import chat, loader, pipeline
 from dflash_jax.train import cost, features, plots, rundir
 from dflash_jax.train import hooks as hooks_lib
 from dflash_jax.train import run as run_lib
@@ -189,15 +189,15 @@ def train(
         return _train(config, run_dir, resume=resume, progress=progress, on_step=on_step, signals=sig)
 
 
-def _data(config: config_lib.Config, renderer: Any, draft_cfg: Any) -> tuple[Any, Sequence[Any]]:
-    """``(iterator, heldout conversations)``: this process's batches (online: the chat pipeline; offline: the
-    feature shards) and the held-out conversations of ``data.path``."""
+def _data(config: config_lib.Config, renderer: Any, draft_cfg: Any, run_dir: str) -> tuple[Any, Sequence[Any]]:
+    """``(iterator, heldout conversations)``: this process's batches (online: the token store, ``data.path`` itself
+    or prepared into ``RUN/data``; offline: the feature shards) and the held-out conversations of ``data.path``."""
     tc = config.train
     if tc.mode == "online":
-        iterator = pipeline.build_iterator(
-            config.data, renderer, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-        return iterator, iterator.dataset.heldout
+        procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        store = loader.ensure_store(config.data, renderer, run_dir, barrier=sharding.barrier, **procs)
+        iterator = loader.build_loader(config.data, renderer, store, **procs)
+        return iterator, iterator.heldout
     iterator = features.FeatureReader(
         tc.features_dir,
         layer_ids=draft_cfg.target_layer_ids,
@@ -436,7 +436,7 @@ def _train(
     mesh = sharding.make_mesh(config.mesh.shape)  # first: the target loads straight onto it
     target, renderer, draft_cfg = run_lib.assemble(config, mesh, only=run_lib.step_tensors(config))
     log.info("target %r; drafter %s; mask_token_id %d", target, draft_cfg, draft_cfg.mask_token_id)
-    iterator, heldout = _data(config, renderer, draft_cfg)
+    iterator, heldout = _data(config, renderer, draft_cfg, run_dir)
     stop_ids = chat.stop_token_ids(target, renderer)
     prompts = (
         run_lib.eval_prompts(renderer, heldout, config.eval.num_prompts)

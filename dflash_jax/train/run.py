@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from dflash_jax import config as config_lib
 from dflash_jax import export as export_lib
 from dflash_jax import sharding
-from dflash_jax.data import chat, pipeline, readers
+from dflash_jax.data import chat, pipeline, readers, sources, store
 from dflash_jax.eval import report
 from dflash_jax.models import hf_io, layers, target_io
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
@@ -107,14 +107,17 @@ def build_draft_config(section: config_lib.DraftSection, target: Target, mask_to
 
 def check_inputs(config: config_lib.Config) -> None:
     """The input files a config names, checked before any model loads (ValueError naming the key): ``data.path``
-    readable, ``data.chat_template`` / ``draft.init`` / ``train.features_dir`` (offline) present (``target.path``:
+    readable (a file, a datasets directory or a token store), ``data.chat_template`` / ``draft.init`` / ``train.features_dir`` (offline) present (``target.path``:
     :func:`build_target` checks it before loading)."""
     da = config.data
-    if da.path != readers.SHAREGPT_PACKAGE:
+    if os.path.isdir(da.path):
+        if not store.is_store(da.path):
+            sources.source_files(da.path)  # a datasets directory: ValueError naming data.path if it holds none
+    elif da.path != readers.SHAREGPT_PACKAGE:
         if not os.path.isfile(da.path):
             raise ValueError(
-                f"data.path {da.path!r} is not a file (a ShareGPT/OpenAI JSON or JSONL chat file, or "
-                f"'{readers.SHAREGPT_PACKAGE}')"
+                f"data.path {da.path!r} is not a file or directory (a ShareGPT/OpenAI JSON or JSONL chat file, a "
+                f"Parquet file, a Hugging Face datasets directory, a token store, or '{readers.SHAREGPT_PACKAGE}')"
             )
         try:
             with open(da.path, "rb") as f:

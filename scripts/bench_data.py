@@ -1,0 +1,147 @@
+"""Data path at scale: prepare (1 and 2 workers), store size, train start-up and peak RSS of the data path, the
+token store against the in-memory pipeline (``pipeline.build_iterator``) on the same synthetic files, and the
+loader's throughput against the qwen3-8b recipe step's consumption.
+
+    python scripts/bench_data.py [--sizes 2000,20000,200000] [--old-max 20000] [--out DIR]
+
+The synthetic file: the embedded ShareGPT conversations replicated with varied text (a counter in every turn),
+SmolLM2 tokenizer and template, seq_len 3072, packing (configs/smollm2-135m.yaml otherwise). Start-up = from
+nothing built to the first batch in hand (the target's weights are not read: the data path only), in a fresh
+process each; RSS = that process's peak resident set minus its peak after the imports. The qwen3-8b step consumes
+``data.batch_size * data.seq_len`` tokens (32 x 3072).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+OVERRIDES = [
+    "target.path=smollm2",
+    "data.seq_len=3072",
+    "data.packing=true",
+    "data.max_conversations=null",
+    "data.batch_size=32",
+]
+
+
+def synthetic_file(path: str, n: int) -> str:
+    """``n`` conversations as OpenAI JSONL: the ShareGPT ones in turn, copy ``c`` with `` #c`` in every turn."""
+    from dflash_jax.data import readers
+
+    base = [c for c in readers.read_conversations(readers.SHAREGPT_PACKAGE) if not isinstance(c, readers.Skip)]
+    with open(path, "w") as f:
+        for i in range(n):
+            conv = base[i % len(base)]
+            f.write(json.dumps({"messages": [{"role": r, "content": f"{t} #{i}"} for r, t in conv]}) + "\n")
+    return path
+
+
+def _config(path: str, extra: list[str]):
+    from dflash_jax import config as config_lib
+
+    return config_lib.load_config("smollm2-135m", [*OVERRIDES, f"data.path={path}", *extra])
+
+
+def _renderer(config):
+    from dflash_jax.train import run
+
+    return run.assemble(config, only=lambda name: False)[1]
+
+
+def child(mode: str, path: str, store: str, workers: int) -> dict:
+    """One measurement in this process: ``prepare`` / ``start`` (store) / ``old`` (in-memory) / ``throughput``."""
+    from dflash_jax.data import loader, pipeline
+    from dflash_jax.data import store as store_lib
+
+    config = _config(path, [f"data.prepare_workers={workers}"])
+    renderer = _renderer(config)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    out: dict = {}
+    if mode == "prepare":
+        store_lib.prepare(config.data, renderer, store)
+    elif mode == "old":
+        pipeline.build_iterator(config.data, renderer).next()
+    else:
+        it = loader.build_loader(config.data, renderer, store)
+        it.next()
+        if mode == "throughput":
+            t1, tokens, n = time.perf_counter(), 0, 200
+            for _ in range(n):
+                batch, _ = it.next()
+                tokens += int((batch["segment_ids"] > 0).sum())
+            out["tokens_per_s"] = tokens / (time.perf_counter() - t1)
+            out["batch_tokens"] = int(batch["input_ids"].size)
+        it.close()
+    out["seconds"] = time.perf_counter() - t0
+    out["rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    return out
+
+
+def _measure(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _size_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="2000,20000,200000")
+    ap.add_argument("--old-max", type=int, default=20000, help="largest size the in-memory pipeline is run at")
+    ap.add_argument("--out", help="work directory (default: a temporary one)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        mode, path, store, workers = args.child
+        print(json.dumps(child(mode, path, store, int(workers))))
+        return
+    import grain
+    import jax
+
+    import dflash_jax
+
+    work = args.out or tempfile.mkdtemp(prefix="bench_data_")
+    os.makedirs(work, exist_ok=True)
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"python {platform.python_version()}, jax {jax.__version__}, grain {grain.__version__}, "
+        f"dflash_jax {dflash_jax.__version__}; seq_len 3072, packing, SmolLM2 tokenizer"
+    )
+    print(
+        "conversations | prepare 1 worker s | prepare 2 workers s | store MB | start-up store s | RSS store MB | "
+        "start-up in-memory s | RSS in-memory MB"
+    )
+    for n in [int(s) for s in args.sizes.split(",")]:
+        src = synthetic_file(os.path.join(work, f"conv{n}.jsonl"), n)
+        p1 = _measure("prepare", src, os.path.join(work, f"store{n}_1"), "1")
+        p2 = _measure("prepare", src, os.path.join(work, f"store{n}_2"), "2")
+        store = os.path.join(work, f"store{n}_1")
+        start = _measure("start", src, store, "1")
+        old = _measure("old", src, store, "1") if n <= args.old_max else None
+        print(
+            f"{n} | {p1['seconds']:.1f} | {p2['seconds']:.1f} | {_size_mb(store):.1f} | {start['seconds']:.2f} | "
+            f"{start['rss_mb']:.0f} | "
+            + (f"{old['seconds']:.1f} | {old['rss_mb']:.0f}" if old else "not run | not run"),
+            flush=True,
+        )
+    tp = _measure("throughput", src, store, "1")
+    need = 32 * 3072
+    print(
+        f"loader: {tp['tokens_per_s']:.3g} real tokens/s (batch {tp['batch_tokens']} tokens); the qwen3-8b step "
+        f"consumes {need} tokens: the loader keeps up with any step slower than {need / tp['tokens_per_s']:.3f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
