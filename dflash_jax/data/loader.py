@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dflash_jax.data import pipeline
 from dflash_jax.data import store as store_lib
 from dflash_jax.data.chat import ChatRenderer
-from dflash_jax.data.pipeline import DataIterator
 
 DATA_DIR = "data"  # the store of a raw data.path, inside the run directory
 
@@ -31,7 +31,7 @@ class Loader:
     """``next() -> (batch, stats)`` as :meth:`DataIterator.next`, prefetched on a grain thread; ``state()`` /
     ``restore(state)`` as :meth:`DataIterator.state`; ``heldout``: the store's held-out conversations."""
 
-    def __init__(self, iterator: DataIterator, prefetch: int):
+    def __init__(self, iterator: pipeline.DataIterator, prefetch: int):
         import grain
 
         self.iterator = iterator
@@ -90,13 +90,5 @@ def build_loader(
     """The training stream over the store at ``path``, checked against ``data`` and ``renderer`` (ValueError
     naming a mismatching setting, a truncated or corrupted file), seed ``data.shuffle_seed``."""
     dataset = store_lib.TokenStore(path, expected=store_lib.settings_of(data, renderer))
-    it = DataIterator(
-        dataset,
-        data.batch_size,
-        packing=data.packing,
-        seed=data.shuffle_seed,
-        pad_id=pad_id,
-        process_index=process_index,
-        process_count=process_count,
-    )
+    it = pipeline.iterate(dataset, data, pad_id=pad_id, process_index=process_index, process_count=process_count)
     return Loader(it, data.prefetch)

@@ -270,6 +270,14 @@ def build_iterator(
         heldout=data.heldout,
         split_long=data.packing,
     )
+    return iterate(dataset, data, pad_id=pad_id, process_index=process_index, process_count=process_count)
+
+
+def iterate(
+    dataset: Any, data: Any, *, pad_id: int = 0, process_index: int = 0, process_count: int = 1
+) -> DataIterator:
+    """:class:`DataIterator` over ``dataset`` (in memory or a token store) with a ``config.DataSection``'s batch
+    size, packing and shuffle seed, yielding process ``process_index``'s rows of every global batch."""
     return DataIterator(
         dataset,
         data.batch_size,
