@@ -37,6 +37,7 @@ EVAL_ALIASES = {
     "max_new_tokens": "eval.max_new_tokens",
     "temperature": "eval.temperature",
     "prompt_len": "eval.prompt_len",
+    "seed": "eval.seed",
 }
 REGENERATE_ALIASES = {
     "max_new_tokens": "regenerate.max_new_tokens",
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="greedy only: compare every output with plain target decoding; exit 3 on a mismatch",
     )
-    e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0; default %(default)s)")
+    e.add_argument("--seed", type=int, help=_alias_help("eval.seed", "sampling seed (temperature > 0)"))
     e.add_argument("--out", help="report directory (default: DRAFT/eval)")
 
     x = sub.add_parser(
@@ -511,7 +512,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         params,
         prompts,
         ev,
-        seed=args.seed,
+        seed=ev.seed,
         check_lossless=args.check_lossless,
         eos_token_ids=chat.stop_token_ids(target, renderer),
     )

@@ -317,6 +317,7 @@ class EvalSection:
     max_new_tokens: int = 64
     num_prompts: int = 8
     temperature: float = 0.0
+    seed: int = 0  # dflash-jax eval: speculative sampling PRNG seed (temperature > 0; in-training eval: train.seed)
     # Longest prompt kept (its last tokens; cuts are counted and warned). null = all the target's context allows:
     # max_position_embeddings - max_new_tokens - draft.block_size.
     prompt_len: int | None = None

@@ -30,7 +30,17 @@ def _last_json(capsys):
 def test_help_explains_every_option(capsys):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "export", "import", "dump-features", "compile", "regenerate", "bench"}
+    assert set(sub.choices) == {
+        "train",
+        "eval",
+        "export",
+        "import",
+        "dump-features",
+        "compile",
+        "regenerate",
+        "prepare",
+        "bench",
+    }
     for name, p in sub.choices.items():
         for action in p._actions:
             assert action.help and len(action.help) > 10, f"{name} {action.option_strings or action.dest}"
