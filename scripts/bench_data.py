@@ -2,7 +2,7 @@
 token store against the in-memory pipeline (``pipeline.build_iterator``) on the same synthetic files, and the
 loader's throughput against the qwen3-8b recipe step's consumption.
 
-    python scripts/bench_data.py [--sizes 2000,20000,200000] [--old-max 20000] [--out DIR]
+    python scripts/bench_data.py [--sizes 2000,20000,200000] [--workers 1,2] [--old-max 20000] [--out DIR]
 
 The synthetic file: the embedded ShareGPT conversations replicated with varied text (a counter in every turn),
 SmolLM2 tokenizer and template, seq_len 3072, packing (configs/smollm2-135m.yaml otherwise). Start-up = from
@@ -98,6 +98,7 @@ def _size_mb(path: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2000,20000,200000")
+    ap.add_argument("--workers", default="1,2", help="worker counts to prepare each size with (comma-separated)")
     ap.add_argument("--old-max", type=int, default=20000, help="largest size the in-memory pipeline is run at")
     ap.add_argument("--out", help="work directory (default: a temporary one)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -118,19 +119,20 @@ def main() -> None:
         f"python {platform.python_version()}, jax {jax.__version__}, grain {grain.__version__}, "
         f"dflash_jax {dflash_jax.__version__}; seq_len 3072, packing, SmolLM2 tokenizer"
     )
+    workers = [w.strip() for w in args.workers.split(",")]
     print(
-        "conversations | prepare 1 worker s | prepare 2 workers s | store MB | start-up store s | RSS store MB | "
-        "start-up in-memory s | RSS in-memory MB"
+        "conversations | "
+        + " | ".join(f"prepare {w} worker{'s' * (w != '1')} s" for w in workers)
+        + " | store MB | start-up store s | RSS store MB | start-up in-memory s | RSS in-memory MB"
     )
     for n in [int(s) for s in args.sizes.split(",")]:
         src = synthetic_file(os.path.join(work, f"conv{n}.jsonl"), n)
-        p1 = _measure("prepare", src, os.path.join(work, f"store{n}_1"), "1")
-        p2 = _measure("prepare", src, os.path.join(work, f"store{n}_2"), "2")
-        store = os.path.join(work, f"store{n}_1")
+        prep = [_measure("prepare", src, os.path.join(work, f"store{n}_{w}"), w)["seconds"] for w in workers]
+        store = os.path.join(work, f"store{n}_{workers[0]}")
         start = _measure("start", src, store, "1")
         old = _measure("old", src, store, "1") if n <= args.old_max else None
         print(
-            f"{n} | {p1['seconds']:.1f} | {p2['seconds']:.1f} | {_size_mb(store):.1f} | {start['seconds']:.2f} | "
+            f"{n} | {' | '.join(f'{t:.1f}' for t in prep)} | {_size_mb(store):.1f} | {start['seconds']:.2f} | "
             f"{start['rss_mb']:.0f} | "
             + (f"{old['seconds']:.1f} | {old['rss_mb']:.0f}" if old else "not run | not run"),
             flush=True,
