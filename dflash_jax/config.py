@@ -234,6 +234,9 @@ class DataSection:
     shard_records: int = 4096  # source records per store part (the unit of parallel and resumable prepare)
     prepare_workers: int = 0  # worker processes of prepare per process; 0 = every core
     prefetch: int = 2  # batches the loader's thread prepares ahead of the training step (0 = none)
+    # Store files whose sha256 is checked at every open: "changed" = those whose modification time differs from
+    # the manifest's (a stat per file), "all" = every file (reads the whole store). Size is always checked.
+    verify: Literal["changed", "all"] = "changed"
     seq_len: int = 256
     packing: bool = True
     batch_size: int = 4

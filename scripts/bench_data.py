@@ -1,14 +1,16 @@
 """Data path at scale: prepare (1 and 2 workers), store size, train start-up and peak RSS of the data path, the
-token store against the in-memory pipeline (``pipeline.build_iterator``) on the same synthetic files, and the
-loader's throughput against the qwen3-8b recipe step's consumption.
+token store against the in-memory pipeline (``pipeline.build_iterator``) on the same synthetic files, the
+loader's throughput against the qwen3-8b recipe step's consumption, and the store's format (memory-mapped ``.npy``)
+against ArrayRecord on the same examples (size on disk, random-access reads).
 
-    python scripts/bench_data.py [--sizes 2000,20000,200000] [--workers 1,2] [--old-max 20000] [--out DIR]
+    python scripts/bench_data.py [--sizes 2000,20000,200000] [--workers 1,2] [--old-cap-mb 12000] [--out DIR]
 
 The synthetic file: the embedded ShareGPT conversations replicated with varied text (a counter in every turn),
 SmolLM2 tokenizer and template, seq_len 3072, packing (configs/smollm2-135m.yaml otherwise). Start-up = from
 nothing built to the first batch in hand (the target's weights are not read: the data path only), in a fresh
-process each; RSS = that process's peak resident set minus its peak after the imports. The qwen3-8b step consumes
-``data.batch_size * data.seq_len`` tokens (32 x 3072).
+process each; RSS = that process's peak resident set minus its peak after the imports. The in-memory pipeline is
+stopped when its RSS passes ``--old-cap-mb`` (the machine would swap or kill it): its row then reads ``> CAP
+after S s``. The qwen3-8b step consumes ``data.batch_size * data.seq_len`` tokens (32 x 3072).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 OVERRIDES = [
@@ -56,12 +59,27 @@ def _renderer(config):
     return run.assemble(config, only=lambda name: False)[1]
 
 
-def child(mode: str, path: str, store: str, workers: int) -> dict:
-    """One measurement in this process: ``prepare`` / ``start`` (store) / ``old`` (in-memory) / ``throughput``."""
+def _rss_mb() -> float:
+    """The current resident set (``/proc/self/statm``), MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _stop_above(cap_mb: float, base_mb: float, t0: float) -> None:
+    """Print the capped measurement and end the process once its RSS exceeds ``base_mb + cap_mb``."""
+    while _rss_mb() - base_mb <= cap_mb:
+        time.sleep(0.5)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_mb": _rss_mb() - base_mb, "capped": True}), flush=True)
+    os._exit(0)
+
+
+def child(mode: str, path: str, store: str, arg: int) -> dict:
+    """One measurement in this process: ``prepare`` (``arg`` workers) / ``start`` (store) / ``old`` (in-memory,
+    stopped above ``arg`` MB) / ``throughput`` / ``formats`` (``arg`` examples)."""
     from dflash_jax.data import loader, pipeline
     from dflash_jax.data import store as store_lib
 
-    config = _config(path, [f"data.prepare_workers={workers}"])
+    config = _config(path, [f"data.prepare_workers={arg if mode == 'prepare' else 1}"])
     renderer = _renderer(config)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -69,7 +87,10 @@ def child(mode: str, path: str, store: str, workers: int) -> dict:
     if mode == "prepare":
         store_lib.prepare(config.data, renderer, store)
     elif mode == "old":
+        threading.Thread(target=_stop_above, args=(arg, base_rss / 1024, t0), daemon=True).start()
         pipeline.build_iterator(config.data, renderer).next()
+    elif mode == "formats":
+        out = formats(store, arg)
     else:
         it = loader.build_loader(config.data, renderer, store)
         it.next()
@@ -86,6 +107,51 @@ def child(mode: str, path: str, store: str, workers: int) -> dict:
     return out
 
 
+def formats(store: str, n: int) -> dict:
+    """The store's first ``n`` examples read in one random order from the store and from ArrayRecord files of the
+    same examples (one record each: the int32 tokens then the uint8 mask; ``group_size:1``, grain's random-access
+    setting, with its default compression and uncompressed): MB on disk, write seconds, examples and tokens per
+    second, each read decoded to the arrays the loader yields."""
+    import grain
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from dflash_jax.data import store as store_lib
+
+    st = store_lib.TokenStore(store)
+    n = min(n, len(st))
+    order = [int(i) for i in np.random.default_rng(0).permutation(n)]
+    tokens = int(st.lengths[:n].sum())
+
+    def reads(get) -> dict:
+        t = time.perf_counter()
+        for i in order:
+            get(i)
+        dt = time.perf_counter() - t
+        return {"examples_per_s": n / dt, "tokens_per_s": tokens / dt}
+
+    out = {"examples": n, "npy": {"mb": 5 * tokens / 2**20, **reads(st.__getitem__)}}
+
+    def decode(record: bytes):
+        length = len(record) // 5
+        ids = np.frombuffer(record, np.int32, length)
+        return ids, np.frombuffer(record, np.uint8, offset=4 * length).astype(np.float32)
+
+    for name, options in (("array_record", "group_size:1"), ("array_record_uncompressed", "group_size:1,uncompressed")):
+        file = os.path.join(os.path.dirname(store), f"{name}.array_record")
+        t = time.perf_counter()
+        writer = ArrayRecordWriter(file, options)
+        for i in range(n):
+            ids, mask = st[i]
+            writer.write(ids.tobytes() + mask.astype(np.uint8).tobytes())
+        writer.close()
+        write_s = time.perf_counter() - t
+        source = grain.sources.ArrayRecordDataSource([file])
+        out[name] = {"mb": os.path.getsize(file) / 2**20, "write_s": write_s, **reads(lambda i: decode(source[i]))}
+        os.remove(file)
+    return out
+
+
 def _measure(*args: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,13 +165,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2000,20000,200000")
     ap.add_argument("--workers", default="1,2", help="worker counts to prepare each size with (comma-separated)")
-    ap.add_argument("--old-max", type=int, default=20000, help="largest size the in-memory pipeline is run at")
+    ap.add_argument("--old-cap-mb", type=int, default=12000, help="stop the in-memory pipeline above this RSS")
+    ap.add_argument("--format-examples", type=int, default=20000, help="examples the format comparison reads")
     ap.add_argument("--out", help="work directory (default: a temporary one)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        mode, path, store, workers = args.child
-        print(json.dumps(child(mode, path, store, int(workers))))
+        mode, path, store, arg = args.child
+        print(json.dumps(child(mode, path, store, int(arg))))
         return
     import grain
     import jax
@@ -130,11 +197,15 @@ def main() -> None:
         prep = [_measure("prepare", src, os.path.join(work, f"store{n}_{w}"), w)["seconds"] for w in workers]
         store = os.path.join(work, f"store{n}_{workers[0]}")
         start = _measure("start", src, store, "1")
-        old = _measure("old", src, store, "1") if n <= args.old_max else None
+        old = _measure("old", src, store, str(args.old_cap_mb))
+        old_cells = (
+            f"> {old['rss_mb']:.0f} MB after {old['seconds']:.1f} s (stopped) | > {args.old_cap_mb}"
+            if old.get("capped")
+            else f"{old['seconds']:.1f} | {old['rss_mb']:.0f}"
+        )
         print(
             f"{n} | {' | '.join(f'{t:.1f}' for t in prep)} | {_size_mb(store):.1f} | {start['seconds']:.2f} | "
-            f"{start['rss_mb']:.0f} | "
-            + (f"{old['seconds']:.1f} | {old['rss_mb']:.0f}" if old else "not run | not run"),
+            f"{start['rss_mb']:.0f} | {old_cells}",
             flush=True,
         )
     tp = _measure("throughput", src, store, "1")
@@ -143,6 +214,12 @@ def main() -> None:
         f"loader: {tp['tokens_per_s']:.3g} real tokens/s (batch {tp['batch_tokens']} tokens); the qwen3-8b step "
         f"consumes {need} tokens: the loader keeps up with any step slower than {need / tp['tokens_per_s']:.3f} s"
     )
+    fm = _measure("formats", src, store, str(args.format_examples))
+    print(f"format ({fm['examples']} examples, one random order) | MB on disk | write s | examples/s | tokens/s")
+    for name in ("npy", "array_record", "array_record_uncompressed"):
+        r = fm[name]
+        write = f"{r['write_s']:.1f}" if "write_s" in r else "(prepare)"
+        print(f"{name} | {r['mb']:.1f} | {write} | {r['examples_per_s']:.3g} | {r['tokens_per_s']:.3g}")
 
 
 if __name__ == "__main__":

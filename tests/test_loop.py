@@ -188,13 +188,17 @@ def test_training_from_a_prepared_store_equals_training_from_the_raw_file(full_r
             assert a.read() == b.read()
 
 
-def test_resume_rejects_a_changed_config(full_run, tmp_path):
+def test_resume_rejects_a_changed_config_and_accepts_the_data_reading_keys(full_run, tmp_path):
     run_dir = str(tmp_path / "run")
-    loop.train(tiny_config("train.steps=3", "train.eval_every=0"), run_dir, progress=False)
-    with pytest.raises(ValueError, match="train.lr"):
-        loop.train(
-            tiny_config("train.steps=3", "train.eval_every=0", "train.lr=0.5"), run_dir, resume=True, progress=False
-        )
+    base = ("train.steps=3", "train.eval_every=0")
+    loop.train(tiny_config(*base), run_dir, progress=False)
+    for key in ("train.lr=0.5", "data.seq_len=48", "data.shuffle_seed=1"):
+        with pytest.raises(ValueError, match=key.split("=")[0].replace(".", r"\.")):
+            loop.train(tiny_config(*base, key), run_dir, resume=True, progress=False)
+    # how the store is prepared, read and checked does not change the batches: the checkpoint restores
+    reading = ("data.prefetch=0", "data.verify=all", "data.prepare_workers=1")
+    result = loop.train(tiny_config(*base, *reading), run_dir, resume=True, progress=False)
+    assert result.step == 3 and not result.interrupted
 
 
 def test_run_dir_refusal_and_overwrite(tmp_path):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from dflash_jax.config import DataSection
-from dflash_jax.data import store
+from dflash_jax.data import sources, store
 from dflash_jax.data.chat import CHATML_TEMPLATE, ChatRenderer, byte_chat_tokenizer
 from dflash_jax.data.pipeline import build_dataset
+from train_fixtures import store_contents
 
 IM_END = "<|im_end|>"
 
@@ -103,24 +104,19 @@ def test_store_with_the_smollm2_tokenizer_equals_build_dataset(tmp_path, smollm2
     assert_same_rows(store.TokenStore(prepared(tmp_path, smollm2_renderer, data, workers=2)), ds)
 
 
-def _contents(path):
-    """Every file's bytes; the manifest's source mtimes are the only machine-dependent field (none here differ)."""
-    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
-
-
 def test_one_and_two_workers_give_identical_stores(tmp_path, renderer):
     src = write_jsonl(tmp_path / "d.jsonl", convs(60))
     data = data_section(src)
     one = prepared(tmp_path, renderer, data, "one", workers=1)
     two = prepared(tmp_path, renderer, data, "two", workers=2)
-    assert _contents(one) == _contents(two)
+    assert store_contents(one) == store_contents(two)
     assert not any(n.endswith(".partial") for n in os.listdir(two))
 
 
 def test_killed_prepare_resumes_to_an_identical_store(tmp_path, renderer):
     src = write_jsonl(tmp_path / "d.jsonl", convs(60))
     data = data_section(src)
-    ref = _contents(prepared(tmp_path, renderer, data, "ref"))
+    ref = store_contents(prepared(tmp_path, renderer, data, "ref"))
     out = prepared(tmp_path, renderer, data, "killed")
     # what a kill leaves: no manifest, a part without its json (not complete), a half-written .partial file
     os.remove(os.path.join(out, store.MANIFEST))
@@ -130,7 +126,7 @@ def test_killed_prepare_resumes_to_an_identical_store(tmp_path, renderer):
     kept = os.stat(os.path.join(out, "part-00000.tokens.npy")).st_mtime_ns
     assert store.prepare(data, renderer, out, workers=1)
     assert os.stat(os.path.join(out, "part-00000.tokens.npy")).st_mtime_ns == kept  # complete parts not redone
-    assert _contents(out) == ref
+    assert store_contents(out) == ref
 
 
 @pytest.mark.parametrize(
@@ -167,14 +163,40 @@ def test_truncated_and_corrupted_parts_are_named(tmp_path, renderer):
     out = prepared(tmp_path, renderer, data_section(src))
     file = os.path.join(out, "part-00001.tokens.npy")
     raw = open(file, "rb").read()
+    prepared_ns = os.stat(file).st_mtime_ns
     with open(file, "wb") as f:
         f.write(raw[:-4])
     with pytest.raises(ValueError, match=r"part-00001\.tokens\.npy.*truncated"):
         store.TokenStore(out)
     with open(file, "wb") as f:
         f.write(raw[:-1] + bytes([raw[-1] ^ 1]))
+    os.utime(file, ns=(prepared_ns + 10**9, prepared_ns + 10**9))  # rewritten a second after prepare
+    for verify in store.VERIFY:
+        with pytest.raises(ValueError, match=r"part-00001\.tokens\.npy.*corrupted"):
+            store.TokenStore(out, verify=verify)
+    # the same bytes changed under the modification time prepare recorded: only "all" reads every file
+    os.utime(file, ns=(prepared_ns, prepared_ns))
+    store.TokenStore(out, verify="changed")
     with pytest.raises(ValueError, match=r"part-00001\.tokens\.npy.*corrupted"):
-        store.TokenStore(out)
+        store.TokenStore(out, verify="all")
+    with pytest.raises(ValueError, match="data.verify"):
+        store.TokenStore(out, verify="some")
+
+
+def test_opening_an_unchanged_store_reads_no_file(tmp_path, renderer, monkeypatch):
+    """verify="changed": a stat per file, no byte of the parts read, so start-up does not grow with the store;
+    "all" hashes every part file."""
+    src = write_jsonl(tmp_path / "d.jsonl", convs(30))
+    out = prepared(tmp_path, renderer, data_section(src))
+    hashed = []
+    monkeypatch.setattr(store, "file_digest", lambda path: hashed.append(path) or sources.file_digest(path))
+    store.TokenStore(out)
+    assert hashed == []
+    store.TokenStore(out, verify="all")
+    parts = [n for n in os.listdir(out) if n.endswith(".npy")]
+    assert len(parts) == 4 * len(store.read_manifest(out)["parts"]) and sorted(map(os.path.basename, hashed)) == sorted(
+        parts
+    )
 
 
 def _sharegpt_rows(records):

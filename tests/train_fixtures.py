@@ -1,8 +1,12 @@
-"""Tiny target / draft / batch builders shared by the train-step, checkpoint and feature tests (no torch)."""
+"""Tiny target / draft / batch builders shared by the train-step, checkpoint and feature tests (no torch), and
+the content of a token store that two equal prepares share."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +113,22 @@ def batch(b: int = 8, s: int = S, seed: int = 0) -> dict[str, np.ndarray]:
         segment_ids=np.ones((b, s), np.int32),
         positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)),
     )
+
+
+def _without_mtimes(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_mtimes(v) for k, v in obj.items() if k != "mtime_ns"}
+    if isinstance(obj, list):
+        return [_without_mtimes(v) for v in obj]
+    return obj
+
+
+def store_contents(path: str) -> dict[str, Any]:
+    """Every file of the token store at ``path``: the arrays' bytes and the JSON records without the files'
+    modification times (``mtime_ns``, when ``prepare`` wrote each file: the one field two equal prepares differ in)."""
+    out: dict[str, Any] = {}
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            raw = f.read()
+        out[name] = _without_mtimes(json.loads(raw)) if name.endswith(".json") else raw
+    return out

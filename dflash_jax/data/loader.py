@@ -88,7 +88,7 @@ def build_loader(
     process_count: int = 1,
 ) -> Loader:
     """The training stream over the store at ``path``, checked against ``data`` and ``renderer`` (ValueError
-    naming a mismatching setting, a truncated or corrupted file), seed ``data.shuffle_seed``."""
-    dataset = store_lib.TokenStore(path, expected=store_lib.settings_of(data, renderer))
+    naming a mismatching setting, a truncated or corrupted file: ``data.verify``), seed ``data.shuffle_seed``."""
+    dataset = store_lib.TokenStore(path, expected=store_lib.settings_of(data, renderer), verify=data.verify)
     it = pipeline.iterate(dataset, data, pad_id=pad_id, process_index=process_index, process_count=process_count)
     return Loader(it, data.prefetch)

@@ -89,10 +89,13 @@ def read_records(path: str, fmt: str = "auto", fields: Fields = (None, None, Non
 
 def file_digest(file: str) -> dict[str, Any]:
     """``{"name", "bytes", "sha256"}`` of one file (``sharegpt``: the file inside the wheel), read in 1 MiB
-    chunks."""
+    chunks, and ``mtime_ns`` (its modification time) when it is a file on disk."""
     h, n = hashlib.sha256(), 0
     with _open_source(file) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             n += len(chunk)
-    return {"name": os.path.basename(file), "bytes": n, "sha256": h.hexdigest()}
+    out = {"name": os.path.basename(file), "bytes": n, "sha256": h.hexdigest()}
+    if os.path.isfile(file):
+        out["mtime_ns"] = os.stat(file).st_mtime_ns
+    return out

@@ -6,8 +6,8 @@ Layout of a store directory (``data.path`` may name one; docs/design.md "Data"):
   ``[K*R, (K+1)*R)`` (``R = data.shard_records``) in record order: ``tokens int32 [T]`` and ``mask uint8 [T]``
   (1 = loss token) flat, ``offsets int64 [n+1]`` (example ``j`` is ``[offsets[j], offsets[j+1])``) and
   ``loss int32 [n]`` (loss tokens per example, for the batch stats);
-* ``part-KKKKK.json``: the part's counters (skips with their first reasons, truncated, split), and the byte size
-  and sha256 of each of its files; written last, so its presence means the part is complete;
+* ``part-KKKKK.json``: the part's counters (skips with their first reasons, truncated, split), and the byte size,
+  sha256 and modification time of each of its files; written last, so its presence means the part is complete;
 * ``manifest.json``: the settings the store was prepared with (:func:`settings_of`: seq_len, packing, held-out
   and cap, format and column mapping, tokenizer / chat template sha256), the source files (name, bytes, mtime,
   sha256), every part's record, the totals and the held-out conversations. Written last.
@@ -228,13 +228,7 @@ def _parts(items: Iterator[PartItem], shard_records: int) -> Iterator[tuple[int,
 
 
 def _source_record(path: str) -> dict[str, Any]:
-    files = []
-    for file in source_files(path):
-        d = file_digest(file)
-        if os.path.isfile(file):
-            d["mtime_ns"] = os.stat(file).st_mtime_ns
-        files.append(d)
-    return {"path": path, "files": files}
+    return {"path": path, "files": [file_digest(file) for file in source_files(path)]}
 
 
 def prepare(
@@ -372,13 +366,20 @@ def source_unchanged(path: str, data_path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_file(path: str, rec: dict[str, Any]) -> str | None:
-    """Why the store file ``path`` does not match its manifest record (size, then sha256), or None."""
+VERIFY = ("changed", "all")  # data.verify
+
+
+def _check_file(path: str, rec: dict[str, Any], verify: str) -> str | None:
+    """Why the store file ``path`` does not match its manifest record, or None: its size, then its sha256 (every
+    file for ``verify="all"``; for ``"changed"`` only when its modification time differs from the one ``prepare``
+    recorded, the stat-based quick check of rsync and make)."""
     if not os.path.isfile(path):
         return "is missing"
-    size = os.path.getsize(path)
-    if size != rec["bytes"]:
-        return f"is truncated or altered ({size} bytes, the manifest says {rec['bytes']})"
+    stat = os.stat(path)
+    if stat.st_size != rec["bytes"]:
+        return f"is truncated or altered ({stat.st_size} bytes, the manifest says {rec['bytes']})"
+    if verify == "changed" and stat.st_mtime_ns == rec.get("mtime_ns"):
+        return None
     if file_digest(path)["sha256"] != rec["sha256"]:
         return "is corrupted (its sha256 differs from the manifest's)"
     return None
@@ -390,13 +391,19 @@ class TokenStore:
     ``examples[i] -> (input_ids int32 [L], loss_mask float32 [L])`` (a grain ``MapDataset`` over the parts:
     random access, nothing read before it is asked for), ``lengths int64 [N]``, ``loss_tokens int64 [N]``,
     ``seq_len``, the counters ``skipped / skip_reasons / truncated / split`` and ``heldout`` conversations.
-    Opening checks every file's size and sha256 against the manifest (ValueError naming the file) on
-    ``verify_threads`` threads; memory held: the two index arrays (16 bytes per example).
+    Opening checks every file against the manifest (ValueError naming the file) on ``verify_threads`` threads:
+    its size, and its sha256 when its modification time changed since ``prepare`` wrote it (``verify="changed"``,
+    a stat per file: start-up does not grow with the store) or always (``"all"``, every byte read); memory held:
+    the two index arrays (16 bytes per example).
     """
 
-    def __init__(self, path: str, expected: dict[str, Any] | None = None, verify_threads: int = 4):
+    def __init__(
+        self, path: str, expected: dict[str, Any] | None = None, verify: str = "changed", verify_threads: int = 4
+    ):
         import grain
 
+        if verify not in VERIFY:
+            raise ValueError(f"data.verify must be one of {VERIFY}, got {verify!r}")
         if not is_store(path):
             raise ValueError(f"data.path {path!r} is not a token store (no {MANIFEST}; see dflash-jax prepare)")
         manifest = read_manifest(path)
@@ -407,7 +414,7 @@ class TokenStore:
             (os.path.join(path, rec["name"]), rec) for part in manifest["parts"] for rec in part["files"].values()
         ]
         with concurrent.futures.ThreadPoolExecutor(max(1, verify_threads)) as ex:
-            for (file, _), problem in zip(checks, ex.map(lambda c: _check_file(*c), checks)):
+            for (file, _), problem in zip(checks, ex.map(lambda c: _check_file(*c, verify), checks)):
                 if problem:
                     raise ValueError(
                         f"data store file {file!r} {problem}; prepare the store again (dflash-jax prepare)"

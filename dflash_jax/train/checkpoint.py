@@ -97,12 +97,12 @@ def _jsonable(v: Any) -> Any:
 
 
 def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise ValueError naming every field whose saved value differs from the current config."""
-    keys = sorted(set(saved) | set(current))
+    """Raise ValueError naming every field whose saved value differs from the current config. Only the current
+    fingerprint's fields are compared: one it no longer holds (a key that became resumable) does not refuse."""
     diffs = [
-        f"{k}: checkpoint={saved.get(k, '<absent>')!r} config={current.get(k, '<absent>')!r}"
-        for k in keys
-        if saved.get(k, "<absent>") != current.get(k, "<absent>")
+        f"{k}: checkpoint={saved.get(k, '<absent>')!r} config={v!r}"
+        for k, v in sorted(current.items())
+        if saved.get(k, "<absent>") != v
     ]
     if diffs:
         raise ValueError("checkpoint was written with another config; differing fields: " + "; ".join(diffs))

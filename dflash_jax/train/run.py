@@ -235,15 +235,29 @@ _FIXED_TRAIN = (
 )
 
 
+# data keys a resume may change: how the store is prepared, read and checked, not which batches it yields.
+_RESUMABLE_DATA = ("prepare_workers", "prefetch", "verify")
+
+
 def _fixed_train(train: config_lib.TrainSection) -> dict[str, Any]:
     return {k: getattr(train, k) for k in _FIXED_TRAIN}
 
 
+def _fixed(config: config_lib.Config, draft: Any) -> dict[str, Any]:
+    """The config fingerprint of what ``--resume`` must keep, for the draft section or config ``draft``."""
+    data = {f.name: getattr(config.data, f.name) for f in dataclasses.fields(config.data)}
+    return ckpt_lib.config_fingerprint(
+        target=config.target,
+        draft=draft,
+        loss=config.loss,
+        data={k: v for k, v in data.items() if k not in _RESUMABLE_DATA},
+        train=_fixed_train(config.train),
+    )
+
+
 def fingerprint(config: config_lib.Config, draft_cfg: DraftConfig) -> dict[str, Any]:
     """What must not change across ``--resume`` (:func:`resumable_keys` may)."""
-    return ckpt_lib.config_fingerprint(
-        target=config.target, draft=draft_cfg, loss=config.loss, data=config.data, train=_fixed_train(config.train)
-    )
+    return _fixed(config, draft_cfg)
 
 
 def resumable_keys() -> list[str]:
@@ -253,7 +267,8 @@ def resumable_keys() -> list[str]:
         for f in dataclasses.fields(config_lib.TrainSection)
         if f.name not in _FIXED_TRAIN and f.name != "steps"
     ]
-    return ["train.steps (larger: extends the run)", *train, "mesh.shape", "eval.*", "draft.init"]
+    data = [f"data.{k}" for k in _RESUMABLE_DATA]
+    return ["train.steps (larger: extends the run)", *train, *data, "mesh.shape", "eval.*", "draft.init"]
 
 
 def check_resume(run_dir: str, config: config_lib.Config, step: int | None = None) -> None:
@@ -274,18 +289,7 @@ def check_resume(run_dir: str, config: config_lib.Config, step: int | None = Non
         + "; to change anything else start a new run (another --run-dir, or --overwrite)"
     )
     try:
-        ckpt_lib.check_fingerprint(
-            ckpt_lib.config_fingerprint(
-                target=saved.target,
-                draft=saved.draft,
-                loss=saved.loss,
-                data=saved.data,
-                train=_fixed_train(saved.train),
-            ),
-            ckpt_lib.config_fingerprint(
-                target=config.target, draft=draft, loss=config.loss, data=config.data, train=_fixed_train(config.train)
-            ),
-        )
+        ckpt_lib.check_fingerprint(_fixed(saved, saved.draft), _fixed(config, draft))
     except ValueError as e:
         raise ValueError(f"--resume {run_dir}: {e}. {keys}") from None
     if step is not None and config.train.steps < step:
